@@ -1,0 +1,185 @@
+//! One op-by-op interface for every device. The model code in `model/` is
+//! written once against [`Backend`]; the CPU backend (`cpu.rs`) is the
+//! readable reference every other backend is tested against.
+//!
+//! Shapes: activations are matrices `[rows, cols]` (tokens x features);
+//! a linear weight is `[out, in]` as in PyTorch.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::config::Act;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Precomputed RoPE inverse frequencies for one model (`head_dim / 2` values).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub inv_freq: Vec<f32>,
+    pub head_dim: usize,
+}
+
+/// What the attention of a block sees.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale, usually `head_dim^-0.5`.
+    pub scale: f32,
+}
+
+pub trait Backend {
+    /// An activation matrix on the device.
+    type Tensor;
+    /// A linear weight `[out, in]` on the device.
+    type Weight;
+    /// The key/value cache of one sequence, all layers.
+    type Cache;
+
+    fn name(&self) -> &'static str;
+
+    /// Host -> device.
+    fn upload(&self, t: &Tensor) -> Result<Self::Tensor>;
+    /// Device -> host.
+    fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
+    /// A linear weight from a host `[out, in]` tensor.
+    fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
+    /// `(rows, cols)` of an activation matrix.
+    fn dims(&self, t: &Self::Tensor) -> (usize, usize);
+    /// `[out, in]` of a weight.
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+
+    /// y[r, o] = sum_i x[r, i] w[o, i] + b[o]; x `[rows, in]` -> `[rows, out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    /// Rows of an embedding table (a `[vocab, dim]` weight) -> `[ids, dim]`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// a + b, same shapes.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    fn act(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
+    /// act(gate) * up, same shapes (SwiGLU when act is silu).
+    fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
+
+    /// Rows `start..start + n` of x.
+    fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Result<Self::Tensor>;
+    /// x with rows `at..at + src.rows` replaced by src.
+    fn set_rows(&self, x: &mut Self::Tensor, at: usize, src: &Self::Tensor) -> Result<()>;
+    /// a stacked on b (same column count).
+    fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Rotates `[rows, heads * head_dim]` in place-style (returns a new tensor):
+    /// row r is at position `pos0 + r` (rotate-half convention).
+    fn rope(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        rope: &Rope,
+        pos0: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// Full (non-causal) attention: q `[n, heads*d]`, k, v `[n, kv_heads*d]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
+
+    /// A cache for `layers` layers of up to `capacity` positions.
+    fn new_cache(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<Self::Cache>;
+    /// Writes k, v `[n, kv_heads*d]` at positions `pos0..pos0+n` of `layer`,
+    /// then runs causal attention of q `[n, heads*d]` (query r at position
+    /// `pos0 + r`) over positions `0..pos0+n`.
+    fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::Cache,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
+}
+
+/// Which backend to run on (`--backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => BackendKind::Auto,
+            "cpu" => BackendKind::Cpu,
+            "wgpu" => BackendKind::Wgpu,
+            "cuda" => BackendKind::Cuda,
+            other => {
+                return Err(Error::invalid(format!(
+                    "--backend: unknown backend \"{other}\"; expected auto, cpu, wgpu or cuda"
+                )))
+            }
+        })
+    }
+}
+
+/// Inverse RoPE frequencies as transformers computes them (`rope_init_fn`),
+/// including the linear and llama3 scalings.
+pub fn rope_inv_freq(cfg: &crate::config::TextConfig) -> Rope {
+    use crate::config::RopeScaling;
+    let d = cfg.head_dim;
+    let mut inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match cfg.rope_scaling {
+        RopeScaling::Default => {}
+        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                *f = if is_medium { smoothed } else { scaled };
+            }
+        }
+    }
+    Rope {
+        inv_freq: inv,
+        head_dim: d,
+    }
+}

@@ -1,0 +1,283 @@
+//! Prompt building, prefill and decoding with the KV cache: greedy when the
+//! temperature is 0, otherwise temperature + top-p sampling with a seed.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::llava::Vlm;
+use crate::preprocess::Preprocessed;
+use crate::processor::Processor;
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Keep generating after an EOS token.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub image_encode_ms: f64,
+    pub prefill_ms: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_ms: f64,
+    pub decode_tokens: usize,
+    pub decode_tok_s: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+    /// Why generation ended: "eos", "max_new_tokens" or "context".
+    pub stop: &'static str,
+}
+
+/// A prompt ready for prefill: ids with the image tokens expanded.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    /// First image-token position and count, if there is an image.
+    pub image_span: Option<(usize, usize)>,
+}
+
+/// Renders the chat template, expands the image tokens and tokenizes, as
+/// the HF processor does; checks the prompt fits the context.
+pub fn build_prompt<B: Backend>(
+    model: &Vlm<B>,
+    proc: &Processor,
+    prompt: &str,
+    image: Option<&Preprocessed>,
+) -> Result<Prompt> {
+    let n_img = match image {
+        Some(p) => model.num_image_tokens(p.image_size)?,
+        None => 0,
+    };
+    let text = proc.render(prompt, image.is_some())?;
+    let ids = proc.encode(&text, n_img)?;
+    let ctx = model.cfg.text.max_position_embeddings;
+    if ids.len() >= ctx {
+        return Err(Error::invalid(format!(
+            "the prompt is {} tokens (after image-token expansion), the model's context is {ctx} (max_position_embeddings in config.json)",
+            ids.len()
+        )));
+    }
+    let image_span = if image.is_some() {
+        let tok = model.cfg.image_token_index;
+        let first = ids.iter().position(|&t| t == tok);
+        let count = ids.iter().filter(|&&t| t == tok).count();
+        match first {
+            Some(f) if count == n_img && ids[f..f + count].iter().all(|&t| t == tok) => Some((f, count)),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "the tokenized prompt holds {count} image tokens (id {tok}), expected {n_img} in one run"
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Prompt { ids, image_span })
+}
+
+/// Picks the next token from last-position logits.
+pub struct Sampler {
+    temperature: f32,
+    top_p: f32,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(opts: &GenerateOptions) -> Self {
+        Sampler {
+            temperature: opts.temperature,
+            top_p: opts.top_p,
+            rng: StdRng::seed_from_u64(opts.seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(usize, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i, ((l - max) / self.temperature).exp()))
+            .collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // Smallest prefix whose mass reaches top_p (at least one token).
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p.1;
+            if cum >= self.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        let kept = &probs[..keep];
+        let mass: f32 = kept.iter().map(|p| p.1).sum();
+        let mut u = self.rng.random::<f32>() * mass;
+        for p in kept {
+            u -= p.1;
+            if u <= 0.0 {
+                return p.0 as u32;
+            }
+        }
+        kept[kept.len() - 1].0 as u32
+    }
+}
+
+/// Index of the first maximum (as `torch.argmax`).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Prefill: embeds the prompt, puts the image features in place, runs the
+/// decoder over it. Returns the last-position logits.
+pub fn prefill<B: Backend>(
+    be: &B,
+    model: &Vlm<B>,
+    prompt: &Prompt,
+    image_features: Option<&B::Tensor>,
+    cache: &mut B::Cache,
+) -> Result<Vec<f32>> {
+    let mut x = model.text.embed(be, &prompt.ids)?;
+    if let (Some((at, n)), Some(f)) = (prompt.image_span, image_features) {
+        let (rows, _) = be.dims(f);
+        if rows != n {
+            return Err(Error::invalid(format!(
+                "the image gives {rows} feature rows for {n} image tokens"
+            )));
+        }
+        be.set_rows(&mut x, at, f)?;
+    }
+    let logits = model.text.forward(be, x, cache, 0)?;
+    Ok(be.download(&logits)?.data)
+}
+
+/// The whole request: encode the image, prefill, decode. `on_text` receives
+/// the text as it is produced.
+pub fn generate<B: Backend>(
+    be: &B,
+    model: &Vlm<B>,
+    proc: &Processor,
+    prompt: &str,
+    image: Option<&Preprocessed>,
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    let mut timings = Timings::default();
+    let prompt = build_prompt(model, proc, prompt, image)?;
+    let t0 = Instant::now();
+    let embeds = match image {
+        Some(p) => Some(model.encode_image(be, p)?),
+        None => None,
+    };
+    timings.image_encode_ms = ms(t0);
+
+    let ctx = model.cfg.text.max_position_embeddings;
+    let capacity = (prompt.ids.len() + opts.max_new_tokens).min(ctx);
+    let mut cache = be.new_cache(model.text.layers.len(), model.text.kv_dim(), capacity)?;
+    let t1 = Instant::now();
+    let mut logits = prefill(
+        be,
+        model,
+        &prompt,
+        embeds.as_ref().map(|e| &e.features),
+        &mut cache,
+    )?;
+    timings.prefill_ms = ms(t1);
+    timings.prefill_tokens = prompt.ids.len();
+    timings.prefill_tok_s = per_s(prompt.ids.len(), timings.prefill_ms);
+
+    let mut sampler = Sampler::new(opts);
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut shown = String::new();
+    let mut stop = "max_new_tokens";
+    let t2 = Instant::now();
+    let mut pos = prompt.ids.len();
+    while tokens.len() < opts.max_new_tokens {
+        let next = sampler.sample(&logits);
+        tokens.push(next);
+        let text = proc.decode(&tokens)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
+            on_text(&text[shown.len()..]);
+            shown = text;
+        }
+        if !opts.ignore_eos && proc.eos_ids.contains(&next) {
+            stop = "eos";
+            break;
+        }
+        if tokens.len() == opts.max_new_tokens {
+            break;
+        }
+        if pos >= capacity {
+            stop = "context";
+            break;
+        }
+        let x = model.text.embed(be, &[next])?;
+        logits = be
+            .download(&model.text.forward(be, x, &mut cache, pos)?)?
+            .data;
+        pos += 1;
+    }
+    timings.decode_ms = ms(t2);
+    // The first token comes from the prefill logits: decode steps = len - 1.
+    timings.decode_tokens = tokens.len().saturating_sub(1);
+    timings.decode_tok_s = per_s(timings.decode_tokens, timings.decode_ms);
+    let text = proc.decode(&tokens)?;
+    if text.len() > shown.len() && text.starts_with(&shown) {
+        on_text(&text[shown.len()..]);
+    }
+    Ok(Generation {
+        text,
+        tokens,
+        prompt_tokens: prompt.ids.len(),
+        timings,
+        stop,
+    })
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn per_s(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 / (ms / 1e3)
+    } else {
+        0.0
+    }
+}

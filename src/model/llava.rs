@@ -1,0 +1,253 @@
+//! `LlavaForConditionalGeneration` and `LlavaOnevisionForConditionalGeneration`:
+//! vision tower -> feature selection -> 2-layer projector -> (OneVision:
+//! anyres packing with unpadding, downsampling and `image_newline`) -> rows
+//! that replace the expanded image tokens in the decoder's input embeddings.
+
+use std::path::Path;
+
+use super::text::TextModel;
+use super::vision::VisionTower;
+use super::Linear;
+use crate::anyres;
+use crate::backend::Backend;
+use crate::config::{Act, Arch, VlmConfig};
+use crate::error::{Error, Result};
+use crate::preprocess::Preprocessed;
+use crate::tensor::Tensor;
+use crate::weights::WeightFiles;
+
+/// `multi_modal_projector`: linear_1 -> act -> linear_2.
+pub struct Projector<B: Backend> {
+    pub linear_1: Linear<B>,
+    pub linear_2: Linear<B>,
+    pub act: Act,
+}
+
+impl<B: Backend> Projector<B> {
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = be.act(&self.linear_1.forward(be, x)?, self.act)?;
+        self.linear_2.forward(be, &h)
+    }
+}
+
+/// Where a checkpoint keeps each part. transformers 4 wrote the legacy
+/// names (`language_model.model.*`, `language_model.lm_head.*`,
+/// `vision_tower.vision_model.*`); transformers 5 can write them nested under
+/// `model.` (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
+/// without `vision_model.`), and a mix of both. Each part is found on its own.
+pub struct Prefixes {
+    pub text: String,
+    pub lm_head: String,
+    /// The vision model itself (its `embeddings.*`, `encoder.*` below it).
+    pub vision: String,
+    pub projector: String,
+    pub image_newline: String,
+}
+
+impl Prefixes {
+    pub fn detect(w: &WeightFiles) -> Result<Prefixes> {
+        let find = |candidates: &[&str], leaf: &str| -> Result<String> {
+            for c in candidates {
+                if w.contains(&format!("{c}.{leaf}")) {
+                    return Ok(c.to_string());
+                }
+            }
+            Err(Error::MissingTensor {
+                name: candidates
+                    .iter()
+                    .map(|c| format!("{c}.{leaf}"))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                path: w.location(),
+            })
+        };
+        let text = find(
+            &[
+                "language_model.model",
+                "model.language_model",
+                "language_model",
+            ],
+            "embed_tokens.weight",
+        )?;
+        let vision = find(
+            &[
+                "vision_tower.vision_model",
+                "model.vision_tower.vision_model",
+                "model.vision_tower",
+                "vision_tower",
+            ],
+            "embeddings.patch_embedding.weight",
+        )?;
+        let projector = find(
+            &["multi_modal_projector", "model.multi_modal_projector"],
+            "linear_1.weight",
+        )?;
+        let lm_head = if text.starts_with("model.") {
+            "lm_head"
+        } else {
+            "language_model.lm_head"
+        };
+        let lm_head = [lm_head, "lm_head", "language_model.lm_head"]
+            .into_iter()
+            .find(|c| w.contains(&format!("{c}.weight")))
+            .unwrap_or(lm_head)
+            .to_string();
+        let image_newline = ["image_newline", "model.image_newline"]
+            .into_iter()
+            .find(|c| w.contains(c))
+            .unwrap_or("image_newline")
+            .to_string();
+        Ok(Prefixes {
+            text,
+            lm_head,
+            vision,
+            projector,
+            image_newline,
+        })
+    }
+}
+
+pub struct Vlm<B: Backend> {
+    pub cfg: VlmConfig,
+    pub vision: VisionTower<B>,
+    pub projector: Projector<B>,
+    /// OneVision's `image_newline` `[hidden]`, kept on the host for packing.
+    pub image_newline: Option<Vec<f32>>,
+    pub text: TextModel<B>,
+}
+
+/// What an image becomes on its way into the decoder (stage by stage, for
+/// tests and inspection).
+pub struct ImageEmbeds<T> {
+    /// Per tile: the features entering the projector `[tokens, vdim]`.
+    pub vision_features: Vec<Tensor>,
+    /// Per tile: projector output `[tokens, hidden]`.
+    pub projector_output: Vec<Tensor>,
+    /// The rows that replace the image tokens `[num_image_tokens, hidden]`.
+    pub features: T,
+    pub num_tokens: usize,
+}
+
+impl<B: Backend> Vlm<B> {
+    /// Loads config.json and the weights of a model directory.
+    pub fn load(be: &B, dir: &Path) -> Result<Self> {
+        let cfg = VlmConfig::load(dir)?;
+        let w = WeightFiles::open(dir)?;
+        Self::from_weights(be, cfg, &w)
+    }
+
+    pub fn from_weights(be: &B, cfg: VlmConfig, w: &WeightFiles) -> Result<Self> {
+        let p = Prefixes::detect(w)?;
+        let vision = VisionTower::load(be, &w.pp(&p.vision), &cfg)?;
+        let hidden = cfg.text.hidden_size;
+        let vdim = cfg.vision_feature_dim();
+        let pj = w.pp(&p.projector);
+        let bias = cfg.multimodal_projector_bias;
+        let projector = Projector {
+            linear_1: Linear::load(be, &pj.pp("linear_1"), hidden, vdim, bias)?,
+            linear_2: Linear::load(be, &pj.pp("linear_2"), hidden, hidden, bias)?,
+            act: cfg.projector_hidden_act,
+        };
+        let image_newline = match cfg.arch {
+            Arch::LlavaOnevision => Some(w.get(&p.image_newline, &[hidden])?.data),
+            Arch::Llava => None,
+        };
+        let text = TextModel::load(be, &w.pp(&p.text), &w.pp(&p.lm_head), &cfg.text)?;
+        Ok(Vlm {
+            cfg,
+            vision,
+            projector,
+            image_newline,
+            text,
+        })
+    }
+
+    /// How many image tokens an image of `(height, width)` expands to: the
+    /// processor's count, equal to the rows [`Self::encode_image`] returns.
+    pub fn num_image_tokens(&self, image_size: (usize, usize)) -> Result<usize> {
+        match self.cfg.arch {
+            Arch::Llava => Ok(self.cfg.tokens_per_tile()),
+            Arch::LlavaOnevision => anyres::onevision_num_image_tokens(
+                image_size,
+                &self.cfg.image_grid_pinpoints,
+                self.cfg.vision.image_size,
+                self.cfg.vision.patch_size,
+                &self.cfg.vision_aspect_ratio,
+                self.cfg.vision_feature_select_strategy == "full",
+            ),
+        }
+    }
+
+    /// Vision tower, projector and (OneVision) packing for one image.
+    pub fn encode_image(&self, be: &B, pre: &Preprocessed) -> Result<ImageEmbeds<B::Tensor>> {
+        let vc = &self.cfg.vision;
+        if pre.height != vc.image_size || pre.width != vc.image_size {
+            return Err(Error::invalid(format!(
+                "pixel values are {}x{}, the vision tower expects {}x{}",
+                pre.height, pre.width, vc.image_size, vc.image_size
+            )));
+        }
+        let tile_len = vc.num_channels * pre.height * pre.width;
+        if self.cfg.arch == Arch::Llava && pre.num_tiles != 1 {
+            return Err(Error::invalid(format!(
+                "llava takes one image tile, the image processor produced {}",
+                pre.num_tiles
+            )));
+        }
+        let mut vision_features = Vec::with_capacity(pre.num_tiles);
+        let mut projected = Vec::with_capacity(pre.num_tiles);
+        for t in 0..pre.num_tiles {
+            let f = self
+                .vision
+                .forward(be, &pre.pixel_values[t * tile_len..(t + 1) * tile_len])?;
+            let p = self.projector.forward(be, &be.upload(&f)?)?;
+            vision_features.push(f);
+            projected.push(p);
+        }
+        let hidden = self.cfg.text.hidden_size;
+        match self.cfg.arch {
+            Arch::Llava => {
+                let projector_output = vec![be.download(&projected[0])?];
+                let features = projected.swap_remove(0);
+                let (num_tokens, _) = be.dims(&features);
+                Ok(ImageEmbeds {
+                    vision_features,
+                    projector_output,
+                    features,
+                    num_tokens,
+                })
+            }
+            Arch::LlavaOnevision => {
+                let projector_output: Vec<Tensor> = projected
+                    .iter()
+                    .map(|p| be.download(p))
+                    .collect::<Result<_>>()?;
+                let tokens = projector_output[0].rows();
+                let flat: Vec<f32> = projector_output
+                    .iter()
+                    .flat_map(|t| t.data.iter().copied())
+                    .collect();
+                let newline = self.image_newline.as_deref().unwrap_or(&[]);
+                let (packed, rows) = anyres::pack_onevision_features(
+                    &flat,
+                    pre.num_tiles,
+                    tokens,
+                    hidden,
+                    pre.image_size,
+                    &self.cfg.image_grid_pinpoints,
+                    vc.image_size,
+                    vc.patch_size,
+                    &self.cfg.vision_aspect_ratio,
+                    newline,
+                )?;
+                let features = be.upload(&Tensor::new(vec![rows, hidden], packed)?)?;
+                Ok(ImageEmbeds {
+                    vision_features,
+                    projector_output,
+                    features,
+                    num_tokens: rows,
+                })
+            }
+        }
+    }
+}

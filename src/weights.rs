@@ -1,0 +1,356 @@
+//! Memory-mapped safetensors weights of a Hugging Face model directory:
+//! `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+//! Tensors are looked up by name (with a prefix helper, as in
+//! `vb.pp("model.layers.0")`) and converted to f32 on demand.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the file (header included in the offset).
+    start: usize,
+    end: usize,
+}
+
+/// All weight files of one model, mapped, with an index name -> location.
+pub struct WeightFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+    /// `__metadata__` of the first file (the packed format keeps its
+    /// description there).
+    pub metadata: HashMap<String, String>,
+}
+
+impl WeightFiles {
+    /// Opens `model.safetensors` or the shards listed in
+    /// `model.safetensors.index.json` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::config(&index, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::config(&index, "expected an object \"weight_map\""))?;
+            let mut names: Vec<String> = Vec::new();
+            for v in map.values() {
+                let f = v.as_str().ok_or_else(|| {
+                    Error::config(&index, "\"weight_map\" values must be file names")
+                })?;
+                if !names.iter().any(|n| n == f) {
+                    names.push(f.to_string());
+                }
+            }
+            names.sort();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(Error::Missing {
+                path: single,
+                what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
+            });
+        };
+        let mut wf = WeightFiles {
+            paths: Vec::new(),
+            maps: Vec::new(),
+            entries: HashMap::new(),
+            metadata: HashMap::new(),
+        };
+        for path in files {
+            wf.add_file(path)?;
+        }
+        Ok(wf)
+    }
+
+    /// Opens one safetensors file by path.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut wf = WeightFiles {
+            paths: Vec::new(),
+            maps: Vec::new(),
+            entries: HashMap::new(),
+            metadata: HashMap::new(),
+        };
+        wf.add_file(path.to_path_buf())?;
+        Ok(wf)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Missing {
+                path: path.clone(),
+                what: "weight shard".into(),
+            },
+            _ => Error::io(&path, e),
+        })?;
+        // SAFETY: the map is read-only; a file changed underneath us while
+        // mapped is outside what we can defend against (as in every mmap
+        // loader).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let bad = |msg: String| Error::Safetensors {
+            path: path.clone(),
+            msg,
+        };
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e:?}")))?;
+        let base = 8 + header_len;
+        let file_idx = self.maps.len();
+        if file_idx == 0 {
+            if let Some(m) = meta.metadata() {
+                self.metadata = m.clone();
+            }
+        }
+        for (name, info) in meta.tensors() {
+            let (a, b) = info.data_offsets;
+            let numel: usize = info.shape.iter().product();
+            let expected_bytes = numel * dtype_size(info.dtype).unwrap_or(0);
+            if dtype_size(info.dtype).is_some() && b - a != expected_bytes {
+                return Err(bad(format!(
+                    "tensor \"{name}\" of shape {:?} and dtype {:?} needs {expected_bytes} bytes, the header gives {}",
+                    info.shape,
+                    info.dtype,
+                    b - a
+                )));
+            }
+            self.entries.insert(
+                name,
+                Entry {
+                    file: file_idx,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + a,
+                    end: base + b,
+                },
+            );
+        }
+        self.paths.push(path);
+        self.maps.push(map);
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.location(),
+        })
+    }
+
+    /// The weight file, or the directory of the shards (for messages).
+    pub fn location(&self) -> PathBuf {
+        match self.paths.as_slice() {
+            [one] => one.clone(),
+            [first, ..] => first.parent().map(Path::to_path_buf).unwrap_or_default(),
+            [] => PathBuf::new(),
+        }
+    }
+
+    /// The raw bytes, dtype and shape of a tensor (for copying it unchanged).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[usize], &[u8])> {
+        let e = self.entry(name)?;
+        Ok((e.dtype, &e.shape, &self.maps[e.file][e.start..e.end]))
+    }
+
+    /// A tensor converted to f32, any shape.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let data = to_f32(e.dtype, bytes).ok_or_else(|| Error::Safetensors {
+            path: self.paths[e.file].clone(),
+            msg: format!(
+                "tensor \"{name}\" has dtype {:?}; expected F32, F16 or BF16",
+                e.dtype
+            ),
+        })?;
+        Tensor::new(e.shape.clone(), data)
+    }
+
+    /// A tensor converted to f32 that must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        self.get_any(name)
+    }
+
+    /// A view with a name prefix, e.g. `w.pp("model.layers.3")`.
+    pub fn pp<'a>(&'a self, prefix: impl AsRef<str>) -> Prefixed<'a> {
+        Prefixed {
+            files: self,
+            prefix: prefix.as_ref().to_string(),
+        }
+    }
+}
+
+/// A name prefix over [`WeightFiles`]: `get("q_proj.weight")` looks up
+/// `"<prefix>.q_proj.weight"`.
+#[derive(Clone)]
+pub struct Prefixed<'a> {
+    pub files: &'a WeightFiles,
+    pub prefix: String,
+}
+
+impl<'a> Prefixed<'a> {
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{}", self.prefix, leaf)
+        }
+    }
+    pub fn pp(&self, sub: impl AsRef<str>) -> Prefixed<'a> {
+        Prefixed {
+            files: self.files,
+            prefix: self.name(sub.as_ref()),
+        }
+    }
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.files.get(&self.name(leaf), shape)
+    }
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.files.contains(&self.name(leaf))
+    }
+}
+
+pub fn dtype_size(d: Dtype) -> Option<usize> {
+    match d {
+        Dtype::F32 | Dtype::I32 | Dtype::U32 => Some(4),
+        Dtype::F16 | Dtype::BF16 | Dtype::I16 | Dtype::U16 => Some(2),
+        Dtype::I64 | Dtype::U64 | Dtype::F64 => Some(8),
+        Dtype::U8 | Dtype::I8 | Dtype::BOOL => Some(1),
+        _ => None,
+    }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let v = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    };
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn reads_f32_f16_bf16_and_rejects_other_dtypes() {
+        let dir = std::env::temp_dir().join(format!("mbq-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vals = [1.5f32, -2.25, 0.125, 3.0, -0.5, 7.0];
+        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bf16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        write(
+            &dir.join("model.safetensors"),
+            &[
+                ("a", Dtype::F32, vec![2, 3], f32b),
+                ("b", Dtype::F16, vec![2, 3], f16b),
+                ("c", Dtype::BF16, vec![3, 2], bf16b),
+                ("d", Dtype::I8, vec![2], vec![1, 2]),
+            ],
+        );
+        let w = WeightFiles::open(&dir).unwrap();
+        // These values are exact in every one of the three dtypes.
+        assert_eq!(w.get("a", &[2, 3]).unwrap().data, vals);
+        assert_eq!(w.get("b", &[2, 3]).unwrap().data, vals);
+        assert_eq!(w.get("c", &[3, 2]).unwrap().data, vals);
+        let e = w.get("b", &[3, 2]).unwrap_err().to_string();
+        assert!(
+            e.contains("\"b\"") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+            "{e}"
+        );
+        let e = w.get_any("d").unwrap_err().to_string();
+        assert!(e.contains("\"d\"") && e.contains("I8"), "{e}");
+        let e = w.get_any("zz").unwrap_err().to_string();
+        assert!(e.contains("\"zz\" not found"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sharded_index_is_followed() {
+        let dir = std::env::temp_dir().join(format!("mbq-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = 1.0f32.to_le_bytes().to_vec();
+        let two = 2.0f32.to_le_bytes().to_vec();
+        write(
+            &dir.join("model-00001-of-00002.safetensors"),
+            &[("x", Dtype::F32, vec![1], one)],
+        );
+        write(
+            &dir.join("model-00002-of-00002.safetensors"),
+            &[("y", Dtype::F32, vec![1], two)],
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let w = WeightFiles::open(&dir).unwrap();
+        assert_eq!(w.get("x", &[1]).unwrap().data, [1.0]);
+        assert_eq!(w.get("y", &[1]).unwrap().data, [2.0]);
+        // A shard named by the index but absent is named in the error.
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let e = WeightFiles::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,120 @@
+//! Shared helpers for the integration tests: the committed golden fixtures
+//! made by tests/fixtures/make_fixtures.py (HF transformers on the CPU).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use mbq::tensor::Tensor;
+use mbq::weights::WeightFiles;
+use safetensors::tensor::Dtype;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// One golden case: its case.json and golden.safetensors.
+pub struct Case {
+    pub name: String,
+    pub model: PathBuf,
+    pub image: PathBuf,
+    pub prompt: String,
+    pub rendered_prompt: String,
+    pub max_new_tokens: usize,
+    pub golden: WeightFiles,
+}
+
+impl Case {
+    pub fn f32(&self, name: &str) -> Tensor {
+        self.golden
+            .get_any(name)
+            .unwrap_or_else(|e| panic!("{}: golden tensor {name}: {e}", self.name))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.golden.contains(name)
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let (dtype, _, bytes) = self
+            .golden
+            .raw(name)
+            .unwrap_or_else(|e| panic!("{}: golden tensor {name}: {e}", self.name));
+        assert_eq!(dtype, Dtype::I64, "{}: {name} should be int64", self.name);
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// Every case under tests/fixtures/cases, sorted by name. Panics (fails the
+/// test) when there are none: a missing fixture must not pass silently.
+pub fn cases() -> Vec<Case> {
+    let dir = fixtures().join("cases");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("case.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no golden cases in {}", dir.display());
+    names.into_iter().map(|n| load_case(&n)).collect()
+}
+
+pub fn load_case(name: &str) -> Case {
+    let dir = fixtures().join("cases").join(name);
+    let text = std::fs::read_to_string(dir.join("case.json")).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = |k: &str| {
+        j[k].as_str()
+            .unwrap_or_else(|| panic!("{name}: case.json lacks {k}"))
+            .to_string()
+    };
+    Case {
+        name: name.to_string(),
+        model: fixtures().join(s("model")),
+        image: fixtures().join(s("image")),
+        prompt: s("prompt"),
+        rendered_prompt: s("rendered_prompt"),
+        max_new_tokens: j["max_new_tokens"].as_u64().unwrap_or(12) as usize,
+        golden: WeightFiles::open_file(&dir.join("golden.safetensors")).unwrap(),
+    }
+}
+
+/// max |a - b| / max |b|, the error relative to the reference's scale.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A scratch directory under the target dir, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copies a directory (flat: model directories have no subfolders).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
