@@ -17,6 +17,7 @@ pub mod generate;
 pub mod model;
 pub mod preprocess;
 pub mod processor;
+pub mod quant;
 pub mod runtime;
 pub mod tensor;
 pub mod weights;

@@ -8,10 +8,28 @@ use rayon::prelude::*;
 use super::{AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
+use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, Default)]
 pub struct Cpu;
+
+/// A linear weight on the CPU: dense f32, or packed (dequantized row by row
+/// inside the product, never expanded whole).
+#[derive(Clone, Debug)]
+pub enum CpuWeight {
+    Dense(Tensor),
+    Packed(PackedLinear),
+}
+
+impl CpuWeight {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            CpuWeight::Dense(t) => (t.shape[0], t.shape[1]),
+            CpuWeight::Packed(p) => (p.out, p.inp),
+        }
+    }
+}
 
 /// Key/value cache: per layer, `capacity x kv_dim` keys and values.
 pub struct CpuCache {
@@ -72,13 +90,41 @@ pub fn matmul_t(
                 }
             }
         });
-    let mut y = vec![0.0f32; rows * out];
-    for o in 0..out {
-        for r in 0..rows {
-            y[r * out + o] = yt[o * rows + r];
+    transpose(&yt, out, rows)
+}
+
+/// y `[rows, out]` = x `[rows, in]` . dequant(w)^T (+ b): each output row of
+/// the packed weight is dequantized once into a scratch row, then dotted
+/// with every input row (the CPU reference of the fused dequant-GEMV).
+pub fn matmul_packed(x: &[f32], rows: usize, w: &PackedLinear, b: Option<&[f32]>) -> Vec<f32> {
+    const CHUNK: usize = 16;
+    let (out, inp) = (w.out, w.inp);
+    let mut yt = vec![0.0f32; out * rows];
+    yt.par_chunks_mut(CHUNK * rows)
+        .enumerate()
+        .for_each(|(ci, block)| {
+            let mut wr = vec![0.0f32; inp];
+            for oo in 0..block.len() / rows.max(1) {
+                let o = ci * CHUNK + oo;
+                w.dequantize_row(o, &mut wr);
+                let bias = b.map_or(0.0, |b| b[o]);
+                for r in 0..rows {
+                    block[oo * rows + r] = dot(&x[r * inp..(r + 1) * inp], &wr) + bias;
+                }
+            }
+        });
+    transpose(&yt, out, rows)
+}
+
+/// `[a, b]` -> `[b, a]`.
+fn transpose(m: &[f32], a: usize, b: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; a * b];
+    for i in 0..a {
+        for j in 0..b {
+            t[j * a + i] = m[i * b + j];
         }
     }
-    y
+    t
 }
 
 pub fn act_fn(x: f32, act: Act) -> f32 {
@@ -179,7 +225,7 @@ impl Cpu {
 
 impl Backend for Cpu {
     type Tensor = Tensor;
-    type Weight = Tensor;
+    type Weight = CpuWeight;
     type Cache = CpuCache;
 
     fn name(&self) -> &'static str {
@@ -194,33 +240,36 @@ impl Backend for Cpu {
         Ok(t.clone())
     }
 
-    fn weight(&self, w: &Tensor) -> Result<Tensor> {
+    fn weight(&self, w: &Tensor) -> Result<CpuWeight> {
         if w.shape.len() != 2 {
             return Err(shape_err(
                 "weight",
                 format!("expected [out, in], got {:?}", w.shape),
             ));
         }
-        Ok(w.clone())
+        Ok(CpuWeight::Dense(w.clone()))
+    }
+
+    fn packed_weight(&self, w: &PackedLinear) -> Result<CpuWeight> {
+        Ok(CpuWeight::Packed(w.clone()))
     }
 
     fn dims(&self, t: &Tensor) -> (usize, usize) {
         (t.rows(), t.cols())
     }
 
-    fn weight_shape(&self, w: &Tensor) -> (usize, usize) {
-        (w.shape[0], w.shape[1])
+    fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
+        w.shape()
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, w: &CpuWeight, b: Option<&Tensor>) -> Result<Tensor> {
         let (out, inp) = self.weight_shape(w);
         if x.cols() != inp {
             return Err(shape_err(
                 "linear",
                 format!(
-                    "input has {} features, weight {:?} expects {inp}",
-                    x.cols(),
-                    w.shape
+                    "input has {} features, weight [{out}, {inp}] expects {inp}",
+                    x.cols()
                 ),
             ));
         }
@@ -233,19 +282,22 @@ impl Backend for Cpu {
             }
         }
         let rows = x.rows();
-        let y = matmul_t(
-            &x.data,
-            rows,
-            &w.data,
-            out,
-            inp,
-            b.map(|b| b.data.as_slice()),
-        );
+        let b = b.map(|b| b.data.as_slice());
+        let y = match w {
+            CpuWeight::Dense(w) => matmul_t(&x.data, rows, &w.data, out, inp, b),
+            CpuWeight::Packed(p) => matmul_packed(&x.data, rows, p, b),
+        };
         Tensor::new(vec![rows, out], y)
     }
 
-    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<Tensor> {
         let (vocab, dim) = self.weight_shape(table);
+        let CpuWeight::Dense(table) = table else {
+            return Err(shape_err(
+                "embedding",
+                "the embedding table must be dense".into(),
+            ));
+        };
         let mut data = Vec::with_capacity(ids.len() * dim);
         for &id in ids {
             let id = id as usize;

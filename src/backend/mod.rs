@@ -11,6 +11,7 @@ pub mod cuda;
 
 use crate::config::Act;
 use crate::error::{Error, Result};
+use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
 /// Precomputed RoPE inverse frequencies for one model (`head_dim / 2` values).
@@ -46,6 +47,8 @@ pub trait Backend {
     fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
     /// A linear weight from a host `[out, in]` tensor.
     fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
+    /// A linear weight in the packed format (`quant::format`), kept packed.
+    fn packed_weight(&self, w: &PackedLinear) -> Result<Self::Weight>;
     /// `(rows, cols)` of an activation matrix.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
     /// `[out, in]` of a weight.

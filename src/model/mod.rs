@@ -17,9 +17,15 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    /// Loads `<prefix>.weight` `[out, in]` and, when `bias`, `<prefix>.bias`.
+    /// Loads `<prefix>.weight` `[out, in]` (or its packed form
+    /// `<prefix>.qweight` + `<prefix>.scales_zeros`) and, when `bias`,
+    /// `<prefix>.bias`.
     pub fn load(be: &B, vb: &Prefixed, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let w = be.weight(&vb.get("weight", &[out, inp])?)?;
+        let w = if vb.contains("qweight") {
+            be.packed_weight(&crate::quant::format::read_packed(vb, out, inp)?)?
+        } else {
+            be.weight(&vb.get("weight", &[out, inp])?)?
+        };
         let b = if bias {
             Some(be.upload(&vb.get("bias", &[out])?)?)
         } else {

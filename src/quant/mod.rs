@@ -1,0 +1,6 @@
+//! Quantization: the packed format ([`format`]), the MBQ reference
+//! pseudo-quantizer ([`pseudo`]) and writing quantized model directories
+//! ([`writer`]).
+
+pub mod format;
+pub mod pseudo;

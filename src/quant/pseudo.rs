@@ -1,0 +1,67 @@
+//! The MBQ reference pseudo-quantizer (`pseudo_quantize_tensor` in the
+//! official code, weight-only, asymmetric min/max per group), computed in
+//! f16 arithmetic as the official code computes it on a half-precision
+//! model: every operation rounds to f16. With the scale and zero stored as
+//! f16, `(q - z) * s` rounded to f16 is then bit-identical to the reference's
+//! fake-quantized weight.
+
+use half::f16;
+
+use super::format::{check_shape, PackedLinear};
+use crate::error::Result;
+
+fn r(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// Codes, scale and zero of one group of f16 values.
+pub fn quantize_group(w: &[f32], bits: u32) -> (Vec<u8>, f16, f16) {
+    let max_int = ((1u32 << bits) - 1) as f32;
+    // amax / amin of f16 values are exact.
+    let max = w.iter().copied().map(r).fold(f32::NEG_INFINITY, f32::max);
+    let min = w.iter().copied().map(r).fold(f32::INFINITY, f32::min);
+    // scales = (max - min).clamp(min=1e-5) / max_int
+    let scale = r(r(max - min).max(r(1e-5)) / max_int);
+    // zeros = (-round(min / scales)).clamp(0, max_int)
+    let zero = (-(r(min / scale).round_ties_even())).clamp(0.0, max_int);
+    // q = clamp(round(w / scales) + zeros, 0, max_int)
+    let codes = w
+        .iter()
+        .map(|&x| (r(r(x) / scale).round_ties_even() + zero).clamp(0.0, max_int) as u8)
+        .collect();
+    (codes, f16::from_f32(scale), f16::from_f32(zero))
+}
+
+/// Quantizes a weight `[out, in]` (f32 values, rounded to f16 first) into
+/// the packed format.
+pub fn quantize_linear(
+    name: &str,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+    group_size: usize,
+) -> Result<PackedLinear> {
+    check_shape(name, inp, bits, group_size)?;
+    let mut codes = Vec::with_capacity(out * inp);
+    let mut sz = Vec::with_capacity(out * (inp / group_size) * 2);
+    for group in w.chunks_exact(group_size) {
+        let (c, s, z) = quantize_group(group, bits);
+        codes.extend_from_slice(&c);
+        sz.push(s);
+        sz.push(z);
+    }
+    PackedLinear::from_codes(name, out, inp, bits, group_size, &codes, sz)
+}
+
+/// The reference's fake-quantized weight: `(q - z) * s` rounded to f16.
+pub fn fake_quantize(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+    group_size: usize,
+) -> Result<Vec<f32>> {
+    let p = quantize_linear("weight", w, out, inp, bits, group_size)?;
+    Ok(p.dequantize().into_iter().map(r).collect())
+}
