@@ -10,6 +10,7 @@
 
 pub mod anyres;
 pub mod backend;
+pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod error;

@@ -1,0 +1,258 @@
+//! Benchmarks, generic over [`Backend`]: the fused packed GEMV against a
+//! dense f16 GEMV at given shapes, and end-to-end decode of a synthetic
+//! decoder of a real model's shape (FP16 vs W3 vs W4).
+//!
+//! Timing is wall clock around `iters` back-to-back launches closed by one
+//! small read-back (which waits for the device), repeated `reps` times after
+//! warm-up; the median is reported. Weights are rotated over enough copies
+//! that the set is larger than a last-level cache (`min_bytes`).
+
+use std::time::Instant;
+
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::backend::{rope_inv_freq, Backend};
+use crate::config::{Act, RopeScaling, TextConfig, TextKind};
+use crate::error::{Error, Result};
+use crate::model::text::{DecoderLayer, TextModel};
+use crate::model::Linear;
+use crate::quant::pseudo::quantize_linear;
+use crate::tensor::Tensor;
+
+/// The paper's LLaVA-OneVision-7B GEMV shapes, (in, out).
+pub const PAPER_SHAPES: &[(usize, usize)] = &[(3584, 3584), (3584, 10752), (3584, 18944), (18944, 3584)];
+
+/// Weight formats compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum WeightKind {
+    F16,
+    W3,
+    W4,
+}
+
+impl WeightKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            WeightKind::F16 => "fp16",
+            WeightKind::W3 => "w3g128",
+            WeightKind::W4 => "w4g128",
+        }
+    }
+    /// Bytes of weight data per element (codes + f16 scale/zero per 128).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            WeightKind::F16 => 2.0,
+            WeightKind::W3 => 3.25 / 8.0,
+            WeightKind::W4 => 4.25 / 8.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GemvResult {
+    pub inp: usize,
+    pub out: usize,
+    pub kind: WeightKind,
+    pub median_us: f64,
+    pub gb_s: f64,
+    pub speedup_vs_f16: f64,
+}
+
+fn random_f16_matrix(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| f16::from_f32((rng.random::<f32>() - 0.5) * 0.1).to_f32())
+        .collect()
+}
+
+fn make_weight<B: Backend>(be: &B, kind: WeightKind, w: &[f32], out: usize, inp: usize) -> Result<B::Weight> {
+    match kind {
+        WeightKind::F16 => be.weight(&Tensor::new(vec![out, inp], w.to_vec())?),
+        WeightKind::W3 => be.packed_weight(&quantize_linear("bench", w, out, inp, 3, 128)?),
+        WeightKind::W4 => be.packed_weight(&quantize_linear("bench", w, out, inp, 4, 128)?),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `x [1, in] . W^T` for each weight kind at one shape.
+pub fn bench_gemv<B: Backend>(
+    be: &B,
+    inp: usize,
+    out: usize,
+    iters: usize,
+    reps: usize,
+    min_bytes: usize,
+) -> Result<Vec<GemvResult>> {
+    if iters == 0 || reps == 0 {
+        return Err(Error::invalid("bench: --iters and --reps must be > 0"));
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    let base = random_f16_matrix(&mut rng, out * inp);
+    let x = be.upload(&Tensor::new(vec![1, inp], (0..inp).map(|_| rng.random::<f32>() - 0.5).collect())?)?;
+    let mut results = Vec::new();
+    for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
+        let bytes = (out * inp) as f64 * kind.bytes_per_weight();
+        let copies = ((min_bytes as f64 / bytes).ceil() as usize).clamp(1, 8);
+        let weights: Vec<B::Weight> = (0..copies)
+            .map(|_| make_weight(be, kind, &base, out, inp))
+            .collect::<Result<_>>()?;
+        // Warm-up (compiles pipelines, faults pages in).
+        for w in &weights {
+            be.download(&be.linear(&x, w, None)?)?;
+        }
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = Instant::now();
+            let mut y = None;
+            for i in 0..iters {
+                y = Some(be.linear(&x, &weights[i % copies], None)?);
+            }
+            if let Some(y) = y {
+                be.download(&y)?;
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
+        }
+        let us = median(times);
+        results.push(GemvResult {
+            inp,
+            out,
+            kind,
+            median_us: us,
+            gb_s: bytes / (us * 1e-6) / 1e9,
+            speedup_vs_f16: 0.0,
+        });
+    }
+    let f16_us = results[0].median_us;
+    for r in results.iter_mut() {
+        r.speedup_vs_f16 = f16_us / r.median_us;
+    }
+    Ok(results)
+}
+
+/// A real model's decoder shape for synthetic benchmarks.
+pub fn synthetic_config(name: &str) -> Result<TextConfig> {
+    let (kind, hidden, inter, layers, heads, kv, vocab, theta) = match name {
+        // Qwen2-7B, the language model of LLaVA-OneVision-7B.
+        "llava-ov-7b" => (TextKind::Qwen2, 3584, 18944, 28, 28, 4, 152064, 1_000_000.0),
+        // Vicuna-7B (Llama), the language model of LLaVA-1.5-7B.
+        "llava-1.5-7b" => (TextKind::Llama, 4096, 11008, 32, 32, 32, 32064, 10_000.0),
+        other => {
+            return Err(Error::invalid(format!(
+                "--synthetic: unknown model \"{other}\"; known: llava-ov-7b, llava-1.5-7b"
+            )))
+        }
+    };
+    Ok(TextConfig {
+        kind,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-6,
+        rope_theta: theta,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 4096,
+        qkv_bias: kind == TextKind::Qwen2,
+        o_bias: false,
+        mlp_bias: false,
+        hidden_act: Act::Silu,
+        tie_word_embeddings: false,
+    })
+}
+
+/// A decoder with random weights of `cfg`'s shape, its linears in `kind`.
+/// Embeddings and lm_head stay dense (as in a quantized model).
+pub fn synthetic_text_model<B: Backend>(be: &B, cfg: &TextConfig, kind: WeightKind, seed: u64) -> Result<TextModel<B>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let h = cfg.hidden_size;
+    let qd = cfg.num_attention_heads * cfg.head_dim;
+    let kvd = cfg.num_key_value_heads * cfg.head_dim;
+    let im = cfg.intermediate_size;
+    let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
+        let w = random_f16_matrix(&mut rng, out * inp);
+        let b = if bias {
+            Some(be.upload(&Tensor::new(vec![out], vec![0.01; out])?)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            w: make_weight(be, kind, &w, out, inp)?,
+            b,
+        })
+    };
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for _ in 0..cfg.num_hidden_layers {
+        layers.push(DecoderLayer {
+            input_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
+            q: lin(qd, h, cfg.qkv_bias)?,
+            k: lin(kvd, h, cfg.qkv_bias)?,
+            v: lin(kvd, h, cfg.qkv_bias)?,
+            o: lin(h, qd, false)?,
+            post_attention_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
+            gate: lin(im, h, false)?,
+            up: lin(im, h, false)?,
+            down: lin(h, im, false)?,
+        });
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let embed = random_f16_matrix(&mut rng, cfg.vocab_size * h);
+    let head = random_f16_matrix(&mut rng, cfg.vocab_size * h);
+    Ok(TextModel {
+        cfg: cfg.clone(),
+        embed_tokens: be.weight(&Tensor::new(vec![cfg.vocab_size, h], embed)?)?,
+        layers,
+        norm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
+        lm_head: Some(be.weight(&Tensor::new(vec![cfg.vocab_size, h], head)?)?),
+        rope: rope_inv_freq(cfg),
+    })
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeResult {
+    pub kind: WeightKind,
+    pub layers: usize,
+    pub tokens: usize,
+    pub ms_per_token: f64,
+    pub tok_s: f64,
+    pub speedup_vs_f16: f64,
+}
+
+/// Decode `tokens` steps (after a `prompt`-token prefill) and time them.
+pub fn bench_decode<B: Backend>(be: &B, model: &TextModel<B>, kind: WeightKind, prompt: usize, tokens: usize) -> Result<DecodeResult> {
+    let cap = prompt + tokens + 1;
+    let mut cache = be.new_cache(model.layers.len(), model.kv_dim(), cap)?;
+    let ids: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919) % model.cfg.vocab_size as u32).collect();
+    let x = model.embed(be, &ids)?;
+    let mut logits = be.download(&model.forward(be, x, &mut cache, 0)?)?;
+    // One untimed step (pipeline compilation for the decode shapes).
+    let mut pos = prompt;
+    let step = |logits: &Tensor, pos: usize, cache: &mut B::Cache| -> Result<Tensor> {
+        let next = crate::generate::argmax(&logits.data);
+        let x = model.embed(be, &[next])?;
+        be.download(&model.forward(be, x, cache, pos)?)
+    };
+    logits = step(&logits, pos, &mut cache)?;
+    pos += 1;
+    let t = Instant::now();
+    for _ in 0..tokens {
+        logits = step(&logits, pos, &mut cache)?;
+        pos += 1;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / tokens.max(1) as f64;
+    Ok(DecodeResult {
+        kind,
+        layers: model.layers.len(),
+        tokens,
+        ms_per_token: ms,
+        tok_s: 1e3 / ms,
+        speedup_vs_f16: 0.0,
+    })
+}
