@@ -143,6 +143,11 @@ impl WeightFiles {
         Ok(())
     }
 
+    /// The safetensors files read, in order.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -283,10 +283,37 @@ mod tests {
     }
 }
 
+/// Checks the `mbq.format_version` metadata of a file holding packed
+/// tensors: `MAJOR` or `MAJOR.MINOR`, and a reader rejects a major version it
+/// does not know (a minor version only adds what a reader may ignore).
+pub fn check_format_version(
+    metadata: &std::collections::HashMap<String, String>,
+    location: &std::path::Path,
+) -> Result<()> {
+    let bad = |msg: String| Error::Safetensors {
+        path: location.to_path_buf(),
+        msg,
+    };
+    let v = metadata.get(META_FORMAT).ok_or_else(|| {
+        bad(format!(
+            "packed tensors (.qweight) but no \"{META_FORMAT}\" metadata; this reader knows format version {FORMAT_VERSION}"
+        ))
+    })?;
+    let major = v.split('.').next().unwrap_or("").trim().parse::<u32>().ok();
+    if major != Some(FORMAT_VERSION) {
+        return Err(bad(format!(
+            "packed format version \"{v}\" is not supported; this reader knows version {FORMAT_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads `<prefix>.qweight` and `<prefix>.scales_zeros` of a linear that must
-/// be `[out, inp]`; bits and group size follow from the tensor shapes.
+/// be `[out, inp]`; bits and group size follow from the tensor shapes. The
+/// file's format version must be one this reader knows.
 pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Result<PackedLinear> {
     use safetensors::tensor::Dtype;
+    check_format_version(&vb.files.metadata, &vb.files.location())?;
     let qname = vb.name("qweight");
     let sname = vb.name("scales_zeros");
     let (qd, qshape, qbytes) = vb.files.raw(&qname)?;

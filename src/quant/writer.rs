@@ -1,0 +1,458 @@
+//! Writing a quantized model directory: the language model's decoder linears
+//! (q, k, v, o, gate, up, down of every layer) are quantized with the MBQ
+//! reference quantizer ([`super::pseudo`]) and stored packed
+//! ([`super::format`]); every other tensor is copied byte for byte with its
+//! dtype, every other file of the directory as it is.
+//!
+//! The output is built in a temporary sibling directory (`.OUT.tmp-<pid>`),
+//! synced, then renamed to OUT: OUT either does not exist or is complete.
+//! Nothing is ever overwritten, and the input is only read.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::format::{
+    check_shape, PackedLinear, FORMAT_VERSION, META_BITS, META_FORMAT, META_GROUP_SIZE,
+    META_METHOD, META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
+};
+use super::pseudo::quantize_linear;
+use crate::config::VlmConfig;
+use crate::error::{Error, Result};
+use crate::model::llava::Prefixes;
+use crate::weights::WeightFiles;
+
+/// The decoder linears that are quantized, per layer, in this order.
+pub const DECODER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Files of other weight formats: they would hold the unquantized weights
+/// again, so they are not copied (mbq reads safetensors only).
+const OTHER_WEIGHT_SUFFIXES: [&str; 8] = [
+    ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+];
+
+/// What [`quantize_rtn_dir`] reports while it works.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// Before the first linear: how many will be packed.
+    Start { linears: usize },
+    /// After each linear.
+    Packed {
+        done: usize,
+        total: usize,
+        name: &'a str,
+    },
+    /// All linears packed; the output file is being written and synced.
+    Writing,
+}
+
+/// What was written.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub output: PathBuf,
+    /// Prefixes of the packed linears (`...layers.0.self_attn.q_proj`).
+    pub packed: Vec<String>,
+    /// Number of weights in the packed linears.
+    pub packed_weights: usize,
+    /// Bytes of the packed linears' weights in the input (their own dtype).
+    pub packed_bytes_before: usize,
+    /// Bytes of their codes plus scales and zeros.
+    pub packed_bytes_after: usize,
+    /// Tensors copied unchanged.
+    pub copied_tensors: usize,
+    /// Non-weight files copied (relative paths).
+    pub copied_files: Vec<PathBuf>,
+    /// Files of other weight formats that were left out (relative paths).
+    pub skipped_files: Vec<PathBuf>,
+    /// Total bytes of the input's and the output's safetensors files.
+    pub weight_file_bytes_before: u64,
+    pub weight_file_bytes_after: u64,
+}
+
+impl Report {
+    /// Storage of the packed linears, bits per weight (codes, scales, zeros).
+    pub fn bits_per_weight(&self) -> f64 {
+        self.packed_bytes_after as f64 * 8.0 / self.packed_weights.max(1) as f64
+    }
+}
+
+/// Removes the temporary directory unless the output was renamed into place.
+struct TempDir {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Quantizes the decoder linears of the model directory `input` with RTN
+/// (the MBQ reference quantizer without calibration) and writes a packed
+/// model directory `output`, which must not exist.
+pub fn quantize_rtn_dir(
+    input: &Path,
+    output: &Path,
+    bits: u32,
+    group_size: usize,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Report> {
+    if !SUPPORTED_BITS.contains(&bits) {
+        return Err(Error::invalid(format!(
+            "{bits}-bit quantization is not supported (supported: 3, 4, 8)"
+        )));
+    }
+    if !SUPPORTED_GROUPS.contains(&group_size) {
+        return Err(Error::invalid(format!(
+            "group size {group_size} is not supported (supported: 32, 64, 128)"
+        )));
+    }
+    if !input.is_dir() {
+        return Err(Error::Missing {
+            path: input.to_path_buf(),
+            what: "model directory".into(),
+        });
+    }
+    refuse_existing(output)?;
+    let name = output
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent_abs = parent.canonicalize().map_err(|e| Error::io(&parent, e))?;
+    let input_abs = input.canonicalize().map_err(|e| Error::io(input, e))?;
+    if parent_abs.starts_with(&input_abs) {
+        return Err(Error::invalid(format!(
+            "{}: the output may not be inside the input directory {}",
+            output.display(),
+            input.display()
+        )));
+    }
+
+    // Everything is read and checked before anything is written.
+    let cfg = VlmConfig::load(input)?;
+    let w = WeightFiles::open(input)?;
+    let prefixes = Prefixes::detect(&w)?;
+    if w.metadata.contains_key(META_FORMAT) || w.names().any(|n| n.ends_with(".qweight")) {
+        return Err(Error::invalid(format!(
+            "{}: the model is already quantized (packed weights found)",
+            input.display()
+        )));
+    }
+    let mut linears = Vec::new();
+    for i in 0..cfg.text.num_hidden_layers {
+        for l in DECODER_LINEARS {
+            let p = format!("{}.layers.{i}.{l}", prefixes.text);
+            let wname = format!("{p}.weight");
+            let shape = w.shape(&wname).ok_or_else(|| Error::MissingTensor {
+                name: wname.clone(),
+                path: w.location(),
+            })?;
+            let [_, inp] = shape else {
+                return Err(Error::invalid(format!(
+                    "tensor \"{wname}\": expected a 2-d weight [out, in], found shape {shape:?}"
+                )));
+            };
+            check_shape(&wname, *inp, bits, group_size)?;
+            linears.push(p);
+        }
+    }
+
+    let tmp = TempDir {
+        path: parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        )),
+        armed: false,
+    };
+    if fs::symlink_metadata(&tmp.path).is_ok() {
+        return Err(Error::invalid(format!(
+            "{}: a temporary directory of that name already exists (left by an interrupted run?); remove it",
+            tmp.path.display()
+        )));
+    }
+    fs::create_dir(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+    let mut tmp = tmp;
+    tmp.armed = true;
+
+    let mut report = Report {
+        output: output.to_path_buf(),
+        ..Report::default()
+    };
+    progress(Progress::Start {
+        linears: linears.len(),
+    });
+    // Packed tensors as bytes: (name, dtype, shape, bytes).
+    let mut packed_bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, p) in linears.iter().enumerate() {
+        let wname = format!("{p}.weight");
+        let (_, _, raw) = w.raw(&wname)?;
+        let t = w.get_any(&wname)?;
+        let (out, inp) = (t.shape[0], t.shape[1]);
+        let pl = quantize_rows(&wname, &t.data, out, inp, bits, group_size)?;
+        report.packed_weights += out * inp;
+        report.packed_bytes_before += raw.len();
+        report.packed_bytes_after += pl.nbytes();
+        let q: Vec<u8> = pl.qweight.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let s: Vec<u8> = pl
+            .scales_zeros
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        packed_bytes.push((
+            format!("{p}.qweight"),
+            Dtype::U32,
+            vec![out, pl.words_per_row()],
+            q,
+        ));
+        packed_bytes.push((
+            format!("{p}.scales_zeros"),
+            Dtype::F16,
+            vec![out, pl.groups(), 2],
+            s,
+        ));
+        progress(Progress::Packed {
+            done: k + 1,
+            total: linears.len(),
+            name: p,
+        });
+    }
+    progress(Progress::Writing);
+
+    // The output's tensors: every input tensor but the replaced weights, as
+    // they are, then the packed ones.
+    let replaced: HashSet<String> = linears.iter().map(|p| format!("{p}.weight")).collect();
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    let bad_view = |n: &str, e: safetensors::SafeTensorError| Error::Safetensors {
+        path: tmp.path.join("model.safetensors"),
+        msg: format!("tensor \"{n}\": {e:?}"),
+    };
+    let mut names: Vec<&str> = w.names().filter(|n| !replaced.contains(*n)).collect();
+    names.sort_unstable();
+    for n in names {
+        let (dtype, shape, bytes) = w.raw(n)?;
+        let v = TensorView::new(dtype, shape.to_vec(), bytes).map_err(|e| bad_view(n, e))?;
+        views.push((n.to_string(), v));
+        report.copied_tensors += 1;
+    }
+    for (n, dtype, shape, bytes) in &packed_bytes {
+        let v = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| bad_view(n, e))?;
+        views.push((n.clone(), v));
+    }
+    let mut meta: HashMap<String, String> = w
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("mbq."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.insert(META_FORMAT.into(), FORMAT_VERSION.to_string());
+    meta.insert(META_BITS.into(), bits.to_string());
+    meta.insert(META_GROUP_SIZE.into(), group_size.to_string());
+    meta.insert(META_METHOD.into(), "rtn".into());
+    meta.insert(
+        META_PACKED.into(),
+        serde_json::to_string(&linears).map_err(|e| Error::invalid(e.to_string()))?,
+    );
+    let out_file = tmp.path.join("model.safetensors");
+    safetensors::serialize_to_file(views, Some(meta), &out_file).map_err(|e| {
+        Error::Safetensors {
+            path: out_file.clone(),
+            msg: format!("{e:?}"),
+        }
+    })?;
+    sync_file(&out_file)?;
+    report.weight_file_bytes_after = file_len(&out_file)?;
+    report.packed = linears;
+
+    // Every other file of the input directory.
+    let skip = weight_file_names(input, &w);
+    for f in &skip {
+        report.weight_file_bytes_before += file_len(&input.join(f)).unwrap_or(0);
+    }
+    copy_other_files(input, &tmp.path, Path::new(""), &skip, &mut report)?;
+    sync_dir(&tmp.path)?;
+
+    publish(&tmp.path, output)?;
+    tmp.armed = false;
+    sync_dir(&parent)?;
+    Ok(report)
+}
+
+/// `quantize_linear` over blocks of rows in parallel (rows are independent,
+/// and the packed layout is row-major, so the blocks concatenate).
+fn quantize_rows(
+    name: &str,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+    group_size: usize,
+) -> Result<PackedLinear> {
+    const ROWS: usize = 32;
+    if let Some(i) = w.iter().position(|x| !half::f16::from_f32(*x).is_finite()) {
+        return Err(Error::invalid(format!(
+            "tensor \"{name}\": value {} at [{}, {}] is not finite in f16; it cannot be quantized",
+            w[i],
+            i / inp,
+            i % inp
+        )));
+    }
+    let blocks: Vec<PackedLinear> = w
+        .par_chunks(ROWS * inp)
+        .map(|b| quantize_linear(name, b, b.len() / inp, inp, bits, group_size))
+        .collect::<Result<_>>()?;
+    let mut all = PackedLinear {
+        out,
+        inp,
+        bits,
+        group_size,
+        qweight: Vec::with_capacity(out * inp * bits as usize / 32),
+        scales_zeros: Vec::with_capacity(out * (inp / group_size) * 2),
+    };
+    for b in blocks {
+        all.qweight.extend_from_slice(&b.qweight);
+        all.scales_zeros.extend_from_slice(&b.scales_zeros);
+    }
+    Ok(all)
+}
+
+fn refuse_existing(output: &Path) -> Result<()> {
+    if fs::symlink_metadata(output).is_ok() {
+        return Err(Error::invalid(format!(
+            "{}: already exists; mbq quantize never overwrites, choose another output directory",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Renames the finished temporary directory to `output` without ever
+/// replacing anything: on Unix `output` is first created empty (which fails
+/// if anything is there) and the rename then replaces that empty directory.
+fn publish(tmp: &Path, output: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        fs::create_dir(output).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
+                "{}: already exists; mbq quantize never overwrites, choose another output directory",
+                output.display()
+            )),
+            _ => Error::io(output, e),
+        })?;
+        fs::rename(tmp, output).map_err(|e| {
+            let _ = fs::remove_dir(output);
+            Error::io(output, e)
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        refuse_existing(output)?;
+        fs::rename(tmp, output).map_err(|e| Error::io(output, e))
+    }
+}
+
+/// Names (relative to the directory) of the weight files that are not
+/// copied: the safetensors files read, the index and the shards it names.
+fn weight_file_names(dir: &Path, w: &WeightFiles) -> HashSet<PathBuf> {
+    let mut skip: HashSet<PathBuf> = w
+        .paths()
+        .iter()
+        .filter_map(|p| p.strip_prefix(dir).ok().map(Path::to_path_buf))
+        .collect();
+    let index = dir.join("model.safetensors.index.json");
+    if let Ok(text) = fs::read_to_string(&index) {
+        skip.insert(PathBuf::from("model.safetensors.index.json"));
+        if let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(map) = j.get("weight_map").and_then(|m| m.as_object()) {
+                skip.extend(map.values().filter_map(|v| v.as_str()).map(PathBuf::from));
+            }
+        }
+    }
+    skip
+}
+
+fn copy_other_files(
+    src_root: &Path,
+    dst_root: &Path,
+    rel: &Path,
+    skip: &HashSet<PathBuf>,
+    report: &mut Report,
+) -> Result<()> {
+    let src = src_root.join(rel);
+    let mut entries: Vec<_> = fs::read_dir(&src)
+        .map_err(|e| Error::io(&src, e))?
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io(&src, e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        let r = rel.join(&name);
+        let from = src_root.join(&r);
+        let to = dst_root.join(&r);
+        // Follows symlinks (Hugging Face cache snapshots link to blobs).
+        let md = fs::metadata(&from).map_err(|e| Error::io(&from, e))?;
+        if md.is_dir() {
+            if name == ".git" || name == ".cache" {
+                continue;
+            }
+            fs::create_dir(&to).map_err(|e| Error::io(&to, e))?;
+            copy_other_files(src_root, dst_root, &r, skip, report)?;
+            sync_dir(&to)?;
+        } else if md.is_file() {
+            if skip.contains(&r) {
+                continue;
+            }
+            let lower = name.to_string_lossy().to_lowercase();
+            if OTHER_WEIGHT_SUFFIXES.iter().any(|s| lower.ends_with(s)) {
+                report.skipped_files.push(r);
+                continue;
+            }
+            fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
+            sync_file(&to)?;
+            report.copied_files.push(r);
+        }
+    }
+    Ok(())
+}
+
+fn file_len(p: &Path) -> Result<u64> {
+    Ok(fs::metadata(p).map_err(|e| Error::io(p, e))?.len())
+}
+
+fn sync_file(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(p, e))
+}
+
+/// Syncs a directory's entries (a no-op where directories cannot be opened).
+fn sync_dir(p: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(p, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = p;
+        Ok(())
+    }
+}
