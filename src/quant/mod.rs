@@ -4,4 +4,5 @@
 
 pub mod format;
 pub mod pseudo;
+pub mod safetensors_out;
 pub mod writer;

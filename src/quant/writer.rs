@@ -8,18 +8,19 @@
 //! synced, then renamed to OUT: OUT either does not exist or is complete.
 //! Nothing is ever overwritten, and the input is only read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use super::format::{
     check_shape, PackedLinear, FORMAT_VERSION, META_BITS, META_FORMAT, META_GROUP_SIZE,
     META_METHOD, META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
 use super::pseudo::quantize_linear;
+use super::safetensors_out::{self, OutTensor};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::model::llava::Prefixes;
@@ -155,42 +156,31 @@ pub fn quantize_rtn_dir(
             input.display()
         )));
     }
-    let mut linears = Vec::new();
-    for i in 0..cfg.text.num_hidden_layers {
-        for l in DECODER_LINEARS {
-            let p = format!("{}.layers.{i}.{l}", prefixes.text);
-            let wname = format!("{p}.weight");
-            let shape = w.shape(&wname).ok_or_else(|| Error::MissingTensor {
-                name: wname.clone(),
-                path: w.location(),
-            })?;
-            let [_, inp] = shape else {
-                return Err(Error::invalid(format!(
-                    "tensor \"{wname}\": expected a 2-d weight [out, in], found shape {shape:?}"
-                )));
-            };
-            check_shape(&wname, *inp, bits, group_size)?;
-            linears.push(p);
-        }
-    }
+    let linears = decoder_linears(
+        &w,
+        &prefixes.text,
+        cfg.text.num_hidden_layers,
+        bits,
+        group_size,
+    )?;
 
-    let tmp = TempDir {
-        path: parent.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        )),
-        armed: false,
-    };
-    if fs::symlink_metadata(&tmp.path).is_ok() {
+    let tmp_path = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    if fs::symlink_metadata(&tmp_path).is_ok() {
         return Err(Error::invalid(format!(
             "{}: a temporary directory of that name already exists (left by an interrupted run?); remove it",
-            tmp.path.display()
+            tmp_path.display()
         )));
     }
-    fs::create_dir(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-    let mut tmp = tmp;
-    tmp.armed = true;
+    fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+    // From here on, any error removes the temporary directory.
+    let mut tmp = TempDir {
+        path: tmp_path,
+        armed: true,
+    };
 
     let mut report = Report {
         output: output.to_path_buf(),
@@ -239,24 +229,26 @@ pub fn quantize_rtn_dir(
     // The output's tensors: every input tensor but the replaced weights, as
     // they are, then the packed ones.
     let replaced: HashSet<String> = linears.iter().map(|p| format!("{p}.weight")).collect();
-    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
-    let bad_view = |n: &str, e: safetensors::SafeTensorError| Error::Safetensors {
-        path: tmp.path.join("model.safetensors"),
-        msg: format!("tensor \"{n}\": {e:?}"),
-    };
-    let mut names: Vec<&str> = w.names().filter(|n| !replaced.contains(*n)).collect();
-    names.sort_unstable();
-    for n in names {
+    let mut tensors: Vec<OutTensor<'_>> = Vec::new();
+    for n in w.names().filter(|n| !replaced.contains(*n)) {
         let (dtype, shape, bytes) = w.raw(n)?;
-        let v = TensorView::new(dtype, shape.to_vec(), bytes).map_err(|e| bad_view(n, e))?;
-        views.push((n.to_string(), v));
+        tensors.push(OutTensor {
+            name: n.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        });
         report.copied_tensors += 1;
     }
-    for (n, dtype, shape, bytes) in &packed_bytes {
-        let v = TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| bad_view(n, e))?;
-        views.push((n.clone(), v));
+    for (name, dtype, shape, bytes) in &packed_bytes {
+        tensors.push(OutTensor {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            bytes,
+        });
     }
-    let mut meta: HashMap<String, String> = w
+    let mut meta: BTreeMap<String, String> = w
         .metadata
         .iter()
         .filter(|(k, _)| !k.starts_with("mbq."))
@@ -271,14 +263,7 @@ pub fn quantize_rtn_dir(
         serde_json::to_string(&linears).map_err(|e| Error::invalid(e.to_string()))?,
     );
     let out_file = tmp.path.join("model.safetensors");
-    safetensors::serialize_to_file(views, Some(meta), &out_file).map_err(|e| {
-        Error::Safetensors {
-            path: out_file.clone(),
-            msg: format!("{e:?}"),
-        }
-    })?;
-    sync_file(&out_file)?;
-    report.weight_file_bytes_after = file_len(&out_file)?;
+    report.weight_file_bytes_after = safetensors_out::write(&out_file, &meta, tensors)?;
     report.packed = linears;
 
     // Every other file of the input directory.
@@ -293,6 +278,36 @@ pub fn quantize_rtn_dir(
     tmp.armed = false;
     sync_dir(&parent)?;
     Ok(report)
+}
+
+/// The prefixes of the decoder linears (`<text>.layers.<i>.self_attn.q_proj`,
+/// ...), each checked to be a 2-d weight that `group_size` divides.
+fn decoder_linears(
+    w: &WeightFiles,
+    text: &str,
+    layers: usize,
+    bits: u32,
+    group_size: usize,
+) -> Result<Vec<String>> {
+    let mut linears = Vec::new();
+    for i in 0..layers {
+        for l in DECODER_LINEARS {
+            let p = format!("{text}.layers.{i}.{l}");
+            let wname = format!("{p}.weight");
+            let shape = w.shape(&wname).ok_or_else(|| Error::MissingTensor {
+                name: wname.clone(),
+                path: w.location(),
+            })?;
+            let [_, inp] = shape else {
+                return Err(Error::invalid(format!(
+                    "tensor \"{wname}\": expected a 2-d weight [out, in], found shape {shape:?}"
+                )));
+            };
+            check_shape(&wname, *inp, bits, group_size)?;
+            linears.push(p);
+        }
+    }
+    Ok(linears)
 }
 
 /// `quantize_linear` over blocks of rows in parallel (rows are independent,

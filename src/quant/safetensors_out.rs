@@ -1,0 +1,168 @@
+//! A deterministic safetensors writer: the same tensors and metadata give
+//! the same bytes in every run (the `safetensors` crate writes its metadata
+//! from a `HashMap`, whose order changes from process to process).
+//!
+//! Layout (the safetensors format): u64 LE header length, the JSON header
+//! (`__metadata__` first, keys sorted, then the tensors in data order),
+//! padded with spaces to a multiple of 8, then the tensor data. Tensors are
+//! ordered by element size, largest first, then by name, so that with the
+//! 8-aligned header every tensor starts aligned to its element size (a
+//! `U32` tensor can be read with aligned u32 loads from a mapped file).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::Dtype;
+
+use crate::error::{Error, Result};
+use crate::weights::dtype_size;
+
+/// One tensor to write: name, dtype, shape, little-endian bytes.
+pub struct OutTensor<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+/// Writes `tensors` and `metadata` to `path` (created; fails if it exists).
+/// Returns the file size.
+pub fn write(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+    mut tensors: Vec<OutTensor<'_>>,
+) -> Result<u64> {
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let json = |s: &str| serde_json::to_string(s).map_err(|e| bad(e.to_string()));
+    let mut size_of = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let es = dtype_size(t.dtype)
+            .ok_or_else(|| bad(format!("tensor \"{}\": dtype {:?}", t.name, t.dtype)))?;
+        let n: usize = t.shape.iter().product();
+        if n * es != t.bytes.len() {
+            return Err(bad(format!(
+                "tensor \"{}\": shape {:?} of {:?} needs {} bytes, got {}",
+                t.name,
+                t.shape,
+                t.dtype,
+                n * es,
+                t.bytes.len()
+            )));
+        }
+        size_of.push(es);
+    }
+    tensors.sort_by(|a, b| {
+        let (ea, eb) = (dtype_size(a.dtype), dtype_size(b.dtype));
+        eb.cmp(&ea).then_with(|| a.name.cmp(&b.name))
+    });
+    if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(bad(format!("tensor \"{}\" twice", w[0].name)));
+    }
+
+    let mut header = String::from("{");
+    if !metadata.is_empty() {
+        header.push_str("\"__metadata__\":{");
+        let mut first = true;
+        for (k, v) in metadata {
+            if !first {
+                header.push(',');
+            }
+            first = false;
+            header.push_str(&format!("{}:{}", json(k)?, json(v)?));
+        }
+        header.push('}');
+    }
+    let mut offset = 0usize;
+    for (i, t) in tensors.iter().enumerate() {
+        if i > 0 || !metadata.is_empty() {
+            header.push(',');
+        }
+        let dtype = serde_json::to_string(&t.dtype).map_err(|e| bad(e.to_string()))?;
+        let shape = serde_json::to_string(&t.shape).map_err(|e| bad(e.to_string()))?;
+        let end = offset + t.bytes.len();
+        header.push_str(&format!(
+            "{}:{{\"dtype\":{dtype},\"shape\":{shape},\"data_offsets\":[{offset},{end}]}}",
+            json(&t.name)?
+        ));
+        offset = end;
+    }
+    header.push('}');
+    let mut header = header.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, file);
+    let io = |e| Error::io(path, e);
+    f.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    f.write_all(&header).map_err(io)?;
+    for t in &tensors {
+        f.write_all(t.bytes).map_err(io)?;
+    }
+    let file = f
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok((8 + header.len() + offset) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::WeightFiles;
+
+    #[test]
+    fn round_trips_and_aligns_u32_after_odd_f16() {
+        let dir = std::env::temp_dir().join(format!("mbq-stout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let h: Vec<u8> = vec![1, 0, 2, 0, 3, 0];
+        let q: Vec<u8> = (0..8).collect();
+        let meta = BTreeMap::from([
+            ("b".to_string(), "2".to_string()),
+            ("a\"".into(), "1".into()),
+        ]);
+        let tensors = || {
+            vec![
+                OutTensor {
+                    name: "a.h".into(),
+                    dtype: Dtype::F16,
+                    shape: vec![3],
+                    bytes: &h,
+                },
+                OutTensor {
+                    name: "z.q".into(),
+                    dtype: Dtype::U32,
+                    shape: vec![2],
+                    bytes: &q,
+                },
+            ]
+        };
+        let p = dir.join("x.safetensors");
+        let n = write(&p, &meta, tensors()).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(bytes.len() as u64, n);
+        let hl = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // The U32 tensor comes first, right after the 8-aligned header.
+        assert_eq!(hl % 8, 0);
+        assert_eq!(&bytes[8 + hl..8 + hl + 8], q.as_slice());
+        let w = WeightFiles::open_file(&p).unwrap();
+        assert_eq!(w.raw("a.h").unwrap().2, h.as_slice());
+        assert_eq!(w.raw("z.q").unwrap().2, q.as_slice());
+        assert_eq!(w.metadata.get("a\"").map(String::as_str), Some("1"));
+        // Deterministic, and never overwrites.
+        let p2 = dir.join("y.safetensors");
+        write(&p2, &meta, tensors()).unwrap();
+        assert_eq!(std::fs::read(&p2).unwrap(), bytes);
+        assert!(write(&p, &meta, tensors()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
