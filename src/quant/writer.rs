@@ -333,6 +333,19 @@ fn quantize_rows(
         .par_chunks(ROWS * inp)
         .map(|b| quantize_linear(name, b, b.len() / inp, inp, bits, group_size))
         .collect::<Result<_>>()?;
+    for (r, b) in blocks.iter().enumerate() {
+        if let Some(i) = b
+            .scales_zeros
+            .iter()
+            .step_by(2)
+            .position(|s| !s.is_finite())
+        {
+            let (row, g) = (r * ROWS + i / b.groups(), i % b.groups());
+            return Err(Error::invalid(format!(
+                "tensor \"{name}\": the values of row {row}, group {g} span more than f16 can hold; it cannot be quantized"
+            )));
+        }
+    }
     let mut all = PackedLinear {
         out,
         inp,
@@ -469,5 +482,35 @@ fn sync_dir(p: &Path) -> Result<()> {
     {
         let _ = p;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_that_f16_cannot_quantize_are_named() {
+        let (out, inp) = (40, 64);
+        let mut w = vec![0.01f32; out * inp];
+        // Row 33 (second block of rows), group 1 of 32: range 80000 > f16 max.
+        w[33 * inp + 40] = 40000.0;
+        w[33 * inp + 41] = -40000.0;
+        let e = quantize_rows("x.weight", &w, out, inp, 4, 32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.weight") && e.contains("row 33, group 1"),
+            "{e}"
+        );
+        w[33 * inp + 41] = 1e5; // not finite in f16
+        let e = quantize_rows("x.weight", &w, out, inp, 4, 32)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[33, 41]") && e.contains("not finite"), "{e}");
+        w[33 * inp + 41] = 0.0;
+        let p = quantize_rows("x.weight", &w, out, inp, 4, 32).unwrap();
+        let whole = quantize_linear("x.weight", &w, out, inp, 4, 32).unwrap();
+        assert_eq!(p, whole, "blocks of rows concatenate to the whole");
     }
 }
