@@ -22,7 +22,8 @@ use crate::quant::pseudo::quantize_linear;
 use crate::tensor::Tensor;
 
 /// The paper's LLaVA-OneVision-7B GEMV shapes, (in, out).
-pub const PAPER_SHAPES: &[(usize, usize)] = &[(3584, 3584), (3584, 10752), (3584, 18944), (18944, 3584)];
+pub const PAPER_SHAPES: &[(usize, usize)] =
+    &[(3584, 3584), (3584, 10752), (3584, 18944), (18944, 3584)];
 
 /// Weight formats compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -66,7 +67,13 @@ fn random_f16_matrix(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn make_weight<B: Backend>(be: &B, kind: WeightKind, w: &[f32], out: usize, inp: usize) -> Result<B::Weight> {
+fn make_weight<B: Backend>(
+    be: &B,
+    kind: WeightKind,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+) -> Result<B::Weight> {
     match kind {
         WeightKind::F16 => be.weight(&Tensor::new(vec![out, inp], w.to_vec())?),
         WeightKind::W3 => be.packed_weight(&quantize_linear("bench", w, out, inp, 3, 128)?),
@@ -93,7 +100,10 @@ pub fn bench_gemv<B: Backend>(
     }
     let mut rng = StdRng::seed_from_u64(1);
     let base = random_f16_matrix(&mut rng, out * inp);
-    let x = be.upload(&Tensor::new(vec![1, inp], (0..inp).map(|_| rng.random::<f32>() - 0.5).collect())?)?;
+    let x = be.upload(&Tensor::new(
+        vec![1, inp],
+        (0..inp).map(|_| rng.random::<f32>() - 0.5).collect(),
+    )?)?;
     let mut results = Vec::new();
     for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
         let bytes = (out * inp) as f64 * kind.bytes_per_weight();
@@ -170,7 +180,12 @@ pub fn synthetic_config(name: &str) -> Result<TextConfig> {
 
 /// A decoder with random weights of `cfg`'s shape, its linears in `kind`.
 /// Embeddings and lm_head stay dense (as in a quantized model).
-pub fn synthetic_text_model<B: Backend>(be: &B, cfg: &TextConfig, kind: WeightKind, seed: u64) -> Result<TextModel<B>> {
+pub fn synthetic_text_model<B: Backend>(
+    be: &B,
+    cfg: &TextConfig,
+    kind: WeightKind,
+    seed: u64,
+) -> Result<TextModel<B>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let h = cfg.hidden_size;
     let qd = cfg.num_attention_heads * cfg.head_dim;
@@ -226,10 +241,18 @@ pub struct DecodeResult {
 }
 
 /// Decode `tokens` steps (after a `prompt`-token prefill) and time them.
-pub fn bench_decode<B: Backend>(be: &B, model: &TextModel<B>, kind: WeightKind, prompt: usize, tokens: usize) -> Result<DecodeResult> {
+pub fn bench_decode<B: Backend>(
+    be: &B,
+    model: &TextModel<B>,
+    kind: WeightKind,
+    prompt: usize,
+    tokens: usize,
+) -> Result<DecodeResult> {
     let cap = prompt + tokens + 1;
     let mut cache = be.new_cache(model.layers.len(), model.kv_dim(), cap)?;
-    let ids: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919) % model.cfg.vocab_size as u32).collect();
+    let ids: Vec<u32> = (0..prompt as u32)
+        .map(|i| (i * 7919) % model.cfg.vocab_size as u32)
+        .collect();
     let x = model.embed(be, &ids)?;
     let mut logits = be.download(&model.forward(be, x, &mut cache, 0)?)?;
     // One untimed step (pipeline compilation for the decode shapes).
