@@ -8,6 +8,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod wgpu;
 
 use crate::config::Act;
 use crate::error::{Error, Result};

@@ -1,0 +1,307 @@
+//! Adapters and the device: which GPUs wgpu sees (for `mbq devices` and
+//! `--backend auto`), how one is picked (`--adapter NAME`), and the device
+//! opened on it with the adapter's own limits and the features the shaders
+//! can use (`SUBGROUP`). Validation errors that no error scope catches are
+//! collected here and reported by the next flush as `Error::Backend`.
+
+use std::sync::{Arc, Mutex};
+
+use wgpu::{Backends, DeviceType, Features};
+
+use super::err;
+use crate::error::Result;
+
+/// How to open the wgpu backend.
+#[derive(Clone, Debug)]
+pub struct WgpuOptions {
+    /// Pick the first adapter whose name contains this (case-insensitive).
+    pub adapter: Option<String>,
+    /// Accept a CPU adapter (lavapipe, llvmpipe, WARP) when no name is given.
+    pub allow_cpu: bool,
+    /// Use subgroup reductions when the adapter has `SUBGROUP` (false forces
+    /// the workgroup-memory fallback).
+    pub subgroups: bool,
+    /// Split weights into bindings of at most this many bytes (testing the
+    /// split path); `None` means the device's `max_storage_buffer_binding_size`.
+    pub max_binding: Option<u64>,
+}
+
+impl Default for WgpuOptions {
+    fn default() -> Self {
+        WgpuOptions {
+            adapter: None,
+            allow_cpu: false,
+            subgroups: true,
+            max_binding: None,
+        }
+    }
+}
+
+impl WgpuOptions {
+    /// Defaults overridden by the environment: `MBQ_WGPU_ADAPTER` (a name),
+    /// `MBQ_WGPU_NO_SUBGROUP=1`, `MBQ_WGPU_MAX_BINDING` (bytes).
+    pub fn from_env() -> Self {
+        let mut o = WgpuOptions::default();
+        if let Ok(name) = std::env::var("MBQ_WGPU_ADAPTER") {
+            if !name.is_empty() {
+                o.adapter = Some(name);
+            }
+        }
+        if std::env::var("MBQ_WGPU_NO_SUBGROUP").is_ok_and(|v| v == "1") {
+            o.subgroups = false;
+        }
+        if let Some(b) = std::env::var("MBQ_WGPU_MAX_BINDING")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            o.max_binding = Some(b);
+        }
+        o
+    }
+}
+
+/// One adapter as `mbq devices` lists it.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    /// A real GPU (discrete, integrated or virtual), not a CPU rasterizer.
+    pub is_gpu: bool,
+    pub driver: String,
+    /// The features the mbq shaders care about, by name.
+    pub features: Vec<&'static str>,
+    pub max_storage_binding: u64,
+    pub max_buffer: u64,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+    pub subgroup_sizes: (u32, u32),
+}
+
+impl AdapterReport {
+    /// One line per adapter for `mbq devices`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ({}, {}, driver {}) features [{}] max binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations, subgroup {}..{}",
+            self.name,
+            self.backend,
+            self.device_type,
+            if self.driver.is_empty() { "?" } else { &self.driver },
+            self.features.join(", "),
+            self.max_storage_binding >> 20,
+            self.max_buffer >> 20,
+            self.max_workgroup_storage >> 10,
+            self.max_invocations,
+            self.subgroup_sizes.0,
+            self.subgroup_sizes.1,
+        )
+    }
+}
+
+/// The features worth reporting (and, for SUBGROUP, using).
+const REPORTED: &[(Features, &str)] = &[
+    (Features::SHADER_F16, "SHADER_F16"),
+    (Features::SUBGROUP, "SUBGROUP"),
+    (Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
+    (Features::SHADER_INT64, "SHADER_INT64"),
+    (Features::SHADER_F64, "SHADER_F64"),
+    (Features::IMMEDIATES, "IMMEDIATES"),
+];
+
+fn instance() -> wgpu::Instance {
+    // Vulkan, Metal, DX12 (and WebGPU in a browser); GL only when
+    // WGPU_BACKEND asks for it, so lavapipe's Vulkan device is preferred
+    // over llvmpipe's GL one.
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = Backends::from_env().unwrap_or(Backends::PRIMARY);
+    desc.flags = wgpu::InstanceFlags::empty().with_env();
+    wgpu::Instance::new(desc)
+}
+
+fn is_gpu(t: DeviceType) -> bool {
+    matches!(
+        t,
+        DeviceType::DiscreteGpu | DeviceType::IntegratedGpu | DeviceType::VirtualGpu
+    )
+}
+
+/// Preference order when no name is given: discrete, integrated, virtual,
+/// then CPU; native APIs before GL.
+fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
+    let t = match info.device_type {
+        DeviceType::DiscreteGpu => 0,
+        DeviceType::IntegratedGpu => 1,
+        DeviceType::VirtualGpu => 2,
+        DeviceType::Cpu => 3,
+        DeviceType::Other => 4,
+    };
+    let b = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (t, b)
+}
+
+fn report(a: &wgpu::Adapter) -> AdapterReport {
+    let info = a.get_info();
+    let f = a.features();
+    let l = a.limits();
+    AdapterReport {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        is_gpu: is_gpu(info.device_type),
+        driver: [info.driver.as_str(), info.driver_info.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+        features: REPORTED
+            .iter()
+            .filter(|(flag, _)| f.contains(*flag))
+            .map(|(_, n)| *n)
+            .collect(),
+        max_storage_binding: l.max_storage_buffer_binding_size,
+        max_buffer: l.max_buffer_size,
+        max_workgroup_storage: l.max_compute_workgroup_storage_size,
+        max_invocations: l.max_compute_invocations_per_workgroup,
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+    }
+}
+
+/// Every adapter wgpu can open here, best first.
+pub fn adapters() -> Vec<AdapterReport> {
+    let mut list = pollster::block_on(instance().enumerate_adapters(Backends::all()));
+    list.sort_by_key(|a| rank(&a.get_info()));
+    list.iter().map(report).collect()
+}
+
+/// The adapter `opts` asks for, or why there is none.
+fn pick(opts: &WgpuOptions) -> Result<wgpu::Adapter> {
+    let mut list = pollster::block_on(instance().enumerate_adapters(Backends::all()));
+    list.sort_by_key(|a| rank(&a.get_info()));
+    let names = || {
+        let n: Vec<String> = list
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        if n.is_empty() {
+            "none".to_string()
+        } else {
+            n.join("; ")
+        }
+    };
+    if list.is_empty() {
+        return Err(err(
+            "no wgpu adapter found (no Vulkan, Metal or DX12 driver); on Debian/Ubuntu a CPU \
+             Vulkan device for testing comes with `apt-get install mesa-vulkan-drivers`",
+        ));
+    }
+    let wanted = opts
+        .adapter
+        .clone()
+        .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+        .filter(|n| !n.is_empty());
+    let found = match &wanted {
+        Some(name) => {
+            let lower = name.to_lowercase();
+            list.iter()
+                .position(|a| a.get_info().name.to_lowercase().contains(&lower))
+                .ok_or_else(|| {
+                    err(format!(
+                        "no adapter named like \"{name}\"; adapters: {}",
+                        names()
+                    ))
+                })?
+        }
+        None => list
+            .iter()
+            .position(|a| opts.allow_cpu || is_gpu(a.get_info().device_type))
+            .ok_or_else(|| {
+                err(format!(
+                    "no GPU adapter (only CPU ones: {}); name one with --adapter to use it",
+                    names()
+                ))
+            })?,
+    };
+    Ok(list.swap_remove(found))
+}
+
+/// The adapter `opts` would open, without opening it (for `--backend auto`).
+pub fn probe(opts: &WgpuOptions) -> Result<AdapterReport> {
+    pick(opts).map(|a| report(&a))
+}
+
+/// An open device and what the shaders may use on it.
+pub struct Context {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// Subgroup reductions are compiled in.
+    pub subgroups: bool,
+    /// Largest storage binding (bytes) a weight chunk may use.
+    pub max_binding: u64,
+    /// Validation errors nobody caught, drained at each flush.
+    pub errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Context {
+    pub fn open(opts: &WgpuOptions) -> Result<Context> {
+        let adapter = pick(opts)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let subgroups = opts.subgroups && adapter.features().contains(Features::SUBGROUP);
+        let mut features = Features::empty();
+        if subgroups {
+            features |= Features::SUBGROUP;
+        }
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("mbq"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| err(format!("{}: request_device: {e}", info.name)))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let mut max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        if let Some(m) = opts.max_binding {
+            max_binding = max_binding.min(m.max(256));
+        }
+        Ok(Context {
+            device,
+            queue,
+            info,
+            limits,
+            subgroups,
+            max_binding,
+            errors,
+        })
+    }
+
+    /// The uncaught validation errors since the last call, as one error.
+    pub fn take_errors(&self, what: &str) -> Result<()> {
+        let mut v = self
+            .errors
+            .lock()
+            .map_err(|_| err("the error log lock is poisoned"))?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        let msg = v.join("\n");
+        v.clear();
+        Err(err(format!("{what}: {msg}")))
+    }
+}

@@ -1,0 +1,362 @@
+//! Linear weights on the device and the products with them.
+//!
+//! A weight is a list of row chunks, each small enough for one storage
+//! binding (the device's `max_storage_buffer_binding_size`, or a smaller
+//! test threshold); every kernel runs once per chunk and writes that
+//! chunk's output columns. Dense rows are padded to a multiple of 8
+//! elements (`ld`) so the GEMV reads whole vec4s.
+//!
+//! One token (rows == 1) uses a GEMV (`gemv.wgsl`, or the fused
+//! dequant-GEMV `gemv_packed.wgsl` reading packed words directly); several
+//! tokens use the tiled GEMM (`gemm.wgsl`, which dequantizes packed tiles
+//! as it stages them).
+
+use half::f16;
+
+use super::kernels::KernelKey;
+use super::{err, shape_err, u32_of, Wgpu, WgpuTensor, WG};
+use crate::error::Result;
+use crate::quant::format::{check_shape, PackedLinear};
+use crate::tensor::Tensor;
+
+/// Output rows per GEMV workgroup (`R` in gemv*.wgsl).
+const GEMV_ROWS: usize = 4;
+/// GEMM tile (`BM`, `BN` in gemm.wgsl) and its threads.
+const GEMM_TILE: usize = 64;
+const GEMM_WG: u32 = 256;
+
+/// Rows `row0..row0 + rows` of a dense weight.
+pub struct DenseChunk {
+    row0: usize,
+    rows: usize,
+    buf: wgpu::Buffer,
+}
+
+/// Rows `row0..row0 + rows` of a packed weight: codes and (scale, zero).
+pub struct PackedChunk {
+    row0: usize,
+    rows: usize,
+    q: wgpu::Buffer,
+    sz: wgpu::Buffer,
+}
+
+/// A linear weight `[out, in]` on the device.
+pub enum WgpuWeight {
+    Dense {
+        out: usize,
+        inp: usize,
+        /// Row stride in elements (`inp` rounded up to 8, zero padded).
+        ld: usize,
+        /// f16 pairs in u32 (every value was exactly an f16) or f32.
+        f16: bool,
+        chunks: Vec<DenseChunk>,
+    },
+    Packed {
+        out: usize,
+        inp: usize,
+        bits: u32,
+        group: usize,
+        chunks: Vec<PackedChunk>,
+    },
+}
+
+impl WgpuWeight {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            WgpuWeight::Dense { out, inp, .. } | WgpuWeight::Packed { out, inp, .. } => {
+                (*out, *inp)
+            }
+        }
+    }
+
+    /// How many bindings (row chunks) the weight is split into.
+    pub fn chunks(&self) -> usize {
+        match self {
+            WgpuWeight::Dense { chunks, .. } => chunks.len(),
+            WgpuWeight::Packed { chunks, .. } => chunks.len(),
+        }
+    }
+
+    /// Whether a dense weight is stored as f16.
+    pub fn is_f16(&self) -> bool {
+        matches!(self, WgpuWeight::Dense { f16: true, .. })
+    }
+}
+
+/// Rows per chunk for rows of `row_bytes` under a binding limit.
+fn rows_per_chunk(what: &str, row_bytes: u64, limit: u64) -> Result<usize> {
+    let n = limit / row_bytes.max(1);
+    if n == 0 {
+        return Err(err(format!(
+            "{what}: one row is {row_bytes} bytes, more than a storage binding ({limit} bytes)"
+        )));
+    }
+    Ok(n as usize)
+}
+
+impl Wgpu {
+    pub(super) fn dense_weight(&self, w: &Tensor) -> Result<WgpuWeight> {
+        let (out, inp) = match w.shape.as_slice() {
+            [o, i] => (*o, *i),
+            s => {
+                return Err(shape_err(
+                    "weight",
+                    format!("expected [out, in], got {s:?}"),
+                ))
+            }
+        };
+        let f16 = w
+            .data
+            .iter()
+            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        let ld = inp.div_ceil(8) * 8;
+        let esize = if f16 { 2 } else { 4 };
+        let per = rows_per_chunk("weight", (ld * esize) as u64, self.rec.ctx.max_binding)?;
+        let mut chunks = Vec::new();
+        for row0 in (0..out).step_by(per) {
+            let rows = per.min(out - row0);
+            let label = format!("weight [{out}, {inp}] rows {row0}..{}", row0 + rows);
+            let src = &w.data[row0 * inp..(row0 + rows) * inp];
+            let buf = if f16 {
+                let mut h = vec![f16::ZERO; rows * ld];
+                for (dst, s) in h.chunks_exact_mut(ld).zip(src.chunks_exact(inp.max(1))) {
+                    for (d, &v) in dst.iter_mut().zip(s) {
+                        *d = f16::from_f32(v);
+                    }
+                }
+                self.rec.upload(bytemuck::cast_slice(&h), &label)?
+            } else {
+                let mut h = vec![0.0f32; rows * ld];
+                for (dst, s) in h.chunks_exact_mut(ld).zip(src.chunks_exact(inp.max(1))) {
+                    dst[..inp].copy_from_slice(s);
+                }
+                self.rec.upload(bytemuck::cast_slice(&h), &label)?
+            };
+            chunks.push(DenseChunk { row0, rows, buf });
+        }
+        Ok(WgpuWeight::Dense {
+            out,
+            inp,
+            ld,
+            f16,
+            chunks,
+        })
+    }
+
+    pub(super) fn packed(&self, p: &PackedLinear) -> Result<WgpuWeight> {
+        check_shape("packed weight", p.inp, p.bits, p.group_size)?;
+        let wpr = p.words_per_row();
+        let groups = p.groups();
+        if p.qweight.len() != p.out * wpr || p.scales_zeros.len() != p.out * groups * 2 {
+            return Err(shape_err(
+                "packed_weight",
+                format!(
+                    "[{}, {}] at {} bits in groups of {}: {} code words and {} scale/zero values",
+                    p.out,
+                    p.inp,
+                    p.bits,
+                    p.group_size,
+                    p.qweight.len(),
+                    p.scales_zeros.len()
+                ),
+            ));
+        }
+        let row_bytes = (wpr * 4).max(groups * 4) as u64;
+        let per = rows_per_chunk("packed weight", row_bytes, self.rec.ctx.max_binding)?;
+        let mut chunks = Vec::new();
+        for row0 in (0..p.out).step_by(per) {
+            let rows = per.min(p.out - row0);
+            let label = format!(
+                "packed W{} g{} [{}, {}] rows {row0}..{}",
+                p.bits,
+                p.group_size,
+                p.out,
+                p.inp,
+                row0 + rows
+            );
+            let q = &p.qweight[row0 * wpr..(row0 + rows) * wpr];
+            let sz = &p.scales_zeros[row0 * groups * 2..(row0 + rows) * groups * 2];
+            chunks.push(PackedChunk {
+                row0,
+                rows,
+                q: self
+                    .rec
+                    .upload(bytemuck::cast_slice(q), &format!("{label} codes"))?,
+                sz: self
+                    .rec
+                    .upload(bytemuck::cast_slice(sz), &format!("{label} scales"))?,
+            });
+        }
+        Ok(WgpuWeight::Packed {
+            out: p.out,
+            inp: p.inp,
+            bits: p.bits,
+            group: p.group_size,
+            chunks,
+        })
+    }
+
+    pub(super) fn linear_impl(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuWeight,
+        b: Option<&WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        let (out, inp) = w.shape();
+        if x.cols != inp {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "input has {} features, weight [{out}, {inp}] expects {inp}",
+                    x.cols
+                ),
+            ));
+        }
+        if let Some(b) = b {
+            if b.numel() != out {
+                return Err(shape_err(
+                    "linear",
+                    format!("bias of {} for {out} outputs", b.numel()),
+                ));
+            }
+        }
+        let m = x.rows;
+        let y = self.tensor(m, out, "linear output")?;
+        if m == 0 || out == 0 {
+            return Ok(y);
+        }
+        let k = u32_of("linear", inp)?;
+        let m32 = u32_of("linear", m)?;
+        let out32 = u32_of("linear", out)?;
+        let bias = b.is_some() as u32;
+        match w {
+            WgpuWeight::Dense {
+                ld, f16, chunks, ..
+            } => {
+                for c in chunks {
+                    let n = u32_of("linear", c.rows)?;
+                    let o0 = u32_of("linear", c.row0)?;
+                    let ld = u32_of("linear", *ld)?;
+                    let mut binds = vec![(0, &x.buf), (1, &c.buf), (4, &y.buf)];
+                    if let Some(b) = b {
+                        binds.push((3, &b.buf));
+                    }
+                    if m == 1 {
+                        let key = self
+                            .key("gemv.wgsl", "gemv", WG)
+                            .def("F16", *f16 as u32)
+                            .def("BIAS", bias);
+                        let groups = c.rows.div_ceil(GEMV_ROWS);
+                        self.rec
+                            .dispatch(&key, &binds, 5, &[k, ld, n, o0], groups as u32)?;
+                    } else {
+                        let key = KernelKey::new("gemm.wgsl", "gemm")
+                            .def("WG", GEMM_WG)
+                            .def("F16", *f16 as u32)
+                            .def("BIAS", bias);
+                        let groups = m.div_ceil(GEMM_TILE) * c.rows.div_ceil(GEMM_TILE);
+                        self.rec.dispatch(
+                            &key,
+                            &binds,
+                            5,
+                            &[m32, k, n, ld, o0, out32],
+                            u32_of("linear", groups)?,
+                        )?;
+                    }
+                }
+            }
+            WgpuWeight::Packed {
+                bits,
+                group,
+                chunks,
+                ..
+            } => {
+                let group = u32_of("linear", *group)?;
+                for c in chunks {
+                    let n = u32_of("linear", c.rows)?;
+                    let o0 = u32_of("linear", c.row0)?;
+                    let mut binds = vec![(0, &x.buf), (1, &c.q), (2, &c.sz), (4, &y.buf)];
+                    if let Some(b) = b {
+                        binds.push((3, &b.buf));
+                    }
+                    if m == 1 {
+                        let key = self
+                            .key("gemv_packed.wgsl", "gemv_packed", WG)
+                            .def("BITS", *bits)
+                            .def("GROUP", group)
+                            .def("BIAS", bias);
+                        let groups = c.rows.div_ceil(GEMV_ROWS);
+                        self.rec
+                            .dispatch(&key, &binds, 5, &[k, n, o0], groups as u32)?;
+                    } else {
+                        let key = KernelKey::new("gemm.wgsl", "gemm")
+                            .def("WG", GEMM_WG)
+                            .def("PACKED", 1)
+                            .def("BITS", *bits)
+                            .def("GROUP", group)
+                            .def("BIAS", bias);
+                        let groups = m.div_ceil(GEMM_TILE) * c.rows.div_ceil(GEMM_TILE);
+                        self.rec.dispatch(
+                            &key,
+                            &binds,
+                            5,
+                            &[m32, k, n, 0, o0, out32],
+                            u32_of("linear", groups)?,
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    pub(super) fn embedding_impl(&self, table: &WgpuWeight, ids: &[u32]) -> Result<WgpuTensor> {
+        let (vocab, dim) = table.shape();
+        let WgpuWeight::Dense {
+            ld, f16, chunks, ..
+        } = table
+        else {
+            return Err(shape_err(
+                "embedding",
+                "the embedding table must be dense".into(),
+            ));
+        };
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(shape_err(
+                "embedding",
+                format!("token id {bad} >= vocabulary size {vocab}"),
+            ));
+        }
+        let y = self.tensor(ids.len(), dim, "embedding output")?;
+        if ids.is_empty() || dim == 0 {
+            return Ok(y);
+        }
+        let total = u32_of("embedding", ids.len() * dim)?;
+        let id_buf = self.rec.upload(bytemuck::cast_slice(ids), "token ids")?;
+        let key = self
+            .key("embedding.wgsl", "embedding", WG)
+            .def("F16", *f16 as u32);
+        for c in chunks {
+            let lo = c.row0 as u32;
+            let hi = (c.row0 + c.rows) as u32;
+            if !ids.iter().any(|&id| id >= lo && id < hi) {
+                continue;
+            }
+            let params = [
+                ids.len() as u32,
+                dim as u32,
+                u32_of("embedding", *ld)?,
+                lo,
+                c.rows as u32,
+            ];
+            self.rec.dispatch(
+                &key,
+                &[(0, &c.buf), (1, &id_buf), (2, &y.buf)],
+                3,
+                &params,
+                total.div_ceil(WG),
+            )?;
+        }
+        Ok(y)
+    }
+}

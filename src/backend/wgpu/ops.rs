@@ -1,0 +1,402 @@
+//! The [`Backend`] implementation: shape checks on the host (the same
+//! messages as the CPU reference), then one recorded dispatch or copy per
+//! op. Nothing waits for the device except `download`.
+
+use super::linear::WgpuWeight;
+use super::{err, shape_err, u32_of, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG};
+use crate::backend::{AttnShape, Backend, Rope};
+use crate::config::Act;
+use crate::error::{Error, Result};
+use crate::quant::format::PackedLinear;
+use crate::tensor::Tensor;
+
+fn act_code(act: Act) -> u32 {
+    match act {
+        Act::Gelu => 0,
+        Act::GeluTanh => 1,
+        Act::QuickGelu => 2,
+        Act::Silu => 3,
+        Act::Relu => 4,
+    }
+}
+
+impl Wgpu {
+    fn same_dims(op: &str, a: &WgpuTensor, b: &WgpuTensor) -> Result<()> {
+        if (a.rows, a.cols) != (b.rows, b.cols) {
+            return Err(shape_err(
+                op,
+                format!(
+                    "shapes [{}, {}] and [{}, {}] differ",
+                    a.rows, a.cols, b.rows, b.cols
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One element-wise kernel over `a` (and `b`).
+    fn elementwise(
+        &self,
+        entry: &'static str,
+        a: &WgpuTensor,
+        b: Option<&WgpuTensor>,
+        act: u32,
+    ) -> Result<WgpuTensor> {
+        let y = self.tensor(a.rows, a.cols, entry)?;
+        let n = u32_of(entry, a.numel())?;
+        let mut binds = vec![(0, &a.buf), (2, &y.buf)];
+        if let Some(b) = b {
+            binds.push((1, &b.buf));
+        }
+        let key = self.key("elementwise.wgsl", entry, WG);
+        self.rec
+            .dispatch(&key, &binds, 3, &[n, act], n.div_ceil(WG))?;
+        Ok(y)
+    }
+
+    /// Attention of q over the first keys of `k`, `v` (see attention.wgsl).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &WgpuTensor,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        kv_stride: usize,
+        keys: usize,
+        causal_pos0: Option<usize>,
+        shape: AttnShape,
+    ) -> Result<WgpuTensor> {
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale,
+        } = shape;
+        if kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
+            return Err(shape_err(
+                "attention",
+                format!("{heads} heads, {kv_heads} kv heads of {d}"),
+            ));
+        }
+        if d > MAX_HEAD_DIM as usize {
+            return Err(err(format!(
+                "attention: head_dim {d} is larger than the kernel's {MAX_HEAD_DIM}"
+            )));
+        }
+        let y = self.tensor(q.rows, q.cols, "attention output")?;
+        let params = [
+            u32_of("attention", q.rows)?,
+            heads as u32,
+            kv_heads as u32,
+            d as u32,
+            u32_of("attention", kv_stride)?,
+            causal_pos0.is_some() as u32,
+            u32_of("attention", causal_pos0.unwrap_or(0))?,
+            u32_of("attention", keys)?,
+            scale.to_bits(),
+        ];
+        let key = self
+            .key("attention.wgsl", "attention", ATTN_WG)
+            .def("MAXD", MAX_HEAD_DIM);
+        let groups = u32_of("attention", q.rows * heads)?;
+        self.rec.dispatch(
+            &key,
+            &[(0, &q.buf), (1, k), (2, v), (3, &y.buf)],
+            4,
+            &params,
+            groups,
+        )?;
+        Ok(y)
+    }
+}
+
+impl Backend for Wgpu {
+    type Tensor = WgpuTensor;
+    type Weight = WgpuWeight;
+    type Cache = WgpuCache;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<WgpuTensor> {
+        let (rows, cols) = (t.rows(), t.cols());
+        self.activation_bytes(rows, cols, "upload")?;
+        let buf = self.rec.upload(bytemuck::cast_slice(&t.data), "upload")?;
+        Ok(WgpuTensor { buf, rows, cols })
+    }
+
+    fn download(&self, t: &WgpuTensor) -> Result<Tensor> {
+        let bytes = self.rec.read(&t.buf, (t.numel() * 4) as u64)?;
+        let data: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Tensor::new(vec![t.rows, t.cols], data)
+    }
+
+    fn weight(&self, w: &Tensor) -> Result<WgpuWeight> {
+        self.dense_weight(w)
+    }
+
+    fn packed_weight(&self, w: &PackedLinear) -> Result<WgpuWeight> {
+        self.packed(w)
+    }
+
+    fn dims(&self, t: &WgpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn weight_shape(&self, w: &WgpuWeight) -> (usize, usize) {
+        w.shape()
+    }
+
+    fn linear(&self, x: &WgpuTensor, w: &WgpuWeight, b: Option<&WgpuTensor>) -> Result<WgpuTensor> {
+        self.linear_impl(x, w, b)
+    }
+
+    fn embedding(&self, table: &WgpuWeight, ids: &[u32]) -> Result<WgpuTensor> {
+        self.embedding_impl(table, ids)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuTensor,
+        b: &WgpuTensor,
+        eps: f32,
+    ) -> Result<WgpuTensor> {
+        let c = x.cols;
+        if w.numel() != c || b.numel() != c {
+            return Err(shape_err(
+                "layer_norm",
+                format!("{c} features, weight {}, bias {}", w.numel(), b.numel()),
+            ));
+        }
+        let y = self.tensor(x.rows, c, "layer_norm")?;
+        let rows = u32_of("layer_norm", x.rows)?;
+        let key = self.key("norm.wgsl", "layer_norm", WG);
+        self.rec.dispatch(
+            &key,
+            &[(0, &x.buf), (1, &w.buf), (2, &b.buf), (3, &y.buf)],
+            4,
+            &[rows, c as u32, eps.to_bits()],
+            rows,
+        )?;
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f32) -> Result<WgpuTensor> {
+        let c = x.cols;
+        if w.numel() != c {
+            return Err(shape_err(
+                "rms_norm",
+                format!("{c} features, weight {}", w.numel()),
+            ));
+        }
+        let y = self.tensor(x.rows, c, "rms_norm")?;
+        let rows = u32_of("rms_norm", x.rows)?;
+        let key = self.key("norm.wgsl", "rms_norm", WG);
+        self.rec.dispatch(
+            &key,
+            &[(0, &x.buf), (1, &w.buf), (3, &y.buf)],
+            4,
+            &[rows, c as u32, eps.to_bits()],
+            rows,
+        )?;
+        Ok(y)
+    }
+
+    fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        Self::same_dims("add", a, b)?;
+        self.elementwise("add", a, Some(b), 0)
+    }
+
+    fn act(&self, x: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
+        self.elementwise("act", x, None, act_code(act))
+    }
+
+    fn gated(&self, gate: &WgpuTensor, up: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
+        Self::same_dims("gated", gate, up)?;
+        self.elementwise("gated", gate, Some(up), act_code(act))
+    }
+
+    fn rows(&self, x: &WgpuTensor, start: usize, n: usize) -> Result<WgpuTensor> {
+        if start + n > x.rows {
+            return Err(shape_err(
+                "rows",
+                format!("rows {start}..{} of {}", start + n, x.rows),
+            ));
+        }
+        let y = self.tensor(n, x.cols, "rows")?;
+        let row = (x.cols * 4) as u64;
+        self.rec
+            .copy(&x.buf, start as u64 * row, &y.buf, 0, n as u64 * row)?;
+        Ok(y)
+    }
+
+    fn set_rows(&self, x: &mut WgpuTensor, at: usize, src: &WgpuTensor) -> Result<()> {
+        if src.cols != x.cols || at + src.rows > x.rows {
+            return Err(shape_err(
+                "set_rows",
+                format!(
+                    "[{}, {}] at row {at} into [{}, {}]",
+                    src.rows, src.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        let row = (x.cols * 4) as u64;
+        self.rec
+            .copy(&src.buf, 0, &x.buf, at as u64 * row, src.rows as u64 * row)
+    }
+
+    fn concat_rows(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        if a.cols != b.cols {
+            return Err(shape_err(
+                "concat_rows",
+                format!("[{}, {}] and [{}, {}]", a.rows, a.cols, b.rows, b.cols),
+            ));
+        }
+        let y = self.tensor(a.rows + b.rows, a.cols, "concat_rows")?;
+        let (ab, bb) = ((a.numel() * 4) as u64, (b.numel() * 4) as u64);
+        self.rec.copy(&a.buf, 0, &y.buf, 0, ab)?;
+        self.rec.copy(&b.buf, 0, &y.buf, ab, bb)?;
+        Ok(y)
+    }
+
+    fn rope(&self, x: &WgpuTensor, heads: usize, rope: &Rope, pos0: usize) -> Result<WgpuTensor> {
+        let d = rope.head_dim;
+        if x.cols != heads * d || !d.is_multiple_of(2) || rope.inv_freq.len() < d / 2 {
+            return Err(shape_err(
+                "rope",
+                format!("{} features for {heads} heads of {d}", x.cols),
+            ));
+        }
+        let half = d / 2;
+        // (cos, sin) per (row, i), computed exactly as the CPU reference does.
+        let mut cs = Vec::with_capacity(x.rows * half * 2);
+        for r in 0..x.rows {
+            let pos = (pos0 + r) as f32;
+            for &f in &rope.inv_freq[..half] {
+                let (s, c) = (f * pos).sin_cos();
+                cs.push(c);
+                cs.push(s);
+            }
+        }
+        let cs = self.rec.upload(bytemuck::cast_slice(&cs), "rope cos/sin")?;
+        let y = self.tensor(x.rows, x.cols, "rope")?;
+        let n = u32_of("rope", x.rows * heads * half)?;
+        let key = self.key("rope.wgsl", "rope", WG);
+        self.rec.dispatch(
+            &key,
+            &[(0, &x.buf), (1, &cs), (2, &y.buf)],
+            3,
+            &[x.rows as u32, heads as u32, d as u32],
+            n.div_ceil(WG),
+        )?;
+        Ok(y)
+    }
+
+    fn attention(
+        &self,
+        q: &WgpuTensor,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        shape: AttnShape,
+    ) -> Result<WgpuTensor> {
+        if q.cols != shape.heads * shape.head_dim
+            || k.cols != shape.kv_heads * shape.head_dim
+            || (v.rows, v.cols) != (k.rows, k.cols)
+        {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "q [{}, {}], k [{}, {}], v [{}, {}]",
+                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols
+                ),
+            ));
+        }
+        if k.rows == 0 {
+            return Err(shape_err("attention", "no keys".into()));
+        }
+        self.attend(q, &k.buf, &v.buf, k.cols, k.rows, None, shape)
+    }
+
+    fn new_cache(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<WgpuCache> {
+        let bytes = (capacity * kv_dim * 4) as u64;
+        if bytes > self.rec.ctx.limits.max_storage_buffer_binding_size {
+            return Err(err(format!(
+                "a KV cache layer of {capacity} positions x {kv_dim} ({bytes} bytes) exceeds \
+                 the device's max_storage_buffer_binding_size {}",
+                self.rec.ctx.limits.max_storage_buffer_binding_size
+            )));
+        }
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for l in 0..layers {
+            k.push(
+                self.rec
+                    .buffer(bytes, &format!("kv cache keys, layer {l}"))?,
+            );
+            v.push(
+                self.rec
+                    .buffer(bytes, &format!("kv cache values, layer {l}"))?,
+            );
+        }
+        Ok(WgpuCache {
+            k,
+            v,
+            kv_dim,
+            capacity,
+        })
+    }
+
+    fn attention_cached(
+        &self,
+        q: &WgpuTensor,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        cache: &mut WgpuCache,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+    ) -> Result<WgpuTensor> {
+        let n = q.rows;
+        let kvd = cache.kv_dim;
+        if k.cols != kvd
+            || (v.rows, v.cols) != (k.rows, k.cols)
+            || k.rows != n
+            || layer >= cache.k.len()
+            || q.cols != shape.heads * shape.head_dim
+            || kvd != shape.kv_heads * shape.head_dim
+        {
+            return Err(shape_err(
+                "attention_cached",
+                format!(
+                    "k [{}, {}], v [{}, {}], cache kv_dim {kvd}",
+                    k.rows, k.cols, v.rows, v.cols
+                ),
+            ));
+        }
+        if pos0 + n > cache.capacity {
+            return Err(Error::invalid(format!(
+                "KV cache full: positions {pos0}..{} exceed its capacity {}",
+                pos0 + n,
+                cache.capacity
+            )));
+        }
+        let row = (kvd * 4) as u64;
+        let (at, bytes) = (pos0 as u64 * row, n as u64 * row);
+        self.rec.copy(&k.buf, 0, &cache.k[layer], at, bytes)?;
+        self.rec.copy(&v.buf, 0, &cache.v[layer], at, bytes)?;
+        self.attend(
+            q,
+            &cache.k[layer],
+            &cache.v[layer],
+            kvd,
+            pos0 + n,
+            Some(pos0),
+            shape,
+        )
+    }
+}
