@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::cpu::Cpu;
+use crate::backend::wgpu::{self, Wgpu, WgpuOptions};
 use crate::backend::{Backend, BackendKind};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
@@ -19,40 +20,62 @@ pub struct Request {
     pub prompt: String,
     pub options: GenerateOptions,
     pub backend: BackendKind,
+    /// `--adapter NAME`: the wgpu adapter whose name contains this.
+    pub adapter: Option<String>,
 }
 
 pub struct Response {
     pub generation: Generation,
     pub backend: &'static str,
+    /// The device it ran on (the CPU, or the wgpu adapter).
+    pub device: String,
     pub load_ms: f64,
 }
 
-/// Resolves `--backend`: `auto` falls back to the CPU (with a note through
-/// `note`), an explicit backend that is not available is an error.
-pub fn resolve_backend(kind: BackendKind, mut note: impl FnMut(&str)) -> Result<BackendKind> {
-    let why_not = |k: BackendKind| -> Error {
-        match k {
-            BackendKind::Wgpu => Error::Backend {
-                backend: "wgpu".into(),
-                msg: "not available in this build (the wgpu backend is not implemented yet); use --backend cpu".into(),
-            },
-            BackendKind::Cuda => cuda_unavailable(),
-            _ => Error::invalid("no such backend"),
-        }
-    };
+/// Options of the wgpu backend for `--adapter` (and the MBQ_WGPU_*
+/// environment variables). An explicit `--backend wgpu` accepts a CPU
+/// adapter such as lavapipe when no GPU is there; `auto` never does.
+pub fn wgpu_options(adapter: Option<&str>, allow_cpu: bool) -> WgpuOptions {
+    let mut o = WgpuOptions::from_env();
+    if let Some(a) = adapter {
+        o.adapter = Some(a.to_string());
+    }
+    o.allow_cpu = allow_cpu;
+    o
+}
+
+/// Resolves `--backend`: `auto` picks CUDA when built and available, else
+/// a wgpu adapter that is a real GPU (discrete, integrated or virtual),
+/// else the CPU, and says what it chose and why through `note`. An
+/// explicit backend that is not available is an error.
+pub fn resolve_backend(
+    kind: BackendKind,
+    adapter: Option<&str>,
+    mut note: impl FnMut(&str),
+) -> Result<BackendKind> {
     match kind {
         BackendKind::Cpu => Ok(BackendKind::Cpu),
-        BackendKind::Wgpu | BackendKind::Cuda => Err(why_not(kind)),
+        BackendKind::Cuda => Err(cuda_unavailable()),
+        BackendKind::Wgpu => {
+            wgpu::probe(&wgpu_options(adapter, true))?;
+            Ok(BackendKind::Wgpu)
+        }
         BackendKind::Auto => {
-            let reasons: Vec<String> = [BackendKind::Cuda, BackendKind::Wgpu]
-                .into_iter()
-                .map(|k| why_not(k).to_string())
-                .collect();
-            note(&format!(
-                "--backend auto: using the CPU ({})",
-                reasons.join("; ")
-            ));
-            Ok(BackendKind::Cpu)
+            let cuda = cuda_unavailable();
+            // A named adapter is asked for, whatever its type.
+            match wgpu::probe(&wgpu_options(adapter, adapter.is_some())) {
+                Ok(a) => {
+                    note(&format!(
+                        "--backend auto: using wgpu on {} ({}, {}) ({cuda})",
+                        a.name, a.backend, a.device_type
+                    ));
+                    Ok(BackendKind::Wgpu)
+                }
+                Err(w) => {
+                    note(&format!("--backend auto: using the CPU ({cuda}; {w})"));
+                    Ok(BackendKind::Cpu)
+                }
+            }
         }
     }
 }
@@ -74,13 +97,30 @@ fn cuda_unavailable() -> Error {
 }
 
 /// Runs one request; generated text goes to `on_text` as it comes.
-pub fn run(req: &Request, note: impl FnMut(&str), on_text: impl FnMut(&str)) -> Result<Response> {
-    // Only the CPU backend exists so far; resolve_backend errors for others.
-    resolve_backend(req.backend, note)?;
-    run_on(&Cpu, req, on_text)
+pub fn run(
+    req: &Request,
+    mut note: impl FnMut(&str),
+    on_text: impl FnMut(&str),
+) -> Result<Response> {
+    match resolve_backend(req.backend, req.adapter.as_deref(), &mut note)? {
+        BackendKind::Wgpu => {
+            let allow_cpu = req.backend == BackendKind::Wgpu || req.adapter.is_some();
+            let be = Wgpu::new(&wgpu_options(req.adapter.as_deref(), allow_cpu))?;
+            if req.backend == BackendKind::Wgpu {
+                note(&format!("wgpu: {}", be.adapter()));
+            }
+            run_on(&be, be.adapter(), req, on_text)
+        }
+        _ => run_on(&Cpu, "cpu".to_string(), req, on_text),
+    }
 }
 
-fn run_on<B: Backend>(be: &B, req: &Request, on_text: impl FnMut(&str)) -> Result<Response> {
+fn run_on<B: Backend>(
+    be: &B,
+    device: String,
+    req: &Request,
+    on_text: impl FnMut(&str),
+) -> Result<Response> {
     let t0 = Instant::now();
     let cfg = VlmConfig::load(&req.model)?;
     let proc = Processor::load(&req.model, cfg.image_token_index)?;
@@ -107,6 +147,7 @@ fn run_on<B: Backend>(be: &B, req: &Request, on_text: impl FnMut(&str)) -> Resul
     Ok(Response {
         generation,
         backend: be.name(),
+        device,
         load_ms,
     })
 }

@@ -333,6 +333,17 @@ fn unknown_backend_option() {
 
 #[test]
 fn unavailable_backend_is_a_clear_error() {
+    // CUDA has no kernels yet (and is not compiled in by default).
+    let e = expect_error(&[
+        "--model",
+        &model_arg(&base_model()),
+        "--prompt",
+        "hi",
+        "--backend",
+        "cuda",
+    ]);
+    assert!(e.contains("cuda"), "{e}");
+    // A wgpu adapter that is not there.
     let e = expect_error(&[
         "--model",
         &model_arg(&base_model()),
@@ -340,6 +351,8 @@ fn unavailable_backend_is_a_clear_error() {
         "hi",
         "--backend",
         "wgpu",
+        "--adapter",
+        "no-such-adapter",
     ]);
-    assert!(e.contains("wgpu"), "{e}");
+    assert!(e.contains("wgpu") && e.contains("no-such-adapter"), "{e}");
 }

@@ -131,3 +131,63 @@ fn packed_models_match_cpu_and_transformers() {
         assert_eq!(gids, want, "{name}: wgpu vs transformers greedy ids");
     }
 }
+
+fn mbq_run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mbq-run"))
+        .args(args)
+        .output()
+        .expect("failed to start mbq-run")
+}
+
+#[test]
+fn mbq_run_backend_wgpu_and_auto() {
+    let case = &cases()[0];
+    let (model, image) = (
+        case.model.to_string_lossy().into_owned(),
+        case.image.to_string_lossy().into_owned(),
+    );
+    let base = [
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--prompt",
+        &case.prompt,
+        "--json",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "12",
+    ];
+    let golden: Vec<i64> = case.i64("greedy_ids");
+    let adapter = gpu().adapter();
+    let name = adapter.split(" (").next().unwrap_or("").to_string();
+    for extra in [
+        vec!["--backend", "wgpu"],
+        vec!["--backend", "wgpu", "--adapter", &name],
+    ] {
+        let out = mbq_run(&[&base[..], &extra[..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["backend"], "wgpu", "{extra:?}");
+        let tokens: Vec<i64> = j["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
+        assert_eq!(tokens, golden, "{extra:?}: greedy ids");
+        println!("{extra:?}: {}", stderr.trim());
+    }
+    // auto: a real GPU when there is one, else the CPU (never a CPU
+    // adapter such as lavapipe), and it says which on stderr.
+    let out = mbq_run(&[&base[..], &["--backend", "auto"][..]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "auto: {stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let has_gpu = mbq::backend::wgpu::adapters().iter().any(|a| a.is_gpu);
+    let want = if has_gpu { "wgpu" } else { "cpu" };
+    assert_eq!(j["backend"], want, "auto: {stderr}");
+    assert!(stderr.contains("--backend auto: using"), "{stderr}");
+    println!("auto: {}", stderr.lines().next().unwrap_or(""));
+}

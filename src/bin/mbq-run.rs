@@ -37,6 +37,9 @@ struct Args {
     /// auto, cpu, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// wgpu: the adapter whose name contains NAME (see `mbq devices`).
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -72,6 +75,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             ignore_eos: args.ignore_eos,
         },
         backend: args.backend,
+        adapter: args.adapter,
     };
     let json = args.json;
     let mut stdout = std::io::stdout();
@@ -93,6 +97,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             "tokens": g.tokens,
             "prompt_tokens": g.prompt_tokens,
             "backend": resp.backend,
+            "device": resp.device,
             "stop": g.stop,
             "timings": {
                 "load_ms": resp.load_ms,

@@ -83,6 +83,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             #[cfg(not(feature = "cuda"))]
             println!("cuda: not compiled in (build with --features cuda)");
+            let adapters = mbq::backend::wgpu::adapters();
+            if adapters.is_empty() {
+                println!("wgpu: no adapter (no Vulkan, Metal or DX12 driver)");
+            }
+            for (i, a) in adapters.iter().enumerate() {
+                println!("wgpu:{i}: {}", a.summary());
+            }
             Ok(())
         }
         Cmd::Inspect { model } => {
