@@ -9,6 +9,35 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The wgpu tests need a Vulkan (or Metal/DX12) device and FAIL without
+# one. On a Linux machine with no Vulkan driver, install Mesa's lavapipe, a
+# Vulkan device that runs on the CPU (wgpu uses Vulkan, never GL, unless
+# WGPU_BACKEND says otherwise).
+if [ "$(uname -s)" = "Linux" ] && ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  echo "no Vulkan driver found: installing mesa-vulkan-drivers (lavapipe) for the wgpu tests" >&2
+  if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO="sudo"
+  else
+    echo "error: installing mesa-vulkan-drivers needs root; run as root, give sudo rights, or run" >&2
+    echo "       'sudo apt-get install -y mesa-vulkan-drivers' first" >&2
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: no apt-get; install Mesa's Vulkan drivers (lavapipe) with your package manager" >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+  if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+    echo "error: mesa-vulkan-drivers installed no Vulkan ICD in /usr/share/vulkan/icd.d" >&2
+    exit 1
+  fi
+fi
+# Mesa's Wayland code complains on stderr when this is unset (headless CI).
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
 # Formatting is part of the contract.
 cargo fmt --all -- --check
 
