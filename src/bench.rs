@@ -36,7 +36,7 @@ pub enum WeightKind {
 impl WeightKind {
     pub fn label(self) -> &'static str {
         match self {
-            WeightKind::F16 => "fp16",
+            WeightKind::F16 => "dense",
             WeightKind::W3 => "w3g128",
             WeightKind::W4 => "w4g128",
         }
@@ -106,7 +106,11 @@ pub fn bench_gemv<B: Backend>(
     )?)?;
     let mut results = Vec::new();
     for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
-        let bytes = (out * inp) as f64 * kind.bytes_per_weight();
+        let per = match kind {
+            WeightKind::F16 => be.dense_weight_bytes(),
+            _ => kind.bytes_per_weight(),
+        };
+        let bytes = (out * inp) as f64 * per;
         let copies = ((min_bytes as f64 / bytes).ceil() as usize).clamp(1, 8);
         let weights: Vec<B::Weight> = (0..copies)
             .map(|_| make_weight(be, kind, &base, out, inp))
@@ -278,4 +282,134 @@ pub fn bench_decode<B: Backend>(
         tok_s: 1e3 / ms,
         speedup_vs_f16: 0.0,
     })
+}
+
+/// Parses "3584x3584,3584x10752" (in x out) shapes.
+pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
+    s.split(',')
+        .map(|p| {
+            let (a, b) = p.trim().split_once('x').ok_or(())?;
+            Ok::<_, ()>((a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?))
+        })
+        .collect::<std::result::Result<Vec<_>, ()>>()
+        .map_err(|_| {
+            Error::invalid(format!(
+                "--shapes: expected IN x OUT pairs like 3584x3584,3584x10752, got \"{s}\""
+            ))
+        })
+}
+
+/// The GEMV table for one backend, as text.
+pub fn gemv_table(backend: &str, rows: &[GemvResult]) -> String {
+    let mut s = format!(
+        "GEMV on {backend} (wall clock, median; batch 1; dense = f16 weights, f32 on the CPU backend)\n{:>12} {:>7} {:>10} {:>9} {:>8}\n",
+        "in x out", "weights", "time (us)", "GB/s", "vs dense"
+    );
+    for r in rows {
+        s += &format!(
+            "{:>12} {:>7} {:>10.1} {:>9.2} {:>7.2}x\n",
+            format!("{}x{}", r.inp, r.out),
+            r.kind.label(),
+            r.median_us,
+            r.gb_s,
+            r.speedup_vs_f16
+        );
+    }
+    s
+}
+
+/// The decode table for one backend, as text.
+pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String {
+    let mut s = format!(
+        "Decode on {backend}: {model} (wall clock per token, after prefill)\n{:>7} {:>7} {:>8} {:>12} {:>9} {:>8}\n",
+        "weights", "layers", "tokens", "ms/token", "tok/s", "vs dense"
+    );
+    for r in rows {
+        s += &format!(
+            "{:>7} {:>7} {:>8} {:>12.2} {:>9.2} {:>7.2}x\n",
+            r.kind.label(),
+            r.layers,
+            r.tokens,
+            r.ms_per_token,
+            r.tok_s,
+            r.speedup_vs_f16
+        );
+    }
+    s
+}
+
+/// FP16 vs W3 vs W4 decode of a synthetic model (`layers` of its decoder
+/// layers; the full depth when `None`).
+pub fn decode_synthetic<B: Backend>(
+    be: &B,
+    name: &str,
+    layers: Option<usize>,
+    prompt: usize,
+    tokens: usize,
+    mut note: impl FnMut(&str),
+) -> Result<Vec<DecodeResult>> {
+    let mut cfg = synthetic_config(name)?;
+    if let Some(l) = layers {
+        if l == 0 || l > cfg.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "--layers {l}: expected 1..={} for {name}",
+                cfg.num_hidden_layers
+            )));
+        }
+        cfg.num_hidden_layers = l;
+    }
+    let mut out = Vec::new();
+    for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
+        note(&format!(
+            "building {name} ({} layers) in {}",
+            cfg.num_hidden_layers,
+            kind.label()
+        ));
+        let model = synthetic_text_model(be, &cfg, kind, 7)?;
+        out.push(bench_decode(be, &model, kind, prompt, tokens)?);
+    }
+    let f16 = out[0].ms_per_token;
+    out.iter_mut()
+        .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
+    Ok(out)
+}
+
+/// FP (as stored) vs RTN W3 vs W4 g128 decode of a model directory's
+/// language model; the quantized copies go to a temporary directory.
+pub fn decode_model_dir<B: Backend>(
+    be: &B,
+    dir: &std::path::Path,
+    prompt: usize,
+    tokens: usize,
+    mut note: impl FnMut(&str),
+) -> Result<Vec<DecodeResult>> {
+    use crate::model::llava::Vlm;
+    let mut out = Vec::new();
+    let fp = Vlm::load(be, dir)?;
+    out.push(bench_decode(be, &fp.text, WeightKind::F16, prompt, tokens)?);
+    drop(fp);
+    let tmp = std::env::temp_dir().join(format!("mbq-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    for (kind, bits) in [(WeightKind::W3, 3), (WeightKind::W4, 4)] {
+        let qdir = tmp.join(kind.label());
+        note(&format!(
+            "quantizing {} to {} in {}",
+            dir.display(),
+            kind.label(),
+            qdir.display()
+        ));
+        let r = crate::quant::writer::quantize_rtn_dir(dir, &qdir, bits, 128, |_| {})
+            .and_then(|_| Vlm::load(be, &qdir))
+            .and_then(|m| bench_decode(be, &m.text, kind, prompt, tokens));
+        let _ = std::fs::remove_dir_all(&qdir);
+        match r {
+            Ok(r) => out.push(r),
+            Err(e) => note(&format!("{}: skipped ({e})", kind.label())),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let f16 = out[0].ms_per_token;
+    out.iter_mut()
+        .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
+    Ok(out)
 }

@@ -254,6 +254,10 @@ impl Backend for Cpu {
         Ok(CpuWeight::Packed(w.clone()))
     }
 
+    fn dense_weight_bytes(&self) -> f64 {
+        4.0
+    }
+
     fn dims(&self, t: &Tensor) -> (usize, usize) {
         (t.rows(), t.cols())
     }

@@ -50,6 +50,11 @@ pub trait Backend {
     fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
     /// A linear weight in the packed format (`quant::format`), kept packed.
     fn packed_weight(&self, w: &PackedLinear) -> Result<Self::Weight>;
+    /// Bytes a dense weight element takes on this device (2 for f16
+    /// storage; the CPU reference keeps f32). Used by benchmarks.
+    fn dense_weight_bytes(&self) -> f64 {
+        2.0
+    }
     /// `(rows, cols)` of an activation matrix.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
     /// `[out, in]` of a weight.

@@ -45,6 +45,58 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Benchmarks: fused packed GEMV vs dense f16, and decode tokens/s.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// W3 and W4 (g128) fused dequant-GEMV against a dense f16 GEMV.
+    Gemv {
+        /// Backend: cpu or wgpu.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Shapes as IN x OUT; default: the paper's LLaVA-OneVision-7B ones.
+        #[arg(long, default_value = "3584x3584,3584x10752,3584x18944,18944x3584")]
+        shapes: String,
+        /// Launches per timed repetition.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+        /// Rotate weight copies until they exceed this many MiB (caches).
+        #[arg(long, default_value_t = 256)]
+        rotate_mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode tokens/s: FP16 vs W3 vs W4 (g128).
+    Decode {
+        /// Backend: cpu or wgpu.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// A model directory (its language model is benchmarked).
+        #[arg(long, conflicts_with = "synthetic")]
+        model: Option<std::path::PathBuf>,
+        /// A synthetic model of a real shape: llava-ov-7b or llava-1.5-7b.
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// Synthetic models: build only this many decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Prompt tokens prefilled before timing.
+        #[arg(long, default_value_t = 16)]
+        prompt: usize,
+        /// Decode steps timed.
+        #[arg(long, default_value_t = 16)]
+        tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -104,7 +156,87 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             model,
             out,
         } => quantize(method, w_bit, group_size, &model, &out),
+        Cmd::Bench { what } => {
+            let backend = match &what {
+                BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
+                    backend.clone()
+                }
+            };
+            match backend.as_str() {
+                "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", what),
+                other => anyhow::bail!(
+                    "--backend {other}: not available for benchmarks in this build; available: cpu"
+                ),
+            }
+        }
     }
+}
+
+/// Runs a benchmark on one backend and prints its table (or JSON).
+fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: BenchCmd) -> anyhow::Result<()> {
+    use mbq::bench;
+    match what {
+        BenchCmd::Gemv {
+            shapes,
+            iters,
+            reps,
+            rotate_mib,
+            json,
+            ..
+        } => {
+            let mut rows = Vec::new();
+            for (inp, out) in bench::parse_shapes(&shapes)? {
+                eprintln!("gemv {inp}x{out} on {name} ...");
+                rows.extend(bench::bench_gemv(
+                    be,
+                    inp,
+                    out,
+                    iters,
+                    reps,
+                    rotate_mib << 20,
+                )?);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"backend": name, "timing": "wall clock", "gemv": rows})
+                );
+            } else {
+                print!("{}", bench::gemv_table(name, &rows));
+            }
+        }
+        BenchCmd::Decode {
+            model,
+            synthetic,
+            layers,
+            prompt,
+            tokens,
+            json,
+            ..
+        } => {
+            let note = |m: &str| eprintln!("{m}");
+            let (label, rows) = match (model, synthetic) {
+                (Some(dir), None) => (
+                    dir.display().to_string(),
+                    bench::decode_model_dir(be, &dir, prompt, tokens, note)?,
+                ),
+                (None, Some(s)) => (
+                    s.clone(),
+                    bench::decode_synthetic(be, &s, layers, prompt, tokens, note)?,
+                ),
+                _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"backend": name, "model": label, "timing": "wall clock", "decode": rows})
+                );
+            } else {
+                print!("{}", bench::decode_table(name, &label, &rows));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn quantize(

@@ -159,12 +159,13 @@ impl PackedLinear {
     /// Row `r` dequantized: `(q - z) * s` in f32 (exact: q - z is a small
     /// integer and s an f16).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for g in 0..self.groups() {
+        let wpg = words_per_group(self.bits, self.group_size);
+        let g_n = self.groups();
+        for g in 0..g_n {
             let (s, z) = self.scale_zero(r, g);
-            let codes = self.group_codes(r, g);
-            for (k, &q) in codes.iter().enumerate() {
-                out[g * self.group_size + k] = (q as f32 - z) * s;
-            }
+            let start = (r * g_n + g) * wpg;
+            let dst = &mut out[g * self.group_size..(g + 1) * self.group_size];
+            dequantize_group(&self.qweight[start..start + wpg], self.bits, s, z, dst);
         }
     }
 
@@ -203,6 +204,30 @@ pub fn pack_group(codes: &[u8], bits: u32, words: &mut [u32]) {
             }
         }
         _ => unreachable!("bits checked by check_shape"),
+    }
+}
+
+/// Dequantizes one packed group into `out` (its length is the group size):
+/// `out[k] = (q_k - zero) * scale`.
+pub fn dequantize_group(words: &[u32], bits: u32, scale: f32, zero: f32, out: &mut [f32]) {
+    let g = out.len();
+    match bits {
+        3 => {
+            let hi_base = g / 16;
+            for (k, o) in out.iter_mut().enumerate() {
+                let lo = (words[k / 16] >> (2 * (k % 16))) & 3;
+                let hi = (words[hi_base + k / 32] >> (k % 32)) & 1;
+                *o = ((lo | (hi << 2)) as f32 - zero) * scale;
+            }
+        }
+        _ => {
+            let per = (32 / bits) as usize;
+            let mask = (1u32 << bits) - 1;
+            for (k, o) in out.iter_mut().enumerate() {
+                let q = (words[k / per] >> (bits as usize * (k % per))) & mask;
+                *o = (q as f32 - zero) * scale;
+            }
+        }
     }
 }
 
