@@ -162,18 +162,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     backend.clone()
                 }
             };
-            match backend.as_str() {
-                "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", what),
-                other => anyhow::bail!(
-                    "--backend {other}: not available for benchmarks in this build; available: cpu"
-                ),
+            // A comma list runs each backend in turn, one table each.
+            for b in backend.split(',') {
+                match b.trim() {
+                    "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", &what)?,
+                    "wgpu" => {
+                        let opts = mbq::runtime::wgpu_options(None, true);
+                        let be = mbq::backend::wgpu::Wgpu::new(&opts)?;
+                        let name = format!("wgpu ({})", be.adapter());
+                        bench_on(&be, &name, &what)?
+                    }
+                    other => anyhow::bail!(
+                        "--backend {other}: not available for benchmarks in this build; available: cpu, wgpu"
+                    ),
+                }
             }
+            Ok(())
         }
     }
 }
 
 /// Runs a benchmark on one backend and prints its table (or JSON).
-fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: BenchCmd) -> anyhow::Result<()> {
+fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> anyhow::Result<()> {
     use mbq::bench;
     match what {
         BenchCmd::Gemv {
@@ -191,12 +201,12 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: BenchCmd) -> any
                     be,
                     inp,
                     out,
-                    iters,
-                    reps,
-                    rotate_mib << 20,
+                    *iters,
+                    *reps,
+                    *rotate_mib << 20,
                 )?);
             }
-            if json {
+            if *json {
                 println!(
                     "{}",
                     serde_json::json!({"backend": name, "timing": "wall clock", "gemv": rows})
@@ -218,15 +228,15 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: BenchCmd) -> any
             let (label, rows) = match (model, synthetic) {
                 (Some(dir), None) => (
                     dir.display().to_string(),
-                    bench::decode_model_dir(be, &dir, prompt, tokens, note)?,
+                    bench::decode_model_dir(be, dir, *prompt, *tokens, note)?,
                 ),
                 (None, Some(s)) => (
                     s.clone(),
-                    bench::decode_synthetic(be, &s, layers, prompt, tokens, note)?,
+                    bench::decode_synthetic(be, s, *layers, *prompt, *tokens, note)?,
                 ),
                 _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
             };
-            if json {
+            if *json {
                 println!(
                     "{}",
                     serde_json::json!({"backend": name, "model": label, "timing": "wall clock", "decode": rows})
