@@ -264,7 +264,15 @@ fn check_dense(
 fn linear_dense_gemv_and_gemm() {
     for (path, g) in both() {
         for f16 in [false, true] {
-            for &(rows, out, inp) in &[(1, 37, 45), (1, 131, 300), (7, 37, 45), (70, 131, 83)] {
+            // GEMV at 64, 128 and 256 threads (k / 8 = 6, 75, 263 blocks),
+            // then GEMMs of one and several tiles.
+            for &(rows, out, inp) in &[
+                (1, 37, 45),
+                (1, 131, 600),
+                (1, 13, 2100),
+                (7, 37, 45),
+                (70, 131, 83),
+            ] {
                 for bias in [false, true] {
                     check_dense(path, g, rows, out, inp, f16, bias, 10 + rows as u64);
                 }
@@ -328,6 +336,9 @@ fn packed_gemv_every_format_both_paths() {
                 check_packed(path, g, 1, 37, 384, bits, group, group == 64);
             }
         }
+        // 128 and 256 threads (k / 32 = 80 and 384 blocks).
+        check_packed(path, g, 1, 21, 2560, 3, 128, true);
+        check_packed(path, g, 1, 13, 12288, 4, 64, false);
     }
 }
 

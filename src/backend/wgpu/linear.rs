@@ -83,6 +83,16 @@ impl WgpuWeight {
     }
 }
 
+/// GEMV threads for `blocks` blocks of input (8 values dense, 32 packed):
+/// enough threads that few idle, at most 256.
+fn gemv_wg(blocks: usize) -> u32 {
+    match blocks {
+        0..=64 => 64,
+        65..=128 => 128,
+        _ => 256,
+    }
+}
+
 /// Rows per chunk for rows of `row_bytes` under a binding limit.
 fn rows_per_chunk(what: &str, row_bytes: u64, limit: u64) -> Result<usize> {
     let n = limit / row_bytes.max(1);
@@ -243,7 +253,7 @@ impl Wgpu {
                     }
                     if m == 1 {
                         let key = self
-                            .key("gemv.wgsl", "gemv", WG)
+                            .key("gemv.wgsl", "gemv", gemv_wg(inp.div_ceil(8)))
                             .def("F16", *f16 as u32)
                             .def("BIAS", bias);
                         let groups = c.rows.div_ceil(GEMV_ROWS);
@@ -281,7 +291,7 @@ impl Wgpu {
                     }
                     if m == 1 {
                         let key = self
-                            .key("gemv_packed.wgsl", "gemv_packed", WG)
+                            .key("gemv_packed.wgsl", "gemv_packed", gemv_wg(inp / 32))
                             .def("BITS", *bits)
                             .def("GROUP", group)
                             .def("BIAS", bias);
