@@ -484,3 +484,34 @@ fn a_bad_shader_is_a_backend_error_naming_it() {
     )
     .unwrap();
 }
+
+#[test]
+fn reused_buffers_do_not_clobber_pending_reads() {
+    // a's buffer goes back to the pool while the add that reads it is
+    // still only recorded; the next outputs of the same size may reuse it.
+    let g = gpu();
+    let mut r = rng(50);
+    let (a, b) = (random(&mut r, 3, 29, 1.0), random(&mut r, 3, 29, 1.0));
+    let ga = up(g, &a);
+    let gb = up(g, &b);
+    let sum = g.add(&ga, &gb).unwrap();
+    drop(ga);
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        later.push(g.act(&gb, Act::Relu).unwrap());
+    }
+    assert_close(
+        "add after reuse",
+        &down(g, &sum),
+        &Cpu.add(&a, &b).unwrap(),
+        ADD_TOL,
+    );
+    for t in &later {
+        assert_close(
+            "relu after reuse",
+            &down(g, t),
+            &Cpu.act(&b, Act::Relu).unwrap(),
+            COPY_TOL,
+        );
+    }
+}

@@ -4,7 +4,8 @@
 //! encoder; the batch is submitted once, when a download needs it or when
 //! it reaches [`MAX_BATCH_OPS`].
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::device::Context;
 use super::err;
@@ -21,6 +22,63 @@ pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
+/// Bytes of freed activation buffers kept for reuse.
+const POOL_BYTES: u64 = 512 << 20;
+
+/// Freed activation buffers by size, reused as the outputs of later ops.
+///
+/// Reuse is safe because a buffer comes back only when its tensor is
+/// dropped: every op that reads it was recorded before any op that will
+/// write it again, and the queue runs them in that order (wgpu puts the
+/// barriers in). Uploads never take pooled buffers: their bytes are written
+/// at creation, which would not wait for earlier recorded reads.
+#[derive(Default)]
+pub struct Pool {
+    free: Mutex<(HashMap<u64, Vec<wgpu::Buffer>>, u64)>,
+}
+
+impl Pool {
+    fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut g = self.free.lock().ok()?;
+        let buf = g.0.get_mut(&size)?.pop()?;
+        g.1 -= size;
+        Some(buf)
+    }
+
+    fn give(&self, buf: wgpu::Buffer) {
+        if let Ok(mut g) = self.free.lock() {
+            let size = buf.size();
+            if g.1 + size <= POOL_BYTES {
+                g.1 += size;
+                g.0.entry(size).or_default().push(buf);
+            }
+        }
+    }
+}
+
+/// A device buffer that goes back to its [`Pool`] when dropped.
+pub struct Pooled {
+    buf: Option<wgpu::Buffer>,
+    pool: Arc<Pool>,
+}
+
+impl Pooled {
+    pub fn get(&self) -> &wgpu::Buffer {
+        // Always Some until drop.
+        self.buf
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a pooled buffer is taken only on drop"))
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
+
 /// A buffer binding of a dispatch: `@binding(index)` and its buffer.
 pub type Bind<'a> = (u32, &'a wgpu::Buffer);
 
@@ -36,6 +94,7 @@ struct Batch {
 pub struct Recorder {
     pub ctx: Context,
     pub kernels: Kernels,
+    pool: Arc<Pool>,
     slot: u64,
     batch: Mutex<Batch>,
 }
@@ -63,6 +122,7 @@ impl Recorder {
         Recorder {
             ctx,
             kernels: Kernels::default(),
+            pool: Arc::default(),
             slot,
             batch: Mutex::new(Batch {
                 encoder: None,
@@ -94,6 +154,25 @@ impl Recorder {
             usage: STORAGE,
             mapped_at_creation: false,
         }))
+    }
+
+    /// An activation buffer of at least `bytes` from the pool (or new),
+    /// contents undefined until an op writes it.
+    pub fn output(&self, bytes: u64) -> Result<Pooled> {
+        let size = padded(bytes);
+        let buf = match self.pool.take(size) {
+            Some(b) => b,
+            None => self.buffer(size, "activation")?,
+        };
+        Ok(self.pooled(buf))
+    }
+
+    /// Hands `buf` to the pool when the result is dropped.
+    pub fn pooled(&self, buf: wgpu::Buffer) -> Pooled {
+        Pooled {
+            buf: Some(buf),
+            pool: self.pool.clone(),
+        }
     }
 
     /// A device buffer holding `data` (written at creation, so it is in place

@@ -247,9 +247,9 @@ impl Wgpu {
                     let n = u32_of("linear", c.rows)?;
                     let o0 = u32_of("linear", c.row0)?;
                     let ld = u32_of("linear", *ld)?;
-                    let mut binds = vec![(0, &x.buf), (1, &c.buf), (4, &y.buf)];
+                    let mut binds = vec![(0, x.buf()), (1, &c.buf), (4, y.buf())];
                     if let Some(b) = b {
-                        binds.push((3, &b.buf));
+                        binds.push((3, b.buf()));
                     }
                     if m == 1 {
                         let key = self
@@ -285,9 +285,9 @@ impl Wgpu {
                 for c in chunks {
                     let n = u32_of("linear", c.rows)?;
                     let o0 = u32_of("linear", c.row0)?;
-                    let mut binds = vec![(0, &x.buf), (1, &c.q), (2, &c.sz), (4, &y.buf)];
+                    let mut binds = vec![(0, x.buf()), (1, &c.q), (2, &c.sz), (4, y.buf())];
                     if let Some(b) = b {
-                        binds.push((3, &b.buf));
+                        binds.push((3, b.buf()));
                     }
                     if m == 1 {
                         let key = self
@@ -361,7 +361,7 @@ impl Wgpu {
             ];
             self.rec.dispatch(
                 &key,
-                &[(0, &c.buf), (1, &id_buf), (2, &y.buf)],
+                &[(0, &c.buf), (1, &id_buf), (2, y.buf())],
                 3,
                 &params,
                 total.div_ceil(WG),

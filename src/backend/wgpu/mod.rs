@@ -46,16 +46,30 @@ const MAX_HEAD_DIM: u32 = 4 * ATTN_WG;
 /// The wgpu backend on one device.
 pub struct Wgpu {
     rec: Recorder,
+    /// The last RoPE cos/sin table: every layer of a step reuses it.
+    rope_table: std::sync::Mutex<Option<RopeTable>>,
+}
+
+/// RoPE (cos, sin) for rows at positions `pos0..pos0 + rows` of `inv_freq`.
+struct RopeTable {
+    pos0: usize,
+    rows: usize,
+    inv_freq: Vec<f32>,
+    buf: wgpu::Buffer,
 }
 
 /// An activation matrix `[rows, cols]` of f32 on the device.
 pub struct WgpuTensor {
-    buf: wgpu::Buffer,
+    mem: encode::Pooled,
     rows: usize,
     cols: usize,
 }
 
 impl WgpuTensor {
+    fn buf(&self) -> &wgpu::Buffer {
+        self.mem.get()
+    }
+
     fn numel(&self) -> usize {
         self.rows * self.cols
     }
@@ -76,6 +90,7 @@ impl Wgpu {
         let ctx = device::Context::open(opts)?;
         Ok(Wgpu {
             rec: Recorder::new(ctx),
+            rope_table: Default::default(),
         })
     }
 
@@ -124,7 +139,7 @@ impl Wgpu {
     fn tensor(&self, rows: usize, cols: usize, label: &str) -> Result<WgpuTensor> {
         let bytes = self.activation_bytes(rows, cols, label)?;
         Ok(WgpuTensor {
-            buf: self.rec.buffer(bytes, label)?,
+            mem: self.rec.output(bytes)?,
             rows,
             cols,
         })

@@ -3,7 +3,9 @@
 //! op. Nothing waits for the device except `download`.
 
 use super::linear::WgpuWeight;
-use super::{err, shape_err, u32_of, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG};
+use super::{
+    err, shape_err, u32_of, RopeTable, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG,
+};
 use crate::backend::{AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
@@ -44,14 +46,46 @@ impl Wgpu {
     ) -> Result<WgpuTensor> {
         let y = self.tensor(a.rows, a.cols, entry)?;
         let n = u32_of(entry, a.numel())?;
-        let mut binds = vec![(0, &a.buf), (2, &y.buf)];
+        let mut binds = vec![(0, a.buf()), (2, y.buf())];
         if let Some(b) = b {
-            binds.push((1, &b.buf));
+            binds.push((1, b.buf()));
         }
         let key = self.key("elementwise.wgsl", entry, WG);
         self.rec
             .dispatch(&key, &binds, 3, &[n, act], n.div_ceil(WG))?;
         Ok(y)
+    }
+
+    /// The (cos, sin) table of `rows` positions from `pos0`, computed as the
+    /// CPU reference does (f32 `inv_freq * pos`, then sin/cos) and uploaded
+    /// once per step: q and k of every layer share it.
+    fn rope_table(&self, rows: usize, inv_freq: &[f32], pos0: usize) -> Result<wgpu::Buffer> {
+        let mut last = self
+            .rope_table
+            .lock()
+            .map_err(|_| err("the RoPE table lock is poisoned"))?;
+        if let Some(t) = last.as_ref() {
+            if t.pos0 == pos0 && t.rows == rows && t.inv_freq == inv_freq {
+                return Ok(t.buf.clone());
+            }
+        }
+        let mut cs = Vec::with_capacity(rows * inv_freq.len() * 2);
+        for r in 0..rows {
+            let pos = (pos0 + r) as f32;
+            for &f in inv_freq {
+                let (s, c) = (f * pos).sin_cos();
+                cs.push(c);
+                cs.push(s);
+            }
+        }
+        let buf = self.rec.upload(bytemuck::cast_slice(&cs), "rope cos/sin")?;
+        *last = Some(RopeTable {
+            pos0,
+            rows,
+            inv_freq: inv_freq.to_vec(),
+            buf: buf.clone(),
+        });
+        Ok(buf)
     }
 
     /// Attention of q over the first keys of `k`, `v` (see attention.wgsl).
@@ -101,7 +135,7 @@ impl Wgpu {
         let groups = u32_of("attention", q.rows * heads)?;
         self.rec.dispatch(
             &key,
-            &[(0, &q.buf), (1, k), (2, v), (3, &y.buf)],
+            &[(0, q.buf()), (1, k), (2, v), (3, y.buf())],
             4,
             &params,
             groups,
@@ -123,11 +157,15 @@ impl Backend for Wgpu {
         let (rows, cols) = (t.rows(), t.cols());
         self.activation_bytes(rows, cols, "upload")?;
         let buf = self.rec.upload(bytemuck::cast_slice(&t.data), "upload")?;
-        Ok(WgpuTensor { buf, rows, cols })
+        Ok(WgpuTensor {
+            mem: self.rec.pooled(buf),
+            rows,
+            cols,
+        })
     }
 
     fn download(&self, t: &WgpuTensor) -> Result<Tensor> {
-        let bytes = self.rec.read(&t.buf, (t.numel() * 4) as u64)?;
+        let bytes = self.rec.read(t.buf(), (t.numel() * 4) as u64)?;
         let data: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -178,7 +216,7 @@ impl Backend for Wgpu {
         let key = self.key("norm.wgsl", "layer_norm", WG);
         self.rec.dispatch(
             &key,
-            &[(0, &x.buf), (1, &w.buf), (2, &b.buf), (3, &y.buf)],
+            &[(0, x.buf()), (1, w.buf()), (2, b.buf()), (3, y.buf())],
             4,
             &[rows, c as u32, eps.to_bits()],
             rows,
@@ -199,7 +237,7 @@ impl Backend for Wgpu {
         let key = self.key("norm.wgsl", "rms_norm", WG);
         self.rec.dispatch(
             &key,
-            &[(0, &x.buf), (1, &w.buf), (3, &y.buf)],
+            &[(0, x.buf()), (1, w.buf()), (3, y.buf())],
             4,
             &[rows, c as u32, eps.to_bits()],
             rows,
@@ -231,7 +269,7 @@ impl Backend for Wgpu {
         let y = self.tensor(n, x.cols, "rows")?;
         let row = (x.cols * 4) as u64;
         self.rec
-            .copy(&x.buf, start as u64 * row, &y.buf, 0, n as u64 * row)?;
+            .copy(x.buf(), start as u64 * row, y.buf(), 0, n as u64 * row)?;
         Ok(y)
     }
 
@@ -246,8 +284,13 @@ impl Backend for Wgpu {
             ));
         }
         let row = (x.cols * 4) as u64;
-        self.rec
-            .copy(&src.buf, 0, &x.buf, at as u64 * row, src.rows as u64 * row)
+        self.rec.copy(
+            src.buf(),
+            0,
+            x.buf(),
+            at as u64 * row,
+            src.rows as u64 * row,
+        )
     }
 
     fn concat_rows(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
@@ -259,8 +302,8 @@ impl Backend for Wgpu {
         }
         let y = self.tensor(a.rows + b.rows, a.cols, "concat_rows")?;
         let (ab, bb) = ((a.numel() * 4) as u64, (b.numel() * 4) as u64);
-        self.rec.copy(&a.buf, 0, &y.buf, 0, ab)?;
-        self.rec.copy(&b.buf, 0, &y.buf, ab, bb)?;
+        self.rec.copy(a.buf(), 0, y.buf(), 0, ab)?;
+        self.rec.copy(b.buf(), 0, y.buf(), ab, bb)?;
         Ok(y)
     }
 
@@ -273,23 +316,13 @@ impl Backend for Wgpu {
             ));
         }
         let half = d / 2;
-        // (cos, sin) per (row, i), computed exactly as the CPU reference does.
-        let mut cs = Vec::with_capacity(x.rows * half * 2);
-        for r in 0..x.rows {
-            let pos = (pos0 + r) as f32;
-            for &f in &rope.inv_freq[..half] {
-                let (s, c) = (f * pos).sin_cos();
-                cs.push(c);
-                cs.push(s);
-            }
-        }
-        let cs = self.rec.upload(bytemuck::cast_slice(&cs), "rope cos/sin")?;
+        let cs = self.rope_table(x.rows, &rope.inv_freq[..half], pos0)?;
         let y = self.tensor(x.rows, x.cols, "rope")?;
         let n = u32_of("rope", x.rows * heads * half)?;
         let key = self.key("rope.wgsl", "rope", WG);
         self.rec.dispatch(
             &key,
-            &[(0, &x.buf), (1, &cs), (2, &y.buf)],
+            &[(0, x.buf()), (1, &cs), (2, y.buf())],
             3,
             &[x.rows as u32, heads as u32, d as u32],
             n.div_ceil(WG),
@@ -319,7 +352,7 @@ impl Backend for Wgpu {
         if k.rows == 0 {
             return Err(shape_err("attention", "no keys".into()));
         }
-        self.attend(q, &k.buf, &v.buf, k.cols, k.rows, None, shape)
+        self.attend(q, k.buf(), v.buf(), k.cols, k.rows, None, shape)
     }
 
     fn new_cache(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<WgpuCache> {
@@ -387,8 +420,8 @@ impl Backend for Wgpu {
         }
         let row = (kvd * 4) as u64;
         let (at, bytes) = (pos0 as u64 * row, n as u64 * row);
-        self.rec.copy(&k.buf, 0, &cache.k[layer], at, bytes)?;
-        self.rec.copy(&v.buf, 0, &cache.v[layer], at, bytes)?;
+        self.rec.copy(k.buf(), 0, &cache.k[layer], at, bytes)?;
+        self.rec.copy(v.buf(), 0, &cache.v[layer], at, bytes)?;
         self.attend(
             q,
             &cache.k[layer],
