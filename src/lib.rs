@@ -20,6 +20,7 @@ pub mod preprocess;
 pub mod processor;
 pub mod quant;
 pub mod runtime;
+pub mod shapes;
 pub mod tensor;
 pub mod weights;
 

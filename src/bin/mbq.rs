@@ -45,6 +45,18 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Generate the synthetic shapes VQA task: PNGs in OUT/images and
+    /// OUT/questions.jsonl (LLaVA format). Same seed, same bytes.
+    Shapes {
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Number of images.
+        #[arg(long)]
+        count: usize,
+        /// Output directory; must not exist (or be empty).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Benchmarks: fused packed GEMV vs dense f16, and decode tokens/s.
     Bench {
         #[command(subcommand)]
@@ -156,6 +168,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             model,
             out,
         } => quantize(method, w_bit, group_size, &model, &out),
+        Cmd::Shapes { seed, count, out } => {
+            let s = mbq::shapes::write_dataset(seed, count, &out)?;
+            println!(
+                "{}: {} images, {} questions (seed {seed})",
+                s.out.display(),
+                s.images,
+                s.questions
+            );
+            Ok(())
+        }
         Cmd::Bench { what } => {
             let backend = match &what {
                 BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
