@@ -2,10 +2,18 @@
 //! dense f16 GEMV at given shapes, and end-to-end decode of a synthetic
 //! decoder of a real model's shape (FP16 vs W3 vs W4).
 //!
-//! Timing is wall clock around `iters` back-to-back launches closed by one
-//! small read-back (which waits for the device), repeated `reps` times after
-//! warm-up; the median is reported. Weights are rotated over enough copies
-//! that the set is larger than a last-level cache (`min_bytes`).
+//! GEMV timing: `iters` back-to-back launches closed by one small read-back
+//! (which waits for the device), repeated `reps` times after warm-up; the
+//! median per launch is reported. Where the backend can time on the device
+//! ([`Backend::begin_timing`]: wgpu with `TIMESTAMP_QUERY`) the reported time
+//! is GPU timestamps from the start of the first launch to the end of the
+//! last ("gpu timestamps"); otherwise wall clock. The wall-clock time is
+//! always kept (`wall_us`). Weights are rotated over enough copies that the
+//! set is larger than a last-level cache (`min_bytes`).
+//!
+//! Decode timing: per token, the same device span (every kernel of one
+//! decode step, idle gaps between its batches included) where available,
+//! else wall clock; the wall clock per token is always kept.
 
 use std::time::Instant;
 
@@ -56,7 +64,12 @@ pub struct GemvResult {
     pub inp: usize,
     pub out: usize,
     pub kind: WeightKind,
+    /// "gpu timestamps" or "wall clock": what `median_us` is.
+    pub timing: &'static str,
+    /// Median time per launch (device time with GPU timestamps).
     pub median_us: f64,
+    /// Median wall-clock time per launch.
+    pub wall_us: f64,
     pub gb_s: f64,
     pub speedup_vs_f16: f64,
 }
@@ -80,6 +93,11 @@ fn make_weight<B: Backend>(
         WeightKind::W4 => be.packed_weight(&quantize_linear("bench", w, out, inp, 4, 128)?),
     }
 }
+
+/// What a benchmark's times are.
+pub const GPU_TIMESTAMPS: &str = "gpu timestamps";
+/// What a benchmark's times are without device timing.
+pub const WALL_CLOCK: &str = "wall clock";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -120,7 +138,9 @@ pub fn bench_gemv<B: Backend>(
             be.download(&be.linear(&x, w, None)?)?;
         }
         let mut times = Vec::with_capacity(reps);
+        let mut device = Vec::with_capacity(reps);
         for _ in 0..reps {
+            let timed = be.begin_timing()?;
             let t = Instant::now();
             let mut y = None;
             for i in 0..iters {
@@ -130,13 +150,25 @@ pub fn bench_gemv<B: Backend>(
                 be.download(&y)?;
             }
             times.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
+            if timed {
+                if let Some(s) = be.end_timing()? {
+                    device.push(s * 1e6 / iters as f64);
+                }
+            }
         }
-        let us = median(times);
+        let wall_us = median(times);
+        let (timing, us) = if device.len() == reps {
+            (GPU_TIMESTAMPS, median(device))
+        } else {
+            (WALL_CLOCK, wall_us)
+        };
         results.push(GemvResult {
             inp,
             out,
             kind,
+            timing,
             median_us: us,
+            wall_us,
             gb_s: bytes / (us * 1e-6) / 1e9,
             speedup_vs_f16: 0.0,
         });
@@ -239,7 +271,12 @@ pub struct DecodeResult {
     pub kind: WeightKind,
     pub layers: usize,
     pub tokens: usize,
+    /// "gpu timestamps" or "wall clock": what `ms_per_token` is.
+    pub timing: &'static str,
+    /// Mean time per token (device span per step with GPU timestamps).
     pub ms_per_token: f64,
+    /// Mean wall-clock time per token.
+    pub wall_ms_per_token: f64,
     pub tok_s: f64,
     pub speedup_vs_f16: f64,
 }
@@ -268,17 +305,36 @@ pub fn bench_decode<B: Backend>(
     };
     logits = step(&logits, pos, &mut cache)?;
     pos += 1;
-    let t = Instant::now();
+    // Per step: wall clock around the step, device span from its first
+    // kernel to its last (read back after the wall clock stops).
+    let (mut wall, mut device, mut timed_steps) = (0.0, 0.0, 0);
     for _ in 0..tokens {
+        let timed = be.begin_timing()?;
+        let t = Instant::now();
         logits = step(&logits, pos, &mut cache)?;
+        wall += t.elapsed().as_secs_f64();
+        if timed {
+            if let Some(s) = be.end_timing()? {
+                device += s;
+                timed_steps += 1;
+            }
+        }
         pos += 1;
     }
-    let ms = t.elapsed().as_secs_f64() * 1e3 / tokens.max(1) as f64;
+    let n = tokens.max(1) as f64;
+    let wall_ms = wall * 1e3 / n;
+    let (timing, ms) = if tokens > 0 && timed_steps == tokens {
+        (GPU_TIMESTAMPS, device * 1e3 / n)
+    } else {
+        (WALL_CLOCK, wall_ms)
+    };
     Ok(DecodeResult {
         kind,
         layers: model.layers.len(),
         tokens,
+        timing,
         ms_per_token: ms,
+        wall_ms_per_token: wall_ms,
         tok_s: 1e3 / ms,
         speedup_vs_f16: 0.0,
     })
@@ -301,38 +357,56 @@ pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
 
 /// The GEMV table for one backend, as text.
 pub fn gemv_table(backend: &str, rows: &[GemvResult]) -> String {
+    let timing = timing_of(rows.iter().map(|r| r.timing));
     let mut s = format!(
-        "GEMV on {backend} (wall clock, median; batch 1; dense = f16 weights, f32 on the CPU backend)\n{:>12} {:>7} {:>10} {:>9} {:>8}\n",
-        "in x out", "weights", "time (us)", "GB/s", "vs dense"
+        "GEMV on {backend} ({timing}, median per launch; batch 1; dense = f16 weights, f32 on the CPU backend)\n{:>12} {:>7} {:>10} {:>9} {:>8} {:>10}\n",
+        "in x out", "weights", "time (us)", "GB/s", "vs dense", "wall (us)"
     );
     for r in rows {
         s += &format!(
-            "{:>12} {:>7} {:>10.1} {:>9.2} {:>7.2}x\n",
+            "{:>12} {:>7} {:>10.1} {:>9.2} {:>7.2}x {:>10.1}\n",
             format!("{}x{}", r.inp, r.out),
             r.kind.label(),
             r.median_us,
             r.gb_s,
-            r.speedup_vs_f16
+            r.speedup_vs_f16,
+            r.wall_us
         );
     }
     s
 }
 
+/// The timing of a table's rows: theirs when all agree, else "mixed".
+pub fn timing_of<'a>(mut t: impl Iterator<Item = &'a str>) -> &'a str {
+    match t.next() {
+        None => WALL_CLOCK,
+        Some(first) => {
+            if t.all(|x| x == first) {
+                first
+            } else {
+                "mixed gpu timestamps and wall clock"
+            }
+        }
+    }
+}
+
 /// The decode table for one backend, as text.
 pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String {
+    let timing = timing_of(rows.iter().map(|r| r.timing));
     let mut s = format!(
-        "Decode on {backend}: {model} (wall clock per token, after prefill)\n{:>7} {:>7} {:>8} {:>12} {:>9} {:>8}\n",
-        "weights", "layers", "tokens", "ms/token", "tok/s", "vs dense"
+        "Decode on {backend}: {model} ({timing} per token, after prefill)\n{:>7} {:>7} {:>8} {:>12} {:>9} {:>8} {:>12}\n",
+        "weights", "layers", "tokens", "ms/token", "tok/s", "vs dense", "wall ms/tok"
     );
     for r in rows {
         s += &format!(
-            "{:>7} {:>7} {:>8} {:>12.2} {:>9.2} {:>7.2}x\n",
+            "{:>7} {:>7} {:>8} {:>12.2} {:>9.2} {:>7.2}x {:>12.2}\n",
             r.kind.label(),
             r.layers,
             r.tokens,
             r.ms_per_token,
             r.tok_s,
-            r.speedup_vs_f16
+            r.speedup_vs_f16,
+            r.wall_ms_per_token
         );
     }
     s

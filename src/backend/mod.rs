@@ -55,6 +55,19 @@ pub trait Backend {
     fn dense_weight_bytes(&self) -> f64 {
         2.0
     }
+    /// Starts timing the device's own work: `Ok(true)` when this backend
+    /// can (wgpu with `TIMESTAMP_QUERY`), `Ok(false)` otherwise (the
+    /// default; callers fall back to wall clock).
+    fn begin_timing(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends the timing `begin_timing` started and waits for the device:
+    /// seconds of device time from the start of the first kernel recorded
+    /// since then to the end of the last one (idle gaps between them
+    /// included). `None` when the backend cannot time or was not timing.
+    fn end_timing(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
     /// `(rows, cols)` of an activation matrix.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
     /// `[out, in]` of a weight.

@@ -67,6 +67,8 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
     /// W3 and W4 (g128) fused dequant-GEMV against a dense f16 GEMV.
+    /// Timed with GPU timestamps where the backend has them (wgpu with
+    /// TIMESTAMP_QUERY), else wall clock; the wall clock is kept too.
     Gemv {
         /// Backend: cpu or wgpu.
         #[arg(long, default_value = "cpu")]
@@ -229,9 +231,10 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
                 )?);
             }
             if *json {
+                let timing = bench::timing_of(rows.iter().map(|r| r.timing));
                 println!(
                     "{}",
-                    serde_json::json!({"backend": name, "timing": "wall clock", "gemv": rows})
+                    serde_json::json!({"backend": name, "timing": timing, "gemv": rows})
                 );
             } else {
                 print!("{}", bench::gemv_table(name, &rows));
@@ -259,9 +262,10 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
                 _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
             };
             if *json {
+                let timing = bench::timing_of(rows.iter().map(|r| r.timing));
                 println!(
                     "{}",
-                    serde_json::json!({"backend": name, "model": label, "timing": "wall clock", "decode": rows})
+                    serde_json::json!({"backend": name, "model": label, "timing": timing, "decode": rows})
                 );
             } else {
                 print!("{}", bench::decode_table(name, &label, &rows));

@@ -24,6 +24,9 @@ pub struct WgpuOptions {
     /// Split weights into bindings of at most this many bytes (testing the
     /// split path); `None` means the device's `max_storage_buffer_binding_size`.
     pub max_binding: Option<u64>,
+    /// Request `TIMESTAMP_QUERY` when the adapter has it, so benchmarks can
+    /// time kernels on the device (false: wall clock only).
+    pub timestamps: bool,
 }
 
 impl Default for WgpuOptions {
@@ -33,13 +36,15 @@ impl Default for WgpuOptions {
             allow_cpu: false,
             subgroups: true,
             max_binding: None,
+            timestamps: true,
         }
     }
 }
 
 impl WgpuOptions {
     /// Defaults overridden by the environment: `MBQ_WGPU_ADAPTER` (a name),
-    /// `MBQ_WGPU_NO_SUBGROUP=1`, `MBQ_WGPU_MAX_BINDING` (bytes).
+    /// `MBQ_WGPU_NO_SUBGROUP=1`, `MBQ_WGPU_MAX_BINDING` (bytes),
+    /// `MBQ_WGPU_NO_TIMESTAMPS=1`.
     pub fn from_env() -> Self {
         let mut o = WgpuOptions::default();
         if let Ok(name) = std::env::var("MBQ_WGPU_ADAPTER") {
@@ -49,6 +54,9 @@ impl WgpuOptions {
         }
         if std::env::var("MBQ_WGPU_NO_SUBGROUP").is_ok_and(|v| v == "1") {
             o.subgroups = false;
+        }
+        if std::env::var("MBQ_WGPU_NO_TIMESTAMPS").is_ok_and(|v| v == "1") {
+            o.timestamps = false;
         }
         if let Some(b) = std::env::var("MBQ_WGPU_MAX_BINDING")
             .ok()
@@ -244,6 +252,8 @@ pub struct Context {
     pub limits: wgpu::Limits,
     /// Subgroup reductions are compiled in.
     pub subgroups: bool,
+    /// `TIMESTAMP_QUERY` is enabled (compute passes can write timestamps).
+    pub timestamps: bool,
     /// Largest storage binding (bytes) a weight chunk may use.
     pub max_binding: u64,
     /// Validation errors nobody caught, drained at each flush.
@@ -259,6 +269,12 @@ impl Context {
         let mut features = Features::empty();
         if subgroups {
             features |= Features::SUBGROUP;
+        }
+        // Pass timestamp writes need only TIMESTAMP_QUERY (not the
+        // _INSIDE_ENCODERS / _INSIDE_PASSES extensions).
+        let timestamps = opts.timestamps && adapter.features().contains(Features::TIMESTAMP_QUERY);
+        if timestamps {
+            features |= Features::TIMESTAMP_QUERY;
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("mbq"),
@@ -286,6 +302,7 @@ impl Context {
             info,
             limits,
             subgroups,
+            timestamps,
             max_binding,
             errors,
         })

@@ -3,6 +3,13 @@
 //! ends a batch. Ops are encoded one compute pass each into the pending
 //! encoder; the batch is submitted once, when a download needs it or when
 //! it reaches [`MAX_BATCH_OPS`].
+//!
+//! Device timing (when the device has `TIMESTAMP_QUERY`): between
+//! [`Recorder::begin_timing`] and [`Recorder::end_timing`], the first
+//! compute pass writes a timestamp at its start (query 0) and every pass
+//! writes one at its end (query 1; wgpu resets a pass's queries just before
+//! it, so the last pass's value is what remains). The span covers every
+//! kernel recorded in between, by any caller, across batches.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -88,6 +95,14 @@ struct Batch {
     arena: Option<wgpu::Buffer>,
     params: Vec<u8>,
     ops: usize,
+    /// Compute passes stamped since `begin_timing` (`None`: not timing).
+    timed_passes: Option<usize>,
+}
+
+/// The query set and resolve buffer of device timing.
+struct Timer {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
 }
 
 /// The device, its kernels and the batch being recorded.
@@ -97,6 +112,7 @@ pub struct Recorder {
     pool: Arc<Pool>,
     slot: u64,
     batch: Mutex<Batch>,
+    timer: Option<Timer>,
 }
 
 /// Workgroup counts `(x, y)` for `groups` workgroups: y > 1 only when x
@@ -119,7 +135,21 @@ fn padded(bytes: u64) -> u64 {
 impl Recorder {
     pub fn new(ctx: Context) -> Self {
         let slot = PARAM_SLOT.max(ctx.limits.min_uniform_buffer_offset_alignment as u64);
+        let timer = ctx.timestamps.then(|| Timer {
+            queries: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("mbq timing"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolve: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("mbq timing resolve"),
+                size: 2 * wgpu::QUERY_SIZE as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+        });
         Recorder {
+            timer,
             ctx,
             kernels: Kernels::default(),
             pool: Arc::default(),
@@ -129,6 +159,7 @@ impl Recorder {
                 arena: None,
                 params: Vec::new(),
                 ops: 0,
+                timed_passes: None,
             }),
         }
     }
@@ -233,7 +264,12 @@ impl Recorder {
         b.params.extend_from_slice(param_bytes);
         b.params.resize((offset + self.slot) as usize, 0);
         b.ops += 1;
-        let Batch { encoder, arena, .. } = &mut *b;
+        let Batch {
+            encoder,
+            arena,
+            timed_passes,
+            ..
+        } = &mut *b;
         let (Some(encoder), Some(arena)) = (encoder.as_mut(), arena.as_ref()) else {
             return Err(err("internal: no open batch"));
         };
@@ -258,9 +294,20 @@ impl Recorder {
             entries: &entries,
         });
         let (x, y) = grid(groups, self.ctx.limits.max_compute_workgroups_per_dimension);
+        let timestamp_writes = match (&self.timer, timed_passes.as_mut()) {
+            (Some(t), Some(n)) => {
+                *n += 1;
+                Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &t.queries,
+                    beginning_of_pass_write_index: (*n == 1).then_some(0),
+                    end_of_pass_write_index: Some(1),
+                })
+            }
+            _ => None,
+        };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(&label),
-            timestamp_writes: None,
+            timestamp_writes,
         });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -286,6 +333,63 @@ impl Recorder {
             e.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
         }
         Ok(())
+    }
+
+    /// Starts device timing: false when the device has no timestamps.
+    /// Restarts it when it is already running.
+    pub fn begin_timing(&self) -> Result<bool> {
+        if self.timer.is_none() {
+            return Ok(false);
+        }
+        self.lock()?.timed_passes = Some(0);
+        Ok(true)
+    }
+
+    /// Ends device timing: seconds from the start of the first compute
+    /// pass recorded since `begin_timing` to the end of the last one
+    /// (0 when none was). Submits everything and waits for the device.
+    /// `None` when not timing.
+    pub fn end_timing(&self) -> Result<Option<f64>> {
+        let Some(t) = &self.timer else {
+            return Ok(None);
+        };
+        let passes = {
+            let mut b = self.lock()?;
+            let Some(n) = b.timed_passes.take() else {
+                return Ok(None);
+            };
+            if n > 0 {
+                self.open(&mut b);
+                if let Some(e) = b.encoder.as_mut() {
+                    e.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
+                }
+            }
+            n
+        };
+        if passes == 0 {
+            return Ok(Some(0.0));
+        }
+        let bytes = self.read(&t.resolve, 2 * wgpu::QUERY_SIZE as u64)?;
+        let tick = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (start, end) = (tick(0), tick(1));
+        let ticks = end.checked_sub(start).ok_or_else(|| {
+            err(format!(
+                "device timestamps went backwards ({start} then {end} over {passes} passes)"
+            ))
+        })?;
+        let ns = ticks as f64 * self.ctx.queue.get_timestamp_period() as f64;
+        Ok(Some(ns * 1e-9))
+    }
+
+    /// Nanoseconds per timestamp tick (`None` without timestamps).
+    pub fn timestamp_period(&self) -> Option<f32> {
+        self.timer
+            .as_ref()
+            .map(|_| self.ctx.queue.get_timestamp_period())
     }
 
     /// Starts a batch (encoder and parameter arena) unless one is open.

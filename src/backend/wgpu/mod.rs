@@ -105,6 +105,12 @@ impl Wgpu {
         self.rec.ctx.subgroups
     }
 
+    /// Nanoseconds per device timestamp tick when kernels can be timed on
+    /// the device (`TIMESTAMP_QUERY` enabled), else `None`.
+    pub fn timestamp_period(&self) -> Option<f32> {
+        self.rec.timestamp_period()
+    }
+
     /// Largest storage binding (bytes) a weight chunk may use.
     pub fn max_binding(&self) -> u64 {
         self.rec.ctx.max_binding

@@ -164,6 +164,14 @@ impl Backend for Wgpu {
         })
     }
 
+    fn begin_timing(&self) -> Result<bool> {
+        self.rec.begin_timing()
+    }
+
+    fn end_timing(&self) -> Result<Option<f64>> {
+        self.rec.end_timing()
+    }
+
     fn download(&self, t: &WgpuTensor) -> Result<Tensor> {
         let bytes = self.rec.read(t.buf(), (t.numel() * 4) as u64)?;
         let data: Vec<f32> = bytes

@@ -1,0 +1,100 @@
+//! Device timing: on an adapter with `TIMESTAMP_QUERY` (lavapipe has it)
+//! the wgpu backend times a GEMV with GPU timestamps; the CPU backend
+//! cannot time and says so; `mbq bench gemv` reports which timing it used.
+//!
+//! One test owns the wgpu backend's timer (timing is backend-wide), so
+//! everything that times on the device runs inside it, in order.
+
+mod wgpu_common;
+
+use mbq::backend::cpu::Cpu;
+use mbq::backend::Backend;
+use mbq::bench;
+use mbq::tensor::Tensor;
+use wgpu_common::{gpu, random, rng};
+
+#[test]
+fn wgpu_times_a_gemv_on_the_device() {
+    let g = gpu();
+    let period = g.timestamp_period();
+    println!("adapter {}; timestamp period {period:?} ns", g.adapter());
+    if g.adapter().contains("llvmpipe") {
+        assert!(period.is_some(), "lavapipe offers TIMESTAMP_QUERY");
+    }
+    let Some(period) = period else {
+        // Another adapter without timestamps: the wall-clock fallback.
+        assert!(!g.begin_timing().unwrap());
+        assert_eq!(g.end_timing().unwrap(), None);
+        return;
+    };
+    assert!(period > 0.0);
+
+    // Not timing: nothing to report.
+    assert_eq!(g.end_timing().unwrap(), None);
+    // Timing nothing: zero.
+    assert!(g.begin_timing().unwrap());
+    assert_eq!(g.end_timing().unwrap(), Some(0.0));
+
+    let mut r = rng(5);
+    let (inp, out) = (1000, 300);
+    let w = g.weight(&random(&mut r, out, inp, 0.1)).unwrap();
+    let x = g.upload(&random(&mut r, 1, inp, 1.0)).unwrap();
+    g.download(&g.linear(&x, &w, None).unwrap()).unwrap(); // compile
+    let time = |n: usize| -> f64 {
+        assert!(g.begin_timing().unwrap());
+        let mut y = None;
+        for _ in 0..n {
+            y = Some(g.linear(&x, &w, None).unwrap());
+        }
+        g.download(&y.unwrap()).unwrap();
+        g.end_timing().unwrap().expect("timing was started")
+    };
+    let one = time(1);
+    println!("one GEMV {inp}x{out}: {:.1} us on the device", one * 1e6);
+    assert!(one > 0.0 && one < 10.0, "{one} s");
+    // Many launches, across more than one batch (MAX_BATCH_OPS = 256).
+    let many = time(300);
+    println!("300 GEMVs: {:.1} us on the device", many * 1e6);
+    assert!(many > one, "300 launches ({many} s) vs one ({one} s)");
+
+    // The benchmark uses the timestamps and keeps the wall clock.
+    let rows = bench::bench_gemv(g, 256, 128, 3, 3, 0).unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row.timing, "gpu timestamps");
+        assert!(row.median_us > 0.0 && row.wall_us > 0.0, "{row:?}");
+    }
+    assert!(bench::gemv_table("wgpu", &rows).contains("gpu timestamps"));
+
+    // Decode: per-token device span of a tiny synthetic decoder.
+    let mut cfg = bench::synthetic_config("llava-1.5-7b").unwrap();
+    (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) = (128, 256, 300);
+    (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    ) = (2, 4, 4);
+    cfg.head_dim = 32;
+    let model = bench::synthetic_text_model(g, &cfg, bench::WeightKind::W4, 3).unwrap();
+    let d = bench::bench_decode(g, &model, bench::WeightKind::W4, 4, 3).unwrap();
+    println!("{d:?}");
+    assert_eq!(d.timing, "gpu timestamps");
+    assert!(d.ms_per_token > 0.0 && d.wall_ms_per_token > 0.0, "{d:?}");
+}
+
+#[test]
+fn cpu_backend_has_no_device_timer() {
+    let cpu = Cpu;
+    assert!(!cpu.begin_timing().unwrap());
+    let x = cpu
+        .upload(&Tensor::new(vec![1, 4], vec![1.0; 4]).unwrap())
+        .unwrap();
+    let w = cpu
+        .weight(&Tensor::new(vec![2, 4], vec![0.5; 8]).unwrap())
+        .unwrap();
+    cpu.linear(&x, &w, None).unwrap();
+    assert_eq!(cpu.end_timing().unwrap(), None);
+    let rows = bench::bench_gemv(&cpu, 256, 128, 2, 2, 0).unwrap();
+    assert!(rows.iter().all(|r| r.timing == "wall clock"));
+    assert!(bench::gemv_table("cpu", &rows).contains("wall clock"));
+}
