@@ -187,6 +187,74 @@ pub fn prefill<B: Backend>(
     Ok(be.download(&logits)?.data)
 }
 
+/// Teacher forcing: runs `prompt` followed by `target` through the decoder
+/// in one pass (image features in place) and returns the logits that
+/// predict each target token, `[target.len()][vocab]` (row `i` is the
+/// distribution of `target[i]` given everything before it).
+pub fn target_logits<B: Backend>(
+    be: &B,
+    model: &Vlm<B>,
+    prompt: &Prompt,
+    image_features: Option<&B::Tensor>,
+    target: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    if target.is_empty() || prompt.ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = prompt.ids.clone();
+    ids.extend_from_slice(target);
+    let ctx = model.cfg.text.max_position_embeddings;
+    if ids.len() > ctx {
+        return Err(Error::invalid(format!(
+            "prompt + target are {} tokens, the model's context is {ctx}",
+            ids.len()
+        )));
+    }
+    let text = &model.text;
+    let mut x = text.embed(be, &ids)?;
+    if let (Some((at, n)), Some(f)) = (prompt.image_span, image_features) {
+        let (rows, _) = be.dims(f);
+        if rows != n {
+            return Err(Error::invalid(format!(
+                "the image gives {rows} feature rows for {n} image tokens"
+            )));
+        }
+        be.set_rows(&mut x, at, f)?;
+    }
+    let mut cache = be.new_cache(text.layers.len(), text.kv_dim(), ids.len())?;
+    for i in 0..text.layers.len() {
+        x = text.layer_forward(be, i, &x, &mut cache, 0)?;
+    }
+    // Row p predicts token p + 1: the target's predictors start one row
+    // before it.
+    let from = prompt.ids.len() - 1;
+    let rows = be.rows(&x, from, target.len())?;
+    let rows = be.rms_norm(&rows, &text.norm, text.cfg.rms_norm_eps)?;
+    let logits = be.linear(
+        &rows,
+        text.lm_head.as_ref().unwrap_or(&text.embed_tokens),
+        None,
+    )?;
+    let host = be.download(&logits)?;
+    let vocab = host.data.len() / target.len();
+    Ok(host.data.chunks(vocab).map(|r| r.to_vec()).collect())
+}
+
+/// Negative log-likelihood (natural log) of `token` under `logits`.
+pub fn nll(logits: &[f32], token: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    match logits.get(token as usize) {
+        Some(&l) => lse - l as f64,
+        None => f64::INFINITY,
+    }
+}
+
 /// The whole request: encode the image, prefill, decode. `on_text` receives
 /// the text as it is produced.
 pub fn generate<B: Backend>(

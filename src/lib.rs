@@ -14,6 +14,7 @@ pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod preprocess;

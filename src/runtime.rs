@@ -156,3 +156,83 @@ fn run_on<B: Backend>(
 pub fn is_model_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file()
 }
+
+/// Models that ship with mbq, in the repository's `models/` directory:
+/// (name, what stderr says about it).
+pub const BUNDLED_MODELS: &[(&str, &str)] = &[
+    (
+        "tiny-shapes",
+        "a small LLaVA (SigLIP + Qwen2) trained on the `mbq shapes` task, f16",
+    ),
+    (
+        "tiny-shapes-w3",
+        "tiny-shapes quantized with RTN W3 g128 (RTN until MBQ calibration exists)",
+    ),
+];
+
+/// The model used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "tiny-shapes";
+
+/// Where bundled models are looked for, in order: `$MBQ_MODELS`, a
+/// `models/` folder next to the executable or up to three folders above it
+/// (`target/release/../../models` is the repository's), and the crate's own
+/// `models/` at build time.
+pub fn models_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("MBQ_MODELS") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        dirs.extend(exe.ancestors().skip(1).take(4).map(|a| a.join("models")));
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let new = !seen.contains(d);
+        seen.push(d.clone());
+        new
+    });
+    dirs
+}
+
+/// Resolves `--model`: an existing directory is used as is; a bundled
+/// model's name (or no `--model`: [`DEFAULT_MODEL`]) is looked up in
+/// [`models_dirs`]. Says on stderr (through `note`) which bundled model it
+/// uses. Anything else is returned as a path (loading it reports what is
+/// missing).
+pub fn resolve_model(model: Option<&str>, mut note: impl FnMut(&str)) -> Result<PathBuf> {
+    let name = match model {
+        Some(m) if Path::new(m).is_dir() => return Ok(PathBuf::from(m)),
+        Some(m) => m,
+        None => DEFAULT_MODEL,
+    };
+    let Some((name, what)) = BUNDLED_MODELS.iter().find(|(n, _)| *n == name) else {
+        return Ok(PathBuf::from(name));
+    };
+    let dirs = models_dirs();
+    match dirs.iter().map(|d| d.join(name)).find(|d| is_model_dir(d)) {
+        Some(dir) => {
+            let how = if model.is_none() {
+                "no --model given: using"
+            } else {
+                "using"
+            };
+            note(&format!(
+                "{how} the bundled model {name} ({}): {what}",
+                dir.display()
+            ));
+            Ok(dir)
+        }
+        None => Err(Error::Missing {
+            path: PathBuf::from(name),
+            what: format!(
+                "bundled model {name} (a directory with config.json); looked in {} \
+                 (set MBQ_MODELS to the folder that holds it, or give --model DIR)",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}

@@ -13,9 +13,10 @@ use mbq::runtime::{run, Request};
 #[derive(Parser, Debug)]
 #[command(name = "mbq-run", version)]
 struct Args {
-    /// Model directory (config.json, safetensors, tokenizer.json, ...).
+    /// Model directory (config.json, safetensors, tokenizer.json, ...), or a
+    /// bundled model: tiny-shapes (the default), tiny-shapes-w3.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<String>,
     /// Image file (PNG, JPEG, ...). Without it the prompt is text only.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -63,8 +64,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
+    let model = mbq::runtime::resolve_model(args.model.as_deref(), |m| eprintln!("{m}"))?;
     let req = Request {
-        model: args.model,
+        model,
         image: args.image,
         prompt: args.prompt,
         options: GenerateOptions {

@@ -57,6 +57,33 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Accuracy of a model on a LLaVA-format question file (exact match,
+    /// greedy; per type; caption perplexity). The model is loaded once.
+    Eval {
+        /// Model directory, or a bundled model name (tiny-shapes, tiny-shapes-w3).
+        #[arg(long)]
+        model: String,
+        /// questions.jsonl (as `mbq shapes` writes it).
+        #[arg(long)]
+        data: std::path::PathBuf,
+        /// Folder the "image" paths are relative to (default: the data file's folder).
+        #[arg(long)]
+        image_folder: Option<std::path::PathBuf>,
+        /// auto, cpu, wgpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: mbq::backend::BackendKind,
+        /// wgpu: the adapter whose name contains NAME.
+        #[arg(long, value_name = "NAME")]
+        adapter: Option<String>,
+        /// Only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: fused packed GEMV vs dense f16, and decode tokens/s.
     Bench {
         #[command(subcommand)]
@@ -180,6 +207,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Eval {
+            model,
+            data,
+            image_folder,
+            backend,
+            adapter,
+            limit,
+            max_new_tokens,
+            json,
+        } => eval(
+            mbq::eval::EvalRequest {
+                model: mbq::runtime::resolve_model(Some(&model), |m| eprintln!("{m}"))?,
+                image_folder: image_folder.unwrap_or_else(|| match data.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => std::path::PathBuf::from("."),
+                }),
+                data,
+                backend,
+                adapter,
+                limit,
+                max_new_tokens,
+            },
+            json,
+        ),
         Cmd::Bench { what } => {
             let backend = match &what {
                 BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
@@ -271,6 +322,57 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
                 print!("{}", bench::decode_table(name, &label, &rows));
             }
         }
+    }
+    Ok(())
+}
+
+fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    let bar = ProgressBar::hidden();
+    let report = mbq::eval::run(
+        &req,
+        |m| eprintln!("{m}"),
+        |done, total| {
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_length(total as u64);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:40} {pos}/{len} questions {elapsed} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
+            bar.set_position(done as u64);
+        },
+    );
+    bar.finish_and_clear();
+    let r = report?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({}): accuracy {:.4} ({}/{}), short answers {:.4}, {:.1} s",
+        r.model,
+        r.backend,
+        r.device,
+        r.accuracy,
+        r.correct,
+        r.count,
+        r.short_answer_accuracy,
+        r.seconds
+    );
+    for (t, s) in &r.per_type {
+        println!("  {t:<10} {:.4} ({}/{})", s.accuracy, s.correct, s.count);
+    }
+    match r.caption_perplexity {
+        Some(p) => println!(
+            "  caption perplexity {p:.4} over {} tokens",
+            r.caption_tokens
+        ),
+        None => println!("  caption perplexity: no caption questions"),
     }
     Ok(())
 }
