@@ -301,7 +301,13 @@ pub fn render(scene: &Scene) -> RgbImage {
 }
 
 fn article_phrase(s: &Shape) -> String {
-    format!("a {} {}", s.colour.name(), s.kind.name())
+    let colour = s.colour.name();
+    let article = if colour.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {colour} {}", s.kind.name())
 }
 
 /// The caption: the shapes left to right (top to bottom on ties), as

@@ -222,6 +222,7 @@ fn answers_agree_with_the_scene() {
                         )));
                     }
                     assert!(a.ends_with(" on a light background."));
+                    assert!(!a.contains("a orange"), "{a}");
                 }
                 other => panic!("unknown type {other}"),
             }
