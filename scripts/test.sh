@@ -45,3 +45,37 @@ cargo fmt --all -- --check
 cargo build --features cuda --all-targets
 
 cargo test --all-targets -- --test-threads 2 "$@"
+
+# The CUDA kernels (kernels/*.cu) must compile with NVRTC, which needs no
+# GPU: install NVIDIA's NVRTC wheel (12.x: cudarc's `cuda-12080` loader looks
+# for libnvrtc.so.12) into .cache/nvrtc, ignored by git, and compile every
+# kernel for sm_80 and sm_90. No NVRTC means a failed run, not a skip.
+NVRTC_DIR="$PWD/.cache/nvrtc"
+NVRTC_LIB="$NVRTC_DIR/nvidia/cuda_nvrtc/lib"
+if [ ! -e "$NVRTC_LIB/libnvrtc.so.12" ]; then
+  echo "installing NVRTC (the nvidia-cuda-nvrtc-cu12 wheel) into .cache/nvrtc for the CUDA kernel test" >&2
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    else
+      echo "error: the CUDA kernel test needs python3 with pip to install NVRTC; install python3-pip" >&2
+      exit 1
+    fi
+  fi
+  rm -rf "$NVRTC_DIR"
+  # --target installs into a private folder (no venv, no system packages touched).
+  if ! python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+      --target "$NVRTC_DIR" "nvidia-cuda-nvrtc-cu12>=12.8,<13"; then
+    echo "error: could not install the nvidia-cuda-nvrtc-cu12 wheel from PyPI (no network?);" >&2
+    echo "       the CUDA kernels cannot be checked without NVRTC" >&2
+    exit 1
+  fi
+  if [ ! -e "$NVRTC_LIB/libnvrtc.so.12" ]; then
+    echo "error: the nvidia-cuda-nvrtc-cu12 wheel has no $NVRTC_LIB/libnvrtc.so.12" >&2
+    exit 1
+  fi
+fi
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cargo test --features cuda --lib cuda_kernels -- --test-threads 2
+cargo test --features cuda --test cuda_nvrtc -- --test-threads 2 --nocapture

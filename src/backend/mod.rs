@@ -8,6 +8,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
 pub mod wgpu;
 
 use crate::config::Act;

@@ -1,0 +1,201 @@
+//! The CUDA kernels' sources (`kernels/*.cu`, embedded with `include_str!`)
+//! and their compilation to PTX with NVRTC (feature `cuda`).
+//!
+//! NVRTC is loaded at run time (cudarc's dynamic loading): the crate builds
+//! without it, and [`compile`] returns an error, never a panic, when
+//! `libnvrtc` cannot be found. Compiling needs no GPU, so every kernel is
+//! compiled in CI (`tests/cuda_nvrtc.rs`, with the NVRTC wheel that
+//! scripts/test.sh installs).
+
+use cudarc::nvrtc::{CompileError, CompileOptions};
+
+use crate::error::{Error, Result};
+
+/// One `kernels/*.cu` file: its name, its source and the kernels it defines.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSource {
+    /// File name in `kernels/`, e.g. `gemv_packed.cu`.
+    pub file: &'static str,
+    pub src: &'static str,
+    /// The `extern "C" __global__` entry points, as named in the PTX.
+    pub entries: &'static [&'static str],
+}
+
+/// Every kernel file. `tests/cuda_nvrtc.rs` checks that each file in
+/// `kernels/` is listed here and defines exactly these entries.
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        file: "elementwise.cu",
+        src: include_str!("../../kernels/elementwise.cu"),
+        entries: &["add_f32", "silu_mul_f32", "rms_norm_f32"],
+    },
+    KernelSource {
+        file: "gemv_f16.cu",
+        src: include_str!("../../kernels/gemv_f16.cu"),
+        entries: &["gemv_f16"],
+    },
+    KernelSource {
+        file: "gemv_packed.cu",
+        src: include_str!("../../kernels/gemv_packed.cu"),
+        entries: &[
+            "gemv_packed_w3_g32",
+            "gemv_packed_w3_g64",
+            "gemv_packed_w3_g128",
+            "gemv_packed_w4_g32",
+            "gemv_packed_w4_g64",
+            "gemv_packed_w4_g128",
+            "gemv_packed_w8_g32",
+            "gemv_packed_w8_g64",
+            "gemv_packed_w8_g128",
+        ],
+    },
+];
+
+/// The name of the packed GEMV kernel for `bits` and `group_size` (see
+/// `kernels/gemv_packed.cu`), or an error for an unsupported combination.
+pub fn gemv_packed_entry(bits: u32, group_size: usize) -> Result<String> {
+    if !matches!(bits, 3 | 4 | 8) || !matches!(group_size, 32 | 64 | 128) {
+        return Err(err(format!(
+            "gemv_packed.cu has no kernel for {bits} bits in groups of {group_size} \
+             (bits 3, 4, 8; groups 32, 64, 128)"
+        )));
+    }
+    Ok(format!("gemv_packed_w{bits}_g{group_size}"))
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "cuda".into(),
+        msg: msg.into(),
+    }
+}
+
+/// Checks that NVRTC (`libnvrtc.so`, `.so.12`, ...) can be loaded; the
+/// error says where cudarc looked and how to provide it.
+pub fn nvrtc_available() -> Result<()> {
+    // SAFETY: only tries to load the shared library; no NVRTC call is made.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    let mut tried: Vec<String> = Vec::new();
+    for name in cudarc::get_lib_name_candidates("nvrtc") {
+        if !tried.contains(&name) {
+            tried.push(name);
+        }
+    }
+    Err(err(format!(
+        "NVRTC could not be loaded (tried {}); install the CUDA toolkit or the \
+         `nvidia-cuda-nvrtc-cu12` wheel and put its lib folder on LD_LIBRARY_PATH",
+        tried.join(", ")
+    )))
+}
+
+/// Compiles the CUDA source `src` (named `file` in errors) to PTX for
+/// `arch` (`sm_80`, `sm_90`, `compute_90`, ...). The error holds NVRTC's log.
+pub fn compile(file: &str, src: &str, arch: &str) -> Result<String> {
+    nvrtc_available()?;
+    if arch.is_empty() || !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(err(format!(
+            "{file}: invalid GPU architecture \"{arch}\" (expected e.g. sm_90)"
+        )));
+    }
+    if src.contains('\0') || file.contains('\0') {
+        return Err(err(format!("{file}: the source contains a NUL byte")));
+    }
+    let opts = CompileOptions {
+        name: Some(file.to_string()),
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| match e {
+        CompileError::CompileError {
+            nvrtc,
+            options,
+            log,
+            ..
+        } => err(format!(
+            "{file}: NVRTC failed to compile for {arch} ({nvrtc:?}, options {}):\n{}",
+            options.join(" "),
+            log.to_string_lossy().trim_end()
+        )),
+        other => err(format!("{file}: NVRTC error for {arch}: {other:?}")),
+    })?;
+    // The image is NUL-terminated ASCII; `Ptx::to_src` would panic on
+    // anything else, so read the bytes.
+    let bytes = ptx.as_bytes().unwrap_or_default();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// The `.entry` names of a PTX module.
+pub fn ptx_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|line| {
+            let rest = line.split(".entry").nth(1)?;
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+/// Compiles every embedded kernel file for `arch` and checks that each
+/// defines its listed entries; returns `(file, PTX length in bytes)`.
+pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, usize)>> {
+    SOURCES
+        .iter()
+        .map(|k| {
+            let ptx = compile(k.file, k.src, arch)?;
+            let found = ptx_entries(&ptx);
+            let missing: Vec<&str> = k
+                .entries
+                .iter()
+                .copied()
+                .filter(|e| !found.iter().any(|f| f == e))
+                .collect();
+            if !missing.is_empty() {
+                return Err(err(format!(
+                    "{}: the PTX for {arch} lacks the kernels {} (found {})",
+                    k.file,
+                    missing.join(", "),
+                    found.join(", ")
+                )));
+            }
+            Ok((k.file, ptx.len()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_parse() {
+        let ptx = ".version 8.8\n.target sm_90\n\n\t// .globl\tadd_f32\n.visible .entry add_f32(\n\t.param .u64 a\n)\n.visible .entry rms_norm_f32(\n";
+        assert_eq!(ptx_entries(ptx), vec!["add_f32", "rms_norm_f32"]);
+    }
+
+    #[test]
+    fn packed_entry_names() {
+        assert_eq!(
+            gemv_packed_entry(3, 128).ok().as_deref(),
+            Some("gemv_packed_w3_g128")
+        );
+        assert!(gemv_packed_entry(2, 128).is_err());
+        assert!(gemv_packed_entry(4, 96).is_err());
+        let listed = SOURCES.iter().find(|k| k.file == "gemv_packed.cu");
+        for bits in [3, 4, 8] {
+            for g in [32, 64, 128] {
+                let name = gemv_packed_entry(bits, g).unwrap_or_default();
+                assert!(
+                    listed.is_some_and(|k| k.entries.contains(&name.as_str())),
+                    "{name}"
+                );
+            }
+        }
+    }
+}
