@@ -1,7 +1,7 @@
 //! `mbq shapes`: a deterministic synthetic visual-question-answering task.
 //!
 //! Each scene is a small RGB image with 1 to 4 non-overlapping shapes
-//! (circle, square, triangle, star, cross) in named colours on a light
+//! (circle, square, triangle, cross) in named colours on a light
 //! solid or gradient background. Each image comes with short-answer
 //! questions (colour, shape, count, existence, spatial relation) and one
 //! templated caption, in the LLaVA calibration JSONL format. The same seed
@@ -22,8 +22,8 @@ pub const IMAGE_SIZE: u32 = 64;
 /// Sub-samples per pixel side (anti-aliased edges).
 const SUPERSAMPLE: u32 = 4;
 /// Half-extent of a shape, in pixels (inclusive range).
-const MIN_HALF: f32 = 6.0;
-const MAX_HALF: f32 = 11.0;
+const MIN_HALF: f32 = 8.0;
+const MAX_HALF: f32 = 13.0;
 /// Free pixels between two shapes' bounding circles, and to the border.
 const GAP: f32 = 3.0;
 /// Centre offset below which a left/right or above/below question is not asked.
@@ -41,11 +41,12 @@ pub enum ShapeKind {
     Cross,
 }
 
-pub const SHAPES: [ShapeKind; 5] = [
+/// The kinds scenes are drawn from (stars are drawable but left out: at
+/// 64x64 they are too close to crosses and circles for the bundled model).
+pub const SHAPES: [ShapeKind; 4] = [
     ShapeKind::Circle,
     ShapeKind::Square,
     ShapeKind::Triangle,
-    ShapeKind::Star,
     ShapeKind::Cross,
 ];
 
