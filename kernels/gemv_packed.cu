@@ -48,12 +48,17 @@ typedef unsigned int u32;
 #define GEMV_PACKED_ROWS ((GEMV_PACKED_THREADS / 32) * ROWS_PER_WARP)
 
 // An IEEE half (its 16 bits in the low half of `h`) as f32, without
-// cuda_fp16.h: one PTX conversion.
+// cuda_fp16.h: one PTX conversion (tests/cuda_host_emu runs these kernels
+// on the CPU with its own conversion).
 static __device__ __forceinline__ float f16_to_f32(u32 h) {
     unsigned short b = (unsigned short)(h & 0xffffu);
+#ifdef MBQ_HOST_EMULATION
+    return mbq_host_f16(b);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
     return f;
+#endif
 }
 
 static __device__ __forceinline__ float warp_sum(float v) {

@@ -79,3 +79,18 @@ fi
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --features cuda --lib cuda_kernels -- --test-threads 2
 cargo test --features cuda --test cuda_nvrtc -- --test-threads 2 --nocapture
+
+# Without a GPU the kernels still run: tests/cuda_host_emu runs them on the
+# CPU (one thread per CUDA thread) against f64 references. Needs g++.
+if ! command -v g++ >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing g++ for the CUDA kernel emulation test" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  else
+    echo "error: the CUDA kernel emulation test needs g++ (C++20); install it" >&2
+    exit 1
+  fi
+fi
+echo "CUDA kernels on the CPU (tests/cuda_host_emu):"
+tests/cuda_host_emu/run.sh
