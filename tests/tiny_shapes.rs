@@ -1,0 +1,174 @@
+//! The bundled model (models/tiny-shapes, trained by tools/train_tiny.py on
+//! `mbq shapes`): `mbq-run` uses it when no --model is given and answers the
+//! example images' questions; `mbq eval` on the committed held-out set
+//! (tests/fixtures/shapes_eval, `mbq shapes --seed 1000`) clears
+//! MIN_ACCURACY; the RTN W3 version runs and says it is RTN.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::scratch;
+
+/// Exact-match accuracy the held-out subset must reach. The goal is 0.9;
+/// the bundled model is not there yet (README: the full held-out numbers),
+/// so this guards against regressions of the model and the eval path.
+const MIN_ACCURACY: f64 = 0.6;
+/// The seed the examples and the held-out set come from (never trained on).
+const EVAL_SEED: &str = "1000";
+/// The example images: `mbq shapes --seed 1000` images by index.
+const EXAMPLES: &[&str] = &["s1000_000000", "s1000_000003", "s1000_000009"];
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"))
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn mbq_run_without_model_uses_tiny_shapes_and_answers_colour_questions() {
+    // Ground truth: the generator's questions for the eval seed.
+    let gen = scratch("tiny_shapes_examples").join("data");
+    let o = run(
+        env!("CARGO_BIN_EXE_mbq"),
+        &[
+            "shapes",
+            "--seed",
+            EVAL_SEED,
+            "--count",
+            "12",
+            "--out",
+            gen.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let qs = mbq::eval::load_questions(&gen.join("questions.jsonl")).unwrap();
+    for stem in EXAMPLES {
+        let example = repo().join("examples").join(format!("{stem}.png"));
+        let generated = gen.join("images").join(format!("{stem}.png"));
+        assert_eq!(
+            std::fs::read(&example).unwrap(),
+            std::fs::read(&generated).unwrap(),
+            "{} is not `mbq shapes --seed {EVAL_SEED}`'s image",
+            example.display()
+        );
+        let q = qs
+            .iter()
+            .find(|q| q.kind == "color" && q.image == format!("images/{stem}.png"))
+            .unwrap_or_else(|| panic!("{stem}: no colour question"));
+        let o = run(
+            env!("CARGO_BIN_EXE_mbq-run"),
+            &[
+                "--image",
+                example.to_str().unwrap(),
+                "--prompt",
+                &q.prompt,
+                "--backend",
+                "cpu",
+                "--json",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stem}: {stderr}");
+        assert!(
+            stderr.contains("tiny-shapes"),
+            "does not say which model: {stderr}"
+        );
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let text = j["text"].as_str().unwrap();
+        assert!(
+            mbq::eval::matches(text, &q.answer),
+            "{stem}: {:?} answered {text:?}, expected {:?}",
+            q.prompt,
+            q.answer
+        );
+    }
+}
+
+#[test]
+fn eval_on_the_committed_held_out_set() {
+    let data = repo().join("tests/fixtures/shapes_eval/questions.jsonl");
+    let o = run(
+        env!("CARGO_BIN_EXE_mbq"),
+        &[
+            "eval",
+            "--model",
+            "tiny-shapes",
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "50",
+            "--json",
+            "--backend",
+            "cpu",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["count"], 50);
+    let acc = j["accuracy"].as_f64().unwrap();
+    assert!(acc >= MIN_ACCURACY, "accuracy {acc} < {MIN_ACCURACY}: {j}");
+    assert!(j["per_type"]["color"]["count"].as_u64().unwrap() > 0);
+    let ppl = j["caption_perplexity"].as_f64().unwrap();
+    assert!(
+        ppl.is_finite() && ppl >= 1.0 && ppl < 2.0,
+        "caption perplexity {ppl}"
+    );
+}
+
+#[test]
+fn w3_model_runs_and_says_it_is_rtn() {
+    let example = repo().join("examples").join(format!("{}.png", EXAMPLES[0]));
+    let o = run(
+        env!("CARGO_BIN_EXE_mbq-run"),
+        &[
+            "--model",
+            "tiny-shapes-w3",
+            "--image",
+            example.to_str().unwrap(),
+            "--prompt",
+            "How many shapes are there?",
+            "--backend",
+            "cpu",
+            "--max-new-tokens",
+            "8",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tiny-shapes-w3") && stderr.contains("RTN"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn mbq_models_is_looked_in_first() {
+    let d = scratch("tiny_shapes_env");
+    common::copy_dir(&repo().join("models/tiny-shapes"), &d.join("tiny-shapes"));
+    let o = Command::new(env!("CARGO_BIN_EXE_mbq-run"))
+        .env("MBQ_MODELS", &d)
+        .args([
+            "--prompt",
+            "hi",
+            "--backend",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(d.join("tiny-shapes").to_str().unwrap()),
+        "{stderr}"
+    );
+}
