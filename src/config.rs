@@ -458,59 +458,53 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
         Arch::LlavaOnevision => "siglip_vision_model",
     };
     let mt = o.str("model_type", default_type)?;
+    // Class defaults: (hidden, intermediate, patch, image, layers, heads,
+    // layer_norm_eps, act). When `vision_config` is absent altogether the
+    // composite config builds the tower with its own overrides instead:
+    // LlavaConfig a CLIP ViT-L/14-336, LlavaOnevisionConfig a SigLIP-so400m.
     let present = v.is_object();
-    match mt.as_str() {
-        "clip_vision_model" => {
-            // LlavaConfig builds CLIPVisionConfig(intermediate_size=4096,
-            // hidden_size=1024, patch_size=14, image_size=336,
-            // num_hidden_layers=24, num_attention_heads=16) when absent.
-            let (h, i, p, s, l, a) = if present {
+    let (kind, (h, i, p, s, l, a), eps, act) = match mt.as_str() {
+        "clip_vision_model" => (
+            VisionKind::Clip,
+            if present {
                 (768, 3072, 32, 224, 12, 12)
             } else {
                 (1024, 4096, 14, 336, 24, 16)
-            };
-            Ok(VisionConfig {
-                kind: VisionKind::Clip,
-                hidden_size: o.usize("hidden_size", h)?,
-                intermediate_size: o.usize("intermediate_size", i)?,
-                num_hidden_layers: o.usize("num_hidden_layers", l)?,
-                num_attention_heads: o.usize("num_attention_heads", a)?,
-                num_channels: o.usize("num_channels", 3)?,
-                image_size: o.usize("image_size", s)?,
-                patch_size: o.usize("patch_size", p)?,
-                layer_norm_eps: o.f32("layer_norm_eps", 1e-5)?,
-                hidden_act: o.act("hidden_act", "quick_gelu")?,
-            })
-        }
-        "siglip_vision_model" => {
-            // LlavaOnevisionConfig builds SiglipVisionConfig(hidden_size=1152,
-            // intermediate_size=4304, patch_size=14, image_size=384,
-            // num_hidden_layers=26, num_attention_heads=16) when absent.
-            let (h, i, p, s, l, a) = if present {
+            },
+            1e-5,
+            "quick_gelu",
+        ),
+        "siglip_vision_model" => (
+            VisionKind::Siglip,
+            if present {
                 (768, 3072, 16, 224, 12, 12)
             } else {
                 (1152, 4304, 14, 384, 26, 16)
-            };
-            Ok(VisionConfig {
-                kind: VisionKind::Siglip,
-                hidden_size: o.usize("hidden_size", h)?,
-                intermediate_size: o.usize("intermediate_size", i)?,
-                num_hidden_layers: o.usize("num_hidden_layers", l)?,
-                num_attention_heads: o.usize("num_attention_heads", a)?,
-                num_channels: o.usize("num_channels", 3)?,
-                image_size: o.usize("image_size", s)?,
-                patch_size: o.usize("patch_size", p)?,
-                layer_norm_eps: o.f32("layer_norm_eps", 1e-6)?,
-                hidden_act: o.act("hidden_act", "gelu_pytorch_tanh")?,
+            },
+            1e-6,
+            "gelu_pytorch_tanh",
+        ),
+        other => {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "vision_config.model_type".into(),
+                found: other.to_string(),
+                supported: SUPPORTED_VISION_TYPES.join(", "),
             })
         }
-        other => Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            what: "vision_config.model_type".into(),
-            found: other.to_string(),
-            supported: SUPPORTED_VISION_TYPES.join(", "),
-        }),
-    }
+    };
+    Ok(VisionConfig {
+        kind,
+        hidden_size: o.usize("hidden_size", h)?,
+        intermediate_size: o.usize("intermediate_size", i)?,
+        num_hidden_layers: o.usize("num_hidden_layers", l)?,
+        num_attention_heads: o.usize("num_attention_heads", a)?,
+        num_channels: o.usize("num_channels", 3)?,
+        image_size: o.usize("image_size", s)?,
+        patch_size: o.usize("patch_size", p)?,
+        layer_norm_eps: o.f32("layer_norm_eps", eps)?,
+        hidden_act: o.act("hidden_act", act)?,
+    })
 }
 
 fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
