@@ -106,14 +106,27 @@ impl ChatTemplate {
     /// One user turn: `[{"type": "image"}, {"type": "text", "text": prompt}]`
     /// (the image item only when there is an image).
     pub fn render_user(&self, prompt: &str, with_image: bool) -> Result<String> {
-        let mut content = Vec::new();
-        if with_image {
-            content.push(serde_json::json!({"type": "image"}));
-        }
-        content.push(serde_json::json!({"type": "text", "text": prompt}));
-        let messages = serde_json::json!([{"role": "user", "content": content}]);
+        let messages = serde_json::json!([user_message(prompt, with_image)]);
         self.render(&messages, true)
     }
+}
+
+/// A user message as the HF processors take it: `{"role": "user", "content":
+/// [{"type": "image"}, {"type": "text", "text": prompt}]}` (the image item
+/// only when there is an image).
+pub fn user_message(prompt: &str, with_image: bool) -> Value {
+    let mut content = Vec::new();
+    if with_image {
+        content.push(serde_json::json!({"type": "image"}));
+    }
+    content.push(serde_json::json!({"type": "text", "text": prompt}));
+    serde_json::json!({"role": "user", "content": content})
+}
+
+/// An assistant message: `{"role": "assistant", "content": [{"type":
+/// "text", "text": text}]}`, the shape the LLaVA templates read.
+pub fn assistant_message(text: &str) -> Value {
+    serde_json::json!({"role": "assistant", "content": [{"type": "text", "text": text}]})
 }
 
 /// transformers' `{% generation %}...{% endgeneration %}` (its
