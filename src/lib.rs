@@ -11,6 +11,7 @@
 pub mod anyres;
 pub mod backend;
 pub mod bench;
+pub mod calib;
 pub mod chat_template;
 pub mod config;
 pub mod error;
