@@ -237,6 +237,7 @@ pub fn synthetic_text_model<B: Backend>(
         Ok(Linear {
             w: make_weight(be, kind, &w, out, inp)?,
             b,
+            act_quant: false,
         })
     };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -30,6 +30,13 @@ const ROPE_TOL: f32 = 1e-6;
 const LINEAR_TOL: f32 = 1e-5;
 /// Attention, relative to the output's scale (online softmax).
 const ATTN_TOL: f32 = 1e-5;
+/// INT8 activation fake quantization, per element: equal to the CPU's up
+/// to ACT_QUANT_SAME_TOL * max|x_row| (an ulp or two of the scale, should a
+/// device divide less exactly), else off by at most one quantization step
+/// (x / s within float rounding of a .5 boundary), and that for at most
+/// ACT_QUANT_MAX_STEP_FRACTION of the elements.
+const ACT_QUANT_SAME_TOL: f32 = 1e-6;
+const ACT_QUANT_MAX_STEP_FRACTION: f64 = 0.01;
 
 fn up(be: &Wgpu, t: &Tensor) -> mbq::backend::wgpu::WgpuTensor {
     be.upload(t).unwrap()
@@ -513,5 +520,56 @@ fn reused_buffers_do_not_clobber_pending_reads() {
             &Cpu.act(&b, Act::Relu).unwrap(),
             COPY_TOL,
         );
+    }
+}
+
+#[test]
+fn act_quant_int8_matches_cpu() {
+    let mut r = rng(11);
+    for (rows, cols, scale) in [(7, 129, 3.0), (1, 300, 0.02), (33, 45, 40.0), (3, 1, 1.0)] {
+        let mut x = random(&mut r, rows, cols, scale);
+        // A zero row, and values exactly on .5 boundaries of the row's grid.
+        if rows > 2 {
+            x.data[cols..2 * cols].iter_mut().for_each(|v| *v = 0.0);
+            let row = &mut x.data[2 * cols..3 * cols];
+            row[0] = 127.0;
+            for (i, v) in row.iter_mut().enumerate().skip(1) {
+                *v = ((i % 50) as f32 - 25.0) + 0.5;
+            }
+        }
+        let want = Cpu.quant_act_int8(&x).unwrap();
+        for (path, g) in both() {
+            let got = down(g, &g.quant_act_int8(&up(g, &x)).unwrap());
+            assert_eq!(got.shape, want.shape);
+            let mut steps = 0usize;
+            for (ri, (gr, wr)) in got
+                .data
+                .chunks(cols)
+                .zip(want.data.chunks(cols))
+                .enumerate()
+            {
+                let xr = &x.data[ri * cols..(ri + 1) * cols];
+                let max = xr.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let step = max.max(1e-5) / 127.0;
+                for (i, (a, b)) in gr.iter().zip(wr).enumerate() {
+                    let d = (a - b).abs();
+                    if d <= ACT_QUANT_SAME_TOL * max {
+                        continue;
+                    }
+                    assert!(
+                        d <= step * (1.0 + 1e-5),
+                        "{path} [{rows}, {cols}] at [{ri}, {i}]: x {} gpu {a} cpu {b} (step {step})",
+                        xr[i]
+                    );
+                    steps += 1;
+                }
+            }
+            let frac = steps as f64 / (rows * cols) as f64;
+            println!("{path} act_quant [{rows}, {cols}]: {steps} values one step off");
+            assert!(
+                frac <= ACT_QUANT_MAX_STEP_FRACTION,
+                "{path} [{rows}, {cols}]: {steps} values one step off"
+            );
+        }
     }
 }

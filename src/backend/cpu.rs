@@ -377,6 +377,12 @@ impl Backend for Cpu {
         Tensor::new(gate.shape.clone(), data)
     }
 
+    fn quant_act_int8(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        crate::quant::w4a8::fake_quantize_act_int8(&mut y.data, x.cols());
+        Ok(y)
+    }
+
     fn rows(&self, x: &Tensor, start: usize, n: usize) -> Result<Tensor> {
         let c = x.cols();
         if start + n > x.rows() {

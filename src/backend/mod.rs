@@ -99,6 +99,12 @@ pub trait Backend {
     /// act(gate) * up, same shapes (SwiGLU when act is silu).
     fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
 
+    /// Per-row (per-token) symmetric INT8 fake quantization of activations,
+    /// the A8 of W4A8 (`quant::w4a8::fake_quantize_act_int8`): with
+    /// `s = max(max|x_row|, 1e-5) / 127`, `y = clamp(round(x / s), -128, 127) * s`
+    /// (round half to even), in f32.
+    fn quant_act_int8(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
     /// Rows `start..start + n` of x.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Result<Self::Tensor>;
     /// x with rows `at..at + src.rows` replaced by src.

@@ -7,35 +7,62 @@ pub mod text;
 pub mod vision;
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::Prefixed;
 
 /// A linear layer on a backend: weight `[out, in]` and an optional bias.
 pub struct Linear<B: Backend> {
     pub w: B::Weight,
     pub b: Option<B::Tensor>,
+    /// W4A8: the input is fake-quantized per token to INT8
+    /// (`Backend::quant_act_int8`) before the product. Set for packed
+    /// linears of a file whose metadata has `mbq.act_bits` = `"8"`.
+    pub act_quant: bool,
 }
 
 impl<B: Backend> Linear<B> {
     /// Loads `<prefix>.weight` `[out, in]` (or its packed form
     /// `<prefix>.qweight` + `<prefix>.scales_zeros`) and, when `bias`,
-    /// `<prefix>.bias`.
+    /// `<prefix>.bias`. A packed linear quantizes its activations when the
+    /// file's metadata says `mbq.act_bits` = `"8"` (W4A8).
     pub fn load(be: &B, vb: &Prefixed, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let w = if vb.contains("qweight") {
-            be.packed_weight(&crate::quant::format::read_packed(vb, out, inp)?)?
+        let (w, act_quant) = if vb.contains("qweight") {
+            let w = be.packed_weight(&crate::quant::format::read_packed(vb, out, inp)?)?;
+            (w, act_bits(vb)?.is_some())
         } else {
-            be.weight(&vb.get("weight", &[out, inp])?)?
+            (be.weight(&vb.get("weight", &[out, inp])?)?, false)
         };
         let b = if bias {
             Some(be.upload(&vb.get("bias", &[out])?)?)
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Linear { w, b, act_quant })
     }
 
     pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        be.linear(x, &self.w, self.b.as_ref())
+        if self.act_quant {
+            be.linear(&be.quant_act_int8(x)?, &self.w, self.b.as_ref())
+        } else {
+            be.linear(x, &self.w, self.b.as_ref())
+        }
+    }
+}
+
+/// The activation bits of a packed file (`mbq.act_bits`): `None` when
+/// absent (weight-only), `Some(8)` for W4A8; any other value is an error
+/// naming the file and the value.
+fn act_bits(vb: &Prefixed) -> Result<Option<u32>> {
+    use crate::quant::format::META_ACT_BITS;
+    match vb.files.metadata.get(META_ACT_BITS).map(String::as_str) {
+        None => Ok(None),
+        Some("8") => Ok(Some(8)),
+        Some(other) => Err(Error::Unsupported {
+            path: vb.files.location(),
+            what: format!("packed activation bits (metadata \"{META_ACT_BITS}\")"),
+            found: other.to_string(),
+            supported: "8 (W4A8), or absent for weight-only".into(),
+        }),
     }
 }
 

@@ -65,6 +65,7 @@ impl<B: Backend> VisionTower<B> {
         let patch = Linear {
             w: be.weight(&conv)?,
             b: patch_bias,
+            act_quant: false,
         };
         let class_embedding = match cfg.kind {
             VisionKind::Clip => {

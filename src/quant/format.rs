@@ -27,7 +27,8 @@
 //! In safetensors, a packed linear `P.weight` becomes `P.qweight` (U32
 //! `[out, in * bits / 32]`) and `P.scales_zeros` (F16 `[out, in / group, 2]`);
 //! the file's metadata holds [`META_FORMAT`], [`META_BITS`],
-//! [`META_GROUP_SIZE`], [`META_METHOD`] and [`META_PACKED`].
+//! [`META_GROUP_SIZE`], [`META_METHOD`] and [`META_PACKED`], and for a
+//! weight-activation (W4A8) model [`META_ACT_BITS`].
 
 use half::f16;
 
@@ -41,6 +42,11 @@ pub const META_GROUP_SIZE: &str = "mbq.group_size";
 pub const META_METHOD: &str = "mbq.method";
 /// JSON list of the packed linears' prefixes (`...q_proj`).
 pub const META_PACKED: &str = "mbq.packed";
+/// Bits of the activations entering the packed linears: `"8"` for W4A8
+/// (per-token symmetric INT8, fake-quantized by the runtime before every
+/// packed linear, see [`super::w4a8`]); absent for weight-only models. Any
+/// other value is rejected when the model is loaded.
+pub const META_ACT_BITS: &str = "mbq.act_bits";
 
 pub const SUPPORTED_BITS: &[u32] = &[3, 4, 8];
 pub const SUPPORTED_GROUPS: &[usize] = &[32, 64, 128];

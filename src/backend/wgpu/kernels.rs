@@ -35,6 +35,10 @@ const SOURCES: &[(&str, &str)] = &[
         "attention.wgsl",
         include_str!("../../../shaders/attention.wgsl"),
     ),
+    (
+        "act_quant.wgsl",
+        include_str!("../../../shaders/act_quant.wgsl"),
+    ),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

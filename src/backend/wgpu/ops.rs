@@ -267,6 +267,19 @@ impl Backend for Wgpu {
         self.elementwise("gated", gate, Some(up), act_code(act))
     }
 
+    /// W4A8 on wgpu fake-quantizes the activations (act_quant.wgsl, f32 in
+    /// and out) and then reuses the packed dequant GEMV / GEMM unchanged; no
+    /// integer dot products (`dot4I8Packed`) yet.
+    fn quant_act_int8(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
+        let y = self.tensor(x.rows, x.cols, "quant_act_int8")?;
+        let rows = u32_of("quant_act_int8", x.rows)?;
+        let cols = u32_of("quant_act_int8", x.cols)?;
+        let key = self.key("act_quant.wgsl", "act_quant_int8", WG);
+        self.rec
+            .dispatch(&key, &[(0, x.buf()), (1, y.buf())], 2, &[rows, cols], rows)?;
+        Ok(y)
+    }
+
     fn rows(&self, x: &WgpuTensor, start: usize, n: usize) -> Result<WgpuTensor> {
         if start + n > x.rows {
             return Err(shape_err(
