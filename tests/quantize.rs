@@ -336,10 +336,16 @@ fn bad_options_are_clear_errors() {
         a.extend_from_slice(extra);
         expect_failure(&mbq(&a))
     };
-    for m in ["mbq", "awq", "smoothquant"] {
+    for m in ["mbq", "awq"] {
         let e = run(&["--method", m, "--w-bit", "4"]);
-        assert!(e.contains("not implemented yet; available: rtn"), "{e}");
+        assert!(e.contains(&format!("--method {m} needs --calib FILE")), "{e}");
     }
+    let e = run(&["--method", "smoothquant", "--w-bit", "4"]);
+    assert!(e.contains("give --w-bit 4 --a-bit 8"), "{e}");
+    let e = run(&["--method", "mbq", "--w-bit", "3", "--a-bit", "8"]);
+    assert!(e.contains("--a-bit 8 needs --w-bit 4"), "{e}");
+    let e = run(&["--method", "mbq", "--w-bit", "4", "--backend", "cuda"]);
+    assert!(e.contains("--backend cuda"), "{e}");
     let e = run(&["--method", "gptq", "--w-bit", "4"]);
     assert!(e.contains("gptq") && e.contains("rtn"), "{e}");
     let e = run(&["--w-bit", "5"]);

@@ -27,17 +27,46 @@ enum Cmd {
         model: std::path::PathBuf,
     },
     /// Quantize a model's decoder linears into the packed format (a new
-    /// directory; nothing is overwritten).
+    /// directory; nothing is overwritten). rtn needs no data; mbq, awq and
+    /// smoothquant calibrate on --calib first.
     Quantize {
         /// Quantization method.
         #[arg(long, value_enum, default_value_t = Method::Rtn)]
         method: Method,
-        /// Weight bits: 3, 4 or 8.
+        /// Weight bits: 3, 4 or 8 (4 with --a-bit 8).
         #[arg(long)]
         w_bit: u32,
+        /// Activation bits: 8 for W4A8 (per-channel INT4 weights, per-token
+        /// INT8 activations); weight-only when absent.
+        #[arg(long)]
+        a_bit: Option<u32>,
         /// Input features per (scale, zero) group: 32, 64 or 128.
         #[arg(long, default_value_t = 128)]
         group_size: usize,
+        /// Calibration data: LLaVA JSON or JSONL (mbq, awq, smoothquant).
+        #[arg(long)]
+        calib: Option<std::path::PathBuf>,
+        /// Folder the calibration "image" paths are relative to (default:
+        /// the calibration file's folder).
+        #[arg(long)]
+        image_folder: Option<std::path::PathBuf>,
+        /// Calibration samples, drawn after a seeded shuffle.
+        #[arg(long, default_value_t = 128)]
+        n_samples: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Reconstruction loss of the scale search.
+        #[arg(long, value_enum, default_value_t = Loss::Mae)]
+        loss: Loss,
+        /// Where calibration runs (cpu; cuda arrives with the CUDA backend).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Continue an interrupted calibration from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Testing aid: stop after this layer's checkpoint, as a kill would.
+        #[arg(long, hide = true)]
+        stop_after_layer: Option<usize>,
         /// Input model directory (read only).
         #[arg(long)]
         model: std::path::PathBuf,
@@ -144,12 +173,21 @@ enum BenchCmd {
 enum Method {
     /// Round to nearest (the MBQ reference quantizer, no calibration).
     Rtn,
-    /// Modality-balanced quantization (not implemented yet).
+    /// Modality-balanced quantization: scale search weighted by the
+    /// measured vision/caption sensitivity.
     Mbq,
-    /// AWQ (not implemented yet).
+    /// AWQ: the same scale search with every token alike.
     Awq,
-    /// SmoothQuant (not implemented yet).
+    /// SmoothQuant (alpha 0.5), W4A8 only.
     Smoothquant,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Loss {
+    /// Mean absolute error (the official configs).
+    Mae,
+    /// Mean squared error.
+    Mse,
 }
 
 fn main() -> ExitCode {
@@ -193,10 +231,56 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Quantize {
             method,
             w_bit,
+            a_bit,
             group_size,
+            calib,
+            image_folder,
+            n_samples,
+            seed,
+            loss,
+            backend,
+            resume,
+            stop_after_layer,
             model,
             out,
-        } => quantize(method, w_bit, group_size, &model, &out),
+        } => {
+            if backend != "cpu" {
+                anyhow::bail!(
+                    "--backend {backend}: calibration runs on the CPU backend only in this build (cuda is not implemented yet)"
+                );
+            }
+            use mbq::calib::run::Method as M;
+            quantize(mbq::calib::run::QuantizeOptions {
+                method: match method {
+                    Method::Rtn => M::Rtn,
+                    Method::Mbq => M::Mbq,
+                    Method::Awq => M::Awq,
+                    Method::Smoothquant => M::Smoothquant,
+                },
+                w_bit,
+                a_bit,
+                group_size,
+                image_folder: image_folder.or_else(|| {
+                    calib.as_ref().map(|c| match c.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => std::path::PathBuf::from("."),
+                    })
+                }),
+                calib,
+                n_samples,
+                seed,
+                loss: match loss {
+                    Loss::Mae => mbq::calib::search::LossKind::Mae,
+                    Loss::Mse => mbq::calib::search::LossKind::Mse,
+                },
+                model: mbq::runtime::resolve_model(Some(&model.to_string_lossy()), |m| {
+                    eprintln!("{m}")
+                })?,
+                out,
+                resume,
+                stop_after_layer,
+            })
+        }
         Cmd::Shapes { seed, count, out } => {
             let s = mbq::shapes::write_dataset(seed, count, &out)?;
             println!(
@@ -377,46 +461,87 @@ fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn quantize(
-    method: Method,
-    bits: u32,
-    group_size: usize,
-    model: &std::path::Path,
-    out: &std::path::Path,
-) -> anyhow::Result<()> {
-    use indicatif::{ProgressBar, ProgressStyle};
-    use mbq::quant::writer::{quantize_rtn_dir, Progress};
+fn quantize(o: mbq::calib::run::QuantizeOptions) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use mbq::calib::run::{quantize_model, CalibProgress};
+    use mbq::quant::writer::Progress;
 
-    if method != Method::Rtn {
-        anyhow::bail!(
-            "--method {}: mbq, awq, smoothquant are not implemented yet; available: rtn",
-            format!("{method:?}").to_lowercase()
-        );
-    }
     let t0 = std::time::Instant::now();
-    let bar = ProgressBar::hidden();
-    let report = quantize_rtn_dir(model, out, bits, group_size, |p| match p {
-        Progress::Start { linears } => {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            bar.set_length(linears as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} linears {elapsed} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    let style =
+        |t: &str| ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut bar = ProgressBar::hidden();
+    let mut stage = String::new();
+    let start = |bar: &mut ProgressBar, stage: &mut String, name: String, len: usize, tpl: &str| {
+        if *stage != name {
+            bar.finish_and_clear();
+            *bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+            bar.set_style(style(tpl));
+            bar.set_message(name.clone());
+            *stage = name;
+        }
+    };
+    let outcome = quantize_model(&o, |p| match p {
+        CalibProgress::Note(m) => bar.suspend(|| eprintln!("{m}")),
+        CalibProgress::Loading { done, total } => {
+            start(
+                &mut bar,
+                &mut stage,
+                "encoding calibration images".into(),
+                total,
+                "{bar:40} {pos}/{len} samples {elapsed} {msg}",
+            );
+            bar.set_position(done as u64);
+        }
+        CalibProgress::Sensitivity { done, total } => {
+            start(
+                &mut bar,
+                &mut stage,
+                "sensitivity (backward through the LM)".into(),
+                total,
+                "{bar:40} {pos}/{len} samples {elapsed} {msg}",
+            );
+            bar.set_position(done as u64);
+        }
+        CalibProgress::Layer {
+            layer,
+            layers,
+            done,
+            total,
+        } => {
+            start(
+                &mut bar,
+                &mut stage,
+                format!("layer {}/{layers}", layer + 1),
+                total,
+                "{bar:40} {pos}/{len} grid points {elapsed} {msg}",
+            );
+            bar.set_position(done as u64);
+        }
+        CalibProgress::Write(Progress::Start { linears }) => {
+            start(
+                &mut bar,
+                &mut stage,
+                "packing".into(),
+                linears,
+                "{bar:40} {pos}/{len} linears {elapsed} {msg}",
             );
         }
-        Progress::Packed { done, name, .. } => {
-            bar.set_position(done as u64);
-            bar.set_message(name.to_string());
-        }
-        Progress::Writing => bar.set_message("writing model.safetensors"),
+        CalibProgress::Write(Progress::Packed { done, .. }) => bar.set_position(done as u64),
+        CalibProgress::Write(Progress::Writing) => bar.set_message("writing model.safetensors"),
     });
     bar.finish_and_clear();
-    let report = report?;
+    let outcome = outcome?;
+    let report = &outcome.written;
     let mb = |b: f64| b / 1e6;
+    let scheme = match o.a_bit {
+        Some(a) => format!("W{}A{a} per-channel", o.w_bit),
+        None => format!("W{} g{}", o.w_bit, o.group_size),
+    };
     println!(
-        "{}: packed {} linears ({} weights, W{bits} g{group_size}) {:.2} MB -> {:.2} MB = {:.3} bits/weight; \
+        "{}: {} packed {} linears ({} weights, {scheme}) {:.2} MB -> {:.2} MB = {:.3} bits/weight; \
          model.safetensors {:.2} MB -> {:.2} MB; {} tensors and {} files copied; {:.2} s",
         report.output.display(),
+        o.method.name(),
         report.packed.len(),
         report.packed_weights,
         mb(report.packed_bytes_before as f64),
@@ -428,6 +553,25 @@ fn quantize(
         report.copied_files.len(),
         t0.elapsed().as_secs_f64()
     );
+    if let Some(c) = &outcome.calibration {
+        for l in &c.layers {
+            let groups: Vec<String> = l
+                .groups
+                .iter()
+                .map(|g| format!("{} alpha {:.2}", g.name, g.alpha))
+                .collect();
+            let ratio = l
+                .ratio
+                .as_ref()
+                .map(|r| format!(" ratio attn {:.3} mlp {:.3};", r.attn, r.mlp))
+                .unwrap_or_default();
+            println!("  layer {}:{ratio} {}", l.index, groups.join(", "));
+        }
+        println!(
+            "  report: {}/calibration_report.json and .svg",
+            report.output.display()
+        );
+    }
     for f in &report.skipped_files {
         eprintln!("note: {} not copied (another weight format)", f.display());
     }

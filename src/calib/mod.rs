@@ -4,3 +4,5 @@
 pub mod data;
 pub mod grad;
 pub mod report;
+pub mod run;
+pub mod search;

@@ -102,6 +102,30 @@ impl Drop for TempDir {
     }
 }
 
+/// Packs one weight `[out, in]` (its name, f32 values, out, in).
+pub type QuantizeFn = dyn Fn(&str, &[f32], usize, usize) -> Result<PackedLinear> + Sync;
+
+/// How the decoder linears are quantized and what the output records.
+pub struct QuantSpec<'a> {
+    /// Recorded as `mbq.method` (rtn, mbq, awq, smoothquant).
+    pub method: &'a str,
+    pub bits: u32,
+    pub group_size: usize,
+    /// Packs one weight `[out, in]` (f32 values) into the packed format.
+    pub quantize: &'a QuantizeFn,
+    /// Extra `mbq.*` metadata (e.g. the activation bits of W4A8).
+    pub extra_meta: Vec<(String, String)>,
+}
+
+/// What replaces the input: tensors by name (f32 values, written back in
+/// the input tensor's dtype; a replaced decoder-linear weight is what gets
+/// quantized) and files to add to the output directory.
+#[derive(Default)]
+pub struct Replacements {
+    pub tensors: std::collections::HashMap<String, Vec<f32>>,
+    pub files: Vec<(PathBuf, Vec<u8>)>,
+}
+
 /// Quantizes the decoder linears of the model directory `input` with RTN
 /// (the MBQ reference quantizer without calibration) and writes a packed
 /// model directory `output`, which must not exist.
@@ -110,8 +134,24 @@ pub fn quantize_rtn_dir(
     output: &Path,
     bits: u32,
     group_size: usize,
-    mut progress: impl FnMut(Progress<'_>),
+    progress: impl FnMut(Progress<'_>),
 ) -> Result<Report> {
+    check_bits_group(bits, group_size)?;
+    let quantize = move |name: &str, w: &[f32], out: usize, inp: usize| {
+        quantize_rows(name, w, out, inp, bits, group_size)
+    };
+    let spec = QuantSpec {
+        method: "rtn",
+        bits,
+        group_size,
+        quantize: &quantize,
+        extra_meta: Vec::new(),
+    };
+    write_quantized_dir(input, output, &spec, &Replacements::default(), progress)
+}
+
+/// Checks `bits` and `group_size` are supported by the packed format.
+pub fn check_bits_group(bits: u32, group_size: usize) -> Result<()> {
     if !SUPPORTED_BITS.contains(&bits) {
         return Err(Error::invalid(format!(
             "{bits}-bit quantization is not supported (supported: 3, 4, 8)"
@@ -122,6 +162,13 @@ pub fn quantize_rtn_dir(
             "group size {group_size} is not supported (supported: 32, 64, 128)"
         )));
     }
+    Ok(())
+}
+
+/// Checks, before any work, that `output` can be written: it does not
+/// exist, its parent does, and it is not inside `input`. Returns the
+/// parent directory.
+pub fn check_output(input: &Path, output: &Path) -> Result<PathBuf> {
     if !input.is_dir() {
         return Err(Error::Missing {
             path: input.to_path_buf(),
@@ -129,9 +176,12 @@ pub fn quantize_rtn_dir(
         });
     }
     refuse_existing(output)?;
-    let name = output
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
+    if output.file_name().is_none() {
+        return Err(Error::invalid(format!(
+            "{}: not a directory name",
+            output.display()
+        )));
+    }
     let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -145,6 +195,26 @@ pub fn quantize_rtn_dir(
             input.display()
         )));
     }
+    Ok(parent)
+}
+
+/// Writes the packed model directory `output` from `input`: the decoder
+/// linears quantized by `spec.quantize` (from their replacement when
+/// `repl` has one), other replaced tensors in their input dtype, every
+/// other tensor and file as it is, plus `repl.files`.
+pub fn write_quantized_dir(
+    input: &Path,
+    output: &Path,
+    spec: &QuantSpec<'_>,
+    repl: &Replacements,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Report> {
+    let QuantSpec {
+        bits, group_size, ..
+    } = *spec;
+    check_bits_group(bits, group_size)?;
+    let parent = check_output(input, output)?;
+    let name = output.file_name().expect("checked by check_output");
 
     // Everything is read and checked before anything is written.
     let cfg = VlmConfig::load(input)?;
@@ -196,7 +266,17 @@ pub fn quantize_rtn_dir(
         let (_, _, raw) = w.raw(&wname)?;
         let t = w.get_any(&wname)?;
         let (out, inp) = (t.shape[0], t.shape[1]);
-        let pl = quantize_rows(&wname, &t.data, out, inp, bits, group_size)?;
+        let data = match repl.tensors.get(&wname) {
+            Some(d) if d.len() == out * inp => d.as_slice(),
+            Some(d) => {
+                return Err(Error::invalid(format!(
+                    "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
+                    d.len()
+                )))
+            }
+            None => &t.data,
+        };
+        let pl = (spec.quantize)(&wname, data, out, inp)?;
         report.packed_weights += out * inp;
         report.packed_bytes_before += raw.len();
         report.packed_bytes_after += pl.nbytes();
@@ -230,8 +310,19 @@ pub fn quantize_rtn_dir(
     // they are, then the packed ones.
     let replaced: HashSet<String> = linears.iter().map(|p| format!("{p}.weight")).collect();
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
+    // Replaced (non-linear) tensors, converted back to their own dtype.
+    let mut converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for n in w.names().filter(|n| !replaced.contains(*n)) {
         let (dtype, shape, bytes) = w.raw(n)?;
+        if let Some(vals) = repl.tensors.get(n) {
+            converted.push((
+                n.to_string(),
+                dtype,
+                shape.to_vec(),
+                to_dtype_bytes(n, dtype, shape, vals)?,
+            ));
+            continue;
+        }
         tensors.push(OutTensor {
             name: n.to_string(),
             dtype,
@@ -239,6 +330,14 @@ pub fn quantize_rtn_dir(
             bytes,
         });
         report.copied_tensors += 1;
+    }
+    for (name, dtype, shape, bytes) in &converted {
+        tensors.push(OutTensor {
+            name: name.clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            bytes,
+        });
     }
     for (name, dtype, shape, bytes) in &packed_bytes {
         tensors.push(OutTensor {
@@ -257,7 +356,10 @@ pub fn quantize_rtn_dir(
     meta.insert(META_FORMAT.into(), FORMAT_VERSION.to_string());
     meta.insert(META_BITS.into(), bits.to_string());
     meta.insert(META_GROUP_SIZE.into(), group_size.to_string());
-    meta.insert(META_METHOD.into(), "rtn".into());
+    meta.insert(META_METHOD.into(), spec.method.into());
+    for (k, v) in &spec.extra_meta {
+        meta.insert(k.clone(), v.clone());
+    }
     meta.insert(
         META_PACKED.into(),
         serde_json::to_string(&linears).map_err(|e| Error::invalid(e.to_string()))?,
@@ -272,6 +374,11 @@ pub fn quantize_rtn_dir(
         report.weight_file_bytes_before += file_len(&input.join(f)).unwrap_or(0);
     }
     copy_other_files(input, &tmp.path, Path::new(""), &skip, &mut report)?;
+    for (rel, bytes) in &repl.files {
+        let to = tmp.path.join(rel);
+        fs::write(&to, bytes).map_err(|e| Error::io(&to, e))?;
+        sync_file(&to)?;
+    }
     sync_dir(&tmp.path)?;
 
     publish(&tmp.path, output)?;
@@ -310,9 +417,36 @@ fn decoder_linears(
     Ok(linears)
 }
 
+/// `vals` as the bytes of a tensor of `dtype` (f32, f16 or bf16).
+fn to_dtype_bytes(name: &str, dtype: Dtype, shape: &[usize], vals: &[f32]) -> Result<Vec<u8>> {
+    let n: usize = shape.iter().product();
+    if vals.len() != n {
+        return Err(Error::invalid(format!(
+            "replacement for \"{name}\" has {} values, expected {n} ({shape:?})",
+            vals.len()
+        )));
+    }
+    Ok(match dtype {
+        Dtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        d => {
+            return Err(Error::invalid(format!(
+                "tensor \"{name}\": cannot write a replacement of dtype {d:?} (f32, f16, bf16 only)"
+            )))
+        }
+    })
+}
+
 /// `quantize_linear` over blocks of rows in parallel (rows are independent,
 /// and the packed layout is row-major, so the blocks concatenate).
-fn quantize_rows(
+pub fn quantize_rows(
     name: &str,
     w: &[f32],
     out: usize,
