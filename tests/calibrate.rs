@@ -249,3 +249,70 @@ fn bad_calibration_options_are_clear_errors() {
         assert!(!tmp.join(d).exists(), "{d}");
     }
 }
+
+/// The CLI as a user runs it: `mbq quantize --method mbq` killed (SIGKILL)
+/// after its first layer checkpoint, then `--resume`: the same bytes as an
+/// uninterrupted CLI run.
+#[test]
+fn a_killed_cli_calibration_resumes_to_the_same_output() {
+    use std::process::{Command, Stdio};
+    let tmp = scratch("calibrate_kill");
+    let mbq = env!("CARGO_BIN_EXE_mbq");
+    let calib = calib_file();
+    let model = tiny_shapes();
+    let cmd = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(mbq);
+        c.args(["quantize", "--method", "mbq", "--w-bit", "3", "--n-samples", "42"])
+            .arg("--calib")
+            .arg(&calib)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(out)
+            .args(extra);
+        c
+    };
+    let whole = tmp.join("whole");
+    let r = cmd(&whole, &[]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let parts = tmp.join("parts");
+    let state = tmp.join(".parts.calib-checkpoint/state.json");
+    let mut child = cmd(&parts, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let done = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["layers_done"].as_u64())
+            .unwrap_or(0);
+        if done >= 1 {
+            break;
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("the run ended ({s}) before its first checkpoint could be seen");
+        }
+        assert!(t0.elapsed().as_secs() < 600, "no checkpoint after 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before the end");
+    assert!(!parts.exists(), "a killed run leaves no output");
+
+    let r = cmd(&parts, &["--resume"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let a = std::fs::read(whole.join("model.safetensors")).unwrap();
+    let b = std::fs::read(parts.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed output differs from the uninterrupted one");
+    // The stdout summary names the chosen alphas per layer.
+    let r = String::from_utf8_lossy(&r.stdout).to_string();
+    assert!(r.contains("layer 3:") && r.contains("attn_in alpha"), "{r}");
+}
