@@ -31,14 +31,15 @@ use super::search::{
 use crate::backend::cpu::{Cpu, CpuWeight};
 use crate::error::{Error, Result};
 use crate::model::llava::{Prefixes, Vlm};
-use crate::model::text::TextModel;
+use crate::model::text::{DecoderLayer, TextModel};
+use crate::model::Linear;
 use crate::preprocess::ImageProcessorConfig;
 use crate::processor::Processor;
 use crate::quant::format::{PackedLinear, META_ACT_BITS};
 use crate::quant::safetensors_out::{self, OutTensor};
 use crate::quant::w4a8::quantize_linear_w4_per_channel;
 use crate::quant::writer::{
-    self, check_bits_group, check_output, quantize_rows, QuantSpec, Replacements,
+    self, check_bits_group, check_output, quantize_rows, QuantSpec, Replacements, DECODER_LINEARS,
 };
 use crate::tensor::Tensor;
 use crate::weights::WeightFiles;
@@ -573,12 +574,15 @@ fn search_layer(
     };
     let total = groups.len() * per_group;
     let mut done = 0;
-    progress(CalibProgress::Layer {
-        layer: i,
-        layers,
-        done,
-        total,
-    });
+    let mut tick = |done: usize| {
+        progress(CalibProgress::Layer {
+            layer: i,
+            layers,
+            done,
+            total,
+        })
+    };
+    tick(done);
     let mut results = Vec::new();
     for g in groups {
         let weighting = match (o.method, ratios) {
@@ -594,22 +598,12 @@ fn search_layer(
         let r = if o.method == Method::Smoothquant {
             let r = search::smoothquant_group(be, text, i, g, &f, masks, o.loss)?;
             done += 1;
-            progress(CalibProgress::Layer {
-                layer: i,
-                layers,
-                done,
-                total,
-            });
+            tick(done);
             r
         } else {
             search::search_group(be, text, i, g, &f, masks, q, o.loss, weighting, || {
                 done += 1;
-                progress(CalibProgress::Layer {
-                    layer: i,
-                    layers,
-                    done,
-                    total,
-                })
+                tick(done)
             })?
         };
         results.push(r);
@@ -652,6 +646,23 @@ fn search_layer(
     })
 }
 
+/// The linears of a layer in [`DECODER_LINEARS`] order.
+fn linears(l: &DecoderLayer<Cpu>) -> [&Linear<Cpu>; 7] {
+    [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+}
+
+fn linears_mut(l: &mut DecoderLayer<Cpu>) -> [&mut Linear<Cpu>; 7] {
+    [
+        &mut l.q,
+        &mut l.k,
+        &mut l.v,
+        &mut l.o,
+        &mut l.gate,
+        &mut l.up,
+        &mut l.down,
+    ]
+}
+
 /// Every tensor of the decoder layers that a fold may change, by its name
 /// in the model's files.
 fn decoder_tensors(
@@ -666,15 +677,7 @@ fn decoder_tensors(
             format!("{p}.post_attention_layernorm.weight"),
             &l.post_attention_layernorm,
         );
-        for (name, lin) in [
-            ("self_attn.q_proj", &l.q),
-            ("self_attn.k_proj", &l.k),
-            ("self_attn.v_proj", &l.v),
-            ("self_attn.o_proj", &l.o),
-            ("mlp.gate_proj", &l.gate),
-            ("mlp.up_proj", &l.up),
-            ("mlp.down_proj", &l.down),
-        ] {
+        for (name, lin) in DECODER_LINEARS.iter().zip(linears(l)) {
             let CpuWeight::Dense(w) = &lin.w else {
                 return Err(Error::invalid(format!(
                     "{p}.{name}: calibration needs an unquantized model"
@@ -736,15 +739,7 @@ fn restore_layer(ckpt: &Path, text: &mut TextModel<Cpu>, i: usize) -> Result<()>
     let l = &mut text.layers[i];
     l.input_layernorm = get("input_layernorm.weight")?;
     l.post_attention_layernorm = get("post_attention_layernorm.weight")?;
-    for (name, lin) in [
-        ("self_attn.q_proj", &mut l.q),
-        ("self_attn.k_proj", &mut l.k),
-        ("self_attn.v_proj", &mut l.v),
-        ("self_attn.o_proj", &mut l.o),
-        ("mlp.gate_proj", &mut l.gate),
-        ("mlp.up_proj", &mut l.up),
-        ("mlp.down_proj", &mut l.down),
-    ] {
+    for (name, lin) in DECODER_LINEARS.iter().zip(linears_mut(l)) {
         lin.w = CpuWeight::Dense(get(&format!("{name}.weight"))?);
         if lin.b.is_some() {
             lin.b = Some(get(&format!("{name}.bias"))?);

@@ -663,26 +663,22 @@ mod tests {
         }
         let after = layer_features(&be, &vlm.text, 0, &xs).unwrap();
         const FOLD_RTOL: f32 = 1e-5;
-        for (a, b) in before.out.iter().zip(&after.out) {
-            let scale = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .data
-                .iter()
-                .zip(&b.data)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff <= FOLD_RTOL * scale, "diff {diff} vs scale {scale}");
-        }
-        // The attention / MLP outputs too; the features of the scaled
-        // inputs are divided by s (not compared).
-        for (a, b) in before.mlp_y.iter().zip(&after.mlp_y) {
-            let scale = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .data
-                .iter()
-                .zip(&b.data)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(diff <= FOLD_RTOL * scale, "mlp diff {diff} vs {scale}");
-        }
+        let check = |what: &str, xs: &[Tensor], ys: &[Tensor]| {
+            for (a, b) in xs.iter().zip(ys) {
+                let scale = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a
+                    .data
+                    .iter()
+                    .zip(&b.data)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(diff <= FOLD_RTOL * scale, "{what}: {diff} vs {scale}");
+            }
+        };
+        check("layer output", &before.out, &after.out);
+        // The attention and MLP outputs too (the inputs of the scaled
+        // linears are divided by s: not compared).
+        check("attention output", &before.attn_y, &after.attn_y);
+        check("mlp output", &before.mlp_y, &after.mlp_y);
     }
 
     /// The attn_out fold (v rows / s, o columns * s) on a model without
