@@ -35,7 +35,7 @@ use mbq::quant::w4a8::{
 use mbq::tensor::Tensor;
 use mbq::weights::WeightFiles;
 use safetensors::tensor::Dtype;
-use wgpu_common::gpu;
+use wgpu_common::{expect_dot4, gpu, gpu_no_dot4};
 
 /// The fixture model (f16 weights; hidden 128, intermediate 256).
 const MODEL: &str = "models/llava_qwen128";
@@ -384,19 +384,42 @@ fn w4a8_linears_match_a_hand_reference() {
 
 #[test]
 fn w4a8_wgpu_greedy_ids_equal_cpu() {
+    // Both W4A8 paths of wgpu: integer dot products (gemv_w4a8.wgsl, which
+    // must run where the device has dot4I8Packed: `expect_dot4` fails
+    // loudly otherwise) and the fake-quant fallback (MBQ_WGPU_NO_DOT4=1).
     let m = models("w4a8-wgpu");
-    let g = gpu();
-    let t0 = std::time::Instant::now();
-    let (gl, gids) = run(g, &Vlm::load(g, &m.w4a8).unwrap(), &m.w4a8);
-    let gpu_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (cl, cids) = run(&Cpu, &Vlm::load(&Cpu, &m.w4a8).unwrap(), &m.w4a8);
-    let e = rel_err(&gl, &cl);
-    println!("W4A8 wgpu vs cpu: logits rel err {e:.2e}, ids {gids:?}, wgpu {gpu_ms:.0} ms");
-    assert_eq!(gids, cids, "wgpu vs cpu greedy ids");
-    assert!(e <= GPU_LOGITS_REL_TOL, "wgpu vs cpu logits: {e}");
+    let g = gpu();
+    let dot4 = expect_dot4(g);
+    let mut logits = Vec::new();
+    for (path, g) in [("dot4", g), ("fallback", gpu_no_dot4())] {
+        let before = g.dot4_linears();
+        let t0 = std::time::Instant::now();
+        let (gl, gids) = run(g, &Vlm::load(g, &m.w4a8).unwrap(), &m.w4a8);
+        let gpu_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let ints = g.dot4_linears() - before;
+        let e = rel_err(&gl, &cl);
+        println!(
+            "W4A8 wgpu ({path}, {ints} integer linears) vs cpu: logits rel err {e:.2e}, ids \
+             {gids:?}, wgpu {gpu_ms:.0} ms"
+        );
+        if path == "dot4" && dot4 {
+            // 7 linears per layer, prefill and each decoded token.
+            assert!(ints >= 7 * GREEDY_TOKENS, "{ints} integer linears");
+        } else {
+            assert_eq!(ints, 0, "{path}: integer linears ran");
+        }
+        assert_eq!(gids, cids, "wgpu ({path}) vs cpu greedy ids");
+        assert!(e <= GPU_LOGITS_REL_TOL, "wgpu ({path}) vs cpu logits: {e}");
+        logits.push(gl);
+    }
+    println!(
+        "W4A8 wgpu dot4 vs fallback: logits rel err {:.2e}",
+        rel_err(&logits[0], &logits[1])
+    );
     // And the weight-only model on wgpu does not quantize activations.
     let (gw4, _) = run(g, &Vlm::load(g, &m.w4).unwrap(), &m.w4);
-    assert!(rel_err(&gw4, &gl) >= ACT_QUANT_MIN_EFFECT);
+    assert!(rel_err(&gw4, &logits[0]) >= ACT_QUANT_MIN_EFFECT);
 }
 
 #[test]

@@ -10,9 +10,13 @@ use mbq::backend::wgpu::Wgpu;
 use mbq::backend::{AttnShape, Backend, Rope};
 use mbq::config::Act;
 use mbq::error::Error;
+use mbq::quant::format::PackedLinear;
 use mbq::quant::pseudo::quantize_linear;
 use mbq::tensor::Tensor;
-use wgpu_common::{assert_close, both, gpu, gpu_split, random, rng, to_f16};
+use rand::Rng;
+use wgpu_common::{
+    assert_close, both, expect_dot4, gpu, gpu_no_dot4, gpu_split, random, rng, to_f16,
+};
 
 /// Copies (rows, set_rows, concat_rows, embedding): bit-exact.
 const COPY_TOL: f32 = 0.0;
@@ -37,6 +41,16 @@ const ATTN_TOL: f32 = 1e-5;
 /// ACT_QUANT_MAX_STEP_FRACTION of the elements.
 const ACT_QUANT_SAME_TOL: f32 = 1e-6;
 const ACT_QUANT_MAX_STEP_FRACTION: f64 = 0.01;
+/// W4A8 with integer dot products (gemv_w4a8.wgsl) against the CPU
+/// reference on the same INT8 activations, relative to the output's scale.
+/// The integer sums are exact; the GPU rounds once per 32-input block (the
+/// f32 combine of block sums times the group scale, then times s_x), the
+/// CPU rounds every product and sum of its f32 dot in another order: both
+/// are a few f32 ulps of the partial sums: lavapipe measures 4e-8..5.7e-7
+/// over these shapes (k up to 2560, terms of either sign, so partial sums
+/// reach a few times the output's scale). 2e-6 leaves room for other
+/// devices' orders; a wrong code, zero or scale is off by > 1e-3.
+const W4A8_DOT4_TOL: f32 = 2e-6;
 
 fn up(be: &Wgpu, t: &Tensor) -> mbq::backend::wgpu::WgpuTensor {
     be.upload(t).unwrap()
@@ -572,4 +586,158 @@ fn act_quant_int8_matches_cpu() {
             );
         }
     }
+}
+
+/// Zero points of a random W4A8-style packed weight.
+#[derive(Clone, Copy, Debug)]
+enum Zeros {
+    /// 8 everywhere, as `quant::w4a8` writes.
+    Eight,
+    /// A random integer in 0..=15 per group (asymmetric RTN-style).
+    Random,
+    /// 7.5: not an integer, so the integer path must not take it.
+    Half,
+}
+
+/// A 4-bit packed `[out, inp]` with random codes, random per-group f16
+/// scales (spanning 0.002..0.05) and `zeros`.
+fn w4_random(seed: u64, out: usize, inp: usize, group: usize, zeros: Zeros) -> PackedLinear {
+    let mut r = rng(seed);
+    let codes: Vec<u8> = (0..out * inp).map(|_| r.random_range(0..16u8)).collect();
+    let mut sz = Vec::with_capacity(out * inp / group * 2);
+    for _ in 0..out * inp / group {
+        sz.push(half::f16::from_f32(r.random_range(0.002f32..0.05)));
+        sz.push(half::f16::from_f32(match zeros {
+            Zeros::Eight => 8.0,
+            Zeros::Random => r.random_range(0..16u8) as f32,
+            Zeros::Half => 7.5,
+        }));
+    }
+    PackedLinear::from_codes("w4a8", out, inp, 4, group, &codes, sz).unwrap()
+}
+
+/// `linear_a8` on `g` against the CPU reference (fake-quantized INT8
+/// activations, then the packed f32 product) for one case; returns whether
+/// the integer path ran (the counter moved).
+#[allow(clippy::too_many_arguments)]
+fn check_w4a8(
+    label: &str,
+    g: &Wgpu,
+    rows: usize,
+    out: usize,
+    inp: usize,
+    group: usize,
+    zeros: Zeros,
+    bias: bool,
+) -> bool {
+    let seed = (rows * 1000 + out * 7 + inp * 3 + group) as u64;
+    let p = w4_random(seed, out, inp, group, zeros);
+    let mut r = rng(seed + 1);
+    let mut x = random(&mut r, rows, inp, 2.0);
+    // An outlier per row, as LLM activations have.
+    for row in x.data.chunks_mut(inp) {
+        row[(seed as usize) % inp] = 30.0;
+    }
+    let b = random(&mut r, 1, out, 0.5);
+    let gw = g.packed_weight(&p).unwrap();
+    let gb = up(g, &b);
+    let before = g.dot4_linears();
+    let got = g
+        .linear_a8(&up(g, &x), &gw, bias.then_some(&gb))
+        .and_then(|y| g.download(&y))
+        .unwrap();
+    let ran = g.dot4_linears() > before;
+    let cw = Cpu.packed_weight(&p).unwrap();
+    let want = Cpu.linear_a8(&x, &cw, bias.then_some(&b)).unwrap();
+    // The reference on the device's own INT8 grid (the same `q_of` as the
+    // integer path): equal to the CPU's unless the device divides less
+    // exactly (see ACT_QUANT_SAME_TOL); then a value may sit one step off.
+    let gq = down(g, &g.quant_act_int8(&up(g, &x)).unwrap());
+    let cq = Cpu.quant_act_int8(&x).unwrap();
+    let what = format!(
+        "{label} W4A8 rows {rows} [{out}, {inp}] g{group} zeros {zeros:?} bias {bias} (dot4 {ran})"
+    );
+    // The fallback is the float packed product (zero point folded per
+    // block: more rounding, LINEAR_TOL; measured 2e-6 at k = 2560).
+    let tol = if ran { W4A8_DOT4_TOL } else { LINEAR_TOL };
+    if gq.data == cq.data {
+        assert_close(&what, &got, &want, tol);
+    } else {
+        let off = gq.data.iter().zip(&cq.data).filter(|(a, b)| a != b).count();
+        println!(
+            "{what}: {off} INT8 activations differ from the CPU's; comparing on the device's grid"
+        );
+        let want_dev = Cpu.linear(&gq, &cw, bias.then_some(&b)).unwrap();
+        assert_close(&what, &got, &want_dev, tol);
+    }
+    ran
+}
+
+#[test]
+fn w4a8_dot4_gemv_and_prefill_match_cpu() {
+    // Every shape on both reduction paths: the integer kernel runs when the
+    // device has dot4I8Packed (it must, on lavapipe: wgpu-core reports it).
+    let mut cases = 0;
+    for (path, g) in both() {
+        let dot4 = expect_dot4(g);
+        for rows in [1, 3, 7] {
+            for (ii, inp) in [128, 384, 2560].into_iter().enumerate() {
+                for (oi, out) in [1, 67, 300].into_iter().enumerate() {
+                    let group = [32, 64, 128][(rows + ii + oi) % 3];
+                    let zeros = [Zeros::Eight, Zeros::Random][(ii + oi) % 2];
+                    let bias = (rows + oi) % 2 == 0;
+                    let ran = check_w4a8(path, g, rows, out, inp, group, zeros, bias);
+                    assert_eq!(ran, dot4, "{path}: integer path ran {ran}, expected {dot4}");
+                    cases += 1;
+                }
+            }
+        }
+        // Every group size, zero kind and bias on one shape.
+        for group in [32, 64, 128] {
+            for zeros in [Zeros::Eight, Zeros::Random] {
+                for bias in [false, true] {
+                    for rows in [1, 5] {
+                        let ran = check_w4a8(path, g, rows, 67, 384, group, zeros, bias);
+                        assert_eq!(ran, dot4);
+                    }
+                }
+            }
+        }
+        // Non-integer zero points: never the integer path, still correct.
+        assert!(!check_w4a8(path, g, 3, 67, 384, 64, Zeros::Half, true));
+        // Several token tiles of the prefill kernel (T = 4) and row blocks.
+        assert_eq!(
+            check_w4a8(path, g, 19, 131, 256, 128, Zeros::Random, true),
+            dot4
+        );
+    }
+    println!("{cases} W4A8 shapes");
+}
+
+#[test]
+fn w4a8_dot4_split_weights() {
+    let g = gpu_split();
+    let dot4 = expect_dot4(g);
+    let p = w4_random(1, 67, 384, 64, Zeros::Eight);
+    assert!(g.packed_weight(&p).unwrap().chunks() > 1);
+    for rows in [1, 6] {
+        assert_eq!(
+            check_w4a8("split", g, rows, 67, 384, 64, Zeros::Random, true),
+            dot4
+        );
+    }
+}
+
+#[test]
+fn w4a8_no_dot4_runs_the_fake_quant_fallback() {
+    // MBQ_WGPU_NO_DOT4=1 (WgpuOptions::dot4 = false): the same results
+    // through act_quant.wgsl + the float packed GEMV / GEMM.
+    let g = gpu_no_dot4();
+    assert!(!g.uses_dot4());
+    for rows in [1, 7] {
+        for zeros in [Zeros::Eight, Zeros::Random] {
+            assert!(!check_w4a8("no dot4", g, rows, 67, 384, 128, zeros, true));
+        }
+    }
+    assert_eq!(g.dot4_linears(), 0);
 }

@@ -105,6 +105,20 @@ pub trait Backend {
     /// (round half to even), in f32.
     fn quant_act_int8(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// A W4A8 linear: `x` quantized per token to INT8, then the product
+    /// with `w`. The default (and the reference semantics) fake-quantizes
+    /// with [`Backend::quant_act_int8`] and runs [`Backend::linear`]; a
+    /// backend may instead compute in integers (wgpu with `dot4I8Packed`:
+    /// exact per block, so equal up to f32 summation order).
+    fn linear_a8(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.linear(&self.quant_act_int8(x)?, w, b)
+    }
+
     /// Rows `start..start + n` of x.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize) -> Result<Self::Tensor>;
     /// x with rows `at..at + src.rows` replaced by src.

@@ -14,8 +14,10 @@ use crate::weights::Prefixed;
 pub struct Linear<B: Backend> {
     pub w: B::Weight,
     pub b: Option<B::Tensor>,
-    /// W4A8: the input is fake-quantized per token to INT8
-    /// (`Backend::quant_act_int8`) before the product. Set for packed
+    /// W4A8: the input is quantized per token to INT8 for the product
+    /// (`Backend::linear_a8`: fake quantization with
+    /// `Backend::quant_act_int8` then the float product, or integer dot
+    /// products where the backend has them). Set for packed
     /// linears of a file whose metadata has `mbq.act_bits` = `"8"`.
     pub act_quant: bool,
 }
@@ -42,7 +44,7 @@ impl<B: Backend> Linear<B> {
 
     pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         if self.act_quant {
-            be.linear(&be.quant_act_int8(x)?, &self.w, self.b.as_ref())
+            be.linear_a8(x, &self.w, self.b.as_ref())
         } else {
             be.linear(x, &self.w, self.b.as_ref())
         }

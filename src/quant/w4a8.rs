@@ -18,8 +18,10 @@
 //! `(c - 8) * scale = q * scale`, which rounded to f16 is the reference's
 //! fake-quantized weight. The file's metadata says
 //! [`super::format::META_ACT_BITS`] = `"8"`, and the runtime then
-//! fake-quantizes each packed linear's input with
-//! [`fake_quantize_act_int8`] (`Backend::quant_act_int8`) before the product.
+//! quantizes each packed linear's input per token (`Backend::linear_a8`):
+//! the reference fake-quantizes it with [`fake_quantize_act_int8`]
+//! (`Backend::quant_act_int8`) before the float product; wgpu computes in
+//! integers (`dot4I8Packed`) where it can, equal up to summation order.
 
 use half::f16;
 use rayon::prelude::*;

@@ -77,6 +77,49 @@ pub fn gpu_split() -> &'static Wgpu {
     })
 }
 
+/// W4A8 forced onto the fake-quant fallback (as `MBQ_WGPU_NO_DOT4=1`):
+/// no integer dot products.
+pub fn gpu_no_dot4() -> &'static Wgpu {
+    static G: OnceLock<Wgpu> = OnceLock::new();
+    G.get_or_init(|| {
+        open(
+            WgpuOptions {
+                dot4: false,
+                ..base()
+            },
+            "no dot4",
+        )
+    })
+}
+
+/// Whether the integer W4A8 path must run on `g`: the instance's WGSL has
+/// `dot4I8Packed` and `MBQ_WGPU_NO_DOT4=1` does not turn it off. Fails
+/// loudly (never a silent pass) when the adapter claims the feature but
+/// the device did not enable it, and says so when there is no feature.
+pub fn expect_dot4(g: &Wgpu) -> bool {
+    let forced_off = std::env::var("MBQ_WGPU_NO_DOT4").is_ok_and(|v| v == "1");
+    let reported = mbq::backend::wgpu::adapters()
+        .iter()
+        .any(|a| a.wgsl_dot4 && g.adapter().starts_with(&a.name));
+    if forced_off {
+        assert!(!g.uses_dot4(), "MBQ_WGPU_NO_DOT4=1 but dot4 is on");
+        eprintln!("W4A8: MBQ_WGPU_NO_DOT4=1, testing the fake-quant fallback only");
+        return false;
+    }
+    assert!(
+        reported,
+        "{}: WGSL packed_4x8_integer_dot_product (dot4I8Packed) is not reported, so the integer \
+         W4A8 path cannot be tested here; set MBQ_WGPU_NO_DOT4=1 to test the fallback only",
+        g.adapter()
+    );
+    assert!(
+        g.uses_dot4(),
+        "{}: dot4I8Packed is reported but the device did not enable it (probe failed)",
+        g.adapter()
+    );
+    true
+}
+
 /// Both reduction paths, named.
 pub fn both() -> [(&'static str, &'static Wgpu); 2] {
     [("subgroup", gpu()), ("fallback", gpu_fallback())]

@@ -1,8 +1,9 @@
 //! Adapters and the device: which GPUs wgpu sees (for `mbq devices` and
 //! `--backend auto`), how one is picked (`--adapter NAME`), and the device
 //! opened on it with the adapter's own limits and the features the shaders
-//! can use (`SUBGROUP`). Validation errors that no error scope catches are
-//! collected here and reported by the next flush as `Error::Backend`.
+//! can use (`SUBGROUP`; WGSL's `dot4I8Packed` for W4A8). Validation errors
+//! that no error scope catches are collected here and reported by the next
+//! flush as `Error::Backend`.
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +28,10 @@ pub struct WgpuOptions {
     /// Request `TIMESTAMP_QUERY` when the adapter has it, so benchmarks can
     /// time kernels on the device (false: wall clock only).
     pub timestamps: bool,
+    /// Run W4A8 linears with integer dot products (`dot4I8Packed`) when the
+    /// WGSL language feature `packed_4x8_integer_dot_product` is there
+    /// (false forces the fake-quant + float packed product fallback).
+    pub dot4: bool,
 }
 
 impl Default for WgpuOptions {
@@ -37,6 +42,7 @@ impl Default for WgpuOptions {
             subgroups: true,
             max_binding: None,
             timestamps: true,
+            dot4: true,
         }
     }
 }
@@ -44,7 +50,7 @@ impl Default for WgpuOptions {
 impl WgpuOptions {
     /// Defaults overridden by the environment: `MBQ_WGPU_ADAPTER` (a name),
     /// `MBQ_WGPU_NO_SUBGROUP=1`, `MBQ_WGPU_MAX_BINDING` (bytes),
-    /// `MBQ_WGPU_NO_TIMESTAMPS=1`.
+    /// `MBQ_WGPU_NO_TIMESTAMPS=1`, `MBQ_WGPU_NO_DOT4=1`.
     pub fn from_env() -> Self {
         let mut o = WgpuOptions::default();
         if let Ok(name) = std::env::var("MBQ_WGPU_ADAPTER") {
@@ -57,6 +63,9 @@ impl WgpuOptions {
         }
         if std::env::var("MBQ_WGPU_NO_TIMESTAMPS").is_ok_and(|v| v == "1") {
             o.timestamps = false;
+        }
+        if std::env::var("MBQ_WGPU_NO_DOT4").is_ok_and(|v| v == "1") {
+            o.dot4 = false;
         }
         if let Some(b) = std::env::var("MBQ_WGPU_MAX_BINDING")
             .ok()
@@ -84,18 +93,28 @@ pub struct AdapterReport {
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
     pub subgroup_sizes: (u32, u32),
+    /// The WGSL language feature `packed_4x8_integer_dot_product`
+    /// (`dot4I8Packed`) is accepted. A property of the wgpu instance, not of
+    /// the adapter: wgpu-core (naga) reports it on every native backend and
+    /// lowers it to the device's integer dot product where it has one
+    /// (SPIR-V `OpSDot` with `VK_KHR_shader_integer_dot_product` / Vulkan
+    /// 1.3, HLSL `dot4add_i8packed` from SM 6.4, Metal `packed_char4`) and to
+    /// exact extract-multiply-add integer code where it does not. Exact
+    /// either way; only the speed differs.
+    pub wgsl_dot4: bool,
 }
 
 impl AdapterReport {
     /// One line per adapter for `mbq devices`.
     pub fn summary(&self) -> String {
         format!(
-            "{} ({}, {}, driver {}) features [{}] max binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations, subgroup {}..{}",
+            "{} ({}, {}, driver {}) features [{}] wgsl dot4I8Packed {}, max binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations, subgroup {}..{}",
             self.name,
             self.backend,
             self.device_type,
             if self.driver.is_empty() { "?" } else { &self.driver },
             self.features.join(", "),
+            if self.wgsl_dot4 { "yes" } else { "no" },
             self.max_storage_binding >> 20,
             self.max_buffer >> 20,
             self.max_workgroup_storage >> 10,
@@ -150,7 +169,12 @@ fn rank(info: &wgpu::AdapterInfo) -> (u32, u32) {
     (t, b)
 }
 
-fn report(a: &wgpu::Adapter) -> AdapterReport {
+/// Whether the instance's WGSL has `dot4I8Packed`.
+fn has_dot4(lang: &wgpu::WgslLanguageFeatures) -> bool {
+    lang.contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct)
+}
+
+fn report(a: &wgpu::Adapter, lang: &wgpu::WgslLanguageFeatures) -> AdapterReport {
     let info = a.get_info();
     let f = a.features();
     let l = a.limits();
@@ -175,19 +199,25 @@ fn report(a: &wgpu::Adapter) -> AdapterReport {
         max_workgroup_storage: l.max_compute_workgroup_storage_size,
         max_invocations: l.max_compute_invocations_per_workgroup,
         subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        wgsl_dot4: has_dot4(lang),
     }
 }
 
 /// Every adapter wgpu can open here, best first.
 pub fn adapters() -> Vec<AdapterReport> {
-    let mut list = pollster::block_on(instance().enumerate_adapters(Backends::all()));
+    let inst = instance();
+    let lang = inst.wgsl_language_features();
+    let mut list = pollster::block_on(inst.enumerate_adapters(Backends::all()));
     list.sort_by_key(|a| rank(&a.get_info()));
-    list.iter().map(report).collect()
+    list.iter().map(|a| report(a, &lang)).collect()
 }
 
-/// The adapter `opts` asks for, or why there is none.
-fn pick(opts: &WgpuOptions) -> Result<wgpu::Adapter> {
-    let mut list = pollster::block_on(instance().enumerate_adapters(Backends::all()));
+/// The adapter `opts` asks for (or why there is none) and the WGSL
+/// language features of its instance.
+fn pick(opts: &WgpuOptions) -> Result<(wgpu::Adapter, wgpu::WgslLanguageFeatures)> {
+    let inst = instance();
+    let lang = inst.wgsl_language_features();
+    let mut list = pollster::block_on(inst.enumerate_adapters(Backends::all()));
     list.sort_by_key(|a| rank(&a.get_info()));
     let names = || {
         let n: Vec<String> = list
@@ -236,13 +266,17 @@ fn pick(opts: &WgpuOptions) -> Result<wgpu::Adapter> {
                 ))
             })?,
     };
-    Ok(list.swap_remove(found))
+    Ok((list.swap_remove(found), lang))
 }
 
 /// The adapter `opts` would open, without opening it (for `--backend auto`).
 pub fn probe(opts: &WgpuOptions) -> Result<AdapterReport> {
-    pick(opts).map(|a| report(&a))
+    pick(opts).map(|(a, lang)| report(&a, &lang))
 }
+
+/// Compiled once at device creation when the instance claims `dot4I8Packed`.
+const DOT4_PROBE: &str = "@group(0) @binding(0) var<storage, read_write> o: array<i32>;
+@compute @workgroup_size(1) fn main() { o[0] = dot4I8Packed(u32(o[1]), u32(o[2])); }";
 
 /// An open device and what the shaders may use on it.
 pub struct Context {
@@ -254,6 +288,9 @@ pub struct Context {
     pub subgroups: bool,
     /// `TIMESTAMP_QUERY` is enabled (compute passes can write timestamps).
     pub timestamps: bool,
+    /// W4A8 linears use the integer `dot4I8Packed` kernels (the WGSL
+    /// feature is there, a probe shader compiled, and `opts.dot4`).
+    pub dot4: bool,
     /// Largest storage binding (bytes) a weight chunk may use.
     pub max_binding: u64,
     /// Validation errors nobody caught, drained at each flush.
@@ -262,7 +299,7 @@ pub struct Context {
 
 impl Context {
     pub fn open(opts: &WgpuOptions) -> Result<Context> {
-        let adapter = pick(opts)?;
+        let (adapter, lang) = pick(opts)?;
         let info = adapter.get_info();
         let limits = adapter.limits();
         let subgroups = opts.subgroups && adapter.features().contains(Features::SUBGROUP);
@@ -296,6 +333,16 @@ impl Context {
         if let Some(m) = opts.max_binding {
             max_binding = max_binding.min(m.max(256));
         }
+        // A device could still reject the built-in: then the fallback runs.
+        let dot4 = opts.dot4
+            && has_dot4(&lang)
+            && super::kernels::compile_source(
+                &device,
+                "dot4I8Packed probe",
+                DOT4_PROBE.to_string(),
+                "main",
+            )
+            .is_ok();
         Ok(Context {
             device,
             queue,
@@ -303,6 +350,7 @@ impl Context {
             limits,
             subgroups,
             timestamps,
+            dot4,
             max_binding,
             errors,
         })

@@ -30,6 +30,10 @@ const SOURCES: &[(&str, &str)] = &[
         "gemv_packed.wgsl",
         include_str!("../../../shaders/gemv_packed.wgsl"),
     ),
+    (
+        "gemv_w4a8.wgsl",
+        include_str!("../../../shaders/gemv_w4a8.wgsl"),
+    ),
     ("gemm.wgsl", include_str!("../../../shaders/gemm.wgsl")),
     (
         "attention.wgsl",

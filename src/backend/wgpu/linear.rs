@@ -10,6 +10,12 @@
 //! dequant-GEMV `gemv_packed.wgsl` reading packed words directly); several
 //! tokens use the tiled GEMM (`gemm.wgsl`, which dequantizes packed tiles
 //! as it stages them).
+//!
+//! W4A8 with integer dot products (`linear_a8`, when the device has
+//! `dot4I8Packed`): the activations are quantized to packed INT8 words
+//! (`act_quant.wgsl`, flag PACKED) and multiplied with the 4-bit codes by
+//! `gemv_w4a8.wgsl`, one token per workgroup for decode and
+//! [`A8_PREFILL_TOKENS`] for prefill.
 
 use half::f16;
 
@@ -24,6 +30,9 @@ const GEMV_ROWS: usize = 4;
 /// GEMM tile (`BM`, `BN` in gemm.wgsl) and its threads.
 const GEMM_TILE: usize = 64;
 const GEMM_WG: u32 = 256;
+/// Tokens per workgroup of the integer W4A8 kernel when there are several
+/// (`T` in gemv_w4a8.wgsl): each weight word loaded serves that many.
+const A8_PREFILL_TOKENS: usize = 4;
 
 /// Rows `row0..row0 + rows` of a dense weight.
 pub struct DenseChunk {
@@ -56,6 +65,9 @@ pub enum WgpuWeight {
         inp: usize,
         bits: u32,
         group: usize,
+        /// Every zero point is an integer in `0..=15` and bits is 4: the
+        /// integer W4A8 kernel can form `c - z` as a signed byte.
+        int4_zeros: bool,
         chunks: Vec<PackedChunk>,
     },
 }
@@ -102,6 +114,29 @@ fn rows_per_chunk(what: &str, row_bytes: u64, limit: u64) -> Result<usize> {
         )));
     }
     Ok(n as usize)
+}
+
+/// The input's features match the weight's, and the bias its outputs.
+fn check_linear(x: &WgpuTensor, w: &WgpuWeight, b: Option<&WgpuTensor>) -> Result<()> {
+    let (out, inp) = w.shape();
+    if x.cols != inp {
+        return Err(shape_err(
+            "linear",
+            format!(
+                "input has {} features, weight [{out}, {inp}] expects {inp}",
+                x.cols
+            ),
+        ));
+    }
+    if let Some(b) = b {
+        if b.numel() != out {
+            return Err(shape_err(
+                "linear",
+                format!("bias of {} for {out} outputs", b.numel()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Wgpu {
@@ -197,13 +232,101 @@ impl Wgpu {
                     .upload(bytemuck::cast_slice(sz), &format!("{label} scales"))?,
             });
         }
+        let int4_zeros = p.bits == 4
+            && p.scales_zeros.iter().skip(1).step_by(2).all(|z| {
+                let z = z.to_f32();
+                z.fract() == 0.0 && (0.0..=15.0).contains(&z)
+            });
         Ok(WgpuWeight::Packed {
             out: p.out,
             inp: p.inp,
             bits: p.bits,
             group: p.group_size,
+            int4_zeros,
             chunks,
         })
+    }
+
+    /// A W4A8 linear in integers (see the module comment), or `None` when
+    /// the device has no `dot4I8Packed`, it is turned off, or `w` is not a
+    /// 4-bit packed weight with integer zero points (the caller then runs
+    /// the fake-quant fallback).
+    pub(super) fn linear_a8_impl(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuWeight,
+        b: Option<&WgpuTensor>,
+    ) -> Result<Option<WgpuTensor>> {
+        let WgpuWeight::Packed {
+            out,
+            inp,
+            group,
+            int4_zeros: true,
+            chunks,
+            ..
+        } = w
+        else {
+            return Ok(None);
+        };
+        // (No input features: nothing to quantize; the fallback handles it.)
+        if !self.rec.ctx.dot4 || *inp == 0 {
+            return Ok(None);
+        }
+        let (out, inp) = (*out, *inp);
+        check_linear(x, w, b)?;
+        let m = x.rows;
+        let y = self.tensor(m, out, "linear_a8 output")?;
+        if m == 0 || out == 0 {
+            return Ok(Some(y));
+        }
+        let k = u32_of("linear_a8", inp)?;
+        let m32 = u32_of("linear_a8", m)?;
+        let out32 = u32_of("linear_a8", out)?;
+        // INT8 activations, 4 per word (inp is a multiple of 32), and scales.
+        let xq = self.rec.output((m * inp) as u64)?;
+        let sx = self.rec.output((m * 4) as u64)?;
+        let key = self
+            .key("act_quant.wgsl", "act_quant_int8_packed", WG)
+            .def("PACKED", 1);
+        self.rec.dispatch(
+            &key,
+            &[(0, x.buf()), (1, xq.get()), (3, sx.get())],
+            2,
+            &[m32, k],
+            m32,
+        )?;
+        let t = if m == 1 { 1 } else { A8_PREFILL_TOKENS };
+        let key = self
+            .key("gemv_w4a8.wgsl", "gemv_w4a8", gemv_wg(inp / 32))
+            .def("BITS", 4)
+            .def("GROUP", u32_of("linear_a8", *group)?)
+            .def("T", t as u32)
+            .def("BIAS", b.is_some() as u32);
+        for c in chunks {
+            let n = u32_of("linear_a8", c.rows)?;
+            let o0 = u32_of("linear_a8", c.row0)?;
+            let mut binds = vec![
+                (0, xq.get()),
+                (1, &c.q),
+                (2, &c.sz),
+                (4, y.buf()),
+                (6, sx.get()),
+            ];
+            if let Some(b) = b {
+                binds.push((3, b.buf()));
+            }
+            let groups = c.rows.div_ceil(GEMV_ROWS) * m.div_ceil(t);
+            self.rec.dispatch(
+                &key,
+                &binds,
+                5,
+                &[m32, k, n, o0, out32],
+                u32_of("linear_a8", groups)?,
+            )?;
+        }
+        self.a8_dot4_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(y))
     }
 
     pub(super) fn linear_impl(
@@ -212,24 +335,8 @@ impl Wgpu {
         w: &WgpuWeight,
         b: Option<&WgpuTensor>,
     ) -> Result<WgpuTensor> {
+        check_linear(x, w, b)?;
         let (out, inp) = w.shape();
-        if x.cols != inp {
-            return Err(shape_err(
-                "linear",
-                format!(
-                    "input has {} features, weight [{out}, {inp}] expects {inp}",
-                    x.cols
-                ),
-            ));
-        }
-        if let Some(b) = b {
-            if b.numel() != out {
-                return Err(shape_err(
-                    "linear",
-                    format!("bias of {} for {out} outputs", b.numel()),
-                ));
-            }
-        }
         let m = x.rows;
         let y = self.tensor(m, out, "linear output")?;
         if m == 0 || out == 0 {

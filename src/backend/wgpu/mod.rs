@@ -48,6 +48,8 @@ pub struct Wgpu {
     rec: Recorder,
     /// The last RoPE cos/sin table: every layer of a step reuses it.
     rope_table: std::sync::Mutex<Option<RopeTable>>,
+    /// W4A8 linears run with integer dot products so far.
+    a8_dot4_runs: std::sync::atomic::AtomicUsize,
 }
 
 /// RoPE (cos, sin) for rows at positions `pos0..pos0 + rows` of `inv_freq`.
@@ -91,6 +93,7 @@ impl Wgpu {
         Ok(Wgpu {
             rec: Recorder::new(ctx),
             rope_table: Default::default(),
+            a8_dot4_runs: Default::default(),
         })
     }
 
@@ -103,6 +106,19 @@ impl Wgpu {
     /// Whether reductions use subgroup operations on this device.
     pub fn uses_subgroups(&self) -> bool {
         self.rec.ctx.subgroups
+    }
+
+    /// Whether W4A8 linears (4-bit packed weights with integer zero points)
+    /// use integer dot products (`dot4I8Packed`, gemv_w4a8.wgsl) on this
+    /// device; else they fake-quantize the activations and run the float
+    /// packed product. Off with `MBQ_WGPU_NO_DOT4=1` (`WgpuOptions::dot4`).
+    pub fn uses_dot4(&self) -> bool {
+        self.rec.ctx.dot4
+    }
+
+    /// How many W4A8 linears ran with integer dot products so far.
+    pub fn dot4_linears(&self) -> usize {
+        self.a8_dot4_runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Nanoseconds per device timestamp tick when kernels can be timed on

@@ -267,9 +267,9 @@ impl Backend for Wgpu {
         self.elementwise("gated", gate, Some(up), act_code(act))
     }
 
-    /// W4A8 on wgpu fake-quantizes the activations (act_quant.wgsl, f32 in
-    /// and out) and then reuses the packed dequant GEMV / GEMM unchanged; no
-    /// integer dot products (`dot4I8Packed`) yet.
+    /// The fake quantization (act_quant.wgsl, f32 in and out): the W4A8
+    /// fallback of [`Backend::linear_a8`] runs the packed dequant GEMV /
+    /// GEMM on it.
     fn quant_act_int8(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
         let y = self.tensor(x.rows, x.cols, "quant_act_int8")?;
         let rows = u32_of("quant_act_int8", x.rows)?;
@@ -278,6 +278,20 @@ impl Backend for Wgpu {
         self.rec
             .dispatch(&key, &[(0, x.buf()), (1, y.buf())], 2, &[rows, cols], rows)?;
         Ok(y)
+    }
+
+    /// Integer dot products (`dot4I8Packed`) when the device has them and
+    /// `w` is 4-bit packed with integer zero points; else the default.
+    fn linear_a8(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuWeight,
+        b: Option<&WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        match self.linear_a8_impl(x, w, b)? {
+            Some(y) => Ok(y),
+            None => self.linear(&self.quant_act_int8(x)?, w, b),
+        }
     }
 
     fn rows(&self, x: &WgpuTensor, start: usize, n: usize) -> Result<WgpuTensor> {
