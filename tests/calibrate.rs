@@ -262,14 +262,22 @@ fn a_killed_cli_calibration_resumes_to_the_same_output() {
     let model = tiny_shapes();
     let cmd = |out: &Path, extra: &[&str]| {
         let mut c = Command::new(mbq);
-        c.args(["quantize", "--method", "mbq", "--w-bit", "3", "--n-samples", "42"])
-            .arg("--calib")
-            .arg(&calib)
-            .arg("--model")
-            .arg(&model)
-            .arg("--out")
-            .arg(out)
-            .args(extra);
+        c.args([
+            "quantize",
+            "--method",
+            "mbq",
+            "--w-bit",
+            "3",
+            "--n-samples",
+            "42",
+        ])
+        .arg("--calib")
+        .arg(&calib)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
         c
     };
     let whole = tmp.join("whole");
@@ -296,7 +304,10 @@ fn a_killed_cli_calibration_resumes_to_the_same_output() {
         if let Some(s) = child.try_wait().unwrap() {
             panic!("the run ended ({s}) before its first checkpoint could be seen");
         }
-        assert!(t0.elapsed().as_secs() < 600, "no checkpoint after 10 minutes");
+        assert!(
+            t0.elapsed().as_secs() < 600,
+            "no checkpoint after 10 minutes"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill().unwrap();

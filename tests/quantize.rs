@@ -338,7 +338,10 @@ fn bad_options_are_clear_errors() {
     };
     for m in ["mbq", "awq"] {
         let e = run(&["--method", m, "--w-bit", "4"]);
-        assert!(e.contains(&format!("--method {m} needs --calib FILE")), "{e}");
+        assert!(
+            e.contains(&format!("--method {m} needs --calib FILE")),
+            "{e}"
+        );
     }
     let e = run(&["--method", "smoothquant", "--w-bit", "4"]);
     assert!(e.contains("give --w-bit 4 --a-bit 8"), "{e}");
