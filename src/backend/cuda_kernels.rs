@@ -25,9 +25,39 @@ pub struct KernelSource {
 /// `kernels/` is listed here and defines exactly these entries.
 pub const SOURCES: &[KernelSource] = &[
     KernelSource {
+        file: "act.cu",
+        src: include_str!("../../kernels/act.cu"),
+        entries: &["act_f32", "gated_f32"],
+    },
+    KernelSource {
+        file: "act_quant.cu",
+        src: include_str!("../../kernels/act_quant.cu"),
+        entries: &["act_quant_int8_f32"],
+    },
+    KernelSource {
+        file: "attention.cu",
+        src: include_str!("../../kernels/attention.cu"),
+        entries: &["attention_f32"],
+    },
+    KernelSource {
+        file: "convert.cu",
+        src: include_str!("../../kernels/convert.cu"),
+        entries: &[
+            "f16_to_f32",
+            "embedding_f16",
+            "embedding_f32",
+            "dequant_packed_f32",
+        ],
+    },
+    KernelSource {
         file: "elementwise.cu",
         src: include_str!("../../kernels/elementwise.cu"),
         entries: &["add_f32", "silu_mul_f32", "rms_norm_f32"],
+    },
+    KernelSource {
+        file: "gemm.cu",
+        src: include_str!("../../kernels/gemm.cu"),
+        entries: &["gemm_f32", "bias_rows_f32"],
     },
     KernelSource {
         file: "gemv_f16.cu",
@@ -48,6 +78,16 @@ pub const SOURCES: &[KernelSource] = &[
             "gemv_packed_w8_g64",
             "gemv_packed_w8_g128",
         ],
+    },
+    KernelSource {
+        file: "norm.cu",
+        src: include_str!("../../kernels/norm.cu"),
+        entries: &["layer_norm_f32"],
+    },
+    KernelSource {
+        file: "rope.cu",
+        src: include_str!("../../kernels/rope.cu"),
+        entries: &["rope_f32"],
     },
 ];
 
