@@ -55,13 +55,27 @@ pub fn resolve_backend(
 ) -> Result<BackendKind> {
     match kind {
         BackendKind::Cpu => Ok(BackendKind::Cpu),
-        BackendKind::Cuda => Err(cuda_unavailable()),
+        BackendKind::Cuda => {
+            cuda_probe()?;
+            Ok(BackendKind::Cuda)
+        }
         BackendKind::Wgpu => {
             wgpu::probe(&wgpu_options(adapter, true))?;
             Ok(BackendKind::Wgpu)
         }
         BackendKind::Auto => {
-            let cuda = cuda_unavailable();
+            // A named wgpu adapter is asked for explicitly: CUDA steps aside.
+            let cuda = match cuda_probe() {
+                Ok(device) if adapter.is_none() => {
+                    note(&format!("--backend auto: using cuda on {device}"));
+                    return Ok(BackendKind::Cuda);
+                }
+                Ok(device) => Error::Backend {
+                    backend: "cuda".into(),
+                    msg: format!("{device} not used: --adapter names a wgpu adapter"),
+                },
+                Err(e) => e,
+            };
             // A named adapter is asked for, whatever its type.
             match wgpu::probe(&wgpu_options(adapter, adapter.is_some())) {
                 Ok(a) => {
@@ -80,20 +94,18 @@ pub fn resolve_backend(
     }
 }
 
+/// The CUDA device `--backend cuda` would run on, or why there is none.
 #[cfg(feature = "cuda")]
-fn cuda_unavailable() -> Error {
-    match crate::backend::cuda::open() {
-        Err(e) => e,
-        Ok(never) => match never {},
-    }
+fn cuda_probe() -> Result<String> {
+    crate::backend::cuda::probe(&crate::backend::cuda::CudaOptions::from_env())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_unavailable() -> Error {
-    Error::Backend {
+fn cuda_probe() -> Result<String> {
+    Err(Error::Backend {
         backend: "cuda".into(),
         msg: "not compiled in; rebuild with `--features cuda`".into(),
-    }
+    })
 }
 
 /// Runs one request; generated text goes to `on_text` as it comes.
@@ -110,6 +122,16 @@ pub fn run(
                 note(&format!("wgpu: {}", be.adapter()));
             }
             run_on(&be, be.adapter(), req, on_text)
+        }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let be = crate::backend::cuda::Cuda::with_options(
+                &crate::backend::cuda::CudaOptions::from_env(),
+            )?;
+            if req.backend == BackendKind::Cuda {
+                note(&format!("cuda: {}", be.device()));
+            }
+            run_on(&be, be.device(), req, on_text)
         }
         _ => run_on(&Cpu, "cpu".to_string(), req, on_text),
     }

@@ -1,0 +1,245 @@
+//! The products of the CUDA backend: `y [rows, out] = x [rows, in] . w^T (+ b)`.
+//!
+//! - Up to [`GEMV_MAX_ROWS`] rows (decode): one launch per row of
+//!   `gemv_f16` (f16 weights) or the fused `gemv_packed_w{bits}_g{group}`
+//!   (packed weights, groups 32 / 64 / 128), f32 accumulation.
+//! - More rows (prefill), dense f32 weights, and packed groups the GEMV has
+//!   no kernel for: the weight as f32 (`f16_to_f32` / `dequant_packed_f32`
+//!   into a scratch buffer, exactly the CPU's values), then an f32 SGEMM
+//!   with f32 accumulation: cuBLAS (default math mode: no TF32), or
+//!   `gemm_f32` without cuBLAS; the bias is added after cuBLAS by
+//!   `bias_rows_f32`, inside `gemm_f32`.
+//!
+//! All paths compute in f32 on exact weight values, so they match the CPU
+//! reference up to f32 summation order (tests/cuda_ops.rs LINEAR_TOL).
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{err, grid_stride, int, Ctx, Cuda, CudaTensor, CudaWeight, GEMV_MAX_ROWS};
+use crate::backend::cuda_kernels::gemv_packed_entry;
+use crate::error::{Error, Result};
+
+/// Rows of W per block of gemv_f16.cu / gemv_packed.cu (GEMV_*_ROWS) and
+/// their block size.
+const GEMV_ROWS_PER_BLOCK: usize = 8;
+const GEMV_THREADS: u32 = 128;
+const GEMM_TILE: usize = 16;
+
+enum GemvWeight<'a> {
+    F16(&'a CudaSlice<u16>),
+    Packed(&'a CudaSlice<u32>, &'a CudaSlice<u32>),
+}
+
+impl Cuda {
+    pub(crate) fn linear_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        b: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (out, inp) = w.shape();
+        if x.cols != inp {
+            return Err(Error::invalid(format!(
+                "cuda linear: input has {} features, weight [{out}, {inp}] expects {inp}",
+                x.cols
+            )));
+        }
+        if let Some(b) = b {
+            if b.numel() != out {
+                return Err(Error::invalid(format!(
+                    "cuda linear: bias of {} for {out} outputs",
+                    b.numel()
+                )));
+            }
+        }
+        let rows = x.rows;
+        let mut y = self.tensor(rows, out)?;
+        if rows == 0 || out == 0 {
+            return Ok(y);
+        }
+        match w {
+            CudaWeight::F16 { w, .. } if rows <= GEMV_MAX_ROWS => {
+                self.gemv_rows("gemv_f16", x, GemvWeight::F16(w), b, &mut y)?;
+                return Ok(y);
+            }
+            CudaWeight::Packed {
+                q, sz, bits, group, ..
+            } if rows <= GEMV_MAX_ROWS => {
+                if let Ok(entry) = gemv_packed_entry(*bits, *group) {
+                    self.gemv_rows(&entry, x, GemvWeight::Packed(q, sz), b, &mut y)?;
+                    return Ok(y);
+                }
+            }
+            _ => {}
+        }
+        let scratch;
+        let wf: &CudaSlice<f32> = match w {
+            CudaWeight::F32 { w, .. } => w,
+            CudaWeight::F16 { w, .. } => {
+                scratch = self.expand_f16(w, out * inp)?;
+                &scratch
+            }
+            CudaWeight::Packed {
+                q, sz, bits, group, ..
+            } => {
+                scratch = self.dequantize(q, sz, out, inp, *bits, *group)?;
+                &scratch
+            }
+        };
+        self.sgemm(x, wf, b, &mut y)?;
+        Ok(y)
+    }
+
+    /// One GEMV launch per row of x: gemv_f16 takes (w, x, bias, y, in, out),
+    /// gemv_packed (x, q, sz, bias, y, in, out).
+    fn gemv_rows(
+        &self,
+        entry: &str,
+        x: &CudaTensor,
+        w: GemvWeight<'_>,
+        b: Option<&CudaTensor>,
+        y: &mut CudaTensor,
+    ) -> Result<()> {
+        let f = self.function(entry)?;
+        let (rows, inp, out) = (x.rows, x.cols, y.cols);
+        let (in_i, out_i) = (int(inp, "linear in")?, int(out, "linear out")?);
+        let null = 0u64;
+        let cfg = LaunchConfig {
+            grid_dim: (out.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        for r in 0..rows {
+            let xr = x.data.slice(r * inp..(r + 1) * inp);
+            let mut yr = y.data.slice_mut(r * out..(r + 1) * out);
+            let mut l = self.stream().launch_builder(&f);
+            match w {
+                GemvWeight::F16(w) => l.arg(w).arg(&xr),
+                GemvWeight::Packed(q, sz) => l.arg(&xr).arg(q).arg(sz),
+            };
+            match b {
+                Some(b) => l.arg(&b.data),
+                None => l.arg(&null),
+            };
+            l.arg(&mut yr).arg(&in_i).arg(&out_i);
+            // SAFETY: the arguments of gemv_f16.cu / gemv_packed.cu in order;
+            // x row r has `in` values, y row r `out`, the weight [out, in]
+            // (shapes checked by linear_impl); in % group == 0 for packed
+            // weights (format::check_shape).
+            unsafe { l.launch(cfg) }.ctx(entry)?;
+        }
+        Ok(())
+    }
+
+    /// An f16 weight of `n` values as f32.
+    fn expand_f16(&self, w: &CudaSlice<u16>, n: usize) -> Result<CudaSlice<f32>> {
+        let mut dst = self.zeros(n)?;
+        let f = self.function("f16_to_f32")?;
+        let n_i = n as i64;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(w).arg(&mut dst).arg(&n_i);
+        // SAFETY: convert.cu f16_to_f32: src and dst hold n values.
+        unsafe { l.launch(grid_stride(n, 256)) }.ctx("f16_to_f32")?;
+        Ok(dst)
+    }
+
+    /// A packed weight as f32 `[out, in]`.
+    fn dequantize(
+        &self,
+        q: &CudaSlice<u32>,
+        sz: &CudaSlice<u32>,
+        out: usize,
+        inp: usize,
+        bits: u32,
+        group: usize,
+    ) -> Result<CudaSlice<f32>> {
+        if !matches!(bits, 3 | 4 | 8) || !group.is_multiple_of(32) || !inp.is_multiple_of(group) {
+            return Err(err(format!(
+                "packed weight of {bits} bits in groups of {group} over {inp} inputs: \
+                 dequant_packed_f32 needs bits 3, 4 or 8 and groups of a multiple of 32"
+            )));
+        }
+        let mut dst = self.zeros(out * inp)?;
+        let f = self.function("dequant_packed_f32")?;
+        let (o_i, i_i) = (int(out, "out")?, int(inp, "in")?);
+        let (b_i, g_i) = (bits as i32, group as i32);
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(q)
+            .arg(sz)
+            .arg(&mut dst)
+            .arg(&o_i)
+            .arg(&i_i)
+            .arg(&b_i)
+            .arg(&g_i);
+        // SAFETY: convert.cu dequant_packed_f32; q / sz as packed_weight uploaded them.
+        unsafe { l.launch(grid_stride(out * inp, 256)) }.ctx("dequant_packed_f32")?;
+        Ok(dst)
+    }
+
+    /// y = x . w^T (+ b) in f32, w `[out, in]` f32.
+    fn sgemm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaTensor>,
+        y: &mut CudaTensor,
+    ) -> Result<()> {
+        let (rows, inp, out) = (x.rows, x.cols, y.cols);
+        let (r_i, i_i, o_i) = (int(rows, "rows")?, int(inp, "in")?, int(out, "out")?);
+        if let Some(blas) = &self.blas {
+            if inp > 0 {
+                // Column-major view: y^T [out, rows] = W [out, in] . x^T [in, rows],
+                // W being the row-major [out, in] buffer read transposed.
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: o_i,
+                    n: r_i,
+                    k: i_i,
+                    alpha: 1.0f32,
+                    lda: i_i,
+                    ldb: i_i,
+                    beta: 0.0f32,
+                    ldc: o_i,
+                };
+                let blas = blas.lock().map_err(|_| err("cuBLAS handle poisoned"))?;
+                // SAFETY: w holds out * in values, x rows * in, y rows * out.
+                unsafe { blas.gemm(cfg, w, &x.data, &mut y.data) }.ctx("cublasSgemm")?;
+            }
+            if let Some(b) = b {
+                let f = self.function("bias_rows_f32")?;
+                let mut l = self.stream().launch_builder(&f);
+                l.arg(&mut y.data).arg(&b.data).arg(&r_i).arg(&o_i);
+                // SAFETY: gemm.cu bias_rows_f32: y [rows, out], bias [out].
+                unsafe { l.launch(grid_stride(rows * out, 256)) }.ctx("bias_rows_f32")?;
+            }
+            return Ok(());
+        }
+        let f = self.function("gemm_f32")?;
+        let null = 0u64;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&x.data).arg(w);
+        match b {
+            Some(b) => l.arg(&b.data),
+            None => l.arg(&null),
+        };
+        l.arg(&mut y.data).arg(&r_i).arg(&o_i).arg(&i_i);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                out.div_ceil(GEMM_TILE) as u32,
+                rows.div_ceil(GEMM_TILE) as u32,
+                1,
+            ),
+            block_dim: (GEMM_TILE as u32, GEMM_TILE as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows.div_ceil(GEMM_TILE) > 65535 {
+            return Err(err(format!("gemm_f32: {rows} rows exceed the grid")));
+        }
+        // SAFETY: gemm.cu gemm_f32: x [rows, in], w [out, in], bias [out] or NULL, y [rows, out].
+        unsafe { l.launch(cfg) }.ctx("gemm_f32")?;
+        Ok(())
+    }
+}
