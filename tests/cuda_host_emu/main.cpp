@@ -6,6 +6,7 @@
 // Prints one line per case and "N failed"; exits non-zero on a failure.
 // Build and run: tests/cuda_host_emu/run.sh (called by scripts/test.sh).
 #include "prelude.h"
+#include <array>
 namespace packed {
 #include "../../kernels/gemv_packed.cu"
 }
@@ -14,6 +15,27 @@ namespace dense {
 }
 namespace ew {
 #include "../../kernels/elementwise.cu"
+}
+namespace norm {
+#include "../../kernels/norm.cu"
+}
+namespace act {
+#include "../../kernels/act.cu"
+}
+namespace aq {
+#include "../../kernels/act_quant.cu"
+}
+namespace rope {
+#include "../../kernels/rope.cu"
+}
+namespace attn {
+#include "../../kernels/attention.cu"
+}
+namespace conv {
+#include "../../kernels/convert.cu"
+}
+namespace gemm {
+#include "../../kernels/gemm.cu"
 }
 // pack_group of src/quant/format.rs, transcribed.
 static void pack_group(const uint8_t *codes, int g, int bits, uint32_t *words) {
@@ -34,16 +56,22 @@ static void pack_group(const uint8_t *codes, int g, int bits, uint32_t *words) {
 int fails = 0, passes = 0;
 // Error relative to sum |terms| + 1 (f32 accumulation in another order).
 static const double TOL = 1e-5;
-static void check(const char *name, const std::vector<float> &y, const std::vector<double> &want, const std::vector<double> &scale) {
+static void check_tol(const char *name, const std::vector<float> &y, const std::vector<double> &want, const std::vector<double> &scale, double tol) {
     double maxe = 0;
+    bool nan = false;
     for (size_t i = 0; i < y.size(); i++) {
         double e = std::fabs(y[i] - want[i]) / (scale[i] + 1.0);
+        nan = nan || std::isnan(e);
         maxe = std::max(maxe, e);
     }
-    bool ok = maxe < TOL;
+    bool ok = !nan && maxe <= tol;
     if (!ok) fails++; else passes++;
     printf("%-22s max rel err %.2e %s\n", name, maxe, ok ? "OK" : "NOT OK");
 }
+static void check(const char *name, const std::vector<float> &y, const std::vector<double> &want, const std::vector<double> &scale) {
+    check_tol(name, y, want, scale, TOL);
+}
+static void new_kernels();
 typedef void (*PK)(const float *, const uint32_t *, const uint32_t *, const float *, float *, int, int);
 int main() {
     struct E { int bits, group; PK k; };
@@ -123,6 +151,228 @@ int main() {
         }
         check("rms_norm_f32", yr, wr, sr);
     }
+    new_kernels();
     printf("%d passed, %d failed\n", passes, fails);
     return fails != 0;
+}
+
+// The kernels of the CUDA backend (src/backend/cuda): norms, activations,
+// INT8 activation quantization, RoPE, attention, conversions, GEMM.
+static std::vector<float> rvec(size_t n, float scale) {
+    std::vector<float> v(n);
+    for (auto &x : v) x = scale * rf();
+    return v;
+}
+static void new_kernels() {
+    char name[96];
+    // LayerNorm, f64 reference; odd widths, one block per row.
+    for (auto sh : std::vector<std::pair<int, int>>{{5, 300}, {3, 33}, {1, 7}}) {
+        int rows = sh.first, cols = sh.second;
+        auto x = rvec(rows * cols, 3.0f), w = rvec(cols, 1.5f), b = rvec(cols, 0.5f);
+        std::vector<float> y(rows * cols);
+        launch(rows, 256, [&] { norm::layer_norm_f32(x.data(), w.data(), b.data(), y.data(), rows, cols, 1e-5f); });
+        std::vector<double> want(rows * cols), sc(rows * cols, 0.0);
+        for (int r = 0; r < rows; r++) {
+            double m = 0, v = 0;
+            for (int i = 0; i < cols; i++) m += x[r * cols + i];
+            m /= cols;
+            for (int i = 0; i < cols; i++) v += (x[r * cols + i] - m) * (x[r * cols + i] - m);
+            double inv = 1 / std::sqrt(v / cols + 1e-5);
+            for (int i = 0; i < cols; i++) want[r * cols + i] = (x[r * cols + i] - m) * inv * w[i] + b[i];
+        }
+        snprintf(name, 96, "layer_norm %dx%d", rows, cols);
+        check(name, y, want, sc);
+        launch(rows, 256, [&] { ew::rms_norm_f32(x.data(), w.data(), y.data(), rows, cols, 1e-6f); });
+        for (int r = 0; r < rows; r++) {
+            double ss = 0;
+            for (int i = 0; i < cols; i++) ss += (double)x[r * cols + i] * x[r * cols + i];
+            double inv = 1 / std::sqrt(ss / cols + 1e-6);
+            for (int i = 0; i < cols; i++) want[r * cols + i] = w[i] * x[r * cols + i] * inv;
+        }
+        snprintf(name, 96, "rms_norm %dx%d", rows, cols);
+        check(name, y, want, sc);
+    }
+    // Activations and gated, f64 formulas, error relative to max(1, |x|) (|up|).
+    {
+        int n = 777;
+        auto x = rvec(n, 6.0f), u = rvec(n, 2.0f);
+        std::vector<float> y(n);
+        const char *names[] = {"gelu", "gelu_tanh", "quick_gelu", "silu", "relu"};
+        for (int a = 0; a < 5; a++) {
+            std::vector<double> want(n), sc(n), wg(n), sg(n);
+            for (int i = 0; i < n; i++) {
+                double v = x[i], f;
+                switch (a) {
+                    case 0: f = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); break;
+                    case 1: f = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))); break;
+                    case 2: f = v / (1 + std::exp(-1.702 * v)); break;
+                    case 3: f = v / (1 + std::exp(-v)); break;
+                    default: f = v > 0 ? v : 0;
+                }
+                want[i] = f; sc[i] = std::max(0.0, std::fabs(v) - 1);
+                wg[i] = f * u[i]; sg[i] = std::max(0.0, std::fabs(v * u[i]) - 1);
+            }
+            launch(2, 256, [&] { act::act_f32(x.data(), y.data(), n, a); });
+            snprintf(name, 96, "act %s", names[a]);
+            check_tol(name, y, want, sc, 1e-6);
+            launch(2, 256, [&] { act::gated_f32(x.data(), u.data(), y.data(), n, a); });
+            snprintf(name, 96, "gated %s", names[a]);
+            check_tol(name, y, wg, sg, 1e-6);
+        }
+    }
+    // INT8 fake quantization: equal to the same f32 formula (round half to even).
+    for (auto sh : std::vector<std::pair<int, int>>{{7, 129}, {3, 1}, {4, 300}}) {
+        int rows = sh.first, cols = sh.second;
+        auto x = rvec(rows * cols, 3.0f);
+        if (rows > 2) {
+            for (int i = 0; i < cols; i++) x[cols + i] = 0;  // a zero row
+            x[2 * cols] = 127;
+            for (int i = 1; i < cols; i++) x[2 * cols + i] = (float)(i % 50) - 25 + 0.5f;  // .5 boundaries
+        }
+        std::vector<float> y(rows * cols);
+        launch(rows, 256, [&] { aq::act_quant_int8_f32(x.data(), y.data(), rows, cols); });
+        std::vector<double> want(rows * cols), sc(rows * cols, 0.0);
+        for (int r = 0; r < rows; r++) {
+            float m = 0;
+            for (int i = 0; i < cols; i++) m = std::max(m, std::fabs(x[r * cols + i]));
+            float s = std::max(m, 1e-5f) / 127.0f;
+            for (int i = 0; i < cols; i++)
+                want[r * cols + i] = std::min(std::max(std::nearbyint(x[r * cols + i] / s), -128.0f), 127.0f) * s;
+        }
+        snprintf(name, 96, "act_quant_int8 %dx%d", rows, cols);
+        check_tol(name, y, want, sc, 0.0);
+    }
+    // RoPE: bit-exact against the same table and f32 products.
+    for (int pos0 : {0, 17, 4093}) {
+        int rows = 5, heads = 3, d = 10, half = d / 2;
+        auto x = rvec(rows * heads * d, 2.0f);
+        std::vector<float> cs(rows * d), y(rows * heads * d);
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < half; i++) {
+                float f = (1.0f / std::pow(10000.0f, 2.0f * i / d)) * (float)(pos0 + r);
+                cs[r * d + i] = std::cos(f);
+                cs[r * d + half + i] = std::sin(f);
+            }
+        launch(3, 256, [&] { rope::rope_f32(x.data(), cs.data(), y.data(), rows, heads, d); });
+        std::vector<double> want(rows * heads * d), sc(rows * heads * d, 0.0);
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < heads; h++)
+                for (int i = 0; i < half; i++) {
+                    int o = r * heads * d + h * d + i;
+                    float c = cs[r * d + i], s = cs[r * d + half + i];
+                    want[o] = __fsub_rn(__fmul_rn(x[o], c), __fmul_rn(x[o + half], s));
+                    want[o + half] = __fadd_rn(__fmul_rn(x[o + half], c), __fmul_rn(x[o], s));
+                }
+        snprintf(name, 96, "rope pos0 %d", pos0);
+        check_tol(name, y, want, sc, 0.0);
+    }
+    // Attention, f64 reference: non-causal GQA, causal (prefill at pos0),
+    // launched in two row chunks; the error relative to the output's scale.
+    struct A { int n, len, heads, kvh, d, causal; };
+    for (A a : {A{13, 13, 4, 2, 10, -1}, A{5, 9, 2, 1, 33, 4}, A{1, 40, 3, 3, 8, 39}}) {
+        auto q = rvec(a.n * a.heads * a.d, 1.0f), k = rvec(a.len * a.kvh * a.d, 1.0f), v = rvec(a.len * a.kvh * a.d, 1.0f);
+        std::vector<float> y(a.n * a.heads * a.d, -7.0f);
+        float scale = 1.0f / std::sqrt((float)a.d);
+        int chunk = (a.n + 1) / 2;
+        std::vector<float> scores(chunk * a.heads * a.len);
+        for (int row0 = 0; row0 < a.n; row0 += chunk)
+            launch2({(unsigned)a.heads, (unsigned)std::min(chunk, a.n - row0), 1}, {128, 1, 1}, [&] {
+                attn::attention_f32(q.data(), k.data(), v.data(), scores.data(), y.data(), a.n, a.len, a.heads, a.kvh, a.d, scale, row0, a.causal);
+            });
+        std::vector<double> want(y.size()), sc(y.size(), 0.0);
+        double ymax = 0;
+        int group = a.heads / a.kvh;
+        for (int r = 0; r < a.n; r++)
+            for (int h = 0; h < a.heads; h++) {
+                int vis = a.causal < 0 ? a.len : std::min(a.len, a.causal + r + 1);
+                int kh = h / group;
+                std::vector<double> s(vis);
+                double m = -1e300, sum = 0;
+                for (int j = 0; j < vis; j++) {
+                    double t = 0;
+                    for (int e = 0; e < a.d; e++) t += (double)q[r * a.heads * a.d + h * a.d + e] * k[j * a.kvh * a.d + kh * a.d + e];
+                    s[j] = t * scale; m = std::max(m, s[j]);
+                }
+                for (int j = 0; j < vis; j++) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+                for (int e = 0; e < a.d; e++) {
+                    double acc = 0;
+                    for (int j = 0; j < vis; j++) acc += s[j] / sum * v[j * a.kvh * a.d + kh * a.d + e];
+                    want[r * a.heads * a.d + h * a.d + e] = acc;
+                    ymax = std::max(ymax, std::fabs(acc));
+                }
+            }
+        for (auto &x : sc) x = ymax - 1;  // error relative to max(1, max |y|)
+        snprintf(name, 96, "attention n%d len%d h%d/%d d%d c%d", a.n, a.len, a.heads, a.kvh, a.d, a.causal);
+        check(name, y, want, sc);
+    }
+    // Conversions: exact.
+    {
+        int vocab = 41, dim = 13;
+        std::vector<unsigned short> t16(vocab * dim);
+        for (auto &h : t16) h = (rnd() % 0x3c00) | (rnd() & 0x8000);
+        std::vector<float> t32(vocab * dim);
+        for (int i = 0; i < vocab * dim; i++) t32[i] = mbq_host_f16(t16[i]);
+        std::vector<unsigned> ids = {0, 40, 7, 7, 23, 1};
+        int n = ids.size();
+        std::vector<float> y(n * dim);
+        std::vector<double> want(n * dim), sc(n * dim, 0.0);
+        for (int r = 0; r < n; r++)
+            for (int c = 0; c < dim; c++) want[r * dim + c] = t32[ids[r] * dim + c];
+        launch(1, 256, [&] { conv::embedding_f16(t16.data(), ids.data(), y.data(), n, dim); });
+        check_tol("embedding_f16", y, want, sc, 0.0);
+        std::fill(y.begin(), y.end(), 0.0f);
+        launch(1, 256, [&] { conv::embedding_f32(t32.data(), ids.data(), y.data(), n, dim); });
+        check_tol("embedding_f32", y, want, sc, 0.0);
+        std::vector<float> e(vocab * dim);
+        launch(1, 256, [&] { conv::f16_to_f32(t16.data(), e.data(), (long long)t16.size()); });
+        std::vector<double> we(t32.begin(), t32.end()), se(t32.size(), 0.0);
+        check_tol("f16_to_f32", e, we, se, 0.0);
+    }
+    for (int bits : {3, 4, 8})
+        for (int group : {32, 64, 128}) {
+            int out = 5, in = 384, groups = in / group, wpg = group * bits / 32;
+            std::vector<uint8_t> codes(out * in);
+            for (auto &c : codes) c = rnd() % (1u << bits);
+            std::vector<uint32_t> q(out * groups * wpg), sz(out * groups);
+            std::vector<float> s(out * groups), z(out * groups);
+            for (int i = 0; i < out * groups; i++) {
+                pack_group(&codes[i * group], group, bits, &q[i * wpg]);
+                unsigned short sh16 = 0x2000 + rnd() % 0x1000;
+                unsigned short zh = f2h((float)(rnd() % (1u << bits)));
+                s[i] = mbq_host_f16(sh16); z[i] = mbq_host_f16(zh);
+                sz[i] = sh16 | ((uint32_t)zh << 16);
+            }
+            std::vector<float> w(out * in);
+            launch(2, 256, [&] { conv::dequant_packed_f32(q.data(), sz.data(), w.data(), out, in, bits, group); });
+            std::vector<double> want(out * in), sc(out * in, 0.0);
+            for (int o = 0; o < out; o++)
+                for (int i = 0; i < in; i++) {
+                    int gi = o * groups + i / group;
+                    want[o * in + i] = ((float)codes[o * in + i] - z[gi]) * s[gi];  // f32, as format.rs
+                }
+            snprintf(name, 96, "dequant w%d g%d", bits, group);
+            check_tol(name, w, want, sc, 0.0);
+        }
+    // GEMM (the no-cuBLAS path) and the bias add after cuBLAS.
+    for (auto sh : std::vector<std::array<int, 4>>{{7, 37, 45, 1}, {70, 131, 83, 0}, {1, 5, 3, 1}}) {
+        int rows = sh[0], out = sh[1], in = sh[2], with_bias = sh[3];
+        auto x = rvec(rows * in, 1.0f), w = rvec(out * in, 0.5f), b = rvec(out, 0.5f);
+        std::vector<float> y(rows * out, -3.0f);
+        launch2({(unsigned)(out + 15) / 16, (unsigned)(rows + 15) / 16, 1}, {16, 16, 1},
+                [&] { gemm::gemm_f32(x.data(), w.data(), with_bias ? b.data() : nullptr, y.data(), rows, out, in); });
+        std::vector<double> want(rows * out), sc(rows * out);
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < out; o++) {
+                double acc = with_bias ? b[o] : 0, a = 0;
+                for (int i = 0; i < in; i++) { double p = (double)x[r * in + i] * w[o * in + i]; acc += p; a += std::fabs(p); }
+                want[r * out + o] = acc; sc[r * out + o] = a;
+            }
+        snprintf(name, 96, "gemm_f32 %dx%dx%d%s", rows, out, in, with_bias ? "+b" : "");
+        check(name, y, want, sc);
+        std::vector<float> yb = y;
+        launch(2, 256, [&] { gemm::bias_rows_f32(yb.data(), b.data(), rows, out); });
+        std::vector<double> wb(rows * out), sb(rows * out, 0.0);
+        for (int i = 0; i < rows * out; i++) wb[i] = (double)(y[i] + b[i % out]);
+        check_tol("bias_rows_f32", yb, wb, sb, 0.0);
+    }
 }

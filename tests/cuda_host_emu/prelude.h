@@ -48,6 +48,34 @@ static float mbq_host_f16(unsigned short h) {
     else v = std::ldexp((float)(m | 1024), (int)e - 25);
     return s ? -v : v;
 }
+// f32 arithmetic without contraction (the CUDA intrinsics of the same names).
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+// A 2-D launch (grid x, y; block x, y): threads of a block are numbered
+// x-fastest; warps are 32 consecutive threads of that numbering, which is
+// threadIdx.x for the 1-D blocks of the kernels that shuffle.
+static void launch2(Dim grid, Dim block, std::function<void()> k) {
+    gridDim = grid;
+    blockDim = block;
+    unsigned nt = block.x * block.y;
+    for (unsigned by = 0; by < grid.y; by++)
+        for (unsigned bx = 0; bx < grid.x; bx++) {
+            warp_bar.clear();
+            for (unsigned w = 0; w < (nt + 31) / 32; w++) warp_bar.push_back(new std::barrier<>(std::min(32u, nt - 32 * w)));
+            block_bar = new std::barrier<>(nt);
+            std::vector<std::thread> ts;
+            for (unsigned t = 0; t < nt; t++)
+                ts.emplace_back([&, t, bx, by] {
+                    threadIdx = {t % block.x, t / block.x, 0};
+                    blockIdx = {bx, by, 0};
+                    k();
+                });
+            for (auto &t : ts) t.join();
+            for (auto p : warp_bar) delete p;
+            delete block_bar;
+        }
+}
 static void launch(unsigned grid, unsigned block, std::function<void()> k) {
     gridDim = {grid, 1, 1};
     blockDim = {block, 1, 1};
