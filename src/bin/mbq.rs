@@ -331,8 +331,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         let name = format!("wgpu ({})", be.adapter());
                         bench_on(&be, &name, &what)?
                     }
+                    #[cfg(feature = "cuda")]
+                    "cuda" => {
+                        let opts = mbq::backend::cuda::CudaOptions::from_env();
+                        let be = mbq::backend::cuda::Cuda::with_options(&opts)?;
+                        let name = format!("cuda ({})", be.device());
+                        bench_on(&be, &name, &what)?
+                    }
                     other => anyhow::bail!(
-                        "--backend {other}: not available for benchmarks in this build; available: cpu, wgpu"
+                        "--backend {other}: not available for benchmarks in this build; available: {}",
+                        if cfg!(feature = "cuda") { "cpu, wgpu, cuda" } else { "cpu, wgpu" }
                     ),
                 }
             }
