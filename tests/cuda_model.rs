@@ -10,7 +10,7 @@
 mod common;
 mod cuda_common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{cases, fixtures, rel_err, scratch};
 use cuda_common::cuda;
@@ -138,8 +138,23 @@ fn packed_models_match_cpu_and_transformers() {
     }
 }
 
+/// `mbq-run`: `$MBQ_RUN_BIN`, else the one cargo built with this test,
+/// else `dist/mbq-run` of the checkout (scripts/build-gpu-dist.sh: the
+/// test binary may run on another machine than the one that built it).
+fn mbq_run_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MBQ_RUN_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_mbq-run"));
+    if built.exists() {
+        built
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/mbq-run")
+    }
+}
+
 fn mbq_run(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_mbq-run"))
+    std::process::Command::new(mbq_run_bin())
         .args(args)
         .output()
         .expect("failed to start mbq-run")
