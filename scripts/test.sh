@@ -83,6 +83,9 @@ fi
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --features cuda --lib cuda_kernels -- --test-threads 2
 cargo test --features cuda --test cuda_nvrtc -- --test-threads 2 --nocapture
+# The CUDA backend's op and whole-model tests: they run on a CUDA device
+# and print "skipped: no CUDA device (...)" without one (built either way).
+cargo test --features cuda --test cuda_ops --test cuda_model -- --test-threads 2 --nocapture
 
 # Without a GPU the kernels still run: tests/cuda_host_emu runs them on the
 # CPU (one thread per CUDA thread) against f64 references. Needs g++.
