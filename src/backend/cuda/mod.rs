@@ -215,6 +215,10 @@ impl Cuda {
         let name = probe(o)?;
         let ctx = CudaContext::new(o.device).ctx(&format!("device {}", o.device))?;
         let (major, minor) = ctx.compute_capability().ctx("compute capability")?;
+        // SAFETY: this backend uses one stream (below) for every buffer, so
+        // cudarc's per-buffer events for cross-stream ordering are not
+        // needed (and each would cost two cuEventCreate per allocation).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         // SAFETY: only probes whether libcublas can be loaded.
         let blas = if o.cublas && unsafe { cudarc::cublas::sys::is_culib_present() } {
