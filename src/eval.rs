@@ -179,6 +179,14 @@ pub fn run(
             let device = be.adapter();
             evaluate(&be, device, req, &qs, progress)
         }
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let be = crate::backend::cuda::Cuda::with_options(
+                &crate::backend::cuda::CudaOptions::from_env(),
+            )?;
+            let device = be.device();
+            evaluate(&be, device, req, &qs, progress)
+        }
         _ => evaluate(&Cpu, "cpu".to_string(), req, &qs, progress),
     }
 }
