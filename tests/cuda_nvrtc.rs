@@ -98,6 +98,30 @@ fn compile_all_returns_every_file() {
 }
 
 #[test]
+fn every_kernel_file_compiles_to_a_cubin() {
+    // What the CUDA backend loads first (no JIT on the device).
+    require_nvrtc();
+    for k in SOURCES {
+        for arch in ARCHS {
+            let bin = cuda_kernels::compile_cubin(k.file, k.src, arch)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                bin.starts_with(b"\x7fELF"),
+                "{} for {arch}: not an ELF image",
+                k.file
+            );
+        }
+    }
+    let e = cuda_kernels::compile_cubin("x.cu", "", "compute_90").expect_err("virtual arch");
+    assert!(e.to_string().contains("real GPU architecture"), "{e}");
+    let src = "extern \"C\" __global__ void k(float *y) { y[0] = no_such_symbol; }\n";
+    let e = cuda_kernels::compile_cubin("broken.cu", src, "sm_90")
+        .expect_err("a broken kernel must not compile")
+        .to_string();
+    assert!(e.contains("broken.cu") && e.contains("no_such_symbol"), "{e}");
+}
+
+#[test]
 fn compile_errors_name_the_file_and_carry_the_log() {
     require_nvrtc();
     let src = "extern \"C\" __global__ void k(float *y) { y[0] = no_such_symbol; }\n";

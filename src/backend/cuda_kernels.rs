@@ -167,6 +167,67 @@ pub fn compile(file: &str, src: &str, arch: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
+/// Compiles the CUDA source `src` straight to a CUBIN (device code) for the
+/// real architecture `arch` (`sm_80`, `sm_90`, ...). Unlike PTX, a CUBIN
+/// needs no JIT at load time, so it loads on any driver of the same major
+/// CUDA version (minor version compatibility), even one older than NVRTC.
+pub fn compile_cubin(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{c_char, CString};
+    nvrtc_available()?;
+    let digits = arch.strip_prefix("sm_").unwrap_or("");
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(err(format!(
+            "{file}: a CUBIN needs a real GPU architecture such as sm_90, not \"{arch}\""
+        )));
+    }
+    let (Ok(csrc), Ok(cname)) = (CString::new(src), CString::new(file)) else {
+        return Err(err(format!("{file}: the source contains a NUL byte")));
+    };
+    let prog = result::create_program(&csrc, Some(&cname))
+        .map_err(|e| err(format!("{file}: nvrtcCreateProgram: {e:?}")))?;
+    let opts = [format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    // SAFETY: `prog` is a live program until destroy_program below; the
+    // buffers are sized by NVRTC's own size queries.
+    let out = unsafe {
+        let out = match result::compile_program(prog, &opts) {
+            Err(e) => {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&b| b != 0)
+                    .collect();
+                Err(err(format!(
+                    "{file}: NVRTC failed to compile a CUBIN for {arch} ({e:?}):\n{}",
+                    String::from_utf8_lossy(&log).trim_end()
+                )))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Err(e) => Err(err(format!("{file}: nvrtcGetCUBINSize: {e:?}"))),
+                    Ok(()) => {
+                        let mut buf = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char)
+                            .result()
+                            .map(|()| buf)
+                            .map_err(|e| err(format!("{file}: nvrtcGetCUBIN: {e:?}")))
+                    }
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }?;
+    if out.is_empty() {
+        return Err(err(format!(
+            "{file}: NVRTC returned an empty CUBIN for {arch}"
+        )));
+    }
+    Ok(out)
+}
+
 /// The `.entry` names of a PTX module.
 pub fn ptx_entries(ptx: &str) -> Vec<String> {
     ptx.lines()

@@ -3,9 +3,9 @@
 //! (`libcuda.so`), NVRTC (`libnvrtc.so.12`) and, optionally, cuBLAS.
 //!
 //! - Kernels: `kernels/*.cu` ([`super::cuda_kernels::SOURCES`]), compiled
-//!   with NVRTC for the device's compute capability (`sm_XY`) the first
-//!   time one of a file's kernels runs; the modules and functions are
-//!   cached in memory for the life of the backend.
+//!   with NVRTC for the device's compute capability (`sm_XY`: a CUBIN, PTX
+//!   as the fallback) the first time one of a file's kernels runs; the
+//!   modules and functions are cached in memory for the life of the backend.
 //! - Tensors: f32 device buffers `[rows, cols]` ([`CudaTensor`]), one
 //!   stream (the context's default stream), so ops are ordered without
 //!   events; `download` waits for the stream.
@@ -262,6 +262,10 @@ impl Cuda {
         Ok(())
     }
 
+    /// The module of kernel file `k`, compiled and loaded at first use: a
+    /// CUBIN for the device's `sm_XY` (no JIT: loads on a driver older than
+    /// NVRTC within the same major version), else PTX (JIT-compiled by the
+    /// driver, for an architecture NVRTC cannot emit code for).
     fn module(&self, k: &'static KernelSource) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules
@@ -270,15 +274,28 @@ impl Cuda {
         if let Some(m) = modules.get(k.file) {
             return Ok(m.clone());
         }
-        let ptx = cuda_kernels::compile(k.file, k.src, &self.arch)?;
-        let m = self.ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
-            err(format!(
-                "{}: loading the PTX for {} failed ({e:?}); \
-                 CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is newer than the driver: \
-                 use an NVRTC no newer than the driver's CUDA version",
-                k.file, self.arch
-            ))
-        })?;
+        let cubin = cuda_kernels::compile_cubin(k.file, k.src, &self.arch).and_then(|bin| {
+            self.ctx.load_module(Ptx::from_binary(bin)).map_err(|e| {
+                err(format!(
+                    "{}: loading the CUBIN for {}: {e:?}",
+                    k.file, self.arch
+                ))
+            })
+        });
+        let m = match cubin {
+            Ok(m) => m,
+            Err(cubin_err) => {
+                let ptx = cuda_kernels::compile(k.file, k.src, &self.arch)?;
+                self.ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                    err(format!(
+                        "{}: loading the PTX for {} failed ({e:?}) after the CUBIN failed \
+                         ({cubin_err}); CUDA_ERROR_UNSUPPORTED_PTX_VERSION means NVRTC is \
+                         newer than the driver: use an NVRTC no newer than the driver's CUDA",
+                        k.file, self.arch
+                    ))
+                })?
+            }
+        };
         modules.insert(k.file, m.clone());
         Ok(m)
     }
