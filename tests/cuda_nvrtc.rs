@@ -103,8 +103,8 @@ fn every_kernel_file_compiles_to_a_cubin() {
     require_nvrtc();
     for k in SOURCES {
         for arch in ARCHS {
-            let bin = cuda_kernels::compile_cubin(k.file, k.src, arch)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let bin =
+                cuda_kernels::compile_cubin(k.file, k.src, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(
                 bin.starts_with(b"\x7fELF"),
                 "{} for {arch}: not an ELF image",
@@ -118,7 +118,10 @@ fn every_kernel_file_compiles_to_a_cubin() {
     let e = cuda_kernels::compile_cubin("broken.cu", src, "sm_90")
         .expect_err("a broken kernel must not compile")
         .to_string();
-    assert!(e.contains("broken.cu") && e.contains("no_such_symbol"), "{e}");
+    assert!(
+        e.contains("broken.cu") && e.contains("no_such_symbol"),
+        "{e}"
+    );
 }
 
 #[test]
