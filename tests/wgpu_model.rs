@@ -185,9 +185,26 @@ fn mbq_run_backend_wgpu_and_auto() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "auto: {stderr}");
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // (CUDA first, when built with `--features cuda` and a device is there.)
     let has_gpu = mbq::backend::wgpu::adapters().iter().any(|a| a.is_gpu);
-    let want = if has_gpu { "wgpu" } else { "cpu" };
+    let want = if cuda_available() {
+        "cuda"
+    } else if has_gpu {
+        "wgpu"
+    } else {
+        "cpu"
+    };
     assert_eq!(j["backend"], want, "auto: {stderr}");
     assert!(stderr.contains("--backend auto: using"), "{stderr}");
     println!("auto: {}", stderr.lines().next().unwrap_or(""));
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_available() -> bool {
+    mbq::backend::cuda::probe(&mbq::backend::cuda::CudaOptions::from_env()).is_ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_available() -> bool {
+    false
 }
