@@ -58,7 +58,7 @@ enum Cmd {
         /// Reconstruction loss of the scale search.
         #[arg(long, value_enum, default_value_t = Loss::Mae)]
         loss: Loss,
-        /// Where calibration runs (cpu; cuda arrives with the CUDA backend).
+        /// Where calibration runs (cpu; calibrating on cuda is still to come).
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Continue an interrupted calibration from its checkpoint.
@@ -246,7 +246,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             if backend != "cpu" {
                 anyhow::bail!(
-                    "--backend {backend}: calibration runs on the CPU backend only in this build (cuda is not implemented yet)"
+                    "--backend {backend}: calibration runs on the CPU backend only in this build (calibrating on cuda is not implemented yet)"
                 );
             }
             use mbq::calib::run::Method as M;
