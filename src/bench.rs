@@ -283,6 +283,74 @@ pub struct DecodeResult {
     pub device_ms_per_token: Option<f64>,
     pub tok_s: f64,
     pub speedup_vs_f16: f64,
+    /// Weight bytes read per token (decoder linears in this format, the
+    /// f16 lm_head), what the achieved bandwidth is computed from.
+    pub weight_bytes_per_token: f64,
+}
+
+/// Bytes of weights a decode step reads: every decoder linear in `kind`
+/// (dense at `dense_bytes` per weight) plus the dense lm_head.
+pub fn decode_weight_bytes(cfg: &TextConfig, kind: WeightKind, dense_bytes: f64) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let q = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let im = cfg.intermediate_size as f64;
+    let per_layer = h * (q + 2.0 * kv) + q * h + 3.0 * h * im;
+    let per = match kind {
+        WeightKind::F16 => dense_bytes,
+        k => k.bytes_per_weight(),
+    };
+    cfg.num_hidden_layers as f64 * per_layer * per + cfg.vocab_size as f64 * h * dense_bytes
+}
+
+/// A device-to-device copy: the memory bandwidth ceiling the GEMV and
+/// decode numbers are set against.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CopyResult {
+    /// Bytes copied per launch (each is read once and written once).
+    pub bytes: usize,
+    pub timing: &'static str,
+    pub median_us: f64,
+    /// (read + write) bytes per second.
+    pub gb_s: f64,
+}
+
+/// Times a `bytes`-long device-to-device copy (`set_rows` of a whole
+/// tensor into another), `iters` per rep, median of `reps`, wall clock.
+pub fn bench_copy<B: Backend>(
+    be: &B,
+    bytes: usize,
+    iters: usize,
+    reps: usize,
+) -> Result<CopyResult> {
+    if iters == 0 || reps == 0 {
+        return Err(Error::invalid("bench: --iters and --reps must be > 0"));
+    }
+    const COLS: usize = 1024;
+    let rows = (bytes / 4 / COLS).max(1);
+    let src = be.upload(&Tensor::new(vec![rows, COLS], vec![1.0; rows * COLS])?)?;
+    let mut dst = be.upload(&Tensor::zeros(vec![rows, COLS]))?;
+    be.set_rows(&mut dst, 0, &src)?;
+    be.download(&be.rows(&dst, 0, 1)?)?;
+    // Wall clock (copies are not inside the timestamped compute passes);
+    // the one-row read-back that waits for the device is in the span.
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..iters {
+            be.set_rows(&mut dst, 0, &src)?;
+        }
+        be.download(&be.rows(&dst, 0, 1)?)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
+    }
+    let (timing, us) = (WALL_CLOCK, median(times));
+    let bytes = rows * COLS * 4;
+    Ok(CopyResult {
+        bytes,
+        timing,
+        median_us: us,
+        gb_s: 2.0 * bytes as f64 / (us * 1e-6) / 1e9,
+    })
 }
 
 /// Decode `tokens` steps (after a `prompt`-token prefill) and time them.
@@ -341,6 +409,7 @@ pub fn bench_decode<B: Backend>(
         device_ms_per_token: device_ms,
         tok_s: 1e3 / wall_ms,
         speedup_vs_f16: 0.0,
+        weight_bytes_per_token: decode_weight_bytes(&model.cfg, kind, be.dense_weight_bytes()),
     })
 }
 
@@ -415,6 +484,141 @@ pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String
             r.speedup_vs_f16,
             device
         );
+    }
+    s
+}
+
+/// One backend's GEMV or decode results with its copy bandwidth.
+pub struct Measured<T> {
+    pub backend: String,
+    pub copy: Option<CopyResult>,
+    pub rows: Vec<T>,
+}
+
+fn pct(gb_s: f64, copy: &Option<CopyResult>) -> String {
+    match copy {
+        Some(c) if c.gb_s > 0.0 => format!("{:.0}%", 100.0 * gb_s / c.gb_s),
+        _ => "-".into(),
+    }
+}
+
+/// A backend's short name for a column header ("wgpu (adapter)" -> "wgpu").
+fn short(b: &str) -> &str {
+    b.split(" (").next().unwrap_or(b)
+}
+
+fn copy_line(ms: &[(&str, &Option<CopyResult>)]) -> String {
+    let parts: Vec<String> = ms
+        .iter()
+        .map(|(b, c)| match c {
+            Some(c) => format!(
+                "{b} {:.1} GB/s ({} MiB, {})",
+                c.gb_s,
+                c.bytes >> 20,
+                c.timing
+            ),
+            None => format!("{b} -"),
+        })
+        .collect();
+    format!(
+        "device-to-device copy (read + write): {}\n",
+        parts.join("; ")
+    )
+}
+
+/// The GEMV results of several backends side by side: per shape and
+/// format, each backend's time, achieved GB/s of weight bytes, its fraction
+/// of the backend's copy bandwidth, and the speedup over its dense GEMV.
+pub fn gemv_side_by_side(ms: &[Measured<GemvResult>]) -> String {
+    let mut s = copy_line(
+        &ms.iter()
+            .map(|m| (m.backend.as_str(), &m.copy))
+            .collect::<Vec<_>>(),
+    );
+    s += &format!("{:>12} {:>7}", "in x out", "weights");
+    for m in ms {
+        s += &format!(" | {:>28}", short(&m.backend));
+    }
+    s += "\n";
+    s += &format!("{:>12} {:>7}", "", "");
+    for _ in ms {
+        s += &format!(" | {:>8} {:>7} {:>5} {:>5}", "us", "GB/s", "bw", "vs16");
+    }
+    s += "\n";
+    let n = ms.iter().map(|m| m.rows.len()).max().unwrap_or(0);
+    for i in 0..n {
+        let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
+            continue;
+        };
+        s += &format!(
+            "{:>12} {:>7}",
+            format!("{}x{}", r0.inp, r0.out),
+            r0.kind.label()
+        );
+        for m in ms {
+            match m.rows.get(i) {
+                Some(r) => {
+                    s += &format!(
+                        " | {:>8.1} {:>7.1} {:>5} {:>4.2}x",
+                        r.median_us,
+                        r.gb_s,
+                        pct(r.gb_s, &m.copy),
+                        r.speedup_vs_f16
+                    )
+                }
+                None => s += &format!(" | {:>28}", "-"),
+            }
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// The decode results of several backends side by side: tok/s, ms/token,
+/// speedup over dense and the weight bandwidth achieved (weight bytes per
+/// token / time) as a fraction of the copy bandwidth.
+pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String {
+    let mut s = format!("Decode: {model} (wall clock per token after prefill)\n");
+    s += &copy_line(
+        &ms.iter()
+            .map(|m| (m.backend.as_str(), &m.copy))
+            .collect::<Vec<_>>(),
+    );
+    s += &format!("{:>7}", "weights");
+    for m in ms {
+        s += &format!(" | {:>32}", short(&m.backend));
+    }
+    s += "\n";
+    s += &format!("{:>7}", "");
+    for _ in ms {
+        s += &format!(
+            " | {:>8} {:>8} {:>5} {:>7}",
+            "tok/s", "ms/tok", "vs16", "bw"
+        );
+    }
+    s += "\n";
+    let n = ms.iter().map(|m| m.rows.len()).max().unwrap_or(0);
+    for i in 0..n {
+        let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
+            continue;
+        };
+        s += &format!("{:>7}", r0.kind.label());
+        for m in ms {
+            match m.rows.get(i) {
+                Some(r) => {
+                    let gb_s = r.weight_bytes_per_token / (r.ms_per_token * 1e-3) / 1e9;
+                    s += &format!(
+                        " | {:>8.1} {:>8.2} {:>4.2}x {:>7}",
+                        r.tok_s,
+                        r.ms_per_token,
+                        r.speedup_vs_f16,
+                        pct(gb_s, &m.copy)
+                    )
+                }
+                None => s += &format!(" | {:>32}", "-"),
+            }
+        }
+        s += "\n";
     }
     s
 }

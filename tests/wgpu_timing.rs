@@ -101,3 +101,72 @@ fn cpu_backend_has_no_device_timer() {
     assert!(rows.iter().all(|r| r.timing == "wall clock"));
     assert!(bench::gemv_table("cpu", &rows).contains("wall clock"));
 }
+
+/// `mbq bench gemv --backend cpu,wgpu`: both backends in one run, one
+/// side-by-side table with each backend's copy bandwidth and the fraction
+/// of it each GEMV reached; `--json` carries the same numbers.
+#[test]
+fn bench_prints_backends_side_by_side_with_copy_bandwidth() {
+    let _ = gpu(); // fails loudly without an adapter
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "gemv",
+            "--backend",
+            "cpu,wgpu",
+            "--shapes",
+            "256x128",
+            "--iters",
+            "2",
+            "--reps",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mbq"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let text = run(&[]);
+    let side = text
+        .split("device-to-device copy")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no side-by-side table:\n{text}"));
+    let header = side.lines().nth(1).unwrap();
+    assert!(
+        header.contains("| ") && header.contains("cpu") && header.contains("wgpu"),
+        "{side}"
+    );
+    for kind in ["dense", "w3g128", "w4g128"] {
+        let row = side
+            .lines()
+            .find(|l| l.contains("256x128") && l.contains(kind))
+            .unwrap_or_else(|| panic!("no {kind} row:\n{side}"));
+        assert_eq!(row.matches('%').count(), 2, "{row}");
+    }
+    let j: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let all = j.as_array().unwrap();
+    assert_eq!(all.len(), 2);
+    for b in all {
+        let gb = b["copy"]["gb_s"].as_f64().unwrap();
+        assert!(gb.is_finite() && gb > 0.0, "{b}");
+        assert_eq!(b["gemv"].as_array().unwrap().len(), 3);
+    }
+}
+
+/// The weight bytes a decode step reads, by hand for a small config.
+#[test]
+fn decode_weight_bytes_by_hand() {
+    let mut cfg = bench::synthetic_config("llava-1.5-7b").unwrap();
+    cfg.num_hidden_layers = 2;
+    // Llama-7B: hidden 4096, 32 heads x 128, no GQA, intermediate 11008,
+    // vocab 32064 (llava-1.5).
+    let (h, im, v) = (4096.0, 11008.0, cfg.vocab_size as f64);
+    let per_layer = 4.0 * h * h + 3.0 * h * im;
+    let dense = bench::decode_weight_bytes(&cfg, bench::WeightKind::F16, 2.0);
+    assert_eq!(dense, 2.0 * per_layer * 2.0 + v * h * 2.0);
+    let w3 = bench::decode_weight_bytes(&cfg, bench::WeightKind::W3, 2.0);
+    assert_eq!(w3, 2.0 * per_layer * 3.25 / 8.0 + v * h * 2.0);
+}

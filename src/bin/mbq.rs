@@ -126,7 +126,7 @@ enum BenchCmd {
     /// Timed with GPU timestamps where the backend has them (wgpu with
     /// TIMESTAMP_QUERY), else wall clock; the wall clock is kept too.
     Gemv {
-        /// Backend: cpu or wgpu.
+        /// Backends, comma-separated (cpu, wgpu, cuda): side by side.
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Shapes as IN x OUT; default: the paper's LLaVA-OneVision-7B ones.
@@ -146,7 +146,7 @@ enum BenchCmd {
     },
     /// Decode tokens/s: FP16 vs W3 vs W4 (g128).
     Decode {
-        /// Backend: cpu or wgpu.
+        /// Backends, comma-separated (cpu, wgpu, cuda): side by side.
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// A model directory (its language model is benchmarked).
@@ -321,9 +321,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     backend.clone()
                 }
             };
-            // A comma list runs each backend in turn, one table each.
+            // A comma list runs each backend in turn; the tables are printed
+            // side by side at the end.
+            let mut all = Vec::new();
             for b in backend.split(',') {
-                match b.trim() {
+                all.push(match b.trim() {
                     "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", &what)?,
                     "wgpu" => {
                         let opts = mbq::runtime::wgpu_options(None, true);
@@ -342,27 +344,88 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                         "--backend {other}: not available for benchmarks in this build; available: {}",
                         if cfg!(feature = "cuda") { "cpu, wgpu, cuda" } else { "cpu, wgpu" }
                     ),
-                }
+                });
             }
-            Ok(())
+            print_bench(&what, all)
         }
     }
 }
 
-/// Runs a benchmark on one backend and prints its table (or JSON).
-fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> anyhow::Result<()> {
+/// One backend's benchmark results.
+enum BenchOut {
+    Gemv(mbq::bench::Measured<mbq::bench::GemvResult>),
+    Decode(String, mbq::bench::Measured<mbq::bench::DecodeResult>),
+}
+
+fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
     use mbq::bench;
-    match what {
+    let json = match what {
+        BenchCmd::Gemv { json, .. } | BenchCmd::Decode { json, .. } => *json,
+    };
+    let mut gemv = Vec::new();
+    let mut decode = Vec::new();
+    let mut label = String::new();
+    for o in all {
+        match o {
+            BenchOut::Gemv(m) => gemv.push(m),
+            BenchOut::Decode(l, m) => {
+                label = l;
+                decode.push(m)
+            }
+        }
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = gemv
+            .iter()
+            .map(|m| {
+                serde_json::json!({"backend": m.backend, "copy": m.copy,
+                    "timing": bench::timing_of(m.rows.iter().map(|r| r.timing)), "gemv": m.rows})
+            })
+            .chain(decode.iter().map(|m| {
+                serde_json::json!({"backend": m.backend, "model": label, "copy": m.copy,
+                    "timing": bench::timing_of(m.rows.iter().map(|r| r.timing)), "decode": m.rows})
+            }))
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    for m in &gemv {
+        print!("{}", bench::gemv_table(&m.backend, &m.rows));
+    }
+    for m in &decode {
+        print!("{}", bench::decode_table(&m.backend, &label, &m.rows));
+    }
+    println!();
+    if !gemv.is_empty() {
+        print!("{}", bench::gemv_side_by_side(&gemv));
+    }
+    if !decode.is_empty() {
+        print!("{}", bench::decode_side_by_side(&label, &decode));
+    }
+    Ok(())
+}
+
+/// Runs a benchmark on one backend (and its copy bandwidth).
+fn bench_on<B: mbq::backend::Backend>(
+    be: &B,
+    name: &str,
+    what: &BenchCmd,
+) -> anyhow::Result<BenchOut> {
+    use mbq::bench;
+    eprintln!("device-to-device copy on {name} ...");
+    let copy = bench::bench_copy(be, COPY_BYTES, 10, 5)
+        .map_err(|e| eprintln!("copy benchmark on {name}: {e}"))
+        .ok();
+    Ok(match what {
         BenchCmd::Gemv {
             shapes,
             iters,
             reps,
             rotate_mib,
-            json,
             ..
         } => {
             let mut rows = Vec::new();
-            for (inp, out) in bench::parse_shapes(&shapes)? {
+            for (inp, out) in bench::parse_shapes(shapes)? {
                 eprintln!("gemv {inp}x{out} on {name} ...");
                 rows.extend(bench::bench_gemv(
                     be,
@@ -373,15 +436,11 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
                     *rotate_mib << 20,
                 )?);
             }
-            if *json {
-                let timing = bench::timing_of(rows.iter().map(|r| r.timing));
-                println!(
-                    "{}",
-                    serde_json::json!({"backend": name, "timing": timing, "gemv": rows})
-                );
-            } else {
-                print!("{}", bench::gemv_table(name, &rows));
-            }
+            BenchOut::Gemv(bench::Measured {
+                backend: name.to_string(),
+                copy,
+                rows,
+            })
         }
         BenchCmd::Decode {
             model,
@@ -389,7 +448,6 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
             layers,
             prompt,
             tokens,
-            json,
             ..
         } => {
             let note = |m: &str| eprintln!("{m}");
@@ -404,19 +462,20 @@ fn bench_on<B: mbq::backend::Backend>(be: &B, name: &str, what: &BenchCmd) -> an
                 ),
                 _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
             };
-            if *json {
-                let timing = bench::timing_of(rows.iter().map(|r| r.timing));
-                println!(
-                    "{}",
-                    serde_json::json!({"backend": name, "model": label, "timing": timing, "decode": rows})
-                );
-            } else {
-                print!("{}", bench::decode_table(name, &label, &rows));
-            }
+            BenchOut::Decode(
+                label,
+                bench::Measured {
+                    backend: name.to_string(),
+                    copy,
+                    rows,
+                },
+            )
         }
-    }
-    Ok(())
+    })
 }
+
+/// Bytes of the copy that measures each backend's bandwidth ceiling.
+const COPY_BYTES: usize = 128 << 20;
 
 fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
