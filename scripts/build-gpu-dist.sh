@@ -35,5 +35,8 @@ strip dist/mbq dist/mbq-run dist/tests/* 2>/dev/null || true
 # at build time: gpu-check.sh links it to the copy it runs in.
 pwd >dist/manifest_dir
 git rev-parse HEAD >dist/commit 2>/dev/null || true
-du -sh dist
-echo "dist/ ready: copy the repository (with dist/) to the GPU machine and run bash scripts/gpu-check.sh"
+# One archive too (xz: about a quarter of the size), for transfers with a
+# size limit; gpu-check.sh unpacks it when dist/ is not there.
+tar -cf - dist | xz -6 -T0 >gpu-dist.tar.xz
+du -sh dist gpu-dist.tar.xz
+echo "dist/ ready: copy the repository (with dist/ or gpu-dist.tar.xz) to the GPU machine and run bash scripts/gpu-check.sh"

@@ -25,6 +25,9 @@ mkdir -p "$OUT_DIR"
 DECODE_LAYERS="${DECODE_LAYERS:-28}"
 T0=$(date +%s)
 
+if [ ! -x dist/mbq ] && [ -f gpu-dist.tar.xz ]; then
+  xz -dc gpu-dist.tar.xz | tar -xf -
+fi
 if [ ! -x dist/mbq ]; then
   echo "error: dist/mbq not found: run scripts/build-gpu-dist.sh on a machine with Rust first" >&2
   exit 2
