@@ -188,12 +188,12 @@ pub const BUNDLED_MODELS: &[(&str, &str)] = &[
     ),
     (
         "tiny-shapes-w3",
-        "tiny-shapes quantized with RTN W3 g128 (RTN until MBQ calibration exists)",
+        "tiny-shapes quantized with MBQ W3 g128 (calibrated on 128 samples of `mbq shapes --seed 2000`), 3.25 bits per decoder weight",
     ),
 ];
 
-/// The model used when `--model` is not given.
-pub const DEFAULT_MODEL: &str = "tiny-shapes";
+/// The model used when `--model` is not given: the MBQ W3 g128 version.
+pub const DEFAULT_MODEL: &str = "tiny-shapes-w3";
 
 /// Where bundled models are looked for, in order: `$MBQ_MODELS`, a
 /// `models/` folder next to the executable or up to three folders above it

@@ -1,8 +1,9 @@
-//! The bundled model (models/tiny-shapes, trained by tools/train_tiny.py on
-//! `mbq shapes`): `mbq-run` uses it when no --model is given and answers the
-//! example images' questions; `mbq eval` on the committed held-out set
-//! (tests/fixtures/shapes_eval, `mbq shapes --seed 1000`) clears
-//! MIN_ACCURACY; the RTN W3 version runs and says it is RTN.
+//! The bundled models (models/tiny-shapes, trained by tools/train_tiny.py on
+//! `mbq shapes`, and models/tiny-shapes-w3, its MBQ W3 g128 version made by
+//! tools/make_tiny_w3.sh): `mbq-run` uses the W3 one when no --model is
+//! given and answers the example images' questions; `mbq eval` on the
+//! committed held-out set (tests/fixtures/shapes_eval, `mbq shapes --seed
+//! 1000`) clears MIN_ACCURACY with both; the W3 one says it is MBQ.
 
 mod common;
 
@@ -32,7 +33,7 @@ fn repo() -> &'static Path {
 }
 
 #[test]
-fn mbq_run_without_model_uses_tiny_shapes_and_answers_colour_questions() {
+fn mbq_run_without_model_uses_tiny_shapes_w3_and_answers_colour_questions() {
     // Ground truth: the generator's questions for the eval seed.
     let gen = scratch("tiny_shapes_examples").join("data");
     let o = run(
@@ -77,7 +78,7 @@ fn mbq_run_without_model_uses_tiny_shapes_and_answers_colour_questions() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{stem}: {stderr}");
         assert!(
-            stderr.contains("tiny-shapes"),
+            stderr.contains("no --model given") && stderr.contains("tiny-shapes-w3"),
             "does not say which model: {stderr}"
         );
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -94,37 +95,42 @@ fn mbq_run_without_model_uses_tiny_shapes_and_answers_colour_questions() {
 #[test]
 fn eval_on_the_committed_held_out_set() {
     let data = repo().join("tests/fixtures/shapes_eval/questions.jsonl");
-    let o = run(
-        env!("CARGO_BIN_EXE_mbq"),
-        &[
-            "eval",
-            "--model",
-            "tiny-shapes",
-            "--data",
-            data.to_str().unwrap(),
-            "--limit",
-            "50",
-            "--json",
-            "--backend",
-            "cpu",
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["count"], 50);
-    let acc = j["accuracy"].as_f64().unwrap();
-    assert!(acc >= MIN_ACCURACY, "accuracy {acc} < {MIN_ACCURACY}: {j}");
-    assert!(j["per_type"]["color"]["count"].as_u64().unwrap() > 0);
-    let ppl = j["caption_perplexity"].as_f64().unwrap();
-    assert!(
-        ppl.is_finite() && ppl >= 1.0 && ppl < 2.0,
-        "caption perplexity {ppl}"
-    );
+    for model in ["tiny-shapes", "tiny-shapes-w3"] {
+        let o = run(
+            env!("CARGO_BIN_EXE_mbq"),
+            &[
+                "eval",
+                "--model",
+                model,
+                "--data",
+                data.to_str().unwrap(),
+                "--limit",
+                "50",
+                "--json",
+                "--backend",
+                "cpu",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{model}: {stderr}");
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["count"], 50);
+        let acc = j["accuracy"].as_f64().unwrap();
+        assert!(
+            acc >= MIN_ACCURACY,
+            "{model}: accuracy {acc} < {MIN_ACCURACY}: {j}"
+        );
+        assert!(j["per_type"]["color"]["count"].as_u64().unwrap() > 0);
+        let ppl = j["caption_perplexity"].as_f64().unwrap();
+        assert!(
+            ppl.is_finite() && ppl >= 1.0 && ppl < 2.0,
+            "{model}: caption perplexity {ppl}"
+        );
+    }
 }
 
 #[test]
-fn w3_model_runs_and_says_it_is_rtn() {
+fn w3_model_runs_and_says_it_is_mbq() {
     let example = repo().join("examples").join(format!("{}.png", EXAMPLES[0]));
     let o = run(
         env!("CARGO_BIN_EXE_mbq-run"),
@@ -144,7 +150,7 @@ fn w3_model_runs_and_says_it_is_rtn() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
-        stderr.contains("tiny-shapes-w3") && stderr.contains("RTN"),
+        stderr.contains("tiny-shapes-w3") && stderr.contains("MBQ W3 g128"),
         "{stderr}"
     );
 }
@@ -152,7 +158,10 @@ fn w3_model_runs_and_says_it_is_rtn() {
 #[test]
 fn mbq_models_is_looked_in_first() {
     let d = scratch("tiny_shapes_env");
-    common::copy_dir(&repo().join("models/tiny-shapes"), &d.join("tiny-shapes"));
+    common::copy_dir(
+        &repo().join("models/tiny-shapes-w3"),
+        &d.join("tiny-shapes-w3"),
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_mbq-run"))
         .env("MBQ_MODELS", &d)
         .args([
@@ -168,7 +177,7 @@ fn mbq_models_is_looked_in_first() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
-        stderr.contains(d.join("tiny-shapes").to_str().unwrap()),
+        stderr.contains(d.join("tiny-shapes-w3").to_str().unwrap()),
         "{stderr}"
     );
 }
