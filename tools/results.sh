@@ -88,7 +88,12 @@ for label, k in rows:
         cells.append(f"{v['accuracy']:.3f}" if isinstance(v, dict) else (f"{v:.3f}" if v is not None else "-"))
     p(f"| {label} | {e['accuracy']:.3f} | {e.get('short_answer_accuracy', float('nan')):.3f} | "
       + " | ".join(cells) + f" | {e.get('caption_perplexity', float('nan')):.3f} |")
+fp = ev["fp16"]["accuracy"]
+worst = max(rows[1:], key=lambda r: abs(ev[r[1]]["accuracy"] - fp))
+d = ev[worst[1]]["accuracy"] - fp
 p("")
+p(f"Largest difference from FP16: {worst[0]}, {d:+.3f} ({round(abs(d) * count)} of {count} questions); "
+  f"one question is {1 / count:.3f}.\n")
 r = json.load(open(f"{work}/mbq-w3/calibration_report.json"))
 p("## Vision / caption gradient sensitivity per layer (MBQ W3 calibration)\n")
 p("Mean |d loss / d output| over vision-token and caption-token positions at the output of o_proj "
