@@ -258,3 +258,14 @@ pub fn resolve_model(model: Option<&str>, mut note: impl FnMut(&str)) -> Result<
         }),
     }
 }
+
+/// Called first thing by the binaries, while they are single-threaded:
+/// Mesa's Vulkan drivers (probed by wgpu) print "XDG_RUNTIME_DIR is invalid
+/// or not set" on headless machines where it is unset; give it the
+/// temporary directory so a user sees only mbq's own messages.
+pub fn quiet_headless_vulkan() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+}

@@ -47,6 +47,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    mbq::runtime::quiet_headless_vulkan();
     let args = Args::parse();
     match real_main(args) {
         Ok(()) => ExitCode::SUCCESS,

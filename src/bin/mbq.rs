@@ -191,6 +191,7 @@ enum Loss {
 }
 
 fn main() -> ExitCode {
+    mbq::runtime::quiet_headless_vulkan();
     match real_main(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
