@@ -34,6 +34,30 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
+/// An activation's code in the kernels (`act.wgsl`, `act.cu`): one
+/// numbering for every backend.
+pub fn act_code(act: Act) -> u32 {
+    match act {
+        Act::Gelu => 0,
+        Act::GeluTanh => 1,
+        Act::QuickGelu => 2,
+        Act::Silu => 3,
+        Act::Relu => 4,
+    }
+}
+
+/// An error unless two `[rows, cols]` activations have the same shape
+/// (element-wise ops), naming the backend and the op.
+pub fn same_dims(backend: &str, op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a != b {
+        return Err(Error::invalid(format!(
+            "{backend} {op}: shapes [{}, {}] and [{}, {}] differ",
+            a.0, a.1, b.0, b.1
+        )));
+    }
+    Ok(())
+}
+
 pub trait Backend {
     /// An activation matrix on the device.
     type Tensor;

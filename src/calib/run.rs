@@ -237,7 +237,9 @@ pub fn quantize_model(
     let mut vlm = Vlm::<Cpu>::load(&be, &o.model)?;
     let proc = Processor::load(&o.model, vlm.cfg.image_token_index)?;
     let img_cfg = ImageProcessorConfig::load(&o.model)?;
-    let calib = o.calib.as_deref().expect("checked");
+    let calib = o.calib.as_deref().ok_or_else(|| {
+        Error::invalid(format!("--method {} needs --calib FILE", o.method.name()))
+    })?;
     let set = load_calib_set(
         &vlm,
         &proc,

@@ -214,7 +214,9 @@ pub fn write_quantized_dir(
     } = *spec;
     check_bits_group(bits, group_size)?;
     let parent = check_output(input, output)?;
-    let name = output.file_name().expect("checked by check_output");
+    let name = output
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
 
     // Everything is read and checked before anything is written.
     let cfg = VlmConfig::load(input)?;

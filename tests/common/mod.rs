@@ -82,16 +82,11 @@ pub fn load_case(name: &str) -> Case {
     }
 }
 
+#[path = "../op_check/mod.rs"]
+mod op_check;
 /// max |a - b| / max |b|, the error relative to the reference's scale.
-pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-    diff / scale
-}
+#[allow(unused_imports)]
+pub use op_check::rel_err;
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{err, grid_stride, int, per_row, Ctx, Cuda, CudaCache, CudaTensor, CudaWeight};
-use crate::backend::{AttnShape, Backend, Rope};
+use crate::backend::{act_code, same_dims, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -25,31 +25,7 @@ fn invalid(op: &str, msg: String) -> Error {
     Error::invalid(format!("cuda {op}: {msg}"))
 }
 
-/// act.cu's `act` codes.
-fn act_code(act: Act) -> i32 {
-    match act {
-        Act::Gelu => 0,
-        Act::GeluTanh => 1,
-        Act::QuickGelu => 2,
-        Act::Silu => 3,
-        Act::Relu => 4,
-    }
-}
-
 impl Cuda {
-    fn same_shape(op: &str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
-        if (a.rows, a.cols) != (b.rows, b.cols) {
-            return Err(invalid(
-                op,
-                format!(
-                    "shapes [{}, {}] and [{}, {}] differ",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// Copies `n` values from `src[s0..]` to `dst[d0..]` on the stream.
     fn copy(
         &self,
@@ -82,7 +58,7 @@ impl Cuda {
         }
         let f = self.function(entry)?;
         let n_i = int(n, entry)?;
-        let code = act.map(act_code).unwrap_or(0);
+        let code = act.map(|a| act_code(a) as i32).unwrap_or(0);
         let mut l = self.stream().launch_builder(&f);
         for t in inputs {
             l.arg(&t.data);
@@ -412,7 +388,7 @@ impl Backend for Cuda {
     }
 
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        Self::same_shape("add", a, b)?;
+        same_dims("cuda", "add", (a.rows, a.cols), (b.rows, b.cols))?;
         self.elementwise("add_f32", &[a, b], None)
     }
 
@@ -421,7 +397,7 @@ impl Backend for Cuda {
     }
 
     fn gated(&self, gate: &CudaTensor, up: &CudaTensor, act: Act) -> Result<CudaTensor> {
-        Self::same_shape("gated", gate, up)?;
+        same_dims("cuda", "gated", (gate.rows, gate.cols), (up.rows, up.cols))?;
         self.elementwise("gated_f32", &[gate, up], Some(act))
     }
 

@@ -6,36 +6,13 @@ use super::linear::WgpuWeight;
 use super::{
     err, shape_err, u32_of, RopeTable, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG,
 };
-use crate::backend::{AttnShape, Backend, Rope};
+use crate::backend::{act_code, same_dims, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
-fn act_code(act: Act) -> u32 {
-    match act {
-        Act::Gelu => 0,
-        Act::GeluTanh => 1,
-        Act::QuickGelu => 2,
-        Act::Silu => 3,
-        Act::Relu => 4,
-    }
-}
-
 impl Wgpu {
-    fn same_dims(op: &str, a: &WgpuTensor, b: &WgpuTensor) -> Result<()> {
-        if (a.rows, a.cols) != (b.rows, b.cols) {
-            return Err(shape_err(
-                op,
-                format!(
-                    "shapes [{}, {}] and [{}, {}] differ",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// One element-wise kernel over `a` (and `b`).
     fn elementwise(
         &self,
@@ -254,7 +231,7 @@ impl Backend for Wgpu {
     }
 
     fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
-        Self::same_dims("add", a, b)?;
+        same_dims("wgpu", "add", (a.rows, a.cols), (b.rows, b.cols))?;
         self.elementwise("add", a, Some(b), 0)
     }
 
@@ -263,7 +240,7 @@ impl Backend for Wgpu {
     }
 
     fn gated(&self, gate: &WgpuTensor, up: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
-        Self::same_dims("gated", gate, up)?;
+        same_dims("wgpu", "gated", (gate.rows, gate.cols), (up.rows, up.cols))?;
         self.elementwise("gated", gate, Some(up), act_code(act))
     }
 
