@@ -12,10 +12,11 @@ use std::process::{Command, Output};
 
 use common::scratch;
 
-/// Exact-match accuracy the held-out subset must reach. The goal is 0.9;
-/// the bundled model is not there yet (README: the full held-out numbers),
-/// so this guards against regressions of the model and the eval path.
-const MIN_ACCURACY: f64 = 0.65;
+/// Exact-match accuracy the held-out subset must reach. Both bundled
+/// models score 0.98 on these 50 questions (0.93 on the README's 1034: the
+/// relations are at chance), so this guards against regressions of the
+/// model and the eval path with room for a changed summation order.
+const MIN_ACCURACY: f64 = 0.85;
 /// The seed the examples and the held-out set come from (never trained on).
 const EVAL_SEED: &str = "1000";
 /// The example images: `mbq shapes --seed 1000` images by index.
@@ -33,7 +34,7 @@ fn repo() -> &'static Path {
 }
 
 #[test]
-fn mbq_run_without_model_uses_tiny_shapes_w3_and_answers_shape_questions() {
+fn mbq_run_without_model_uses_tiny_shapes_w3_and_answers_colour_and_shape_questions() {
     // Ground truth: the generator's questions for the eval seed.
     let gen = scratch("tiny_shapes_examples").join("data");
     let o = run(
@@ -59,39 +60,40 @@ fn mbq_run_without_model_uses_tiny_shapes_w3_and_answers_shape_questions() {
             "{} is not `mbq shapes --seed {EVAL_SEED}`'s image",
             example.display()
         );
-        let q = qs
-            .iter()
-            // The README's main job asks a shape question: the kind the
-            // model answers best (colour-of-a-named-kind questions are its
-            // weak spot, README).
-            .find(|q| q.kind == "shape" && q.image == format!("images/{stem}.png"))
-            .unwrap_or_else(|| panic!("{stem}: no shape question"));
-        let o = run(
-            env!("CARGO_BIN_EXE_mbq-run"),
-            &[
-                "--image",
-                example.to_str().unwrap(),
-                "--prompt",
-                &q.prompt,
-                "--backend",
-                "cpu",
-                "--json",
-            ],
-        );
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{stem}: {stderr}");
-        assert!(
-            stderr.contains("no --model given") && stderr.contains("tiny-shapes-w3"),
-            "does not say which model: {stderr}"
-        );
-        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let text = j["text"].as_str().unwrap();
-        assert!(
-            mbq::eval::matches(text, &q.answer),
-            "{stem}: {:?} answered {text:?}, expected {:?}",
-            q.prompt,
-            q.answer
-        );
+        // The README's main job asks a colour question; the shape question
+        // looks a shape up the other way (by its colour).
+        for kind in ["color", "shape"] {
+            let q = qs
+                .iter()
+                .find(|q| q.kind == kind && q.image == format!("images/{stem}.png"))
+                .unwrap_or_else(|| panic!("{stem}: no {kind} question"));
+            let o = run(
+                env!("CARGO_BIN_EXE_mbq-run"),
+                &[
+                    "--image",
+                    example.to_str().unwrap(),
+                    "--prompt",
+                    &q.prompt,
+                    "--backend",
+                    "cpu",
+                    "--json",
+                ],
+            );
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{stem}: {stderr}");
+            assert!(
+                stderr.contains("no --model given") && stderr.contains("tiny-shapes-w3"),
+                "does not say which model: {stderr}"
+            );
+            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let text = j["text"].as_str().unwrap();
+            assert!(
+                mbq::eval::matches(text, &q.answer),
+                "{stem}: {:?} answered {text:?}, expected {:?}",
+                q.prompt,
+                q.answer
+            );
+        }
     }
 }
 

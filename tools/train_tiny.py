@@ -4,14 +4,21 @@
 Run from the repository root (CPU, one thread; the venv pinned by tools/requirements.txt, e.g. /opt/fixenv).
 The committed models/tiny-shapes is exactly this one command, from scratch:
 
-    /opt/fixenv/bin/python tools/train_tiny.py --steps 4200 --batch 48 --turns 1 --text-layers 4 --vision-layers 3 \
-        --vision-intermediate 512 --ckpt-every 700 --eval-limit 0 --out models/tiny-shapes
+    /opt/fixenv/bin/python tools/train_tiny.py --steps 4800 --batch 48 --turns 1 --text-layers 4 --vision-layers 3 \
+        --vision-intermediate 512 --attn-sup 1 --attn-layer 1 --copy-sup 1 --caption-sup 1 --aux-pos 1 \
+        --type-weights exists=2,relation=3,color=2,count=0.5,caption=1.5 --ckpt-every 1200 --eval-limit 0 \
+        --out models/tiny-shapes
 
-Measured: 40.5 min wall (39.5 min of training, 4200 steps at 0.56 s/step; peak RSS 2.7 GB) on this project's
-2-core x86 machine with the other core busy with builds, torch 2.9.1 / transformers 4.57.6, one thread (the
-committed files came from `--out /tmp/tiny-final2`, then copied; --out does not change the weights). Held-out
-`mbq eval --backend cpu` on `mbq shapes --seed 1000 --count 100` (512 questions): 0.750 (caption 0.82, color 0.69,
-count 0.99, exists 0.42, relation 0.40, shape 0.96); on --count 200 (1034 questions): 0.751.
+Measured: 56.4 min wall (54.8 min of training, 4800 steps at 0.68 s/step; ~0.58 s/step when the other core is
+idle) on this project's 2-core x86 machine with the other core running a second training, torch 2.9.1 /
+transformers 4.57.6, one thread (the committed files came from `--out /tmp/tF2`, then copied; --out does not
+change the weights). Held-out `mbq eval --backend cpu` on `mbq shapes --seed 1000 --count 100` (512 questions):
+0.943 (caption 0.90, color 1.0, count 1.0, exists 1.0, relation 0.46, shape 1.0); on --count 200 (1034
+questions): 0.927 (caption 0.85, relation 0.50, the rest 0.985-1.0). The relations are still at chance.
+Tried and left out (same machine, held-out 512 questions): without --caption-sup and the relation-word copy head,
+4200 steps: 0.934; --pos-probe (a probe for the looked-up shape's row and column after --attn-layer): half the
+accuracy at 2400 steps, stopped; --final-probe (the same at the last prompt position) as a 1000-step fine-tune:
+0.910, relations unchanged.
 Each training sequence is one image and one question (--turns 1): with several questions per sequence, later
 questions can copy from earlier answers (the caption names every shape), which single-turn eval never allows.
 
@@ -24,14 +31,24 @@ questions can copy from earlier answers (the caption names every shape), which s
 3. Trains LlavaForConditionalGeneration: SigLIP vision tower (64x64, patch 8 -> 64 image tokens, layer -1,
    "full"; hidden 128, --vision-layers, MLP --vision-intermediate) + 2-layer GELU projector + untied Qwen2
    (hidden 128, intermediate 384: every decoder linear's input is a multiple of 128, so W3/W4 g128 applies). Each
-   training sequence is one image with a random number of its questions in random order as a multi-turn chat (the
+   training sequence is one image and one of its questions (--turns 1; more turns make a multi-turn chat with the
    image in the first user turn, as the chat template puts it); the loss is on the answer tokens and their
    <|im_end|> only. Plus an auxiliary loss (--aux, weight 1) of a linear head on the projector's output that
    predicts, for every image token, the colour and the kind of the shape covering its 8x8 patch (labels from the
    pixels' distance to the generator's base colours and the caption's colour -> kind; see `patch_labels`). The
    head is training-only and not saved; without it the vision tower does not learn to tell the kinds apart within
-   an hour (1000-step pilots: held-out shape accuracy 0.20 without it, 0.54 with it). AdamW, warmup + cosine
-   decay to 2% of the LR, fixed seeds.
+   an hour (1000-step pilots: held-out shape accuracy 0.20 without it, 0.54 with it). --aux-pos adds each image
+   token's row and column to that head (relations and caption order need positions).
+   With --attn-sup (weight 1), attention supervision, training-only like the aux head: the answer loss alone never
+   taught the decoder to look a shape up by its kind (4200 steps: "Is there a square?" and the relations stayed
+   at chance, "What color is the square?" at 0.69; fine-tuning with more of those questions did not move them).
+   So the decoder's attention probabilities (eager attention) get targets, each loss -log(attention mass on the
+   target): at a kind (colour) named in the question, head 0 (2) of layer --attn-layer attends to that kind's
+   (colour's) image tokens (patch labels as above); at the last prompt position, heads 0 and 1 of the next layer
+   attend to the first and second named kind/colour and head 2 to the relation word (--copy-sup); in a caption,
+   at each shape phrase's article, head 3 of the next layer attends to that shape's image tokens (--caption-sup).
+   --type-weights samples each image's question by type (more of the hard ones). AdamW, warmup + cosine decay
+   to 2% of the LR, fixed seeds.
 4. Saves with save_pretrained: f16 weights, processor (SiglipImageProcessor 64x64, tokenizer, chat template in
    chat_template.json) and generation_config (eos <|im_end|>), then reports `mbq eval --backend cpu` on the 100
    held-out images (and greedy exact match with transformers on --eval-limit of them).
@@ -199,6 +216,7 @@ def check_pixels(processor, folder, images, u8):
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 215), "yellow": (230, 200, 20),
            "purple": (135, 55, 175), "orange": (245, 125, 25)}
 KINDS = ["circle", "square", "triangle", "cross", "star"]
+RELATIONS = ["left of", "right of", "above", "below"]
 
 
 def patch_labels(pix, items):
@@ -260,6 +278,49 @@ class Encoder:
             at = ids.index(self.image_id)
             return ids[:at] + [self.image_id] * N_IMAGE_TOKENS + ids[at + 1:]
         return self.enc("<|im_start|>user\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+
+    def lookups(self, question):
+        """Where the single-turn prompt names a shape kind or colour: [(position in the expanded prompt, "kind" or
+        "colour", label)] with the position of the word's last token (labels as `patch_labels`: kinds 1..5,
+        colours 1..6). Targets of the attention supervision (--attn-sup)."""
+        import re
+
+        head = "<|im_start|>user\n<image>\n"
+        text = head + question + "<|im_end|>\n<|im_start|>assistant\n"
+        e = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = e["input_ids"], e["offset_mapping"]
+        assert ids == self.enc(text)
+        at = ids.index(self.image_id)
+        out = []
+        for m in re.finditer(r"\b(" + "|".join(KINDS + list(COLOURS) + RELATIONS) + r")\b", question):
+            w = m.group(1)
+            end = len(head) + m.start(1) + len(w.split()[0])  # 'left' of 'left of'
+            j = max(i for i, (a, _) in enumerate(offs) if a < end)
+            pos = j + N_IMAGE_TOKENS - 1 if j > at else j
+            if w in RELATIONS:
+                out.append((pos, "relation", 0))
+            else:
+                out.append((pos, "kind", KINDS.index(w) + 1) if w in KINDS else (pos, "colour", list(COLOURS).index(w) + 1))
+        return out
+
+    def caption_lookups(self, caption):
+        """Per shape phrase of a caption ('a red circle'): (index of its article token among the answer's tokens,
+        colour label, kind label); phrases that occur twice are left out (their shape is ambiguous)."""
+        import re
+
+        text = caption + "<|im_end|>"
+        e = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert e["input_ids"] == self.answer(caption)[0]
+        offs = e["offset_mapping"]
+        pat = r"\b([Aa]n?) (" + "|".join(COLOURS) + r") (" + "|".join(KINDS) + r")\b"
+        found = [(m.end(1), m.group(2), m.group(3)) for m in re.finditer(pat, caption)]
+        out = []
+        for end, c, k in found:
+            if sum(1 for _, c2, k2 in found if (c2, k2) == (c, k)) > 1:
+                continue
+            j = max(i for i, (a, _) in enumerate(offs) if a < end)
+            out.append((j, list(COLOURS).index(c) + 1, KINDS.index(k) + 1))
+        return out
 
     def answer(self, a):
         return self.enc(a + "<|im_end|>"), self.enc("\n")
@@ -382,6 +443,18 @@ def main():
     ap.add_argument("--text-layers", type=int, default=3)
     ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--turns", type=int, default=1, help="at most this many questions per training sequence")
+    ap.add_argument("--type-weights", default="", help="e.g. exists=4,relation=4: sampling weight of a question "
+                    "type when --turns 1 picks an image's question (default 1 each)")
+    ap.add_argument("--attn-sup", type=float, default=0.0, help="weight of the attention supervision: one head "
+                    "of --attn-layer, at a named kind (colour), attends to the image tokens of that kind (colour)")
+    ap.add_argument("--attn-layer", type=int, default=1)
+    ap.add_argument("--caption-sup", type=int, default=0, help="with --attn-sup: caption shape phrases attend to their shape")
+    ap.add_argument("--pos-probe", type=int, default=0, help="with --attn-sup: a named kind/colour's hidden state "
+                    "after --attn-layer predicts the looked-up shape's row and column")
+    ap.add_argument("--final-probe", type=int, default=0, help="with --attn-sup: the last prompt position's hidden "
+                    "state after the copy layer predicts both looked-up shapes' rows and columns")
+    ap.add_argument("--copy-sup", type=int, default=1, help="with --attn-sup: also the copy heads of the next layer")
+    ap.add_argument("--aux-pos", type=int, default=0, help="the aux head also predicts each image token's row and column")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-image-token colour/kind loss")
     ap.add_argument("--eval-limit", type=int, default=100, help="held-out questions for the transformers check")
     ap.add_argument("--ckpt-every", type=int, default=0, help="save + `mbq eval` on the seed-7 set every N steps")
@@ -428,10 +501,19 @@ def main():
     pcol, pkind = patch_labels(pix, items)
     log(f"patch labels: {(pcol > 0).float().mean():.3f} of tokens on a shape, "
         f"{(pkind == -100).float().mean():.4f} without a kind")
-    head = torch.nn.Linear(model.config.text_config.hidden_size, 7 + 6)
+    grid = IMAGE_SIZE // PATCH
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 7 + 6 + (2 * grid if args.aux_pos else 0))
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, 2 * grid) if args.pos_probe else None  # not saved
+    prow = torch.arange(N_IMAGE_TOKENS) // grid  # the patch's row and column (--aux-pos: relations need them)
+    pcolumn = torch.arange(N_IMAGE_TOKENS) % grid
     feats = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
     params = list(model.named_parameters()) + [("aux_head." + n, p) for n, p in head.named_parameters()]
+    if args.pos_probe:
+        params += [("pos_probe." + n, p) for n, p in probe.named_parameters()]
+    fprobe = torch.nn.Linear(model.config.text_config.hidden_size, 4 * grid) if args.final_probe else None
+    if args.final_probe:
+        params += [("final_probe." + n, p) for n, p in fprobe.named_parameters()]
     decay = [p for n, p in params if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -445,6 +527,12 @@ def main():
         m = args.min_lr
         return args.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
+    tw = {k: float(v) for k, v in (kv.split("=") for kv in args.type_weights.split(",") if kv)}
+    if args.attn_sup > 0:
+        assert args.turns == 1, "--attn-sup needs --turns 1"
+        model.set_attn_implementation("eager")
+    img_at = enc.user_prefix("x", True).index(enc.image_id)
+    sup_ema = None
     rng = random.Random(args.seed)
     order = []
     t0 = time.time()
@@ -459,19 +547,94 @@ def main():
         batch = []
         for i in idx:
             qas = list(items[i][1])
+            if args.turns == 1 and tw:
+                batch.append(rng.choices(qas, weights=[tw.get(t, 1.0) for _, _, t in qas])[:1])
+                continue
             rng.shuffle(qas)
             k = rng.randint(1, min(len(qas), args.turns))
             batch.append(qas[:k])
         ids, labels, mask = make_batch(enc, batch, tok.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=normalize(pix[idx]), labels=labels)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=normalize(pix[idx]), labels=labels,
+                    output_attentions=args.attn_sup > 0,
+                    output_hidden_states=args.pos_probe > 0 or args.final_probe > 0)
         loss = out.loss
+        if args.attn_sup > 0:
+            # retrieval: at a named kind (colour), head 0 (2) of --attn-layer attends to that kind's (colour's)
+            # image tokens; copy: at the last prompt position, head j of the next layer attends to the j-th named
+            # kind/colour and head 2 to the relation word; captions: at each shape phrase's article, head 3 of the
+            # next layer attends to that shape's image tokens
+            rb, rp, rh, rm = [], [], [], []
+            cb, cp, ch, ct = [], [], [], []
+            pb, pt = [], []
+            fb, ft = [], []
+            for b, (i, qas) in enumerate(zip(idx, batch)):
+                q, a, t = qas[0]
+                looks = enc.lookups(q)
+                named = [x for x in looks if x[1] != "relation"]
+                for pos, what, lab in named:
+                    m = (pkind[i] if what == "kind" else pcol[i]) == lab
+                    if m.any():
+                        rb.append((args.attn_layer, b, 0 if what == "kind" else 2, pos)), rm.append(m)
+                        if args.pos_probe:
+                            pb.append((b, pos)), pt.append((prow[m].float().mean().round().long(),
+                                                            pcolumn[m].float().mean().round().long()))
+                last = len(enc.user_prefix(q, True)) - 1
+                if args.final_probe:
+                    for j, (pos, what, lab) in enumerate(named[:2]):
+                        m = (pkind[i] if what == "kind" else pcol[i]) == lab
+                        if m.any():
+                            fb.append((b, last, j)), ft.append((prow[m].float().mean().round().long(),
+                                                                 pcolumn[m].float().mean().round().long()))
+                if args.copy_sup:
+                    for j, (pos, _, _) in enumerate(named[:2]):
+                        cb.append(b), cp.append(last), ch.append(j), ct.append(pos)
+                    for pos, what, _ in looks:
+                        if what == "relation":
+                            cb.append(b), cp.append(last), ch.append(2), ct.append(pos)
+                if args.caption_sup and t == "caption":
+                    for j, c, k in enc.caption_lookups(a):
+                        m = (pcol[i] == c) & (pkind[i] == k)
+                        if m.any():
+                            rb.append((args.attn_layer + 1, b, 3, last + 1 + j)), rm.append(m)
+            sup = torch.zeros(())
+            if rb:
+                att = torch.stack([out.attentions[l][b, h, p, img_at:img_at + N_IMAGE_TOKENS] for l, b, h, p in rb])
+                sup = sup - (att * torch.stack(rm)).sum(-1).clamp_min(1e-6).log().mean()
+            if cb:
+                att = out.attentions[args.attn_layer + 1][torch.tensor(cb), torch.tensor(ch), torch.tensor(cp)]
+                sup = sup - att.gather(1, torch.tensor(ct)[:, None]).clamp_min(1e-6).log().mean()
+            if pb:
+                # --pos-probe: the residual stream after --attn-layer, at a named kind/colour, holds the row and
+                # column of the shape it looked up (a training-only linear probe; relations compare them)
+                h = out.hidden_states[args.attn_layer + 1][torch.tensor([x[0] for x in pb]),
+                                                            torch.tensor([x[1] for x in pb])]
+                pl = probe(h)
+                sup = sup + (torch.nn.functional.cross_entropy(pl[:, :grid], torch.stack([t[0] for t in pt]))
+                             + torch.nn.functional.cross_entropy(pl[:, grid:], torch.stack([t[1] for t in pt])))
+            if fb:
+                # --final-probe: after the copy layer, the last prompt position holds the row and column of the
+                # first and second looked-up shape (training-only linear probe)
+                h = out.hidden_states[args.attn_layer + 2][torch.tensor([x[0] for x in fb]),
+                                                            torch.tensor([x[1] for x in fb])]
+                pl = fprobe(h).reshape(len(fb), 2, 2 * grid)[torch.arange(len(fb)), torch.tensor([x[2] for x in fb])]
+                sup = sup + (torch.nn.functional.cross_entropy(pl[:, :grid], torch.stack([t[0] for t in ft]))
+                             + torch.nn.functional.cross_entropy(pl[:, grid:], torch.stack([t[1] for t in ft])))
+            if rb or cb:
+                loss = loss + args.attn_sup * sup
+                sup_ema = sup.item() if sup_ema is None else 0.95 * sup_ema + 0.05 * sup.item()
         if args.aux > 0:
             logits = head(feats["x"])  # (B, 64, 13)
             aux = (torch.nn.functional.cross_entropy(logits[..., :7].reshape(-1, 7), pcol[idx].reshape(-1))
-                   + torch.nn.functional.cross_entropy(logits[..., 7:].reshape(-1, 6), pkind[idx].reshape(-1),
+                   + torch.nn.functional.cross_entropy(logits[..., 7:13].reshape(-1, 6), pkind[idx].reshape(-1),
                                                        ignore_index=-100))
+            if args.aux_pos:
+                b = len(idx)
+                aux = aux + (torch.nn.functional.cross_entropy(logits[..., 13:13 + grid].reshape(-1, grid),
+                                                               prow.repeat(b))
+                             + torch.nn.functional.cross_entropy(logits[..., 13 + grid:].reshape(-1, grid),
+                                                                 pcolumn.repeat(b)))
             loss = loss + args.aux * aux
             aux_ema = aux.item() if step == 0 else 0.95 * aux_ema + 0.05 * aux.item()
         opt.zero_grad(set_to_none=True)
@@ -481,7 +644,7 @@ def main():
         ema = out.loss.item() if ema is None else 0.95 * ema + 0.05 * out.loss.item()
         if step % 50 == 0 or step == steps - 1:
             el = time.time() - t0
-            log(f"step {step}/{steps} loss {out.loss.item():.4f} ema {ema:.4f} aux {aux_ema:.4f} lr {lr_at(step):.2e} "
+            log(f"step {step}/{steps} loss {out.loss.item():.4f} ema {ema:.4f} aux {aux_ema:.4f} sup {sup_ema or 0:.4f} lr {lr_at(step):.2e} "
                 f"{el / (step + 1):.3f} s/step, {el / 60:.1f} min")
         if args.ckpt_every and step > 0 and step % args.ckpt_every == 0 and not args.measure:
             ck = Path(tempfile.gettempdir()) / (Path(args.out).name + ".ckpt")
