@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, Rope};
+use super::{check_attention_cached, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -485,19 +485,16 @@ impl Backend for Cpu {
     ) -> Result<Tensor> {
         let n = q.rows();
         let kvd = cache.kv_dim;
-        if k.cols() != kvd || v.shape != k.shape || k.rows() != n || layer >= cache.k.len() {
-            return Err(shape_err(
-                "attention_cached",
-                format!("k {:?}, v {:?}, cache kv_dim {kvd}", k.shape, v.shape),
-            ));
-        }
-        if pos0 + n > cache.capacity {
-            return Err(Error::invalid(format!(
-                "KV cache full: positions {pos0}..{} exceed its capacity {}",
-                pos0 + n,
-                cache.capacity
-            )));
-        }
+        check_attention_cached(
+            "cpu",
+            (q.rows(), q.cols()),
+            (k.rows(), k.cols()),
+            (v.rows(), v.cols()),
+            (kvd, cache.k.len(), cache.capacity),
+            layer,
+            pos0,
+            shape,
+        )?;
         cache.k[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&k.data);
         cache.v[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&v.data);
         let out = attention_core(&q.data, n, &cache.k[layer], &cache.v[layer], shape, |r| {

@@ -58,6 +58,46 @@ pub fn same_dims(backend: &str, op: &str, a: (usize, usize), b: (usize, usize)) 
     Ok(())
 }
 
+/// The checks every backend's `attention_cached` makes before it writes
+/// the new keys and values: q `[n, heads * head_dim]`, k and v
+/// `[n, kv_heads * head_dim]` matching the cache's row width, a layer the
+/// cache has, and positions `pos0..pos0 + n` within its capacity. `cache`
+/// is (kv_dim, layers, capacity).
+#[allow(clippy::too_many_arguments)]
+pub fn check_attention_cached(
+    backend: &str,
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    cache: (usize, usize, usize),
+    layer: usize,
+    pos0: usize,
+    shape: AttnShape,
+) -> Result<()> {
+    let (kvd, layers, capacity) = cache;
+    let n = q.0;
+    if k.1 != kvd
+        || v != k
+        || k.0 != n
+        || layer >= layers
+        || q.1 != shape.heads * shape.head_dim
+        || kvd != shape.kv_heads * shape.head_dim
+    {
+        return Err(Error::invalid(format!(
+            "{backend} attention_cached: q [{}, {}], k [{}, {}], v [{}, {}], cache kv_dim {kvd}, \
+             layer {layer} of {layers}, {} heads / {} kv heads of {}",
+            q.0, q.1, k.0, k.1, v.0, v.1, shape.heads, shape.kv_heads, shape.head_dim
+        )));
+    }
+    if pos0 + n > capacity {
+        return Err(Error::invalid(format!(
+            "KV cache full: positions {pos0}..{} exceed its capacity {capacity}",
+            pos0 + n
+        )));
+    }
+    Ok(())
+}
+
 pub trait Backend {
     /// An activation matrix on the device.
     type Tensor;

@@ -481,7 +481,8 @@ pub fn search_group(
         losses.push(loss);
         on_point();
     }
-    let (k, loss, scales) = best.expect("GRID > 0");
+    let (k, loss, scales) =
+        best.ok_or_else(|| Error::invalid(format!("layer {i} {group}: empty alpha grid")))?;
     Ok(GroupResult {
         name: group,
         alpha: k as f64 / GRID as f64,

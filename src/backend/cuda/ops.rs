@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{err, grid_stride, int, per_row, Ctx, Cuda, CudaCache, CudaTensor, CudaWeight};
-use crate::backend::{act_code, same_dims, AttnShape, Backend, Rope};
+use crate::backend::{act_code, check_attention_cached, same_dims, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -549,28 +549,16 @@ impl Backend for Cuda {
     ) -> Result<CudaTensor> {
         let n = q.rows;
         let kvd = cache.kv_dim;
-        if k.cols != kvd
-            || (v.rows, v.cols) != (k.rows, k.cols)
-            || k.rows != n
-            || layer >= cache.k.len()
-            || q.cols != shape.heads * shape.head_dim
-            || kvd != shape.kv_heads * shape.head_dim
-        {
-            return Err(invalid(
-                "attention_cached",
-                format!(
-                    "q [{}, {}], k [{}, {}], v [{}, {}], cache kv_dim {kvd}, layer {layer}",
-                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols
-                ),
-            ));
-        }
-        if pos0 + n > cache.capacity {
-            return Err(Error::invalid(format!(
-                "KV cache full: positions {pos0}..{} exceed its capacity {}",
-                pos0 + n,
-                cache.capacity
-            )));
-        }
+        check_attention_cached(
+            "cuda",
+            (q.rows, q.cols),
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            (kvd, cache.k.len(), cache.capacity),
+            layer,
+            pos0,
+            shape,
+        )?;
         self.copy(&k.data, 0, &mut cache.k[layer], pos0 * kvd, n * kvd)?;
         self.copy(&v.data, 0, &mut cache.v[layer], pos0 * kvd, n * kvd)?;
         self.attend(

@@ -6,9 +6,9 @@ use super::linear::WgpuWeight;
 use super::{
     err, shape_err, u32_of, RopeTable, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG,
 };
-use crate::backend::{act_code, same_dims, AttnShape, Backend, Rope};
+use crate::backend::{act_code, check_attention_cached, same_dims, AttnShape, Backend, Rope};
 use crate::config::Act;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
@@ -408,28 +408,16 @@ impl Backend for Wgpu {
     ) -> Result<WgpuTensor> {
         let n = q.rows;
         let kvd = cache.kv_dim;
-        if k.cols != kvd
-            || (v.rows, v.cols) != (k.rows, k.cols)
-            || k.rows != n
-            || layer >= cache.k.len()
-            || q.cols != shape.heads * shape.head_dim
-            || kvd != shape.kv_heads * shape.head_dim
-        {
-            return Err(shape_err(
-                "attention_cached",
-                format!(
-                    "k [{}, {}], v [{}, {}], cache kv_dim {kvd}",
-                    k.rows, k.cols, v.rows, v.cols
-                ),
-            ));
-        }
-        if pos0 + n > cache.capacity {
-            return Err(Error::invalid(format!(
-                "KV cache full: positions {pos0}..{} exceed its capacity {}",
-                pos0 + n,
-                cache.capacity
-            )));
-        }
+        check_attention_cached(
+            "wgpu",
+            (q.rows, q.cols),
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            (kvd, cache.k.len(), cache.capacity),
+            layer,
+            pos0,
+            shape,
+        )?;
         let row = (kvd * 4) as u64;
         let (at, bytes) = (pos0 as u64 * row, n as u64 * row);
         self.rec.copy(k.buf(), 0, &cache.k[layer], at, bytes)?;
