@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_PROFILE_RELEASE_DEBUG=0
 cargo build --release --features cuda --bins
-tests=(cuda_nvrtc cuda_ops cuda_model wgpu_ops wgpu_model w4a8 calibrate)
+tests=(cuda_nvrtc cuda_ops cuda_model wgpu_ops wgpu_model w4a8 calibrate calibrate_backends)
 args=()
 for t in "${tests[@]}"; do
   [ -f "tests/$t.rs" ] && args+=(--test "$t")

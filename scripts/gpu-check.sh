@@ -86,7 +86,7 @@ suite() { # name timeout cmd...
     "$(($(date +%s) - t))" "$res" "$([ "$skipped" -gt 0 ] && echo ", $skipped skipped lines")")")
 }
 
-for t in cuda_nvrtc cuda_ops cuda_model w4a8 wgpu_ops wgpu_model calibrate; do
+for t in cuda_nvrtc cuda_ops cuda_model w4a8 wgpu_ops wgpu_model calibrate calibrate_backends; do
   if [ -x "dist/tests/$t" ]; then
     suite "$t" 300 env MBQ_RUN_BIN="$PWD/dist/mbq-run" "dist/tests/$t" --test-threads 1 --nocapture
   else

@@ -86,6 +86,8 @@ cargo test --features cuda --test cuda_nvrtc -- --test-threads 2 --nocapture
 # The CUDA backend's op and whole-model tests: they run on a CUDA device
 # and print "skipped: no CUDA device (...)" without one (built either way).
 cargo test --features cuda --test cuda_ops --test cuda_model -- --test-threads 2 --nocapture
+# The scale search on CUDA against the CPU (its wgpu twin ran above).
+cargo test --features cuda --test calibrate_backends cuda_ -- --nocapture
 
 # Without a GPU the kernels still run: tests/cuda_host_emu runs them on the
 # CPU (one thread per CUDA thread) against f64 references. Needs g++.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::{fixtures, scratch};
 use mbq::backend::cpu::Cpu;
-use mbq::backend::Backend;
+use mbq::backend::{Backend, BackendKind};
 use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
 use mbq::calib::search::{LossKind, GRID};
 use mbq::generate::{generate, GenerateOptions};
@@ -47,6 +47,7 @@ fn options(method: Method, w_bit: u32, a_bit: Option<u32>, out: PathBuf) -> Quan
         loss: LossKind::Mae,
         model: tiny_shapes(),
         out,
+        backend: BackendKind::Cpu,
         resume: false,
         stop_after_layer: None,
     }

@@ -58,9 +58,10 @@ enum Cmd {
         /// Reconstruction loss of the scale search.
         #[arg(long, value_enum, default_value_t = Loss::Mae)]
         loss: Loss,
-        /// Where calibration runs (cpu; calibrating on cuda is still to come).
+        /// Where the scale search runs: cpu, wgpu, cuda or auto (MBQ's
+        /// sensitivity pass runs on the CPU).
         #[arg(long, default_value = "cpu")]
-        backend: String,
+        backend: mbq::backend::BackendKind,
         /// Continue an interrupted calibration from its checkpoint.
         #[arg(long)]
         resume: bool,
@@ -245,11 +246,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             model,
             out,
         } => {
-            if backend != "cpu" {
-                anyhow::bail!(
-                    "--backend {backend}: calibration runs on the CPU backend only in this build (calibrating on cuda is not implemented yet)"
-                );
-            }
             use mbq::calib::run::Method as M;
             quantize(mbq::calib::run::QuantizeOptions {
                 method: match method {
@@ -278,6 +274,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("{m}")
                 })?,
                 out,
+                backend,
                 resume,
                 stop_after_layer,
             })

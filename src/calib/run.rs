@@ -1,8 +1,8 @@
 //! `mbq quantize`: one entry point for every method. RTN quantizes
-//! directly; MBQ, AWQ and SmoothQuant first calibrate on the CPU reference
-//! backend (the calibration set, MBQ's sensitivity pass, then the
-//! layer-by-layer scale search), fold their scales into the FP weights and
-//! quantize those.
+//! directly; MBQ, AWQ and SmoothQuant first calibrate (the calibration set
+//! and MBQ's sensitivity pass on the CPU reference backend, then the
+//! layer-by-layer scale search on `--backend`: CPU, wgpu or CUDA), fold
+//! their scales into the FP weights and quantize those.
 //!
 //! A search checkpoints after every layer in `.<OUT>.calib-checkpoint/`
 //! beside OUT: `state.json` (settings, sensitivity, reports, the number of
@@ -29,6 +29,7 @@ use super::search::{
     GRID,
 };
 use crate::backend::cpu::{Cpu, CpuWeight};
+use crate::backend::{Backend, BackendKind};
 use crate::error::{Error, Result};
 use crate::model::llava::{Prefixes, Vlm};
 use crate::model::text::{DecoderLayer, TextModel};
@@ -79,6 +80,8 @@ pub struct QuantizeOptions {
     pub loss: LossKind,
     pub model: PathBuf,
     pub out: PathBuf,
+    /// Where the scale search runs (`auto` resolves as `mbq-run` does).
+    pub backend: BackendKind,
     pub resume: bool,
     /// Testing aid: stop with [`Error::Invalid`] right after layer `k`'s
     /// checkpoint, as a kill would.
@@ -225,6 +228,9 @@ pub fn quantize_model(
         });
     };
     check_output(&o.model, &o.out)?;
+    let search_backend = crate::runtime::resolve_backend(o.backend, None, |m| {
+        progress(CalibProgress::Note(m.to_string()))
+    })?;
     let ckpt = checkpoint_dir(&o.out);
     if ckpt.exists() && !o.resume {
         return Err(Error::invalid(format!(
@@ -269,7 +275,7 @@ pub fn quantize_model(
             o.n_samples
         )));
     }
-    let settings = settings(o, set.samples.len(), calib);
+    let settings = settings(o, set.samples.len(), calib, search_backend);
     let sample_ids: Vec<String> = set.samples.iter().map(|s| s.id.clone()).collect();
     let layers = vlm.text.layers.len();
 
@@ -339,38 +345,37 @@ pub fn quantize_model(
     }
     let ratios = state.grads.as_ref().map(|g| ratios(g)).transpose()?;
 
-    for i in 0..layers {
-        if i < state.layers_done {
-            restore_layer(&ckpt, &mut vlm.text, i)?;
-        } else {
-            let t0 = Instant::now();
-            let rep = search_layer(
-                &be,
-                &mut vlm.text,
-                i,
-                &xs,
-                &masks,
-                o,
-                q,
-                &state,
-                ratios.as_deref(),
-                &mut progress,
-            )?;
-            state.layers.push(rep);
-            state.layer_seconds.push(t0.elapsed().as_secs_f64());
-            state.layers_done = i + 1;
-            save_layer(&ckpt, &vlm.text, i)?;
-            write_state(&ckpt, &state)?;
-            if o.stop_after_layer == Some(i) {
-                return Err(Error::invalid(format!(
-                    "stopped after layer {i} as asked (checkpoint in {})",
-                    ckpt.display()
-                )));
-            }
+    let mut search = Search {
+        text: &mut vlm.text,
+        masks: &masks,
+        o,
+        q,
+        state: &mut state,
+        ratios: ratios.as_deref(),
+        ckpt: &ckpt,
+        progress: &mut progress,
+    };
+    match search_backend {
+        BackendKind::Wgpu => {
+            let opts = crate::runtime::wgpu_options(None, true);
+            let be = crate::backend::wgpu::Wgpu::new(&opts)?;
+            (search.progress)(CalibProgress::Note(format!(
+                "scale search on wgpu: {}",
+                be.adapter()
+            )));
+            search.run(&be, xs)?;
         }
-        if i + 1 < layers {
-            xs = layer_features(&be, &vlm.text, i, &xs)?.out;
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            let opts = crate::backend::cuda::CudaOptions::from_env();
+            let be = crate::backend::cuda::Cuda::with_options(&opts)?;
+            (search.progress)(CalibProgress::Note(format!(
+                "scale search on cuda: {}",
+                be.device()
+            )));
+            search.run(&be, xs)?;
         }
+        _ => search.run(&be, xs)?,
     }
 
     // The report, then the output directory.
@@ -421,8 +426,72 @@ pub fn quantize_model(
     })
 }
 
+/// The layer-by-layer search of every layer not yet in the checkpoint, on
+/// one backend.
+struct Search<'a, P: FnMut(CalibProgress<'_>)> {
+    text: &'a mut TextModel<Cpu>,
+    masks: &'a [TokenMasks],
+    o: &'a QuantizeOptions,
+    q: QuantKind,
+    state: &'a mut State,
+    ratios: Option<&'a [(f64, f64)]>,
+    ckpt: &'a Path,
+    progress: &'a mut P,
+}
+
+impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
+    /// Searches layer after layer from the decoder inputs `xs` (host),
+    /// checkpointing each; finished layers are restored instead.
+    fn run<B: Backend>(&mut self, be: &B, xs: Vec<Tensor>) -> Result<()> {
+        let layers = self.text.layers.len();
+        let mut xs = xs
+            .iter()
+            .map(|x| be.upload(x))
+            .collect::<Result<Vec<_>>>()?;
+        for i in 0..layers {
+            if i < self.state.layers_done {
+                restore_layer(self.ckpt, self.text, i)?;
+            } else {
+                let t0 = Instant::now();
+                let rep = search_layer(
+                    be,
+                    self.text,
+                    i,
+                    &xs,
+                    self.masks,
+                    self.o,
+                    self.q,
+                    self.state,
+                    self.ratios,
+                    self.progress,
+                )?;
+                self.state.layers.push(rep);
+                self.state.layer_seconds.push(t0.elapsed().as_secs_f64());
+                self.state.layers_done = i + 1;
+                save_layer(self.ckpt, self.text, i)?;
+                write_state(self.ckpt, self.state)?;
+                if self.o.stop_after_layer == Some(i) {
+                    return Err(Error::invalid(format!(
+                        "stopped after layer {i} as asked (checkpoint in {})",
+                        self.ckpt.display()
+                    )));
+                }
+            }
+            if i + 1 < layers {
+                xs = layer_features(be, self.text, i, &xs)?.out;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The run's settings, as the report's top level and the checkpoint's key.
-fn settings(o: &QuantizeOptions, n: usize, calib: &Path) -> Map<String, Value> {
+fn settings(
+    o: &QuantizeOptions,
+    n: usize,
+    calib: &Path,
+    backend: BackendKind,
+) -> Map<String, Value> {
     let abs = |p: &Path| {
         p.canonicalize()
             .unwrap_or_else(|_| p.to_path_buf())
@@ -457,7 +526,14 @@ fn settings(o: &QuantizeOptions, n: usize, calib: &Path) -> Map<String, Value> {
         "image_folder".into(),
         json!(o.image_folder.as_deref().map(abs)),
     );
-    m.insert("backend".into(), json!("cpu"));
+    m.insert(
+        "backend".into(),
+        json!(match backend {
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+            _ => "cpu",
+        }),
+    );
     m.insert("mbq_version".into(), json!(env!("CARGO_PKG_VERSION")));
     m
 }
@@ -544,11 +620,11 @@ fn ratios(g: &[[f64; 4]]) -> Result<Vec<(f64, f64)>> {
 /// Searches (or, for SmoothQuant, sets) the scales of layer `i`, folds them
 /// in, and returns the layer's report.
 #[allow(clippy::too_many_arguments)]
-fn search_layer(
-    be: &Cpu,
+fn search_layer<B: Backend>(
+    be: &B,
     text: &mut TextModel<Cpu>,
     i: usize,
-    xs: &[Tensor],
+    xs: &[B::Tensor],
     masks: &[TokenMasks],
     o: &QuantizeOptions,
     q: QuantKind,

@@ -1,5 +1,11 @@
 //! The per-layer scale search of MBQ and AWQ, and SmoothQuant's fixed
-//! scales, on the CPU reference backend (f32; see docs/MBQ.md).
+//! scales (see docs/MBQ.md), on any [`Backend`]: the model's weights stay
+//! on the host in f32 (`TextModel<Cpu>`, where the chosen scales are
+//! folded in); the layer's activations live on the backend, each grid
+//! point's fake-quantized linears are uploaded to it, and the outputs come
+//! back to the host for the loss (in f64). Every backend keeps f32 weights
+//! that f16 cannot hold exactly, so the backends differ only in f32
+//! summation order (tests/wgpu_calibrate.rs, tests/cuda_ops.rs).
 //!
 //! For decoder layer `i` and its inputs `X` (one matrix per calibration
 //! sample), four groups of linears share a per-input-channel scale `s`:
@@ -134,34 +140,55 @@ impl LossAcc {
     }
 }
 
-/// Mean of |x| per column over every row of every sample.
-pub fn mean_abs(xs: &[Tensor]) -> Vec<f32> {
-    let d = xs[0].cols();
-    let mut s = vec![0.0f64; d];
-    let mut n = 0usize;
-    for x in xs {
+/// Per-column mean and max of |x| over every row of every sample, added
+/// one sample at a time.
+#[derive(Clone, Debug, Default)]
+pub struct ColStats {
+    sum: Vec<f64>,
+    max: Vec<f32>,
+    rows: usize,
+}
+
+impl ColStats {
+    pub fn add(&mut self, x: &Tensor) {
+        let d = x.cols();
+        if self.sum.is_empty() {
+            self.sum = vec![0.0; d];
+            self.max = vec![0.0; d];
+        }
         for r in x.data.chunks_exact(d) {
-            for (a, v) in s.iter_mut().zip(r) {
-                *a += v.abs() as f64;
+            for ((s, m), v) in self.sum.iter_mut().zip(self.max.iter_mut()).zip(r) {
+                *s += v.abs() as f64;
+                *m = m.max(v.abs());
             }
         }
-        n += x.rows();
+        self.rows += x.rows();
     }
-    s.iter().map(|v| (v / n.max(1) as f64) as f32).collect()
+
+    /// Mean of |x| per column.
+    pub fn mean(&self) -> Vec<f32> {
+        let n = self.rows.max(1) as f64;
+        self.sum.iter().map(|v| (v / n) as f32).collect()
+    }
+
+    /// Max of |x| per column.
+    pub fn max(&self) -> Vec<f32> {
+        self.max.clone()
+    }
+}
+
+/// Mean of |x| per column over every row of every sample.
+pub fn mean_abs(xs: &[Tensor]) -> Vec<f32> {
+    let mut s = ColStats::default();
+    xs.iter().for_each(|x| s.add(x));
+    s.mean()
 }
 
 /// Max of |x| per column over every row of every sample.
 pub fn max_abs(xs: &[Tensor]) -> Vec<f32> {
-    let d = xs[0].cols();
-    let mut s = vec![0.0f32; d];
-    for x in xs {
-        for r in x.data.chunks_exact(d) {
-            for (a, v) in s.iter_mut().zip(r) {
-                *a = a.max(v.abs());
-            }
-        }
-    }
-    s
+    let mut s = ColStats::default();
+    xs.iter().for_each(|x| s.add(x));
+    s.max()
 }
 
 /// The grid point's scales: `x_mean^alpha`, clamped, normalised.
@@ -204,26 +231,30 @@ fn dense(l: &Linear<Cpu>) -> Result<&Tensor> {
     }
 }
 
-/// A linear as the search runs it: an effective weight, its bias, and (for
-/// W4A8) the per-channel scales the input is divided by before the
-/// per-token activation quantization.
-struct QLinear {
-    w: Tensor,
-    b: Option<Tensor>,
+/// A linear as the search runs it, on the backend: an effective weight,
+/// its bias, and (for W4A8) the per-channel scales the input is divided by
+/// before the per-token activation quantization.
+struct QLinear<B: Backend> {
+    w: B::Weight,
+    b: Option<B::Tensor>,
     act_div: Option<Vec<f32>>,
 }
 
-impl QLinear {
-    fn fp(l: &Linear<Cpu>) -> Result<QLinear> {
+impl<B: Backend> QLinear<B> {
+    fn new(be: &B, w: &Tensor, b: Option<&Tensor>, act_div: Option<Vec<f32>>) -> Result<Self> {
         Ok(QLinear {
-            w: dense(l)?.clone(),
-            b: l.b.clone(),
-            act_div: None,
+            w: be.weight(w)?,
+            b: b.map(|b| be.upload(b)).transpose()?,
+            act_div,
         })
     }
 
+    fn fp(be: &B, l: &Linear<Cpu>) -> Result<Self> {
+        Self::new(be, dense(l)?, l.b.as_ref(), None)
+    }
+
     /// The quantized form of `l` with its input channels scaled by `s`.
-    fn quantized(l: &Linear<Cpu>, s: &[f32], q: QuantKind) -> Result<QLinear> {
+    fn quantized(be: &B, l: &Linear<Cpu>, s: &[f32], q: QuantKind) -> Result<Self> {
         let w = dense(l)?;
         let (out, inp) = (w.shape[0], w.shape[1]);
         let mut ws = w.data.clone();
@@ -247,78 +278,91 @@ impl QLinear {
                 Some(s.to_vec()),
             ),
         };
-        Ok(QLinear {
-            w: Tensor::new(vec![out, inp], data)?,
-            b: l.b.clone(),
+        Self::new(
+            be,
+            &Tensor::new(vec![out, inp], data)?,
+            l.b.as_ref(),
             act_div,
-        })
+        )
     }
 
-    fn forward(&self, be: &Cpu, x: &Tensor) -> Result<Tensor> {
-        let w = CpuWeight::Dense(self.w.clone());
+    /// W4A8 divides the input by the scales and quantizes it per token on
+    /// the host (`w4a8::fake_quantize_act_int8`, the reference), so that
+    /// every backend sees the same INT8 activations.
+    fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         match &self.act_div {
-            None => be.linear(x, &w, self.b.as_ref()),
+            None => be.linear(x, &self.w, self.b.as_ref()),
             Some(s) => {
-                let d = x.cols();
-                let mut xs = x.data.clone();
-                for r in xs.chunks_exact_mut(d) {
+                let mut xh = be.download(x)?;
+                let d = xh.cols();
+                for r in xh.data.chunks_exact_mut(d) {
                     for (v, k) in r.iter_mut().zip(s) {
                         *v /= k;
                     }
                 }
-                w4a8::fake_quantize_act_int8(&mut xs, d);
-                be.linear(&Tensor::new(x.shape.clone(), xs)?, &w, self.b.as_ref())
+                w4a8::fake_quantize_act_int8(&mut xh.data, d);
+                be.linear(&be.upload(&xh)?, &self.w, self.b.as_ref())
             }
         }
     }
 }
 
 /// Everything a layer's search needs from its FP forward, per sample.
-pub struct LayerFeatures {
+pub struct LayerFeatures<B: Backend> {
     /// Inputs of q/k/v (after input_layernorm), of o, of gate/up (after
-    /// post_attention_layernorm), of down.
-    pub attn_in: Vec<Tensor>,
-    pub attn_out: Vec<Tensor>,
-    pub mlp_in: Vec<Tensor>,
-    pub mlp_out: Vec<Tensor>,
-    /// FP outputs of the self-attention (= o_proj) and the MLP (= down_proj).
+    /// post_attention_layernorm), of down; on the backend.
+    pub attn_in: Vec<B::Tensor>,
+    pub attn_out: Vec<B::Tensor>,
+    pub mlp_in: Vec<B::Tensor>,
+    pub mlp_out: Vec<B::Tensor>,
+    /// FP outputs of the self-attention (= o_proj) and the MLP (= down_proj),
+    /// on the host (the loss is computed there).
     pub attn_y: Vec<Tensor>,
     pub mlp_y: Vec<Tensor>,
-    /// The layer's outputs.
-    pub out: Vec<Tensor>,
+    /// The layer's outputs, on the backend.
+    pub out: Vec<B::Tensor>,
+    /// |x| statistics of the four groups' inputs, in [`GROUPS`] order.
+    pub stats: [ColStats; 4],
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Self-attention of layer `i` on its normed input `h` with the given q, k,
-/// v, o linears, causal over the sample's positions `0..n`.
-fn attention(
-    be: &Cpu,
+impl<B: Backend> LayerFeatures<B> {
+    /// The |x| statistics of a group's input.
+    pub fn stats(&self, group: &str) -> Result<&ColStats> {
+        GROUPS
+            .iter()
+            .position(|g| *g == group)
+            .map(|k| &self.stats[k])
+            .ok_or_else(|| Error::invalid(format!("unknown scale group {group}")))
+    }
+}
+
+/// Self-attention of a layer on its normed input `h` with the given q, k,
+/// v, o linears, causal over the sample's positions `0..n` (a one-layer
+/// cache of exactly `n` positions).
+fn attention<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
-    i: usize,
-    h: &Tensor,
-    q: &QLinear,
-    k: &QLinear,
-    v: &QLinear,
-    o: &QLinear,
-) -> Result<(Tensor, Tensor)> {
+    h: &B::Tensor,
+    [q, k, v, o]: [&QLinear<B>; 4],
+) -> Result<(B::Tensor, B::Tensor)> {
     let c = &text.cfg;
     let qh = be.rope(&q.forward(be, h)?, c.num_attention_heads, &text.rope, 0)?;
     let kh = be.rope(&k.forward(be, h)?, c.num_key_value_heads, &text.rope, 0)?;
     let vh = v.forward(be, h)?;
-    let mut cache = be.new_cache(i + 1, text.kv_dim(), h.rows())?;
-    let a = be.attention_cached(&qh, &kh, &vh, &mut cache, i, 0, text.attn_shape())?;
+    let mut cache = be.new_cache(1, text.kv_dim(), be.dims(h).0)?;
+    let a = be.attention_cached(&qh, &kh, &vh, &mut cache, 0, 0, text.attn_shape())?;
     let y = o.forward(be, &a)?;
     Ok((a, y))
 }
 
-fn mlp(
-    be: &Cpu,
+fn mlp<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
-    h: &Tensor,
-    gate: &QLinear,
-    up: &QLinear,
-    down: &QLinear,
-) -> Result<(Tensor, Tensor)> {
+    h: &B::Tensor,
+    gate: &QLinear<B>,
+    up: &QLinear<B>,
+    down: &QLinear<B>,
+) -> Result<(B::Tensor, B::Tensor)> {
     let g = be.gated(
         &gate.forward(be, h)?,
         &up.forward(be, h)?,
@@ -328,27 +372,21 @@ fn mlp(
     Ok((g, y))
 }
 
-/// The FP forward of layer `i` on every sample, keeping the search's
-/// features.
-pub fn layer_features(
-    be: &Cpu,
+/// The FP forward of layer `i` on every sample (its inputs `xs` on the
+/// backend), keeping the search's features.
+pub fn layer_features<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
     i: usize,
-    xs: &[Tensor],
-) -> Result<LayerFeatures> {
+    xs: &[B::Tensor],
+) -> Result<LayerFeatures<B>> {
     let l = &text.layers[i];
     let eps = text.cfg.rms_norm_eps;
-    let (q, k, v, o) = (
-        QLinear::fp(&l.q)?,
-        QLinear::fp(&l.k)?,
-        QLinear::fp(&l.v)?,
-        QLinear::fp(&l.o)?,
-    );
-    let (gate, up, down) = (
-        QLinear::fp(&l.gate)?,
-        QLinear::fp(&l.up)?,
-        QLinear::fp(&l.down)?,
-    );
+    let fp = |l: &Linear<Cpu>| QLinear::fp(be, l);
+    let (q, k, v, o) = (fp(&l.q)?, fp(&l.k)?, fp(&l.v)?, fp(&l.o)?);
+    let (gate, up, down) = (fp(&l.gate)?, fp(&l.up)?, fp(&l.down)?);
+    let ln1 = be.upload(&l.input_layernorm)?;
+    let ln2 = be.upload(&l.post_attention_layernorm)?;
     let mut f = LayerFeatures {
         attn_in: vec![],
         attn_out: vec![],
@@ -357,20 +395,24 @@ pub fn layer_features(
         attn_y: vec![],
         mlp_y: vec![],
         out: vec![],
+        stats: Default::default(),
     };
     for x in xs {
-        let h = be.rms_norm(x, &l.input_layernorm, eps)?;
-        let (a, ay) = attention(be, text, i, &h, &q, &k, &v, &o)?;
+        let h = be.rms_norm(x, &ln1, eps)?;
+        let (a, ay) = attention(be, text, &h, [&q, &k, &v, &o])?;
         let x1 = be.add(x, &ay)?;
-        let h2 = be.rms_norm(&x1, &l.post_attention_layernorm, eps)?;
+        let h2 = be.rms_norm(&x1, &ln2, eps)?;
         let (g, my) = mlp(be, text, &h2, &gate, &up, &down)?;
         f.out.push(be.add(&x1, &my)?);
+        for (st, t) in f.stats.iter_mut().zip([&h, &a, &h2, &g]) {
+            st.add(&be.download(t)?);
+        }
         f.attn_in.push(h);
         f.attn_out.push(a);
         f.mlp_in.push(h2);
         f.mlp_out.push(g);
-        f.attn_y.push(ay);
-        f.mlp_y.push(my);
+        f.attn_y.push(be.download(&ay)?);
+        f.mlp_y.push(be.download(&my)?);
     }
     Ok(f)
 }
@@ -383,12 +425,12 @@ pub fn has_attn_out(text: &TextModel<Cpu>, i: usize) -> Result<bool> {
 
 /// The loss of one group of layer `i` with scales `s`.
 #[allow(clippy::too_many_arguments)]
-pub fn group_loss(
-    be: &Cpu,
+pub fn group_loss<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
     i: usize,
     group: &str,
-    f: &LayerFeatures,
+    f: &LayerFeatures<B>,
     masks: &[TokenMasks],
     s: &[f32],
     q: QuantKind,
@@ -400,37 +442,39 @@ pub fn group_loss(
     match group {
         "attn_in" => {
             let (lq, lk, lv) = (
-                QLinear::quantized(&l.q, s, q)?,
-                QLinear::quantized(&l.k, s, q)?,
-                QLinear::quantized(&l.v, s, q)?,
+                QLinear::quantized(be, &l.q, s, q)?,
+                QLinear::quantized(be, &l.k, s, q)?,
+                QLinear::quantized(be, &l.v, s, q)?,
             );
-            let o = QLinear::fp(&l.o)?;
+            let o = QLinear::fp(be, &l.o)?;
             for (n, h) in f.attn_in.iter().enumerate() {
-                let (_, y) = attention(be, text, i, h, &lq, &lk, &lv, &o)?;
-                acc.add(&f.attn_y[n], &y, &masks[n], kind);
+                let (_, y) = attention(be, text, h, [&lq, &lk, &lv, &o])?;
+                acc.add(&f.attn_y[n], &be.download(&y)?, &masks[n], kind);
             }
         }
         "attn_out" => {
-            let o = QLinear::quantized(&l.o, s, q)?;
+            let o = QLinear::quantized(be, &l.o, s, q)?;
             for (n, a) in f.attn_out.iter().enumerate() {
-                acc.add(&f.attn_y[n], &o.forward(be, a)?, &masks[n], kind);
+                let y = o.forward(be, a)?;
+                acc.add(&f.attn_y[n], &be.download(&y)?, &masks[n], kind);
             }
         }
         "mlp_in" => {
             let (g, u) = (
-                QLinear::quantized(&l.gate, s, q)?,
-                QLinear::quantized(&l.up, s, q)?,
+                QLinear::quantized(be, &l.gate, s, q)?,
+                QLinear::quantized(be, &l.up, s, q)?,
             );
-            let d = QLinear::fp(&l.down)?;
+            let d = QLinear::fp(be, &l.down)?;
             for (n, h) in f.mlp_in.iter().enumerate() {
                 let (_, y) = mlp(be, text, h, &g, &u, &d)?;
-                acc.add(&f.mlp_y[n], &y, &masks[n], kind);
+                acc.add(&f.mlp_y[n], &be.download(&y)?, &masks[n], kind);
             }
         }
         "mlp_out" => {
-            let d = QLinear::quantized(&l.down, s, q)?;
+            let d = QLinear::quantized(be, &l.down, s, q)?;
             for (n, g) in f.mlp_out.iter().enumerate() {
-                acc.add(&f.mlp_y[n], &d.forward(be, g)?, &masks[n], kind);
+                let y = d.forward(be, g)?;
+                acc.add(&f.mlp_y[n], &be.download(&y)?, &masks[n], kind);
             }
         }
         other => return Err(Error::invalid(format!("unknown scale group {other}"))),
@@ -439,7 +483,7 @@ pub fn group_loss(
 }
 
 /// The group's input features.
-pub fn group_inputs<'a>(f: &'a LayerFeatures, group: &str) -> &'a [Tensor] {
+pub fn group_inputs<'a, B: Backend>(f: &'a LayerFeatures<B>, group: &str) -> &'a [B::Tensor] {
     match group {
         "attn_in" => &f.attn_in,
         "attn_out" => &f.attn_out,
@@ -451,19 +495,19 @@ pub fn group_inputs<'a>(f: &'a LayerFeatures, group: &str) -> &'a [Tensor] {
 /// Searches alpha for one group (MBQ / AWQ): the grid point with the lowest
 /// loss (the first on ties, as the official `<` comparison).
 #[allow(clippy::too_many_arguments)]
-pub fn search_group(
-    be: &Cpu,
+pub fn search_group<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
     i: usize,
     group: &'static str,
-    f: &LayerFeatures,
+    f: &LayerFeatures<B>,
     masks: &[TokenMasks],
     q: QuantKind,
     kind: LossKind,
     w: Weighting,
     mut on_point: impl FnMut(),
 ) -> Result<GroupResult> {
-    let x_mean = mean_abs(group_inputs(f, group));
+    let x_mean = f.stats(group)?.mean();
     let mut best: Option<(usize, f64, Vec<f32>)> = None;
     let mut losses = Vec::with_capacity(GRID);
     for k in 0..GRID {
@@ -495,12 +539,12 @@ pub fn search_group(
 /// SmoothQuant's fixed scales for the two groups it smooths (attn_in,
 /// mlp_in), with their loss for the report.
 #[allow(clippy::too_many_arguments)]
-pub fn smoothquant_group(
-    be: &Cpu,
+pub fn smoothquant_group<B: Backend>(
+    be: &B,
     text: &TextModel<Cpu>,
     i: usize,
     group: &'static str,
-    f: &LayerFeatures,
+    f: &LayerFeatures<B>,
     masks: &[TokenMasks],
     kind: LossKind,
 ) -> Result<GroupResult> {
@@ -514,7 +558,7 @@ pub fn smoothquant_group(
             )))
         }
     };
-    let s = smoothquant_scales(&max_abs(group_inputs(f, group)), &ws, SMOOTHQUANT_ALPHA);
+    let s = smoothquant_scales(&f.stats(group)?.max(), &ws, SMOOTHQUANT_ALPHA);
     let loss = group_loss(
         be,
         text,
@@ -752,6 +796,21 @@ mod tests {
         }
         assert_eq!(r.losses[0], sum / n as f64);
         assert_eq!(r.losses.len(), GRID);
+    }
+
+    /// The features' |x| statistics are those of the groups' own inputs.
+    #[test]
+    fn feature_stats_follow_the_group_inputs() {
+        let be = Cpu;
+        let vlm = fixture();
+        let (xs, _) = inputs(vlm.text.cfg.hidden_size);
+        let f = layer_features(&be, &vlm.text, 0, &xs).unwrap();
+        for group in GROUPS {
+            let st = f.stats(group).unwrap();
+            assert_eq!(st.mean(), mean_abs(group_inputs(&f, group)), "{group}");
+            assert_eq!(st.max(), max_abs(group_inputs(&f, group)), "{group}");
+        }
+        assert!(f.stats("qkv").is_err());
     }
 
     /// The weighted losses on a hand-computed case.

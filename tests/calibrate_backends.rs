@@ -1,0 +1,174 @@
+//! The scale search on a GPU backend against the CPU reference: the same
+//! `mbq quantize` (MBQ W3 g128, MBQ W4A8, SmoothQuant W4A8) on the bundled
+//! tiny-shapes model and the committed calibration set, with `--backend
+//! cpu` and with `--backend wgpu` (lavapipe here) or `cuda` (skipped with
+//! its reason where there is no device). The two `calibration_report.json`
+//! must agree: the sensitivity ratios within RATIO_RTOL, every grid point's
+//! loss within LOSS_RTOL, and the same alpha wherever the CPU's best loss
+//! beats its runner-up by more than ALPHA_MARGIN (relative).
+
+mod common;
+#[cfg(feature = "cuda")]
+mod cuda_common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, scratch};
+use mbq::backend::BackendKind;
+use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
+use mbq::calib::search::LossKind;
+use serde_json::Value;
+
+/// Sensitivity ratios (the issue's criterion; they are computed on the
+/// CPU by every run, so they agree exactly).
+const RATIO_RTOL: f64 = 1e-3;
+/// A grid point's loss. Most agree to about 1e-6 (f32 summation order);
+/// a few differ by up to ~2e-3 where a weight's 3- or 4-bit code (or, in
+/// W4A8, an INT8 activation) rounds the other way: the scales come from
+/// the device-computed |x| means, which differ in the last bits (measured
+/// on lavapipe: 1.5e-3 at worst; the test prints how many points differ
+/// by more than 1e-5).
+const LOSS_RTOL: f64 = 1e-2;
+/// The issue's criterion: the alpha must match where the CPU's best loss
+/// is this much (relative) below its runner-up.
+const ALPHA_MARGIN: f64 = 1e-4;
+const N_SAMPLES: usize = 6;
+
+fn options(
+    method: Method,
+    a_bit: Option<u32>,
+    backend: BackendKind,
+    out: PathBuf,
+) -> QuantizeOptions {
+    QuantizeOptions {
+        method,
+        w_bit: if a_bit.is_some() { 4 } else { 3 },
+        a_bit,
+        group_size: 128,
+        calib: Some(fixtures().join("calib_shapes/questions.jsonl")),
+        image_folder: Some(fixtures().join("calib_shapes")),
+        n_samples: N_SAMPLES,
+        seed: 42,
+        loss: LossKind::Mae,
+        model: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes"),
+        out,
+        backend,
+        resume: false,
+        stop_after_layer: None,
+    }
+}
+
+fn report(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("calibration_report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(1e-30)
+}
+
+/// Compares the device's report with the CPU's; returns the largest
+/// relative loss difference, the number of grid points over 1e-5 and of
+/// all grid points.
+fn compare(name: &str, cpu: &Value, dev: &Value) -> (f64, usize, usize) {
+    let (lc, ld) = (
+        cpu["layers"].as_array().unwrap(),
+        dev["layers"].as_array().unwrap(),
+    );
+    assert_eq!(lc.len(), ld.len(), "{name}: layers");
+    let mut worst = 0f64;
+    let (mut over, mut points) = (0, 0);
+    for (a, b) in lc.iter().zip(ld) {
+        let i = &a["index"];
+        for k in ["attn", "mlp"] {
+            if let (Some(x), Some(y)) = (a["ratio"][k].as_f64(), b["ratio"][k].as_f64()) {
+                assert!(
+                    rel(x, y) <= RATIO_RTOL,
+                    "{name} layer {i} ratio {k}: {x} vs {y}"
+                );
+            }
+        }
+        let (gc, gd) = (
+            a["groups"].as_array().unwrap(),
+            b["groups"].as_array().unwrap(),
+        );
+        assert_eq!(gc.len(), gd.len(), "{name} layer {i}: groups");
+        for (g, h) in gc.iter().zip(gd) {
+            let group = g["name"].as_str().unwrap();
+            assert_eq!(group, h["name"].as_str().unwrap());
+            let lossc: Vec<f64> = g["losses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let lossd: Vec<f64> = h["losses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(lossc.len(), lossd.len());
+            for (k, (x, y)) in lossc.iter().zip(&lossd).enumerate() {
+                worst = worst.max(rel(*x, *y));
+                over += usize::from(rel(*x, *y) > 1e-5);
+                points += 1;
+                assert!(
+                    rel(*x, *y) <= LOSS_RTOL,
+                    "{name} layer {i} {group} grid point {k}: loss {x} (cpu) vs {y}"
+                );
+            }
+            let mut sorted = lossc.clone();
+            sorted.sort_by(f64::total_cmp);
+            let clear = sorted.len() < 2 || sorted[1] - sorted[0] > ALPHA_MARGIN * sorted[0];
+            if clear {
+                assert_eq!(
+                    g["alpha"], h["alpha"],
+                    "{name} layer {i} {group}: alpha (cpu losses {lossc:?}, device {lossd:?})"
+                );
+            }
+        }
+    }
+    (worst, over, points)
+}
+
+/// Runs every case on the CPU and on `backend`, and compares.
+fn search_matches_cpu(backend: BackendKind, label: &str) {
+    let tmp = scratch(&format!("calibrate_backends_{label}"));
+    for (method, a_bit) in [
+        (Method::Mbq, None),
+        (Method::Mbq, Some(8)),
+        (Method::Smoothquant, Some(8)),
+    ] {
+        let name = format!("{}-a{}", method.name(), a_bit.unwrap_or(16));
+        let run = |b: BackendKind, tag: &str| {
+            let out = tmp.join(format!("{name}-{tag}"));
+            quantize_model(&options(method, a_bit, b, out.clone()), |_| {})
+                .unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
+            report(&out)
+        };
+        let cpu = run(BackendKind::Cpu, "cpu");
+        let dev = run(backend, label);
+        assert_eq!(cpu["backend"], "cpu");
+        assert_eq!(dev["backend"], label, "{name}");
+        let (worst, over, points) = compare(&name, &cpu, &dev);
+        eprintln!(
+            "{name}: {label} vs cpu: largest relative loss difference {worst:.2e}; \
+             {over} of {points} grid points over 1e-5"
+        );
+    }
+}
+
+#[test]
+fn wgpu_search_matches_cpu() {
+    search_matches_cpu(BackendKind::Wgpu, "wgpu");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_search_matches_cpu() {
+    if cuda_common::cuda("cuda_search_matches_cpu").is_none() {
+        return;
+    }
+    search_matches_cpu(BackendKind::Cuda, "cuda");
+}
