@@ -4,8 +4,9 @@
 //! folded in); the layer's activations live on the backend, each grid
 //! point's fake-quantized linears are uploaded to it, and the outputs come
 //! back to the host for the loss (in f64). Every backend keeps f32 weights
-//! that f16 cannot hold exactly, so the backends differ only in f32
-//! summation order (tests/wgpu_calibrate.rs, tests/cuda_ops.rs).
+//! that f16 cannot hold exactly, so the backends differ only by f32
+//! summation order and the odd weight code or INT8 activation that this
+//! moves across a rounding boundary (tests/calibrate_backends.rs).
 //!
 //! For decoder layer `i` and its inputs `X` (one matrix per calibration
 //! sample), four groups of linears share a per-input-channel scale `s`:
@@ -287,8 +288,8 @@ impl<B: Backend> QLinear<B> {
     }
 
     /// W4A8 divides the input by the scales and quantizes it per token on
-    /// the host (`w4a8::fake_quantize_act_int8`, the reference), so that
-    /// every backend sees the same INT8 activations.
+    /// the host, with the reference quantizer
+    /// (`w4a8::fake_quantize_act_int8`) whatever the backend.
     fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         match &self.act_div {
             None => be.linear(x, &self.w, self.b.as_ref()),
