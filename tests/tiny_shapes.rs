@@ -119,6 +119,7 @@ fn eval_on_the_committed_held_out_set() {
                 "--limit",
                 "50",
                 "--json",
+                "--misses",
                 "--backend",
                 "cpu",
             ],
@@ -127,6 +128,20 @@ fn eval_on_the_committed_held_out_set() {
         assert!(o.status.success(), "{model}: {stderr}");
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(j["count"], 50);
+        // --misses lists exactly the wrong answers.
+        let misses = j["misses"].as_array().unwrap();
+        assert_eq!(
+            misses.len() as u64,
+            50 - j["correct"].as_u64().unwrap(),
+            "{j}"
+        );
+        for m in misses {
+            let (want, got) = (
+                m["answer"].as_str().unwrap(),
+                m["generated"].as_str().unwrap(),
+            );
+            assert!(!mbq::eval::matches(got, want), "{m}");
+        }
         let acc = j["accuracy"].as_f64().unwrap();
         assert!(
             acc >= MIN_ACCURACY,

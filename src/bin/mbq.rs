@@ -113,6 +113,10 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also list every wrong answer: id, type, expected, generated
+        /// (a "misses" array with --json).
+        #[arg(long)]
+        misses: bool,
     },
     /// Benchmarks: fused packed GEMV vs dense f16, and decode tokens/s.
     Bench {
@@ -298,6 +302,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             limit,
             max_new_tokens,
             json,
+            misses,
         } => eval(
             mbq::eval::EvalRequest {
                 model: mbq::runtime::resolve_model(Some(&model), |m| eprintln!("{m}"))?,
@@ -312,6 +317,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 max_new_tokens,
             },
             json,
+            misses,
         ),
         Cmd::Bench { what } => {
             let backend = match &what {
@@ -475,7 +481,7 @@ fn bench_on<B: mbq::backend::Backend>(
 /// Bytes of the copy that measures each backend's bandwidth ceiling.
 const COPY_BYTES: usize = 128 << 20;
 
-fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
+fn eval(req: mbq::eval::EvalRequest, json: bool, misses: bool) -> anyhow::Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
 
     let bar = ProgressBar::hidden();
@@ -498,8 +504,13 @@ fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
     );
     bar.finish_and_clear();
     let r = report?;
+    let wrong: Vec<&mbq::eval::Answered> = r.answers.iter().filter(|a| !a.correct).collect();
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut j = serde_json::to_value(&r)?;
+        if misses {
+            j["misses"] = serde_json::to_value(&wrong)?;
+        }
+        println!("{j}");
         return Ok(());
     }
     println!(
@@ -522,6 +533,15 @@ fn eval(req: mbq::eval::EvalRequest, json: bool) -> anyhow::Result<()> {
             r.caption_tokens
         ),
         None => println!("  caption perplexity: no caption questions"),
+    }
+    if misses {
+        println!("wrong answers ({}):", wrong.len());
+        for a in wrong {
+            println!(
+                "  {} [{}] expected {:?}, generated {:?}",
+                a.id, a.kind, a.answer, a.generated
+            );
+        }
     }
     Ok(())
 }
