@@ -7,7 +7,10 @@
 //   silu_mul_f32(const float *gate, const float *up, float *y, int n)
 //       y[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]
 //       (the SwiGLU MLP's gated activation; `gated` with act silu).
-//     Launch (both): blockDim = (ELEMENTWISE_THREADS = 256, 1, 1), any
+//   div_cols_f32(const float *x, const float *s, float *y, int n, int cols)
+//       y[i] = x[i] / s[i % cols], i < n: x, y row-major [n / cols, cols],
+//       s [cols] (every column divided by its scale).
+//     Launch (all three): blockDim = (ELEMENTWISE_THREADS = 256, 1, 1), any
 //     gridDim.x >= 1 (grid-stride loop; ceil(n / 256) capped at a few
 //     thousand blocks is plenty). y may alias a or b.
 //
@@ -33,6 +36,13 @@ extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS)
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
         const float g = gate[i];
         y[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ELEMENTWISE_THREADS)
+    div_cols_f32(const float *x, const float *s, float *y, int n, int cols) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        y[i] = x[i] / s[i % cols];
     }
 }
 

@@ -16,11 +16,15 @@ use mbq::config::Act;
 use mbq::error::Error;
 use mbq::quant::pseudo::quantize_linear;
 use mbq::tensor::Tensor;
+use rand::Rng;
 
 /// Copies (rows, set_rows, concat_rows, embedding): bit-exact.
 const COPY_TOL: f32 = 0.0;
 /// add: one f32 rounding, the same as the CPU's.
 const ADD_TOL: f32 = 0.0;
+/// div_cols: one IEEE division per value (`/` compiles to the correctly
+/// rounded div.rn.f32 without fast-math), the same as the CPU's.
+const DIV_COLS_TOL: f32 = 0.0;
 /// Activations, per value: |gpu - cpu| <= ACT_TOL * max(1, |x|) (CUDA's
 /// erff / tanhf / expf are within 2 ulp of libm's).
 const ACT_TOL: f32 = 1e-6;
@@ -57,6 +61,29 @@ fn every_kernel_loads_on_the_device() {
     };
     g.warm_up().unwrap();
     println!("{}: every kernels/*.cu module loads", g.device());
+}
+
+/// Columns divided by per-column scales (the search's W4A8 `X / s`).
+#[test]
+fn div_cols() {
+    let Some(g) = cuda("div_cols") else {
+        return;
+    };
+    let mut r = rng(21);
+    let x = random(&mut r, 9, 37, 5.0);
+    let s: Vec<f32> = (0..37).map(|_| r.random_range(0.05f32..8.0)).collect();
+    let s = Tensor::new(vec![37], s).unwrap();
+    assert_close(
+        "div_cols",
+        &down(g, &g.div_cols(&up(g, &x), &up(g, &s)).unwrap()),
+        &Cpu.div_cols(&x, &s).unwrap(),
+        DIV_COLS_TOL,
+    );
+    let short = up(g, &Tensor::new(vec![36], vec![1.0; 36]).unwrap());
+    assert!(matches!(
+        g.div_cols(&up(g, &x), &short),
+        Err(Error::Invalid(_))
+    ));
 }
 
 #[test]

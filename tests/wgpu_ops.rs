@@ -22,6 +22,9 @@ use wgpu_common::{
 const COPY_TOL: f32 = 0.0;
 /// add: one f32 rounding, the same as the CPU's.
 const ADD_TOL: f32 = 0.0;
+/// div_cols, relative to the output's scale: one division per value,
+/// which Vulkan lets a device round to within 2.5 ulp.
+const DIV_COLS_TOL: f32 = 1e-6;
 /// Activations, per value: |gpu - cpu| <= ACT_TOL * max(1, |x|) (the erf
 /// and tanh approximations are within 2e-7; exp differs by a few ulp).
 const ACT_TOL: f32 = 1e-6;
@@ -123,6 +126,30 @@ fn add_act_gated() {
             }
         }
     }
+}
+
+/// Columns divided by per-column scales (the search's W4A8 `X / s`).
+#[test]
+fn div_cols() {
+    let mut r = rng(21);
+    let x = random(&mut r, 9, 37, 5.0);
+    let s: Vec<f32> = (0..37).map(|_| r.random_range(0.05f32..8.0)).collect();
+    let s = Tensor::new(vec![37], s).unwrap();
+    for (path, g) in both() {
+        let (gx, gs) = (up(g, &x), up(g, &s));
+        assert_close(
+            &format!("{path} div_cols"),
+            &down(g, &g.div_cols(&gx, &gs).unwrap()),
+            &Cpu.div_cols(&x, &s).unwrap(),
+            DIV_COLS_TOL,
+        );
+        let short = up(g, &Tensor::new(vec![36], vec![1.0; 36]).unwrap());
+        assert!(matches!(g.div_cols(&gx, &short), Err(Error::Invalid(_))));
+    }
+    assert!(matches!(
+        Cpu.div_cols(&x, &Tensor::new(vec![36], vec![1.0; 36]).unwrap()),
+        Err(Error::Invalid(_))
+    ));
 }
 
 #[test]

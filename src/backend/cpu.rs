@@ -377,6 +377,21 @@ impl Backend for Cpu {
         Tensor::new(gate.shape.clone(), data)
     }
 
+    fn div_cols(&self, x: &Tensor, s: &Tensor) -> Result<Tensor> {
+        let c = x.cols();
+        if s.data.len() != c {
+            return Err(shape_err(
+                "div_cols",
+                format!("{} scales for {c} columns", s.data.len()),
+            ));
+        }
+        let mut y = x.clone();
+        for r in y.data.chunks_exact_mut(c.max(1)) {
+            r.iter_mut().zip(&s.data).for_each(|(v, k)| *v /= k);
+        }
+        Ok(y)
+    }
+
     fn quant_act_int8(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = x.clone();
         crate::quant::w4a8::fake_quantize_act_int8(&mut y.data, x.cols());

@@ -52,7 +52,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "elementwise.cu",
         src: include_str!("../../kernels/elementwise.cu"),
-        entries: &["add_f32", "silu_mul_f32", "rms_norm_f32"],
+        entries: &["add_f32", "silu_mul_f32", "div_cols_f32", "rms_norm_f32"],
     },
     KernelSource {
         file: "gemm.cu",

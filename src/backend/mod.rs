@@ -163,6 +163,10 @@ pub trait Backend {
     /// act(gate) * up, same shapes (SwiGLU when act is silu).
     fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
 
+    /// y[r, c] = x[r, c] / s[c]: every column divided by its own scale (`s`
+    /// holds `cols` values). W4A8's `X / s` in the scale search.
+    fn div_cols(&self, x: &Self::Tensor, s: &Self::Tensor) -> Result<Self::Tensor>;
+
     /// Per-row (per-token) symmetric INT8 fake quantization of activations,
     /// the A8 of W4A8 (`quant::w4a8::fake_quantize_act_int8`): with
     /// `s = max(max|x_row|, 1e-5) / 127`, `y = clamp(round(x / s), -128, 127) * s`

@@ -238,15 +238,17 @@ fn dense(l: &Linear<Cpu>) -> Result<&Tensor> {
 struct QLinear<B: Backend> {
     w: B::Weight,
     b: Option<B::Tensor>,
-    act_div: Option<Vec<f32>>,
+    act_div: Option<B::Tensor>,
 }
 
 impl<B: Backend> QLinear<B> {
-    fn new(be: &B, w: &Tensor, b: Option<&Tensor>, act_div: Option<Vec<f32>>) -> Result<Self> {
+    fn new(be: &B, w: &Tensor, b: Option<&Tensor>, act_div: Option<&[f32]>) -> Result<Self> {
         Ok(QLinear {
             w: be.weight(w)?,
             b: b.map(|b| be.upload(b)).transpose()?,
-            act_div,
+            act_div: act_div
+                .map(|s| be.upload(&Tensor::new(vec![s.len()], s.to_vec())?))
+                .transpose()?,
         })
     }
 
@@ -274,10 +276,7 @@ impl<B: Backend> QLinear<B> {
                 }
                 (d, None)
             }
-            QuantKind::W4A8 => (
-                w4a8::fake_quantize_w4_per_channel(&ws, out, inp),
-                Some(s.to_vec()),
-            ),
+            QuantKind::W4A8 => (w4a8::fake_quantize_w4_per_channel(&ws, out, inp), Some(s)),
         };
         Self::new(
             be,
@@ -287,22 +286,14 @@ impl<B: Backend> QLinear<B> {
         )
     }
 
-    /// W4A8 divides the input by the scales and quantizes it per token on
-    /// the host, with the reference quantizer
-    /// (`w4a8::fake_quantize_act_int8`) whatever the backend.
+    /// W4A8 divides the input by the scales and fake-quantizes it per token
+    /// on the device (`div_cols`, `quant_act_int8`), then the float product.
     fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         match &self.act_div {
             None => be.linear(x, &self.w, self.b.as_ref()),
             Some(s) => {
-                let mut xh = be.download(x)?;
-                let d = xh.cols();
-                for r in xh.data.chunks_exact_mut(d) {
-                    for (v, k) in r.iter_mut().zip(s) {
-                        *v /= k;
-                    }
-                }
-                w4a8::fake_quantize_act_int8(&mut xh.data, d);
-                be.linear(&be.upload(&xh)?, &self.w, self.b.as_ref())
+                let xq = be.quant_act_int8(&be.div_cols(x, s)?)?;
+                be.linear(&xq, &self.w, self.b.as_ref())
             }
         }
     }

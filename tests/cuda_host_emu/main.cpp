@@ -140,6 +140,14 @@ int main() {
         launch(2, 256, [&] { ew::silu_mul_f32(a.data(), b.data(), y.data(), n); });
         for (int i = 0; i < n; i++) want[i] = a[i] / (1 + std::exp(-(double)a[i])) * b[i];
         check("silu_mul_f32", y, want, scale);
+        {
+            int cols = 37;  // 1000 values: 27 rows and a partial one
+            std::vector<float> s(cols);
+            for (auto &v : s) v = 0.05f + 4 * std::fabs(rf());
+            launch(2, 256, [&] { ew::div_cols_f32(a.data(), s.data(), y.data(), n, cols); });
+            for (int i = 0; i < n; i++) want[i] = (double)a[i] / s[i % cols];
+            check("div_cols_f32", y, want, scale);
+        }
         int rows = 5, cols = 200;
         std::vector<float> yr(rows * cols);
         launch(rows, 256, [&] { ew::rms_norm_f32(a.data(), b.data(), yr.data(), rows, cols, 1e-6f); });

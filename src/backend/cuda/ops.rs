@@ -401,6 +401,32 @@ impl Backend for Cuda {
         self.elementwise("gated_f32", &[gate, up], Some(act))
     }
 
+    fn div_cols(&self, x: &CudaTensor, s: &CudaTensor) -> Result<CudaTensor> {
+        let (rows, c) = (x.rows, x.cols);
+        if s.numel() != c {
+            return Err(invalid(
+                "div_cols",
+                format!("{} scales for {c} columns", s.numel()),
+            ));
+        }
+        let mut y = self.tensor(rows, c)?;
+        let n = rows * c;
+        if n == 0 {
+            return Ok(y);
+        }
+        let f = self.function("div_cols_f32")?;
+        let (n_i, c_i) = (int(n, "div_cols")?, int(c, "cols")?);
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&x.data)
+            .arg(&s.data)
+            .arg(&mut y.data)
+            .arg(&n_i)
+            .arg(&c_i);
+        // SAFETY: elementwise.cu div_cols_f32; x and y hold n values, s cols.
+        unsafe { l.launch(grid_stride(n, EW_THREADS)) }.ctx("div_cols_f32")?;
+        Ok(y)
+    }
+
     fn quant_act_int8(&self, x: &CudaTensor) -> Result<CudaTensor> {
         let (rows, c) = (x.rows, x.cols);
         let mut y = self.tensor(rows, c)?;

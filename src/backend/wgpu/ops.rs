@@ -13,13 +13,14 @@ use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
 impl Wgpu {
-    /// One element-wise kernel over `a` (and `b`).
+    /// One element-wise kernel over `a` (and `b`); `arg` is the activation
+    /// code, or div_cols' column count.
     fn elementwise(
         &self,
         entry: &'static str,
         a: &WgpuTensor,
         b: Option<&WgpuTensor>,
-        act: u32,
+        arg: u32,
     ) -> Result<WgpuTensor> {
         let y = self.tensor(a.rows, a.cols, entry)?;
         let n = u32_of(entry, a.numel())?;
@@ -29,7 +30,7 @@ impl Wgpu {
         }
         let key = self.key("elementwise.wgsl", entry, WG);
         self.rec
-            .dispatch(&key, &binds, 3, &[n, act], n.div_ceil(WG))?;
+            .dispatch(&key, &binds, 3, &[n, arg], n.div_ceil(WG))?;
         Ok(y)
     }
 
@@ -242,6 +243,19 @@ impl Backend for Wgpu {
     fn gated(&self, gate: &WgpuTensor, up: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
         same_dims("wgpu", "gated", (gate.rows, gate.cols), (up.rows, up.cols))?;
         self.elementwise("gated", gate, Some(up), act_code(act))
+    }
+
+    fn div_cols(&self, x: &WgpuTensor, s: &WgpuTensor) -> Result<WgpuTensor> {
+        if s.numel() != x.cols {
+            return Err(shape_err(
+                "div_cols",
+                format!("{} scales for {} columns", s.numel(), x.cols),
+            ));
+        }
+        if x.numel() == 0 {
+            return self.tensor(x.rows, x.cols, "div_cols");
+        }
+        self.elementwise("div_cols", x, Some(s), u32_of("div_cols", x.cols)?)
     }
 
     /// The fake quantization (act_quant.wgsl, f32 in and out): the W4A8
