@@ -9,11 +9,11 @@ mod wgpu_common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, scratch};
+use common::{calib_options, calib_shapes, scratch, tiny_shapes};
 use mbq::backend::cpu::Cpu;
-use mbq::backend::{Backend, BackendKind};
+use mbq::backend::Backend;
 use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
-use mbq::calib::search::{LossKind, GRID};
+use mbq::calib::search::GRID;
 use mbq::generate::{generate, GenerateOptions};
 use mbq::model::llava::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
@@ -26,31 +26,8 @@ const GREEDY_TOKENS: usize = 8;
 /// Calibration samples per run (the test set has 42).
 const N_SAMPLES: usize = 10;
 
-fn tiny_shapes() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes")
-}
-
-fn calib_file() -> PathBuf {
-    fixtures().join("calib_shapes/questions.jsonl")
-}
-
 fn options(method: Method, w_bit: u32, a_bit: Option<u32>, out: PathBuf) -> QuantizeOptions {
-    QuantizeOptions {
-        method,
-        w_bit,
-        a_bit,
-        group_size: 128,
-        calib: Some(calib_file()),
-        image_folder: Some(fixtures().join("calib_shapes")),
-        n_samples: N_SAMPLES,
-        seed: 42,
-        loss: LossKind::Mae,
-        model: tiny_shapes(),
-        out,
-        backend: BackendKind::Cpu,
-        resume: false,
-        stop_after_layer: None,
-    }
+    calib_options(method, w_bit, a_bit, N_SAMPLES, out)
 }
 
 fn greedy<B: Backend>(be: &B, dir: &Path) -> Vec<u32> {
@@ -259,7 +236,7 @@ fn a_killed_cli_calibration_resumes_to_the_same_output() {
     use std::process::{Command, Stdio};
     let tmp = scratch("calibrate_kill");
     let mbq = env!("CARGO_BIN_EXE_mbq");
-    let calib = calib_file();
+    let calib = calib_shapes();
     let model = tiny_shapes();
     let cmd = |out: &Path, extra: &[&str]| {
         let mut c = Command::new(mbq);

@@ -11,12 +11,11 @@ mod common;
 #[cfg(feature = "cuda")]
 mod cuda_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{fixtures, scratch};
+use common::{calib_options, scratch};
 use mbq::backend::BackendKind;
 use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
-use mbq::calib::search::LossKind;
 use serde_json::Value;
 
 /// Sensitivity ratios (the criterion; they are computed on the
@@ -33,30 +32,6 @@ const LOSS_RTOL: f64 = 1e-2;
 /// is this much (relative) below its runner-up.
 const ALPHA_MARGIN: f64 = 1e-4;
 const N_SAMPLES: usize = 6;
-
-fn options(
-    method: Method,
-    a_bit: Option<u32>,
-    backend: BackendKind,
-    out: PathBuf,
-) -> QuantizeOptions {
-    QuantizeOptions {
-        method,
-        w_bit: if a_bit.is_some() { 4 } else { 3 },
-        a_bit,
-        group_size: 128,
-        calib: Some(fixtures().join("calib_shapes/questions.jsonl")),
-        image_folder: Some(fixtures().join("calib_shapes")),
-        n_samples: N_SAMPLES,
-        seed: 42,
-        loss: LossKind::Mae,
-        model: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes"),
-        out,
-        backend,
-        resume: false,
-        stop_after_layer: None,
-    }
-}
 
 fn report(dir: &Path) -> Value {
     let text = std::fs::read_to_string(dir.join("calibration_report.json")).unwrap();
@@ -143,8 +118,12 @@ fn search_matches_cpu(backend: BackendKind, label: &str) {
         let name = format!("{}-a{}", method.name(), a_bit.unwrap_or(16));
         let run = |b: BackendKind, tag: &str| {
             let out = tmp.join(format!("{name}-{tag}"));
-            quantize_model(&options(method, a_bit, b, out.clone()), |_| {})
-                .unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
+            let w_bit = if a_bit.is_some() { 4 } else { 3 };
+            let o = QuantizeOptions {
+                backend: b,
+                ..calib_options(method, w_bit, a_bit, N_SAMPLES, out.clone())
+            };
+            quantize_model(&o, |_| {}).unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
             report(&out)
         };
         let cpu = run(BackendKind::Cpu, "cpu");

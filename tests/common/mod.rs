@@ -12,6 +12,43 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The bundled FP16 model, models/tiny-shapes.
+pub fn tiny_shapes() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes")
+}
+
+/// The committed calibration set (`mbq shapes --seed 2000`).
+pub fn calib_shapes() -> PathBuf {
+    fixtures().join("calib_shapes/questions.jsonl")
+}
+
+/// `mbq quantize` of tiny-shapes on `n_samples` of the committed
+/// calibration set (group 128, seed 42, MAE, the CPU) into `out`.
+pub fn calib_options(
+    method: mbq::calib::run::Method,
+    w_bit: u32,
+    a_bit: Option<u32>,
+    n_samples: usize,
+    out: PathBuf,
+) -> mbq::calib::run::QuantizeOptions {
+    mbq::calib::run::QuantizeOptions {
+        method,
+        w_bit,
+        a_bit,
+        group_size: 128,
+        calib: Some(calib_shapes()),
+        image_folder: Some(fixtures().join("calib_shapes")),
+        n_samples,
+        seed: 42,
+        loss: mbq::calib::search::LossKind::Mae,
+        model: tiny_shapes(),
+        out,
+        backend: mbq::backend::BackendKind::Cpu,
+        resume: false,
+        stop_after_layer: None,
+    }
+}
+
 /// One golden case: its case.json and golden.safetensors.
 pub struct Case {
     pub name: String,
