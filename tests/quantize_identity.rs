@@ -1,0 +1,86 @@
+//! The redesign's safety net: `mbq quantize` on the CPU of the bundled
+//! tiny-shapes with every calibrated method at W3 g128 and W4A8 (the
+//! committed calibration set tests/fixtures/calib_shapes, 10 samples, seed
+//! 42, MAE) writes exactly the `model.safetensors` it wrote before the
+//! network was given one definition (commit 0a520e1): the SHA-256 of each
+//! output is recorded here. A change that moves any weight code, scale or
+//! zero point by one bit fails this test; a deliberate change of results
+//! must update the hashes and say why in its commit.
+
+mod common;
+
+use common::{calib_options, scratch};
+use mbq::calib::run::{quantize_model, Method};
+use sha2::{Digest, Sha256};
+
+/// Calibration samples per run (as tests/calibrate.rs).
+const N_SAMPLES: usize = 10;
+
+/// (method, w_bit, a_bit, SHA-256 of model.safetensors) as written at 0a520e1.
+const RECORDED: [(Method, u32, Option<u32>, &str); 6] = [
+    (
+        Method::Rtn,
+        3,
+        None,
+        "e1d73ccdcd9fbce7739d49594bf52de24480d48dde8648131013298eff9d8278",
+    ),
+    (
+        Method::Awq,
+        3,
+        None,
+        "71ca24305d3630684e919098ccaa42b6db145331072dd8755d79b28b2fca3a6f",
+    ),
+    (
+        Method::Mbq,
+        3,
+        None,
+        "94f19106b4bf26df0056611da3fa94ec18eba5929aa910e35e2c1c49c6c63fd6",
+    ),
+    (
+        Method::Rtn,
+        4,
+        Some(8),
+        "5ca4de96b9213c53e2343dde3637c9ff9b069e348dfb379161501f1a01c24f54",
+    ),
+    (
+        Method::Smoothquant,
+        4,
+        Some(8),
+        "72faa9ca2952f233799ec51a105fdb4e63f740597dc2016e3ef7c4a91e126254",
+    ),
+    (
+        Method::Mbq,
+        4,
+        Some(8),
+        "58c4e86477d4d1a88bf57e8da7c14888d2438eec56c8ce5f291d0dd4dd35c125",
+    ),
+];
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn quantized_outputs_are_byte_identical_to_the_recorded_ones() {
+    let tmp = scratch("quantize_identity");
+    let mut wrong = Vec::new();
+    for (method, w_bit, a_bit, want) in RECORDED {
+        let name = format!("{}-w{w_bit}a{}", method.name(), a_bit.unwrap_or(16));
+        let out = tmp.join(&name);
+        quantize_model(
+            &calib_options(method, w_bit, a_bit, N_SAMPLES, out.clone()),
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = sha256_hex(&out.join("model.safetensors"));
+        eprintln!("{name}: {got}");
+        if got != want {
+            wrong.push(format!("{name}: sha256 {got}, recorded {want}"));
+        }
+    }
+    assert!(wrong.is_empty(), "outputs changed:\n{}", wrong.join("\n"));
+}
