@@ -21,10 +21,11 @@ use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::{rope_inv_freq, Backend};
+use crate::backend::Backend;
 use crate::config::{Act, RopeScaling, TextConfig, TextKind};
 use crate::error::{Error, Result};
-use crate::model::text::{DecoderLayer, TextModel};
+use crate::model::decoder::{Attention, DecoderLayer, DecoderSpec, Mlp};
+use crate::model::text::TextModel;
 use crate::model::Linear;
 use crate::quant::pseudo::quantize_linear;
 use crate::tensor::Tensor;
@@ -244,14 +245,18 @@ pub fn synthetic_text_model<B: Backend>(
     for _ in 0..cfg.num_hidden_layers {
         layers.push(DecoderLayer {
             input_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
-            q: lin(qd, h, cfg.qkv_bias)?,
-            k: lin(kvd, h, cfg.qkv_bias)?,
-            v: lin(kvd, h, cfg.qkv_bias)?,
-            o: lin(h, qd, false)?,
+            attn: Attention {
+                q: lin(qd, h, cfg.qkv_bias)?,
+                k: lin(kvd, h, cfg.qkv_bias)?,
+                v: lin(kvd, h, cfg.qkv_bias)?,
+                o: lin(h, qd, false)?,
+            },
             post_attention_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
-            gate: lin(im, h, false)?,
-            up: lin(im, h, false)?,
-            down: lin(h, im, false)?,
+            mlp: Mlp {
+                gate: lin(im, h, false)?,
+                up: lin(im, h, false)?,
+                down: lin(h, im, false)?,
+            },
         });
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
@@ -259,11 +264,11 @@ pub fn synthetic_text_model<B: Backend>(
     let head = random_f16_matrix(&mut rng, cfg.vocab_size * h);
     Ok(TextModel {
         cfg: cfg.clone(),
+        spec: DecoderSpec::new(cfg),
         embed_tokens: be.weight(&Tensor::new(vec![cfg.vocab_size, h], embed)?)?,
         layers,
         norm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
         lm_head: Some(be.weight(&Tensor::new(vec![cfg.vocab_size, h], head)?)?),
-        rope: rope_inv_freq(cfg),
     })
 }
 

@@ -222,19 +222,11 @@ pub fn target_logits<B: Backend>(
         be.set_rows(&mut x, at, f)?;
     }
     let mut cache = be.new_cache(text.layers.len(), text.kv_dim(), ids.len())?;
-    for i in 0..text.layers.len() {
-        x = text.layer_forward(be, i, &x, &mut cache, 0)?;
-    }
+    let x = text.hidden(be, x, &mut cache, 0)?;
     // Row p predicts token p + 1: the target's predictors start one row
     // before it.
     let from = prompt.ids.len() - 1;
-    let rows = be.rows(&x, from, target.len())?;
-    let rows = be.rms_norm(&rows, &text.norm, text.cfg.rms_norm_eps)?;
-    let logits = be.linear(
-        &rows,
-        text.lm_head.as_ref().unwrap_or(&text.embed_tokens),
-        None,
-    )?;
+    let logits = text.logits(be, &be.rows(&x, from, target.len())?)?;
     let host = be.download(&logits)?;
     let vocab = host.data.len() / target.len();
     Ok(host.data.chunks(vocab).map(|r| r.to_vec()).collect())

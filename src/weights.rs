@@ -359,3 +359,92 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The decoder linears that are quantized, per layer, in this order (names
+/// below `...layers.<i>`).
+pub const DECODER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Where a checkpoint keeps each part. transformers 4 wrote the legacy
+/// names (`language_model.model.*`, `language_model.lm_head.*`,
+/// `vision_tower.vision_model.*`); transformers 5 can write them nested under
+/// `model.` (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
+/// without `vision_model.`), and a mix of both. Each part is found on its own.
+pub struct Prefixes {
+    pub text: String,
+    pub lm_head: String,
+    /// The vision model itself (its `embeddings.*`, `encoder.*` below it).
+    pub vision: String,
+    pub projector: String,
+    pub image_newline: String,
+}
+
+impl Prefixes {
+    pub fn detect(w: &WeightFiles) -> Result<Prefixes> {
+        let find = |candidates: &[&str], leaf: &str| -> Result<String> {
+            for c in candidates {
+                if w.contains(&format!("{c}.{leaf}")) {
+                    return Ok(c.to_string());
+                }
+            }
+            Err(Error::MissingTensor {
+                name: candidates
+                    .iter()
+                    .map(|c| format!("{c}.{leaf}"))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                path: w.location(),
+            })
+        };
+        let text = find(
+            &[
+                "language_model.model",
+                "model.language_model",
+                "language_model",
+            ],
+            "embed_tokens.weight",
+        )?;
+        let vision = find(
+            &[
+                "vision_tower.vision_model",
+                "model.vision_tower.vision_model",
+                "model.vision_tower",
+                "vision_tower",
+            ],
+            "embeddings.patch_embedding.weight",
+        )?;
+        let projector = find(
+            &["multi_modal_projector", "model.multi_modal_projector"],
+            "linear_1.weight",
+        )?;
+        let lm_head = if text.starts_with("model.") {
+            "lm_head"
+        } else {
+            "language_model.lm_head"
+        };
+        let lm_head = [lm_head, "lm_head", "language_model.lm_head"]
+            .into_iter()
+            .find(|c| w.contains(&format!("{c}.weight")))
+            .unwrap_or(lm_head)
+            .to_string();
+        let image_newline = ["image_newline", "model.image_newline"]
+            .into_iter()
+            .find(|c| w.contains(c))
+            .unwrap_or("image_newline")
+            .to_string();
+        Ok(Prefixes {
+            text,
+            lm_head,
+            vision,
+            projector,
+            image_newline,
+        })
+    }
+}

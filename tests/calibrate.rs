@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use common::{calib_options, calib_shapes, scratch, tiny_shapes};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
-use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
+use mbq::calib::{quantize_model, Method, QuantizeOptions};
 use mbq::calib::search::GRID;
 use mbq::generate::{generate, GenerateOptions};
 use mbq::model::llava::Vlm;
@@ -186,7 +186,7 @@ fn an_interrupted_calibration_resumes_to_the_same_output() {
     o.resume = true;
     let mut notes = Vec::new();
     quantize_model(&o, |p| {
-        if let mbq::calib::run::CalibProgress::Note(n) = p {
+        if let mbq::calib::CalibProgress::Note(n) = p {
             notes.push(n)
         }
     })

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use common::{calib_options, scratch};
 use mbq::backend::BackendKind;
-use mbq::calib::run::{quantize_model, Method, QuantizeOptions};
+use mbq::calib::{quantize_model, Method, QuantizeOptions};
 use serde_json::Value;
 
 /// Sensitivity ratios (the criterion; they are computed on the

@@ -10,7 +10,7 @@
 mod common;
 
 use common::{calib_options, scratch};
-use mbq::calib::run::{quantize_model, Method};
+use mbq::calib::{quantize_model, Method};
 use sha2::{Digest, Sha256};
 
 /// Calibration samples per run (as tests/calibrate.rs).

@@ -5,6 +5,7 @@
 //! Shapes: activations are matrices `[rows, cols]` (tokens x features);
 //! a linear weight is `[out, in]` as in PyTorch.
 
+pub mod backward;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -16,6 +17,8 @@ use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
+
+pub use backward::Grad;
 
 /// Precomputed RoPE inverse frequencies for one model (`head_dim / 2` values).
 #[derive(Clone, Debug)]
@@ -253,45 +256,5 @@ impl std::str::FromStr for BackendKind {
                 )))
             }
         })
-    }
-}
-
-/// Inverse RoPE frequencies as transformers computes them (`rope_init_fn`),
-/// including the linear and llama3 scalings.
-pub fn rope_inv_freq(cfg: &crate::config::TextConfig) -> Rope {
-    use crate::config::RopeScaling;
-    let d = cfg.head_dim;
-    let mut inv: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / d as f32))
-        .collect();
-    match cfg.rope_scaling {
-        RopeScaling::Default => {}
-        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings: old,
-        } => {
-            let low_wavelen = old / low_freq_factor;
-            let high_wavelen = old / high_freq_factor;
-            for f in inv.iter_mut() {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen {
-                    *f / factor
-                } else {
-                    *f
-                };
-                let smooth =
-                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
-                *f = if is_medium { smoothed } else { scaled };
-            }
-        }
-    }
-    Rope {
-        inv_freq: inv,
-        head_dim: d,
     }
 }

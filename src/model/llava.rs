@@ -14,7 +14,7 @@ use crate::config::{Act, Arch, VlmConfig};
 use crate::error::{Error, Result};
 use crate::preprocess::Preprocessed;
 use crate::tensor::Tensor;
-use crate::weights::WeightFiles;
+use crate::weights::{Prefixes, WeightFiles};
 
 /// `multi_modal_projector`: linear_1 -> act -> linear_2.
 pub struct Projector<B: Backend> {
@@ -27,83 +27,6 @@ impl<B: Backend> Projector<B> {
     pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let h = be.act(&self.linear_1.forward(be, x)?, self.act)?;
         self.linear_2.forward(be, &h)
-    }
-}
-
-/// Where a checkpoint keeps each part. transformers 4 wrote the legacy
-/// names (`language_model.model.*`, `language_model.lm_head.*`,
-/// `vision_tower.vision_model.*`); transformers 5 can write them nested under
-/// `model.` (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
-/// without `vision_model.`), and a mix of both. Each part is found on its own.
-pub struct Prefixes {
-    pub text: String,
-    pub lm_head: String,
-    /// The vision model itself (its `embeddings.*`, `encoder.*` below it).
-    pub vision: String,
-    pub projector: String,
-    pub image_newline: String,
-}
-
-impl Prefixes {
-    pub fn detect(w: &WeightFiles) -> Result<Prefixes> {
-        let find = |candidates: &[&str], leaf: &str| -> Result<String> {
-            for c in candidates {
-                if w.contains(&format!("{c}.{leaf}")) {
-                    return Ok(c.to_string());
-                }
-            }
-            Err(Error::MissingTensor {
-                name: candidates
-                    .iter()
-                    .map(|c| format!("{c}.{leaf}"))
-                    .collect::<Vec<_>>()
-                    .join(" or "),
-                path: w.location(),
-            })
-        };
-        let text = find(
-            &[
-                "language_model.model",
-                "model.language_model",
-                "language_model",
-            ],
-            "embed_tokens.weight",
-        )?;
-        let vision = find(
-            &[
-                "vision_tower.vision_model",
-                "model.vision_tower.vision_model",
-                "model.vision_tower",
-                "vision_tower",
-            ],
-            "embeddings.patch_embedding.weight",
-        )?;
-        let projector = find(
-            &["multi_modal_projector", "model.multi_modal_projector"],
-            "linear_1.weight",
-        )?;
-        let lm_head = if text.starts_with("model.") {
-            "lm_head"
-        } else {
-            "language_model.lm_head"
-        };
-        let lm_head = [lm_head, "lm_head", "language_model.lm_head"]
-            .into_iter()
-            .find(|c| w.contains(&format!("{c}.weight")))
-            .unwrap_or(lm_head)
-            .to_string();
-        let image_newline = ["image_newline", "model.image_newline"]
-            .into_iter()
-            .find(|c| w.contains(c))
-            .unwrap_or("image_newline")
-            .to_string();
-        Ok(Prefixes {
-            text,
-            lm_head,
-            vision,
-            projector,
-            image_newline,
-        })
     }
 }
 

@@ -1,8 +1,13 @@
 //! The VLM, written once over [`crate::backend::Backend`]: the vision tower
-//! (`vision.rs`), the decoder-only language model (`text.rs`) and the LLaVA /
-//! LLaVA-OneVision composition with its projector (`llava.rs`).
+//! (`vision.rs`), the decoder layer (`decoder.rs`: the one forward, with
+//! taps for calibration, and its backward), the language model around it
+//! (`text.rs`: embeddings, final norm, lm_head), RoPE frequencies from the
+//! config (`rope.rs`) and the LLaVA / LLaVA-OneVision composition with its
+//! projector (`llava.rs`).
 
+pub mod decoder;
 pub mod llava;
+pub mod rope;
 pub mod text;
 pub mod vision;
 

@@ -23,19 +23,8 @@ use super::pseudo::quantize_linear;
 use super::safetensors_out::{self, OutTensor};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
-use crate::model::llava::Prefixes;
-use crate::weights::WeightFiles;
+use crate::weights::{Prefixes, WeightFiles, DECODER_LINEARS};
 
-/// The decoder linears that are quantized, per layer, in this order.
-pub const DECODER_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 /// Files of other weight formats: they would hold the unquantized weights
 /// again, so they are not copied (mbq reads safetensors only).

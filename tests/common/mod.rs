@@ -25,13 +25,13 @@ pub fn calib_shapes() -> PathBuf {
 /// `mbq quantize` of tiny-shapes on `n_samples` of the committed
 /// calibration set (group 128, seed 42, MAE, the CPU) into `out`.
 pub fn calib_options(
-    method: mbq::calib::run::Method,
+    method: mbq::calib::Method,
     w_bit: u32,
     a_bit: Option<u32>,
     n_samples: usize,
     out: PathBuf,
-) -> mbq::calib::run::QuantizeOptions {
-    mbq::calib::run::QuantizeOptions {
+) -> mbq::calib::QuantizeOptions {
+    mbq::calib::QuantizeOptions {
         method,
         w_bit,
         a_bit,
@@ -40,7 +40,7 @@ pub fn calib_options(
         image_folder: Some(fixtures().join("calib_shapes")),
         n_samples,
         seed: 42,
-        loss: mbq::calib::search::LossKind::Mae,
+        loss: mbq::calib::LossKind::Mae,
         model: tiny_shapes(),
         out,
         backend: mbq::backend::BackendKind::Cpu,
