@@ -8,9 +8,17 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+/// The CUDA backend's stand-in in a build without the `cuda` feature: the
+/// same names, and every way to open it says it is not compiled in.
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
+mod open;
 pub mod wgpu;
+
+pub use open::{open, resolve, with_backend, AnyBackend, BackendJob, BackendOptions};
 
 use crate::config::Act;
 use crate::error::{Error, Result};

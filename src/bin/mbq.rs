@@ -210,7 +210,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Devices => {
             println!("cpu: {} threads", rayon::current_num_threads());
-            #[cfg(feature = "cuda")]
             match mbq::backend::cuda::devices() {
                 Ok(names) => names
                     .iter()
@@ -218,8 +217,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .for_each(|(i, n)| println!("cuda:{i}: {n}")),
                 Err(e) => println!("cuda: {e}"),
             }
-            #[cfg(not(feature = "cuda"))]
-            println!("cuda: not compiled in (build with --features cuda)");
             let adapters = mbq::backend::wgpu::adapters();
             if adapters.is_empty() {
                 println!("wgpu: no adapter (no Vulkan, Metal or DX12 driver)");
@@ -329,26 +326,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // side by side at the end.
             let mut all = Vec::new();
             for b in backend.split(',') {
-                all.push(match b.trim() {
-                    "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", &what)?,
-                    "wgpu" => {
-                        let opts = mbq::runtime::wgpu_options(None, true);
-                        let be = mbq::backend::wgpu::Wgpu::new(&opts)?;
-                        let name = format!("wgpu ({})", be.adapter());
-                        bench_on(&be, &name, &what)?
-                    }
-                    #[cfg(feature = "cuda")]
-                    "cuda" => {
-                        let opts = mbq::backend::cuda::CudaOptions::from_env();
-                        let be = mbq::backend::cuda::Cuda::with_options(&opts)?;
-                        let name = format!("cuda ({})", be.device());
-                        bench_on(&be, &name, &what)?
-                    }
-                    other => anyhow::bail!(
-                        "--backend {other}: not available for benchmarks in this build; available: {}",
-                        if cfg!(feature = "cuda") { "cpu, wgpu, cuda" } else { "cpu, wgpu" }
-                    ),
-                });
+                all.push(bench_backend(b.trim(), &what)?);
             }
             print_bench(&what, all)
         }
@@ -407,6 +385,49 @@ fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
         print!("{}", bench::decode_side_by_side(&label, &decode));
     }
     Ok(())
+}
+
+/// Opens the backend `--backend` names (`cpu`, `wgpu`, `cuda`: never
+/// `auto`, a benchmark compares named backends) and benchmarks it.
+fn bench_backend(name: &str, what: &BenchCmd) -> anyhow::Result<BenchOut> {
+    use mbq::backend::{BackendKind, BackendOptions};
+    let named = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Cuda];
+    let available: Vec<&str> = named
+        .iter()
+        .filter(|k| k.compiled_in())
+        .map(|k| k.name())
+        .collect();
+    let Some(kind) = named
+        .into_iter()
+        .find(|k| k.name() == name && k.compiled_in())
+    else {
+        anyhow::bail!(
+            "--backend {name}: not available for benchmarks in this build; available: {}",
+            available.join(", ")
+        );
+    };
+    let note = |m: &str| eprintln!("{m}");
+    let be = mbq::backend::open(kind, &BackendOptions::default(), note)?;
+    be.run(BenchJob(what))?
+}
+
+/// [`bench_on`] on the opened backend, named `kind (device)` (the CPU
+/// just `cpu`).
+struct BenchJob<'a>(&'a BenchCmd);
+
+impl mbq::backend::BackendJob for BenchJob<'_> {
+    type Output = anyhow::Result<BenchOut>;
+    fn run<B: mbq::backend::Backend>(
+        self,
+        be: &B,
+        device: &str,
+    ) -> mbq::error::Result<anyhow::Result<BenchOut>> {
+        let name = match be.name() {
+            "cpu" => "cpu".to_string(),
+            kind => format!("{kind} ({device})"),
+        };
+        Ok(bench_on(be, &name, self.0))
+    }
 }
 
 /// Runs a benchmark on one backend (and its copy bandwidth).

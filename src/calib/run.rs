@@ -355,27 +355,30 @@ pub fn quantize_model(
         ckpt: &ckpt,
         progress: &mut progress,
     };
-    match search_backend {
-        BackendKind::Wgpu => {
-            let opts = crate::runtime::wgpu_options(None, true);
-            let be = crate::backend::wgpu::Wgpu::new(&opts)?;
-            (search.progress)(CalibProgress::Note(format!(
-                "scale search on wgpu: {}",
-                be.adapter()
-            )));
-            search.run(&be, xs)?;
+    {
+        // The search on the backend resolved above; a device says which.
+        struct SearchJob<'s, 'a, P: FnMut(CalibProgress<'_>)> {
+            search: &'s mut Search<'a, P>,
+            xs: Vec<Tensor>,
         }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            let opts = crate::backend::cuda::CudaOptions::from_env();
-            let be = crate::backend::cuda::Cuda::with_options(&opts)?;
-            (search.progress)(CalibProgress::Note(format!(
-                "scale search on cuda: {}",
-                be.device()
-            )));
-            search.run(&be, xs)?;
+        impl<P: FnMut(CalibProgress<'_>)> crate::backend::BackendJob for SearchJob<'_, '_, P> {
+            type Output = ();
+            fn run<B: Backend>(self, be: &B, device: &str) -> Result<()> {
+                if be.name() != "cpu" {
+                    (self.search.progress)(CalibProgress::Note(format!(
+                        "scale search on {}: {device}",
+                        be.name()
+                    )));
+                }
+                self.search.run(be, self.xs)
+            }
         }
-        _ => search.run(&be, xs)?,
+        let job = SearchJob {
+            search: &mut search,
+            xs,
+        };
+        let opts = crate::backend::BackendOptions::default();
+        crate::backend::with_backend(search_backend, &opts, |_| {}, job)?;
     }
 
     // The report, then the output directory.
