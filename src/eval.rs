@@ -13,16 +13,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::cpu::Cpu;
-use crate::backend::wgpu::Wgpu;
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{build_prompt, generate, nll, target_logits, GenerateOptions};
 use crate::model::llava::Vlm;
 use crate::preprocess::{load_image, preprocess, ImageProcessorConfig, Preprocessed};
 use crate::processor::Processor;
-use crate::runtime::{resolve_backend, wgpu_options};
 
 /// The question type whose answers also get a perplexity.
 pub const CAPTION_TYPE: &str = "caption";
@@ -159,7 +156,7 @@ pub struct EvalRequest {
 /// `progress(done, total)` is called after each question.
 pub fn run(
     req: &EvalRequest,
-    mut note: impl FnMut(&str),
+    note: impl FnMut(&str),
     progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
     let mut qs = load_questions(&req.data)?;
@@ -172,22 +169,28 @@ pub fn run(
             req.data.display()
         )));
     }
-    match resolve_backend(req.backend, req.adapter.as_deref(), &mut note)? {
-        BackendKind::Wgpu => {
-            let allow_cpu = req.backend == BackendKind::Wgpu || req.adapter.is_some();
-            let be = Wgpu::new(&wgpu_options(req.adapter.as_deref(), allow_cpu))?;
-            let device = be.adapter();
-            evaluate(&be, device, req, &qs, progress)
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            let be = crate::backend::cuda::Cuda::with_options(
-                &crate::backend::cuda::CudaOptions::from_env(),
-            )?;
-            let device = be.device();
-            evaluate(&be, device, req, &qs, progress)
-        }
-        _ => evaluate(&Cpu, "cpu".to_string(), req, &qs, progress),
+    let opts = BackendOptions {
+        adapter: req.adapter.clone(),
+    };
+    let job = EvalJob {
+        req,
+        qs: &qs,
+        progress,
+    };
+    backend::with_backend(req.backend, &opts, note, job)
+}
+
+/// [`evaluate`] on the opened backend.
+struct EvalJob<'a, P> {
+    req: &'a EvalRequest,
+    qs: &'a [Question],
+    progress: P,
+}
+
+impl<P: FnMut(usize, usize)> BackendJob for EvalJob<'_, P> {
+    type Output = EvalReport;
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<EvalReport> {
+        evaluate(be, device.to_string(), self.req, self.qs, self.progress)
     }
 }
 

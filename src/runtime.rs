@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::cpu::Cpu;
-use crate::backend::wgpu::{self, Wgpu, WgpuOptions};
-use crate::backend::{Backend, BackendKind};
+use crate::backend::wgpu::WgpuOptions;
+use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, Generation};
@@ -35,77 +34,27 @@ pub struct Response {
 /// Options of the wgpu backend for `--adapter` (and the MBQ_WGPU_*
 /// environment variables). An explicit `--backend wgpu` accepts a CPU
 /// adapter such as lavapipe when no GPU is there; `auto` never does.
+/// The same as [`BackendOptions::wgpu`].
 pub fn wgpu_options(adapter: Option<&str>, allow_cpu: bool) -> WgpuOptions {
-    let mut o = WgpuOptions::from_env();
-    if let Some(a) = adapter {
-        o.adapter = Some(a.to_string());
-    }
-    o.allow_cpu = allow_cpu;
-    o
+    backend_options(adapter).wgpu(allow_cpu)
 }
 
-/// Resolves `--backend`: `auto` picks CUDA when built and available, else
-/// a wgpu adapter that is a real GPU (discrete, integrated or virtual),
-/// else the CPU, and says what it chose and why through `note`. An
-/// explicit backend that is not available is an error.
+/// Resolves `--backend` ([`backend::resolve`]): `auto` picks CUDA when
+/// built and available, else a wgpu adapter that is a real GPU, else the
+/// CPU, and says what it chose and why through `note`. An explicit backend
+/// that is not available is an error.
 pub fn resolve_backend(
     kind: BackendKind,
     adapter: Option<&str>,
-    mut note: impl FnMut(&str),
+    note: impl FnMut(&str),
 ) -> Result<BackendKind> {
-    match kind {
-        BackendKind::Cpu => Ok(BackendKind::Cpu),
-        BackendKind::Cuda => {
-            cuda_probe()?;
-            Ok(BackendKind::Cuda)
-        }
-        BackendKind::Wgpu => {
-            wgpu::probe(&wgpu_options(adapter, true))?;
-            Ok(BackendKind::Wgpu)
-        }
-        BackendKind::Auto => {
-            // A named wgpu adapter is asked for explicitly: CUDA steps aside.
-            let cuda = match cuda_probe() {
-                Ok(device) if adapter.is_none() => {
-                    note(&format!("--backend auto: using cuda on {device}"));
-                    return Ok(BackendKind::Cuda);
-                }
-                Ok(device) => Error::Backend {
-                    backend: "cuda".into(),
-                    msg: format!("{device} not used: --adapter names a wgpu adapter"),
-                },
-                Err(e) => e,
-            };
-            // A named adapter is asked for, whatever its type.
-            match wgpu::probe(&wgpu_options(adapter, adapter.is_some())) {
-                Ok(a) => {
-                    note(&format!(
-                        "--backend auto: using wgpu on {} ({}, {}) ({cuda})",
-                        a.name, a.backend, a.device_type
-                    ));
-                    Ok(BackendKind::Wgpu)
-                }
-                Err(w) => {
-                    note(&format!("--backend auto: using the CPU ({cuda}; {w})"));
-                    Ok(BackendKind::Cpu)
-                }
-            }
-        }
+    backend::resolve(kind, &backend_options(adapter), note)
+}
+
+fn backend_options(adapter: Option<&str>) -> BackendOptions {
+    BackendOptions {
+        adapter: adapter.map(String::from),
     }
-}
-
-/// The CUDA device `--backend cuda` would run on, or why there is none.
-#[cfg(feature = "cuda")]
-fn cuda_probe() -> Result<String> {
-    crate::backend::cuda::probe(&crate::backend::cuda::CudaOptions::from_env())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_probe() -> Result<String> {
-    Err(Error::Backend {
-        backend: "cuda".into(),
-        msg: "not compiled in; rebuild with `--features cuda`".into(),
-    })
 }
 
 /// Runs one request; generated text goes to `on_text` as it comes.
@@ -114,26 +63,28 @@ pub fn run(
     mut note: impl FnMut(&str),
     on_text: impl FnMut(&str),
 ) -> Result<Response> {
-    match resolve_backend(req.backend, req.adapter.as_deref(), &mut note)? {
-        BackendKind::Wgpu => {
-            let allow_cpu = req.backend == BackendKind::Wgpu || req.adapter.is_some();
-            let be = Wgpu::new(&wgpu_options(req.adapter.as_deref(), allow_cpu))?;
-            if req.backend == BackendKind::Wgpu {
-                note(&format!("wgpu: {}", be.adapter()));
-            }
-            run_on(&be, be.adapter(), req, on_text)
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            let be = crate::backend::cuda::Cuda::with_options(
-                &crate::backend::cuda::CudaOptions::from_env(),
-            )?;
-            if req.backend == BackendKind::Cuda {
-                note(&format!("cuda: {}", be.device()));
-            }
-            run_on(&be, be.device(), req, on_text)
-        }
-        _ => run_on(&Cpu, "cpu".to_string(), req, on_text),
+    let be = backend::open(
+        req.backend,
+        &backend_options(req.adapter.as_deref()),
+        &mut note,
+    )?;
+    // An explicit backend says which device it opened (`auto` did already).
+    if req.backend == be.kind() && be.kind() != BackendKind::Cpu {
+        note(&format!("{}: {}", be.kind().name(), be.device()));
+    }
+    be.run(RunJob { req, on_text })
+}
+
+/// [`run`] on the opened backend.
+struct RunJob<'a, F> {
+    req: &'a Request,
+    on_text: F,
+}
+
+impl<F: FnMut(&str)> BackendJob for RunJob<'_, F> {
+    type Output = Response;
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<Response> {
+        run_on(be, device.to_string(), self.req, self.on_text)
     }
 }
 

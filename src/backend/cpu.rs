@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{check_attention_cached, AttnShape, Backend, Rope};
+use super::{AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -211,18 +211,6 @@ fn attention_core(
     out
 }
 
-impl Cpu {
-    fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
-        if a.shape != b.shape {
-            return Err(shape_err(
-                op,
-                format!("shapes {:?} and {:?} differ", a.shape, b.shape),
-            ));
-        }
-        Ok(())
-    }
-}
-
 impl Backend for Cpu {
     type Tensor = Tensor;
     type Weight = CpuWeight;
@@ -250,7 +238,7 @@ impl Backend for Cpu {
         Ok(CpuWeight::Dense(w.clone()))
     }
 
-    fn packed_weight(&self, w: &PackedLinear) -> Result<CpuWeight> {
+    fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<CpuWeight> {
         Ok(CpuWeight::Packed(w.clone()))
     }
 
@@ -329,8 +317,8 @@ impl Backend for Cpu {
             let mean = row.iter().sum::<f32>() / c as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
             let inv = 1.0 / (var + eps).sqrt();
-            for i in 0..c {
-                row[i] = (row[i] - mean) * inv * w.data[i] + b.data[i];
+            for ((r, &wi), &bi) in row.iter_mut().zip(&w.data).zip(&b.data) {
+                *r = (*r - mean) * inv * wi + bi;
             }
         });
         Ok(out)
@@ -348,15 +336,14 @@ impl Backend for Cpu {
         out.data.par_chunks_mut(c).for_each(|row| {
             let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
             let inv = 1.0 / (ms + eps).sqrt();
-            for i in 0..c {
-                row[i] = w.data[i] * (row[i] * inv);
+            for (r, &wi) in row.iter_mut().zip(&w.data) {
+                *r = wi * (*r * inv);
             }
         });
         Ok(out)
     }
 
-    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Self::same_shape("add", a, b)?;
+    fn add_unchecked(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let data = a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect();
         Tensor::new(a.shape.clone(), data)
     }
@@ -366,8 +353,7 @@ impl Backend for Cpu {
         Tensor::new(x.shape.clone(), data)
     }
 
-    fn gated(&self, gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
-        Self::same_shape("gated", gate, up)?;
+    fn gated_unchecked(&self, gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
         let data = gate
             .data
             .par_iter()
@@ -488,7 +474,11 @@ impl Backend for Cpu {
         })
     }
 
-    fn attention_cached(
+    fn cache_dims(&self, cache: &CpuCache) -> (usize, usize, usize) {
+        (cache.kv_dim, cache.k.len(), cache.capacity)
+    }
+
+    fn attention_cached_unchecked(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -500,16 +490,6 @@ impl Backend for Cpu {
     ) -> Result<Tensor> {
         let n = q.rows();
         let kvd = cache.kv_dim;
-        check_attention_cached(
-            "cpu",
-            (q.rows(), q.cols()),
-            (k.rows(), k.cols()),
-            (v.rows(), v.cols()),
-            (kvd, cache.k.len(), cache.capacity),
-            layer,
-            pos0,
-            shape,
-        )?;
         cache.k[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&k.data);
         cache.v[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&v.data);
         let out = attention_core(&q.data, n, &cache.k[layer], &cache.v[layer], shape, |r| {

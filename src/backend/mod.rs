@@ -9,9 +9,17 @@ pub mod backward;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+/// The CUDA backend's stand-in in a build without the `cuda` feature: the
+/// same names, and every way to open it says it is not compiled in.
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
+mod open;
 pub mod wgpu;
+
+pub use open::{open, resolve, with_backend, AnyBackend, BackendJob, BackendOptions};
 
 use crate::config::Act;
 use crate::error::{Error, Result};
@@ -51,7 +59,7 @@ pub fn act_code(act: Act) -> u32 {
 
 /// An error unless two `[rows, cols]` activations have the same shape
 /// (element-wise ops), naming the backend and the op.
-pub fn same_dims(backend: &str, op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+fn same_dims(backend: &str, op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a != b {
         return Err(Error::invalid(format!(
             "{backend} {op}: shapes [{}, {}] and [{}, {}] differ",
@@ -61,13 +69,13 @@ pub fn same_dims(backend: &str, op: &str, a: (usize, usize), b: (usize, usize)) 
     Ok(())
 }
 
-/// The checks every backend's `attention_cached` makes before it writes
+/// The checks [`Backend::attention_cached`] makes before any backend writes
 /// the new keys and values: q `[n, heads * head_dim]`, k and v
 /// `[n, kv_heads * head_dim]` matching the cache's row width, a layer the
 /// cache has, and positions `pos0..pos0 + n` within its capacity. `cache`
 /// is (kv_dim, layers, capacity).
 #[allow(clippy::too_many_arguments)]
-pub fn check_attention_cached(
+fn check_attention_cached(
     backend: &str,
     q: (usize, usize),
     k: (usize, usize),
@@ -117,8 +125,17 @@ pub trait Backend {
     fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
     /// A linear weight from a host `[out, in]` tensor.
     fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
-    /// A linear weight in the packed format (`quant::format`), kept packed.
-    fn packed_weight(&self, w: &PackedLinear) -> Result<Self::Weight>;
+    /// A linear weight in the packed format (`quant::format`), kept packed:
+    /// its lengths are checked ([`PackedLinear::validate`]) before the
+    /// backend's [`Backend::packed_weight_unchecked`] sees it.
+    fn packed_weight(&self, w: &PackedLinear) -> Result<Self::Weight> {
+        w.validate("packed weight")?;
+        self.packed_weight_unchecked(w)
+    }
+    /// [`Backend::packed_weight`] of a weight already validated: bits,
+    /// group size and the lengths of its codes and (scale, zero) pairs
+    /// agree with `[out, in]`.
+    fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<Self::Weight>;
     /// Bytes a dense weight element takes on this device (2 for f16
     /// storage; the CPU reference keeps f32). Used by benchmarks.
     fn dense_weight_bytes(&self) -> f64 {
@@ -160,11 +177,27 @@ pub trait Backend {
         eps: f32,
     ) -> Result<Self::Tensor>;
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
-    /// a + b, same shapes.
-    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// a + b, same shapes (checked here, then [`Backend::add_unchecked`]).
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        same_dims(self.name(), "add", self.dims(a), self.dims(b))?;
+        self.add_unchecked(a, b)
+    }
+    /// [`Backend::add`] of two tensors of the same shape.
+    fn add_unchecked(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     fn act(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
-    /// act(gate) * up, same shapes (SwiGLU when act is silu).
-    fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
+    /// act(gate) * up, same shapes (SwiGLU when act is silu); checked here,
+    /// then [`Backend::gated_unchecked`].
+    fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Act) -> Result<Self::Tensor> {
+        same_dims(self.name(), "gated", self.dims(gate), self.dims(up))?;
+        self.gated_unchecked(gate, up, act)
+    }
+    /// [`Backend::gated`] of two tensors of the same shape.
+    fn gated_unchecked(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        act: Act,
+    ) -> Result<Self::Tensor>;
 
     /// y[r, c] = x[r, c] / s[c]: every column divided by its own scale (`s`
     /// holds `cols` values). W4A8's `X / s` in the scale search.
@@ -218,10 +251,39 @@ pub trait Backend {
 
     /// A cache for `layers` layers of up to `capacity` positions.
     fn new_cache(&self, layers: usize, kv_dim: usize, capacity: usize) -> Result<Self::Cache>;
+    /// `(kv_dim, layers, capacity)` of a cache.
+    fn cache_dims(&self, cache: &Self::Cache) -> (usize, usize, usize);
     /// Writes k, v `[n, kv_heads*d]` at positions `pos0..pos0+n` of `layer`,
     /// then runs causal attention of q `[n, heads*d]` (query r at position
-    /// `pos0 + r`) over positions `0..pos0+n`.
+    /// `pos0 + r`) over positions `0..pos0+n`. The shapes, the layer and
+    /// the cache's capacity are checked here, then
+    /// [`Backend::attention_cached_unchecked`] runs.
+    #[allow(clippy::too_many_arguments)]
     fn attention_cached(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::Cache,
+        layer: usize,
+        pos0: usize,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor> {
+        check_attention_cached(
+            self.name(),
+            self.dims(q),
+            self.dims(k),
+            self.dims(v),
+            self.cache_dims(cache),
+            layer,
+            pos0,
+            shape,
+        )?;
+        self.attention_cached_unchecked(q, k, v, cache, layer, pos0, shape)
+    }
+    /// [`Backend::attention_cached`] once its checks have passed.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached_unchecked(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,8 +31,8 @@ enum Cmd {
     /// smoothquant calibrate on --calib first.
     Quantize {
         /// Quantization method.
-        #[arg(long, value_enum, default_value_t = Method::Rtn)]
-        method: Method,
+        #[arg(long, value_enum, default_value_t = mbq::calib::Method::Rtn)]
+        method: mbq::calib::Method,
         /// Weight bits: 3, 4 or 8 (4 with --a-bit 8).
         #[arg(long)]
         w_bit: u32,
@@ -56,8 +56,8 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
         /// Reconstruction loss of the scale search.
-        #[arg(long, value_enum, default_value_t = Loss::Mae)]
-        loss: Loss,
+        #[arg(long, value_enum, default_value_t = mbq::calib::LossKind::Mae)]
+        loss: mbq::calib::LossKind,
         /// Where the scale search runs: cpu, wgpu, cuda or auto (MBQ's
         /// sensitivity pass runs on the CPU).
         #[arg(long, default_value = "cpu")]
@@ -174,27 +174,6 @@ enum BenchCmd {
     },
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum Method {
-    /// Round to nearest (the MBQ reference quantizer, no calibration).
-    Rtn,
-    /// Modality-balanced quantization: scale search weighted by the
-    /// measured vision/caption sensitivity.
-    Mbq,
-    /// AWQ: the same scale search with every token alike.
-    Awq,
-    /// SmoothQuant (alpha 0.5), W4A8 only.
-    Smoothquant,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum Loss {
-    /// Mean absolute error (the official configs).
-    Mae,
-    /// Mean squared error.
-    Mse,
-}
-
 fn main() -> ExitCode {
     mbq::runtime::quiet_headless_vulkan();
     match real_main(Cli::parse()) {
@@ -210,7 +189,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Devices => {
             println!("cpu: {} threads", rayon::current_num_threads());
-            #[cfg(feature = "cuda")]
             match mbq::backend::cuda::devices() {
                 Ok(names) => names
                     .iter()
@@ -218,8 +196,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .for_each(|(i, n)| println!("cuda:{i}: {n}")),
                 Err(e) => println!("cuda: {e}"),
             }
-            #[cfg(not(feature = "cuda"))]
-            println!("cuda: not compiled in (build with --features cuda)");
             let adapters = mbq::backend::wgpu::adapters();
             if adapters.is_empty() {
                 println!("wgpu: no adapter (no Vulkan, Metal or DX12 driver)");
@@ -250,14 +226,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             model,
             out,
         } => {
-            use mbq::calib::run::Method as M;
-            quantize(mbq::calib::run::QuantizeOptions {
-                method: match method {
-                    Method::Rtn => M::Rtn,
-                    Method::Mbq => M::Mbq,
-                    Method::Awq => M::Awq,
-                    Method::Smoothquant => M::Smoothquant,
-                },
+            quantize(mbq::calib::QuantizeOptions {
+                method,
                 w_bit,
                 a_bit,
                 group_size,
@@ -270,10 +240,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 calib,
                 n_samples,
                 seed,
-                loss: match loss {
-                    Loss::Mae => mbq::calib::search::LossKind::Mae,
-                    Loss::Mse => mbq::calib::search::LossKind::Mse,
-                },
+                loss,
                 model: mbq::runtime::resolve_model(Some(&model.to_string_lossy()), |m| {
                     eprintln!("{m}")
                 })?,
@@ -329,26 +296,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // side by side at the end.
             let mut all = Vec::new();
             for b in backend.split(',') {
-                all.push(match b.trim() {
-                    "cpu" => bench_on(&mbq::backend::cpu::Cpu, "cpu", &what)?,
-                    "wgpu" => {
-                        let opts = mbq::runtime::wgpu_options(None, true);
-                        let be = mbq::backend::wgpu::Wgpu::new(&opts)?;
-                        let name = format!("wgpu ({})", be.adapter());
-                        bench_on(&be, &name, &what)?
-                    }
-                    #[cfg(feature = "cuda")]
-                    "cuda" => {
-                        let opts = mbq::backend::cuda::CudaOptions::from_env();
-                        let be = mbq::backend::cuda::Cuda::with_options(&opts)?;
-                        let name = format!("cuda ({})", be.device());
-                        bench_on(&be, &name, &what)?
-                    }
-                    other => anyhow::bail!(
-                        "--backend {other}: not available for benchmarks in this build; available: {}",
-                        if cfg!(feature = "cuda") { "cpu, wgpu, cuda" } else { "cpu, wgpu" }
-                    ),
-                });
+                all.push(bench_backend(b.trim(), &what)?);
             }
             print_bench(&what, all)
         }
@@ -407,6 +355,49 @@ fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
         print!("{}", bench::decode_side_by_side(&label, &decode));
     }
     Ok(())
+}
+
+/// Opens the backend `--backend` names (`cpu`, `wgpu`, `cuda`: never
+/// `auto`, a benchmark compares named backends) and benchmarks it.
+fn bench_backend(name: &str, what: &BenchCmd) -> anyhow::Result<BenchOut> {
+    use mbq::backend::{BackendKind, BackendOptions};
+    let named = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Cuda];
+    let available: Vec<&str> = named
+        .iter()
+        .filter(|k| k.compiled_in())
+        .map(|k| k.name())
+        .collect();
+    let Some(kind) = named
+        .into_iter()
+        .find(|k| k.name() == name && k.compiled_in())
+    else {
+        anyhow::bail!(
+            "--backend {name}: not available for benchmarks in this build; available: {}",
+            available.join(", ")
+        );
+    };
+    let note = |m: &str| eprintln!("{m}");
+    let be = mbq::backend::open(kind, &BackendOptions::default(), note)?;
+    be.run(BenchJob(what))?
+}
+
+/// [`bench_on`] on the opened backend, named `kind (device)` (the CPU
+/// just `cpu`).
+struct BenchJob<'a>(&'a BenchCmd);
+
+impl mbq::backend::BackendJob for BenchJob<'_> {
+    type Output = anyhow::Result<BenchOut>;
+    fn run<B: mbq::backend::Backend>(
+        self,
+        be: &B,
+        device: &str,
+    ) -> mbq::error::Result<anyhow::Result<BenchOut>> {
+        let name = match be.name() {
+            "cpu" => "cpu".to_string(),
+            kind => format!("{kind} ({device})"),
+        };
+        Ok(bench_on(be, &name, self.0))
+    }
 }
 
 /// Runs a benchmark on one backend (and its copy bandwidth).
@@ -546,9 +537,9 @@ fn eval(req: mbq::eval::EvalRequest, json: bool, misses: bool) -> anyhow::Result
     Ok(())
 }
 
-fn quantize(o: mbq::calib::run::QuantizeOptions) -> anyhow::Result<()> {
+fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    use mbq::calib::run::{quantize_model, CalibProgress};
+    use mbq::calib::{quantize_model, CalibProgress};
     use mbq::quant::writer::Progress;
 
     let t0 = std::time::Instant::now();

@@ -9,14 +9,14 @@ use super::group::Group;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
-    /// Round to nearest: no calibration.
+    /// Round to nearest (the MBQ reference quantizer, no calibration).
     Rtn,
-    /// Modality-balanced: AWQ's search with caption and vision tokens
-    /// weighted by their measured gradient sensitivity.
+    /// Modality-balanced quantization: scale search weighted by the
+    /// measured vision/caption sensitivity.
     Mbq,
-    /// Activation-aware: the scale search, every token alike.
+    /// AWQ: the same scale search with every token alike.
     Awq,
-    /// Fixed scales `max|X|^0.5 / max|W|^0.5` (weight-activation only).
+    /// SmoothQuant (alpha 0.5), W4A8 only.
     Smoothquant,
 }
 
@@ -93,7 +93,7 @@ impl Method {
 /// The search's reconstruction loss (`--loss`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LossKind {
-    /// Mean absolute error (the official default).
+    /// Mean absolute error (the official configs).
     Mae,
     /// Mean squared error.
     Mse,

@@ -28,7 +28,7 @@ use super::report_svg;
 use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, BackendKind};
+use crate::backend::{Backend, BackendJob, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::DecoderSpec;
@@ -94,7 +94,7 @@ pub fn quantize_model(
         });
     };
     check_output(&o.model, &o.out)?;
-    let search_backend = crate::runtime::resolve_backend(o.backend, None, |m| {
+    let search_backend = crate::backend::resolve(o.backend, &BackendOptions::default(), |m| {
         progress(CalibProgress::Note(m.to_string()))
     })?;
     let ckpt = checkpoint::dir(&o.out);
@@ -157,28 +157,11 @@ pub fn quantize_model(
         ckpt: &ckpt,
         progress: &mut progress,
     };
-    match search_backend {
-        BackendKind::Wgpu => {
-            let opts = crate::runtime::wgpu_options(None, true);
-            let be = crate::backend::wgpu::Wgpu::new(&opts)?;
-            (search.progress)(CalibProgress::Note(format!(
-                "scale search on wgpu: {}",
-                be.adapter()
-            )));
-            search.run(&be, xs)?;
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            let opts = crate::backend::cuda::CudaOptions::from_env();
-            let be = crate::backend::cuda::Cuda::with_options(&opts)?;
-            (search.progress)(CalibProgress::Note(format!(
-                "scale search on cuda: {}",
-                be.device()
-            )));
-            search.run(&be, xs)?;
-        }
-        _ => search.run(&Cpu, xs)?,
-    }
+    let job = SearchJob {
+        search: &mut search,
+        xs,
+    };
+    crate::backend::with_backend(search_backend, &BackendOptions::default(), |_| {}, job)?;
 
     // Stage 5: the report, then the output directory.
     let calib_report = report(settings, &state, &sample_ids, &set.skipped);
@@ -522,6 +505,26 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
                 })
                 .collect(),
         })
+    }
+}
+
+/// The search as a job for [`crate::backend::with_backend`]: the backend
+/// resolved for `--backend`, named on stderr when it is a device.
+struct SearchJob<'s, 'a, P: FnMut(CalibProgress<'_>)> {
+    search: &'s mut Search<'a, P>,
+    xs: Vec<Tensor>,
+}
+
+impl<P: FnMut(CalibProgress<'_>)> BackendJob for SearchJob<'_, '_, P> {
+    type Output = ();
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<()> {
+        if be.name() != "cpu" {
+            (self.search.progress)(CalibProgress::Note(format!(
+                "scale search on {}: {device}",
+                be.name()
+            )));
+        }
+        self.search.run(be, self.xs)
     }
 }
 

@@ -91,6 +91,29 @@ pub fn check_shape(name: &str, inp: usize, bits: u32, group_size: usize) -> Resu
 }
 
 impl PackedLinear {
+    /// Checks that the weight is one every backend can read: supported
+    /// bits and group size ([`check_shape`]), `qweight` of
+    /// `out * in * bits / 32` words and `out * in / group_size` (scale,
+    /// zero) pairs. `Backend::packed_weight` calls it before any backend
+    /// sees the weight; the message names `name`.
+    pub fn validate(&self, name: &str) -> Result<()> {
+        check_shape(name, self.inp, self.bits, self.group_size)?;
+        if self.qweight.len() != self.out * self.words_per_row()
+            || self.scales_zeros.len() != self.out * self.groups() * 2
+        {
+            return Err(Error::invalid(format!(
+                "{name}: [{}, {}] at {} bits in groups of {}: {} code words and {} scale/zero values",
+                self.out,
+                self.inp,
+                self.bits,
+                self.group_size,
+                self.qweight.len(),
+                self.scales_zeros.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn groups(&self) -> usize {
         self.inp / self.group_size
     }

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{err, grid_stride, int, per_row, Ctx, Cuda, CudaCache, CudaTensor, CudaWeight};
-use crate::backend::{act_code, check_attention_cached, same_dims, AttnShape, Backend, Rope};
+use crate::backend::{act_code, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -212,17 +212,7 @@ impl Backend for Cuda {
         })
     }
 
-    fn packed_weight(&self, w: &PackedLinear) -> Result<CudaWeight> {
-        if !matches!(w.bits, 3 | 4 | 8)
-            || !w.group_size.is_multiple_of(32)
-            || !w.inp.is_multiple_of(w.group_size)
-        {
-            return Err(err(format!(
-                "{} bits in groups of {} over {} inputs: the CUDA backend reads bits 3, 4, 8 \
-                 in groups of a multiple of 32",
-                w.bits, w.group_size, w.inp
-            )));
-        }
+    fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<CudaWeight> {
         let pairs: Vec<u32> = w
             .scales_zeros
             .chunks_exact(2)
@@ -387,8 +377,7 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        same_dims("cuda", "add", (a.rows, a.cols), (b.rows, b.cols))?;
+    fn add_unchecked(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
         self.elementwise("add_f32", &[a, b], None)
     }
 
@@ -396,8 +385,7 @@ impl Backend for Cuda {
         self.elementwise("act_f32", &[x], Some(act))
     }
 
-    fn gated(&self, gate: &CudaTensor, up: &CudaTensor, act: Act) -> Result<CudaTensor> {
-        same_dims("cuda", "gated", (gate.rows, gate.cols), (up.rows, up.cols))?;
+    fn gated_unchecked(&self, gate: &CudaTensor, up: &CudaTensor, act: Act) -> Result<CudaTensor> {
         self.elementwise("gated_f32", &[gate, up], Some(act))
     }
 
@@ -563,7 +551,11 @@ impl Backend for Cuda {
         })
     }
 
-    fn attention_cached(
+    fn cache_dims(&self, cache: &CudaCache) -> (usize, usize, usize) {
+        (cache.kv_dim, cache.k.len(), cache.capacity)
+    }
+
+    fn attention_cached_unchecked(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
@@ -575,16 +567,6 @@ impl Backend for Cuda {
     ) -> Result<CudaTensor> {
         let n = q.rows;
         let kvd = cache.kv_dim;
-        check_attention_cached(
-            "cuda",
-            (q.rows, q.cols),
-            (k.rows, k.cols),
-            (v.rows, v.cols),
-            (kvd, cache.k.len(), cache.capacity),
-            layer,
-            pos0,
-            shape,
-        )?;
         self.copy(&k.data, 0, &mut cache.k[layer], pos0 * kvd, n * kvd)?;
         self.copy(&v.data, 0, &mut cache.v[layer], pos0 * kvd, n * kvd)?;
         self.attend(

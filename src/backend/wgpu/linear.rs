@@ -22,7 +22,7 @@ use half::f16;
 use super::kernels::KernelKey;
 use super::{err, shape_err, u32_of, Wgpu, WgpuTensor, WG};
 use crate::error::Result;
-use crate::quant::format::{check_shape, PackedLinear};
+use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
 
 /// Output rows per GEMV workgroup (`R` in gemv*.wgsl).
@@ -188,24 +188,11 @@ impl Wgpu {
         })
     }
 
+    /// A packed weight `Backend::packed_weight` has validated
+    /// (`PackedLinear::validate`), cut into chunks of rows.
     pub(super) fn packed(&self, p: &PackedLinear) -> Result<WgpuWeight> {
-        check_shape("packed weight", p.inp, p.bits, p.group_size)?;
         let wpr = p.words_per_row();
         let groups = p.groups();
-        if p.qweight.len() != p.out * wpr || p.scales_zeros.len() != p.out * groups * 2 {
-            return Err(shape_err(
-                "packed_weight",
-                format!(
-                    "[{}, {}] at {} bits in groups of {}: {} code words and {} scale/zero values",
-                    p.out,
-                    p.inp,
-                    p.bits,
-                    p.group_size,
-                    p.qweight.len(),
-                    p.scales_zeros.len()
-                ),
-            ));
-        }
         let row_bytes = (wpr * 4).max(groups * 4) as u64;
         let per = rows_per_chunk("packed weight", row_bytes, self.rec.ctx.max_binding)?;
         let mut chunks = Vec::new();

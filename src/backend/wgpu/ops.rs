@@ -6,7 +6,7 @@ use super::linear::WgpuWeight;
 use super::{
     err, shape_err, u32_of, RopeTable, Wgpu, WgpuCache, WgpuTensor, ATTN_WG, MAX_HEAD_DIM, WG,
 };
-use crate::backend::{act_code, check_attention_cached, same_dims, AttnShape, Backend, Rope};
+use crate::backend::{act_code, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::Result;
 use crate::quant::format::PackedLinear;
@@ -163,7 +163,7 @@ impl Backend for Wgpu {
         self.dense_weight(w)
     }
 
-    fn packed_weight(&self, w: &PackedLinear) -> Result<WgpuWeight> {
+    fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<WgpuWeight> {
         self.packed(w)
     }
 
@@ -231,8 +231,7 @@ impl Backend for Wgpu {
         Ok(y)
     }
 
-    fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
-        same_dims("wgpu", "add", (a.rows, a.cols), (b.rows, b.cols))?;
+    fn add_unchecked(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
         self.elementwise("add", a, Some(b), 0)
     }
 
@@ -240,8 +239,7 @@ impl Backend for Wgpu {
         self.elementwise("act", x, None, act_code(act))
     }
 
-    fn gated(&self, gate: &WgpuTensor, up: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
-        same_dims("wgpu", "gated", (gate.rows, gate.cols), (up.rows, up.cols))?;
+    fn gated_unchecked(&self, gate: &WgpuTensor, up: &WgpuTensor, act: Act) -> Result<WgpuTensor> {
         self.elementwise("gated", gate, Some(up), act_code(act))
     }
 
@@ -410,7 +408,11 @@ impl Backend for Wgpu {
         })
     }
 
-    fn attention_cached(
+    fn cache_dims(&self, cache: &WgpuCache) -> (usize, usize, usize) {
+        (cache.kv_dim, cache.k.len(), cache.capacity)
+    }
+
+    fn attention_cached_unchecked(
         &self,
         q: &WgpuTensor,
         k: &WgpuTensor,
@@ -422,16 +424,6 @@ impl Backend for Wgpu {
     ) -> Result<WgpuTensor> {
         let n = q.rows;
         let kvd = cache.kv_dim;
-        check_attention_cached(
-            "wgpu",
-            (q.rows, q.cols),
-            (k.rows, k.cols),
-            (v.rows, v.cols),
-            (kvd, cache.k.len(), cache.capacity),
-            layer,
-            pos0,
-            shape,
-        )?;
         let row = (kvd * 4) as u64;
         let (at, bytes) = (pos0 as u64 * row, n as u64 * row);
         self.rec.copy(k.buf(), 0, &cache.k[layer], at, bytes)?;
