@@ -86,9 +86,12 @@ suite() { # name timeout cmd...
     "$(($(date +%s) - t))" "$res" "$([ "$skipped" -gt 0 ] && echo ", $skipped skipped lines")")")
 }
 
+# MBQ_REQUIRE_CUDA=1: on this machine a CUDA test with no device FAILS
+# (tests/cuda_common) instead of printing "skipped: no CUDA device".
 for t in cuda_nvrtc cuda_ops cuda_model w4a8 wgpu_ops wgpu_model calibrate calibrate_backends; do
   if [ -x "dist/tests/$t" ]; then
-    suite "$t" 300 env MBQ_RUN_BIN="$PWD/dist/mbq-run" "dist/tests/$t" --test-threads 1 --nocapture
+    suite "$t" 300 env MBQ_REQUIRE_CUDA=1 MBQ_RUN_BIN="$PWD/dist/mbq-run" \
+      "dist/tests/$t" --test-threads 1 --nocapture
   else
     SUMMARY+=("$(printf '%-12s %s' "$t" "missing from dist/tests")")
   fi

@@ -2,7 +2,8 @@
 //! `mbq quantize` (MBQ W3 g128, MBQ W4A8, SmoothQuant W4A8) on the bundled
 //! tiny-shapes model and the committed calibration set, with `--backend
 //! cpu` and with `--backend wgpu` (lavapipe here) or `cuda` (skipped with
-//! its reason where there is no device). The two `calibration_report.json`
+//! its reason where there is no device, a failure with `MBQ_REQUIRE_CUDA=1`:
+//! tests/cuda_common's `cuda`). The two `calibration_report.json`
 //! must agree: the sensitivity ratios within RATIO_RTOL, every grid point's
 //! loss within LOSS_RTOL, and the same alpha wherever the CPU's best loss
 //! beats its runner-up by more than ALPHA_MARGIN (relative).

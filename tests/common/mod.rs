@@ -119,6 +119,9 @@ pub fn load_case(name: &str) -> Case {
     }
 }
 
+// A test crate may load this through several helper modules (common,
+// wgpu_common / cuda_common, backend_ops): harmless copies of free functions.
+#[allow(clippy::duplicate_mod)]
 #[path = "../op_check/mod.rs"]
 mod op_check;
 /// max |a - b| / max |b|, the error relative to the reference's scale.

@@ -1,7 +1,9 @@
 //! Shared helpers of the CUDA tests (tests/cuda_ops.rs, tests/cuda_model.rs):
 //! the backend on device 0 (with cuBLAS, and with `gemm.cu` instead), and
 //! random inputs. With no CUDA device every test prints
-//! `skipped: no CUDA device (<reason>)` to stderr and returns.
+//! `<test>: skipped: no CUDA device (<reason>)` to stderr and returns (it
+//! counts as passed), unless `MBQ_REQUIRE_CUDA=1` (scripts/gpu-check.sh sets
+//! it): then it FAILS, naming the reason.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
@@ -27,10 +29,19 @@ fn open(cublas: bool) -> Cuda {
     c
 }
 
+/// Whether `MBQ_REQUIRE_CUDA=1`: no device is then a failure, not a skip.
+pub fn cuda_required() -> bool {
+    std::env::var("MBQ_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+}
+
 /// The backend on device 0 (cuBLAS when it loads), or `None` after printing
-/// `skipped: no CUDA device (<reason>)` to stderr.
+/// `<test>: skipped: no CUDA device (<reason>)` to stderr. With
+/// `MBQ_REQUIRE_CUDA=1` no device panics instead (the test fails).
 pub fn cuda(test: &str) -> Option<&'static Cuda> {
     if let Some(why) = no_device() {
+        if cuda_required() {
+            panic!("{test}: no CUDA device ({why}), and MBQ_REQUIRE_CUDA=1 requires one");
+        }
         eprintln!("{test}: skipped: no CUDA device ({why})");
         return None;
     }
@@ -51,6 +62,9 @@ pub fn both(test: &str) -> Option<[(&'static str, &'static Cuda); 2]> {
     Some([("cublas", c), ("gemm.cu", cuda_no_cublas())])
 }
 
+// A test crate may load this through several helper modules (common,
+// wgpu_common / cuda_common, backend_ops): harmless copies of free functions.
+#[allow(clippy::duplicate_mod)]
 #[path = "../op_check/mod.rs"]
 mod op_check;
 #[allow(unused_imports)]

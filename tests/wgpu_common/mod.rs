@@ -122,6 +122,9 @@ pub fn both() -> [(&'static str, &'static Wgpu); 2] {
     [("subgroup", gpu()), ("fallback", gpu_fallback())]
 }
 
+// A test crate may load this through several helper modules (common,
+// wgpu_common / cuda_common, backend_ops): harmless copies of free functions.
+#[allow(clippy::duplicate_mod)]
 #[path = "../op_check/mod.rs"]
 mod op_check;
 #[allow(unused_imports)]

@@ -1,0 +1,209 @@
+//! The whole-model suite every device backend runs, written once and
+//! generic over the backend: the VLM against the CPU backend and the
+//! transformers goldens for every committed fixture case (the image
+//! through the vision tower and projector, prefill logits, and greedy
+//! tokens with the KV cache on the device, EOS ignored); then the packed
+//! models of the quantization goldens (RTN W3 / W4, g128), quantized here
+//! with `quant::writer`: the fused dequant kernels in a whole model; and
+//! `mbq-run` with `--backend`. tests/wgpu_model.rs and tests/cuda_model.rs
+//! instantiate it. The test crate must declare `mod common;`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{cases, fixtures, rel_err, scratch};
+use mbq::backend::cpu::Cpu;
+use mbq::backend::Backend;
+use mbq::generate::{argmax, build_prompt, prefill};
+use mbq::model::llava::Vlm;
+use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use mbq::processor::Processor;
+use mbq::quant::writer::quantize_rtn_dir;
+use mbq::weights::WeightFiles;
+
+/// Image features entering the decoder, relative to their scale (every
+/// backend).
+pub const FEATURES_REL_TOL: f32 = 1e-4;
+/// Last-position prefill logits, relative to their scale (every backend).
+pub const LOGITS_REL_TOL: f32 = 1e-4;
+/// Tokens generated greedily per case; they must equal the CPU's and the
+/// transformers goldens exactly.
+pub const GREEDY_TOKENS: usize = 12;
+
+/// Image features, prefill logits and greedy ids of the model in `dir` on
+/// `image` and `text`, on backend `be`.
+pub fn run<B: Backend>(
+    be: &B,
+    dir: &Path,
+    image: &Path,
+    text: &str,
+) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+    let model = Vlm::load(be, dir).unwrap();
+    let proc = Processor::load(dir, model.cfg.image_token_index).unwrap();
+    let img_cfg = ImageProcessorConfig::load(dir).unwrap();
+    let pre = preprocess(&img_cfg, &load_image(image).unwrap()).unwrap();
+    let prompt = build_prompt(&model, &proc, text, Some(&pre)).unwrap();
+    let emb = model.encode_image(be, &pre).unwrap();
+    let features = be.download(&emb.features).unwrap().data;
+    let mut cache = be
+        .new_cache(
+            model.text.layers.len(),
+            model.text.kv_dim(),
+            prompt.ids.len() + GREEDY_TOKENS,
+        )
+        .unwrap();
+    let logits = prefill(be, &model, &prompt, Some(&emb.features), &mut cache).unwrap();
+    let mut ids = vec![argmax(&logits)];
+    let mut pos = prompt.ids.len();
+    while ids.len() < GREEDY_TOKENS {
+        let x = model.text.embed(be, &[ids[ids.len() - 1]]).unwrap();
+        let lg = model.text.forward(be, x, &mut cache, pos).unwrap();
+        ids.push(argmax(&be.download(&lg).unwrap().data));
+        pos += 1;
+    }
+    (features, logits, ids)
+}
+
+/// Every fixture case on `be`: features and logits within the tolerances
+/// of the CPU's, greedy ids equal to the CPU's and to transformers'.
+pub fn every_case_matches_cpu_and_transformers<B: Backend>(be: &B) {
+    let label = be.name();
+    for case in cases() {
+        let t0 = std::time::Instant::now();
+        let (gf, gl, gids) = run(be, &case.model, &case.image, &case.prompt);
+        let dev_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (cf, cl, cids) = run(&Cpu, &case.model, &case.image, &case.prompt);
+        let fe = rel_err(&gf, &cf);
+        let le = rel_err(&gl, &cl);
+        println!(
+            "{}: features rel err {fe:.2e}, logits rel err {le:.2e}, {label} {dev_ms:.0} ms",
+            case.name
+        );
+        assert!(fe <= FEATURES_REL_TOL, "{}: features {fe}", case.name);
+        assert!(le <= LOGITS_REL_TOL, "{}: logits {le}", case.name);
+        assert_eq!(gids, cids, "{}: {label} vs cpu greedy ids", case.name);
+        let golden: Vec<u32> = case
+            .i64("greedy_ids")
+            .iter()
+            .map(|&x| x as u32)
+            .take(GREEDY_TOKENS)
+            .collect();
+        assert_eq!(
+            gids, golden,
+            "{}: {label} vs transformers greedy ids",
+            case.name
+        );
+    }
+}
+
+/// Every quantization golden (tests/fixtures/quant), quantized here with
+/// RTN, on `be`: logits within the tolerance of the CPU's, greedy ids equal
+/// to the CPU's and to transformers'.
+pub fn packed_models_match_cpu_and_transformers<B: Backend>(be: &B) {
+    let label = be.name();
+    let dir = fixtures().join("quant");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("case.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no quantization goldens in {}",
+        dir.display()
+    );
+    for name in names {
+        let case = dir.join(&name);
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
+                .unwrap();
+        let s = |k: &str| j[k].as_str().unwrap().to_string();
+        let bits = j["bits"].as_u64().unwrap() as u32;
+        let group = j["group_size"].as_u64().unwrap() as usize;
+        let packed = scratch(&format!("{label}-{name}")).join("packed");
+        quantize_rtn_dir(&fixtures().join(s("model")), &packed, bits, group, |_| {}).unwrap();
+        let image = fixtures().join(s("image"));
+        let (_, gl, gids) = run(be, &packed, &image, &s("prompt"));
+        let (_, cl, cids) = run(&Cpu, &packed, &image, &s("prompt"));
+        let le = rel_err(&gl, &cl);
+        println!("{name}: packed W{bits} g{group}: logits rel err vs cpu {le:.2e}");
+        assert!(le <= LOGITS_REL_TOL, "{name}: logits {le}");
+        assert_eq!(gids, cids, "{name}: {label} vs cpu greedy ids");
+        let golden = WeightFiles::open_file(&case.join("golden.safetensors")).unwrap();
+        let (_, _, bytes) = golden.raw("greedy_ids").unwrap();
+        let want: Vec<u32> = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .take(GREEDY_TOKENS)
+            .collect();
+        assert_eq!(gids, want, "{name}: {label} vs transformers greedy ids");
+    }
+}
+
+/// `mbq-run`: `$MBQ_RUN_BIN`, else the one cargo built with this test,
+/// else `dist/mbq-run` of the checkout (scripts/build-gpu-dist.sh: the
+/// test binary may run on another machine than the one that built it).
+pub fn mbq_run_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MBQ_RUN_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_mbq-run"));
+    if built.exists() {
+        built
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/mbq-run")
+    }
+}
+
+pub fn mbq_run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(mbq_run_bin())
+        .args(args)
+        .output()
+        .expect("failed to start mbq-run")
+}
+
+/// `mbq-run --json --ignore-eos` on the first fixture case with each
+/// `(extra arguments, backend it must report)`: it succeeds, reports that
+/// backend and generates the transformers greedy ids. With `--backend
+/// auto` it must also say on stderr which backend it chose.
+pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
+    let case = &cases()[0];
+    let (model, image) = (
+        case.model.to_string_lossy().into_owned(),
+        case.image.to_string_lossy().into_owned(),
+    );
+    let tokens = GREEDY_TOKENS.to_string();
+    let base = [
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--prompt",
+        &case.prompt,
+        "--json",
+        "--ignore-eos",
+        "--max-new-tokens",
+        &tokens,
+    ];
+    let golden: Vec<i64> = case.i64("greedy_ids");
+    for (extra, want) in runs {
+        let out = mbq_run(&[&base[..], &extra[..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["backend"], *want, "{extra:?}: {stderr}");
+        let tokens: Vec<i64> = j["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
+        assert_eq!(tokens, golden, "{extra:?}: greedy ids");
+        if extra.windows(2).any(|w| w == ["--backend", "auto"]) {
+            assert!(stderr.contains("--backend auto: using"), "{stderr}");
+        }
+        println!("{extra:?}: {}", stderr.trim());
+    }
+}
