@@ -6,8 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use mbq::backend::rope_inv_freq;
 use mbq::config::{Act, TextKind, VisionKind, VlmConfig};
+use mbq::model::rope::rope_inv_freq;
 use serde_json::Value;
 
 /// RoPE frequencies: f32 here vs f32 in torch; pow may differ by an ulp.

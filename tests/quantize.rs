@@ -120,7 +120,7 @@ fn logits(out: &Path, c: &QuantCase) -> Vec<f32> {
     let model = Vlm::load(&Cpu, out).unwrap();
     // The decoder linears are really packed (not silently loaded dense).
     for l in &model.text.layers {
-        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+        for lin in l.linears() {
             assert!(matches!(lin.w, CpuWeight::Packed(_)), "{}", c.name);
         }
     }

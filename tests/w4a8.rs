@@ -19,9 +19,7 @@ use common::{copy_dir, fixtures, rel_err, scratch};
 use mbq::backend::cpu::{Cpu, CpuWeight};
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_prompt, prefill};
-use mbq::model::llava::{Prefixes, Vlm};
-use mbq::model::text::DecoderLayer;
-use mbq::model::Linear;
+use mbq::model::llava::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use mbq::quant::format::{
@@ -34,6 +32,7 @@ use mbq::quant::w4a8::{
 };
 use mbq::tensor::Tensor;
 use mbq::weights::WeightFiles;
+use mbq::weights::{Prefixes, DECODER_LINEARS as LINEARS};
 use safetensors::tensor::Dtype;
 use wgpu_common::{expect_dot4, gpu, gpu_no_dot4};
 
@@ -69,30 +68,6 @@ const GPU_LOGITS_REL_TOL: f32 = REF_LOGITS_REL_TOL;
 /// The INT8 activations must move the logits by at least this (relative)
 /// from the weight-only model of the same codes.
 const ACT_QUANT_MIN_EFFECT: f32 = 5e-3;
-
-/// The quantized decoder linears of a layer, in this order.
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
-/// The linears of a layer in the order of [`LINEARS`].
-fn layer_linears<B: Backend>(l: &mut DecoderLayer<B>) -> [&mut Linear<B>; 7] {
-    [
-        &mut l.q,
-        &mut l.k,
-        &mut l.v,
-        &mut l.o,
-        &mut l.gate,
-        &mut l.up,
-        &mut l.down,
-    ]
-}
 
 /// Copies the model directory `src` to `dst` with its decoder linears
 /// quantized per channel to INT4 (`quantize_linear_w4_per_channel`) and
@@ -233,7 +208,7 @@ fn dense_reference(
     let mut model = Vlm::load(&Cpu, &m.w4a8).unwrap();
     let mut packed = m.packed.iter();
     for layer in model.text.layers.iter_mut() {
-        for lin in layer_linears(layer) {
+        for lin in layer.linears_mut() {
             let (p, pl) = packed.next().unwrap();
             assert!(lin.act_quant, "{p}: act_quant not set by the loader");
             assert!(matches!(lin.w, CpuWeight::Packed(_)), "{p}: not packed");
@@ -260,15 +235,7 @@ fn w4a8_cpu_logits_equal_the_fake_quant_reference() {
     // Loading: every decoder linear is packed with INT8 activations; the
     // projector (and the vision tower, lm_head) are not quantized.
     for layer in &model.text.layers {
-        for lin in [
-            &layer.q,
-            &layer.k,
-            &layer.v,
-            &layer.o,
-            &layer.gate,
-            &layer.up,
-            &layer.down,
-        ] {
+        for lin in layer.linears() {
             assert!(lin.act_quant && matches!(lin.w, CpuWeight::Packed(_)));
         }
     }
@@ -343,7 +310,7 @@ fn w4a8_linears_match_a_hand_reference() {
     };
     let mut worst = 0.0f32;
     for layer in model.text.layers.iter_mut() {
-        for lin in layer_linears(layer) {
+        for lin in layer.linears_mut() {
             let (p, pl) = packed.next().unwrap();
             let rows = 5;
             let x = Tensor::new(

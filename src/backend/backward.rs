@@ -105,15 +105,24 @@ impl Grad for Cpu {
     }
 
     fn rms_norm_backward(&self, x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
-        check("rms_norm_backward", x.shape == dy.shape && x.cols() == w.numel(), || {
-            format!("x {:?}, w {:?}, dy {:?}", x.shape, w.shape, dy.shape)
-        })?;
-        Tensor::new(x.shape.clone(), rms_norm_backward(&x.data, &w.data, eps, &dy.data))
+        check(
+            "rms_norm_backward",
+            x.shape == dy.shape && x.cols() == w.numel(),
+            || format!("x {:?}, w {:?}, dy {:?}", x.shape, w.shape, dy.shape),
+        )?;
+        Tensor::new(
+            x.shape.clone(),
+            rms_norm_backward(&x.data, &w.data, eps, &dy.data),
+        )
     }
 
     fn rope_backward(&self, dy: &Tensor, heads: usize, rope: &Rope, pos0: usize) -> Result<Tensor> {
         check("rope_backward", dy.cols() == heads * rope.head_dim, || {
-            format!("{} features for {heads} heads of {}", dy.cols(), rope.head_dim)
+            format!(
+                "{} features for {heads} heads of {}",
+                dy.cols(),
+                rope.head_dim
+            )
         })?;
         Tensor::new(dy.shape.clone(), rope_backward(&dy.data, heads, rope, pos0))
     }
@@ -125,9 +134,16 @@ impl Grad for Cpu {
         dy: &Tensor,
         act: Act,
     ) -> Result<(Tensor, Tensor)> {
-        check("gated_backward", gate.shape == up.shape && up.shape == dy.shape, || {
-            format!("gate {:?}, up {:?}, dy {:?}", gate.shape, up.shape, dy.shape)
-        })?;
+        check(
+            "gated_backward",
+            gate.shape == up.shape && up.shape == dy.shape,
+            || {
+                format!(
+                    "gate {:?}, up {:?}, dy {:?}",
+                    gate.shape, up.shape, dy.shape
+                )
+            },
+        )?;
         let (dg, du) = gated_backward(&gate.data, &up.data, &dy.data, act);
         Ok((
             Tensor::new(gate.shape.clone(), dg)?,
@@ -150,7 +166,12 @@ impl Grad for Cpu {
                 && k.shape == [n, shape.kv_heads * shape.head_dim]
                 && v.shape == k.shape
                 && dout.shape == q.shape,
-            || format!("q {:?}, k {:?}, v {:?}, dout {:?}", q.shape, k.shape, v.shape, dout.shape),
+            || {
+                format!(
+                    "q {:?}, k {:?}, v {:?}, dout {:?}",
+                    q.shape, k.shape, v.shape, dout.shape
+                )
+            },
         )?;
         let (dq, dk, dv) = attention_backward(&q.data, &k.data, &v.data, &dout.data, n, shape);
         Ok((
@@ -162,9 +183,11 @@ impl Grad for Cpu {
 
     fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
         let vocab = logits.cols();
-        check("cross_entropy", logits.rows() == labels.len() && !labels.is_empty(), || {
-            format!("logits {:?} for {} labels", logits.shape, labels.len())
-        })?;
+        check(
+            "cross_entropy",
+            logits.rows() == labels.len() && !labels.is_empty(),
+            || format!("logits {:?} for {} labels", logits.shape, labels.len()),
+        )?;
         if let Some(l) = labels.iter().find(|&&l| l as usize >= vocab) {
             return Err(Error::invalid(format!(
                 "cpu cross_entropy: label {l} >= vocabulary size {vocab}"
@@ -422,7 +445,6 @@ fn attention_backward(
     }
     (dq, dk, dv)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -225,31 +225,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             stop_after_layer,
             model,
             out,
-        } => {
-            quantize(mbq::calib::QuantizeOptions {
-                method,
-                w_bit,
-                a_bit,
-                group_size,
-                image_folder: image_folder.or_else(|| {
-                    calib.as_ref().map(|c| match c.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => std::path::PathBuf::from("."),
-                    })
-                }),
-                calib,
-                n_samples,
-                seed,
-                loss,
-                model: mbq::runtime::resolve_model(Some(&model.to_string_lossy()), |m| {
-                    eprintln!("{m}")
-                })?,
-                out,
-                backend,
-                resume,
-                stop_after_layer,
-            })
-        }
+        } => quantize(mbq::calib::QuantizeOptions {
+            method,
+            w_bit,
+            a_bit,
+            group_size,
+            image_folder: image_folder.or_else(|| {
+                calib.as_ref().map(|c| match c.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => std::path::PathBuf::from("."),
+                })
+            }),
+            calib,
+            n_samples,
+            seed,
+            loss,
+            model: mbq::runtime::resolve_model(Some(&model.to_string_lossy()), |m| {
+                eprintln!("{m}")
+            })?,
+            out,
+            backend,
+            resume,
+            stop_after_layer,
+        }),
         Cmd::Shapes { seed, count, out } => {
             let s = mbq::shapes::write_dataset(seed, count, &out)?;
             println!(

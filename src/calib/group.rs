@@ -185,7 +185,12 @@ fn div_rows(l: &mut HostLinear, s: &[f32]) -> Result<()> {
             s.len()
         )));
     }
-    for (k, r) in l.w.data.chunks_exact_mut(d).skip(rows - s.len()).enumerate() {
+    for (k, r) in
+        l.w.data
+            .chunks_exact_mut(d)
+            .skip(rows - s.len())
+            .enumerate()
+    {
         r.iter_mut().for_each(|v| *v /= s[k]);
     }
     if let Some(b) = &mut l.b {

@@ -473,18 +473,17 @@ pub fn to_svg(r: &CalibReport) -> String {
     }
 
     if has_grad {
-        let grad_series =
-            |id: &str, label: &str, color, dashed, f: fn(&LayerGrad) -> f64| Series {
-                id: id.into(),
-                label: label.into(),
-                color,
-                dashed,
-                points: r
-                    .layers
-                    .iter()
-                    .filter_map(|l| l.grad.as_ref().map(|g| (l.index, f(g))))
-                    .collect(),
-            };
+        let grad_series = |id: &str, label: &str, color, dashed, f: fn(&LayerGrad) -> f64| Series {
+            id: id.into(),
+            label: label.into(),
+            color,
+            dashed,
+            points: r
+                .layers
+                .iter()
+                .filter_map(|l| l.grad.as_ref().map(|g| (l.index, f(g))))
+                .collect(),
+        };
         let series = [
             grad_series("vision_attn", "vision @ o_proj", "#1f77b4", false, |g| {
                 g.attn.vision

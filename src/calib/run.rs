@@ -110,7 +110,14 @@ pub fn quantize_model(
     let set = calibration_set(o, &vlm, calib, &mut progress)?;
     let settings = settings(o, set.samples.len(), calib, search_backend);
     let sample_ids: Vec<String> = set.samples.iter().map(|s| s.id.clone()).collect();
-    let mut state = open_state(o, &ckpt, &settings, &sample_ids, vlm.text.layers.len(), &mut progress)?;
+    let mut state = open_state(
+        o,
+        &ckpt,
+        &settings,
+        &sample_ids,
+        vlm.text.layers.len(),
+        &mut progress,
+    )?;
     let mut xs: Vec<Tensor> = Vec::with_capacity(set.samples.len());
     for (k, s) in set.samples.iter().enumerate() {
         xs.push(embed_sample(&Cpu, &vlm, &set.img_cfg, s)?);
@@ -285,7 +292,11 @@ fn open_state(
 }
 
 /// Every decoder layer of the model as host f32 tensors.
-pub fn load_host_layers(w: &WeightFiles, text_prefix: &str, cfg: &VlmConfig) -> Result<Vec<HostLayer>> {
+pub fn load_host_layers(
+    w: &WeightFiles,
+    text_prefix: &str,
+    cfg: &VlmConfig,
+) -> Result<Vec<HostLayer>> {
     let base = w.pp(text_prefix);
     (0..cfg.text.num_hidden_layers)
         .map(|i| HostLayer::load_host(&base.pp(format!("layers.{i}")), &cfg.text))
@@ -457,7 +468,11 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
             .collect();
         let ratios = self.ratios.map(|r| r[i]);
         let search = LayerSearch::new(i, be, &self.spec, host, xs, self.masks)?;
-        let per_group = if method.scales() == Scales::Fixed { 1 } else { GRID };
+        let per_group = if method.scales() == Scales::Fixed {
+            1
+        } else {
+            GRID
+        };
         let total = groups.len() * per_group;
         let progress = &mut *self.progress;
         let mut done = 0;

@@ -445,10 +445,13 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
             losses.push(loss);
             on_point();
         }
-        let (k, loss, scales) =
-            best.ok_or_else(|| {
-                Error::invalid(format!("layer {} {}: empty alpha grid", self.index, group.name()))
-            })?;
+        let (k, loss, scales) = best.ok_or_else(|| {
+            Error::invalid(format!(
+                "layer {} {}: empty alpha grid",
+                self.index,
+                group.name()
+            ))
+        })?;
         Ok(GroupResult {
             group,
             alpha: k as f64 / GRID as f64,
@@ -622,7 +625,9 @@ mod tests {
         // RTN by hand: fake-quantize down_proj, run it, mean |diff|.
         let w = &layer.mlp.down.w;
         let wq = pseudo::fake_quantize(&w.data, w.shape[0], w.shape[1], 3, 128).unwrap();
-        let wq = be.weight(&Tensor::new(w.shape.clone(), wq).unwrap()).unwrap();
+        let wq = be
+            .weight(&Tensor::new(w.shape.clone(), wq).unwrap())
+            .unwrap();
         let (mut sum, mut n) = (0f64, 0usize);
         for (g, y) in f.inputs(Group::MlpOut).iter().zip(&f.mlp_y) {
             let yq = be.linear(g, &wq, None).unwrap();

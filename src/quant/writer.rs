@@ -25,7 +25,6 @@ use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::weights::{Prefixes, WeightFiles, DECODER_LINEARS};
 
-
 /// Files of other weight formats: they would hold the unquantized weights
 /// again, so they are not copied (mbq reads safetensors only).
 const OTHER_WEIGHT_SUFFIXES: [&str; 8] = [
