@@ -41,8 +41,14 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 # A one-off build gains nothing from incremental state, which costs disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-# Formatting is part of the contract.
+# Formatting and lints are part of the contract, with and without CUDA.
 cargo fmt --all -- --check
+if ! cargo clippy --version >/dev/null 2>&1; then
+  echo "installing clippy (rustup component add clippy)" >&2
+  rustup component add clippy
+fi
+cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features cuda -- -D warnings
 
 # The CUDA feature must keep building on a machine with no CUDA (library and
 # binaries; the CUDA tests below build their own targets with it).

@@ -400,8 +400,8 @@ impl VlmConfig {
         }
         let t = &self.text;
         if t.num_key_value_heads == 0
-            || t.num_attention_heads % t.num_key_value_heads != 0
-            || t.head_dim % 2 != 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
+            || !t.head_dim.is_multiple_of(2)
         {
             return bad(format!(
                 "text_config: num_attention_heads {} must be a multiple of num_key_value_heads {} and head_dim {} even",

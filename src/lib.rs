@@ -1,12 +1,18 @@
 //! mbq: modality-balanced quantization for vision-language models, and a
-//! runtime that runs them on the CPU and (in later modules) on any GPU.
+//! runtime that runs them on the CPU, on any GPU through wgpu, and on NVIDIA
+//! GPUs through CUDA.
 //!
-//! Layers, bottom up: [`tensor`] and [`weights`] (safetensors, mmap) ->
-//! [`config`] (HF config.json with transformers' defaults) -> [`backend`]
-//! (one op interface; [`backend::cpu`] is the reference) -> [`model`]
-//! (vision tower, decoder, LLaVA / OneVision composition) -> [`preprocess`],
-//! [`anyres`], [`processor`], [`chat_template`] (the HF processor) ->
-//! [`generate`] (prefill + decode).
+//! Layers, bottom up (a module imports only from layers below it):
+//! [`tensor`], [`error`] -> [`weights`] (safetensors, mmap, checkpoint name
+//! prefixes) -> [`config`] (HF config.json with transformers' defaults) ->
+//! [`quant`] (the packed format and the quantizers; the writer of packed
+//! directories) -> [`backend`] (one op interface and its backward ops;
+//! [`backend::cpu`] is the reference; [`backend::open`] opens one) ->
+//! [`model`] (the network, defined once: vision tower, decoder layer with
+//! taps, LLaVA / OneVision composition) -> [`preprocess`], [`anyres`],
+//! [`processor`], [`chat_template`] (the HF processor) -> [`generate`]
+//! (prefill + decode) -> [`runtime`], [`eval`], [`bench`], [`calib`]
+//! (MBQ / AWQ / SmoothQuant as clients of `model`) -> the binaries.
 
 pub mod anyres;
 pub mod backend;

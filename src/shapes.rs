@@ -273,10 +273,10 @@ pub fn render(scene: &Scene) -> RgbImage {
                             let v = y / size as f32;
                             let t = ((u * gx + v * gy) - pmin) / (pmax - pmin).max(1e-6);
                             let mut c = [0u8; 3];
-                            for k in 0..3 {
+                            for (k, ck) in c.iter_mut().enumerate() {
                                 let a = bg.from[k] as f32;
                                 let b = bg.to[k] as f32;
-                                c[k] = (a + (b - a) * t).round() as u8;
+                                *ck = (a + (b - a) * t).round() as u8;
                             }
                             c
                         }

@@ -277,89 +277,6 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(v)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use safetensors::tensor::TensorView;
-
-    fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-        let views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
-            .collect();
-        safetensors::serialize_to_file(views, None, path).unwrap();
-    }
-
-    #[test]
-    fn reads_f32_f16_bf16_and_rejects_other_dtypes() {
-        let dir = std::env::temp_dir().join(format!("mbq-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let vals = [1.5f32, -2.25, 0.125, 3.0, -0.5, 7.0];
-        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let f16b: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect();
-        let bf16b: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect();
-        write(
-            &dir.join("model.safetensors"),
-            &[
-                ("a", Dtype::F32, vec![2, 3], f32b),
-                ("b", Dtype::F16, vec![2, 3], f16b),
-                ("c", Dtype::BF16, vec![3, 2], bf16b),
-                ("d", Dtype::I8, vec![2], vec![1, 2]),
-            ],
-        );
-        let w = WeightFiles::open(&dir).unwrap();
-        // These values are exact in every one of the three dtypes.
-        assert_eq!(w.get("a", &[2, 3]).unwrap().data, vals);
-        assert_eq!(w.get("b", &[2, 3]).unwrap().data, vals);
-        assert_eq!(w.get("c", &[3, 2]).unwrap().data, vals);
-        let e = w.get("b", &[3, 2]).unwrap_err().to_string();
-        assert!(
-            e.contains("\"b\"") && e.contains("[3, 2]") && e.contains("[2, 3]"),
-            "{e}"
-        );
-        let e = w.get_any("d").unwrap_err().to_string();
-        assert!(e.contains("\"d\"") && e.contains("I8"), "{e}");
-        let e = w.get_any("zz").unwrap_err().to_string();
-        assert!(e.contains("\"zz\" not found"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn sharded_index_is_followed() {
-        let dir = std::env::temp_dir().join(format!("mbq-shards-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let one = 1.0f32.to_le_bytes().to_vec();
-        let two = 2.0f32.to_le_bytes().to_vec();
-        write(
-            &dir.join("model-00001-of-00002.safetensors"),
-            &[("x", Dtype::F32, vec![1], one)],
-        );
-        write(
-            &dir.join("model-00002-of-00002.safetensors"),
-            &[("y", Dtype::F32, vec![1], two)],
-        );
-        std::fs::write(
-            dir.join("model.safetensors.index.json"),
-            r#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#,
-        )
-        .unwrap();
-        let w = WeightFiles::open(&dir).unwrap();
-        assert_eq!(w.get("x", &[1]).unwrap().data, [1.0]);
-        assert_eq!(w.get("y", &[1]).unwrap().data, [2.0]);
-        // A shard named by the index but absent is named in the error.
-        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-        let e = WeightFiles::open(&dir).err().unwrap().to_string();
-        assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
 /// The decoder linears that are quantized, per layer, in this order (names
 /// below `...layers.<i>`).
 pub const DECODER_LINEARS: [&str; 7] = [
@@ -446,5 +363,88 @@ impl Prefixes {
             projector,
             image_newline,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn reads_f32_f16_bf16_and_rejects_other_dtypes() {
+        let dir = std::env::temp_dir().join(format!("mbq-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vals = [1.5f32, -2.25, 0.125, 3.0, -0.5, 7.0];
+        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bf16b: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        write(
+            &dir.join("model.safetensors"),
+            &[
+                ("a", Dtype::F32, vec![2, 3], f32b),
+                ("b", Dtype::F16, vec![2, 3], f16b),
+                ("c", Dtype::BF16, vec![3, 2], bf16b),
+                ("d", Dtype::I8, vec![2], vec![1, 2]),
+            ],
+        );
+        let w = WeightFiles::open(&dir).unwrap();
+        // These values are exact in every one of the three dtypes.
+        assert_eq!(w.get("a", &[2, 3]).unwrap().data, vals);
+        assert_eq!(w.get("b", &[2, 3]).unwrap().data, vals);
+        assert_eq!(w.get("c", &[3, 2]).unwrap().data, vals);
+        let e = w.get("b", &[3, 2]).unwrap_err().to_string();
+        assert!(
+            e.contains("\"b\"") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+            "{e}"
+        );
+        let e = w.get_any("d").unwrap_err().to_string();
+        assert!(e.contains("\"d\"") && e.contains("I8"), "{e}");
+        let e = w.get_any("zz").unwrap_err().to_string();
+        assert!(e.contains("\"zz\" not found"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sharded_index_is_followed() {
+        let dir = std::env::temp_dir().join(format!("mbq-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = 1.0f32.to_le_bytes().to_vec();
+        let two = 2.0f32.to_le_bytes().to_vec();
+        write(
+            &dir.join("model-00001-of-00002.safetensors"),
+            &[("x", Dtype::F32, vec![1], one)],
+        );
+        write(
+            &dir.join("model-00002-of-00002.safetensors"),
+            &[("y", Dtype::F32, vec![1], two)],
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let w = WeightFiles::open(&dir).unwrap();
+        assert_eq!(w.get("x", &[1]).unwrap().data, [1.0]);
+        assert_eq!(w.get("y", &[1]).unwrap().data, [2.0]);
+        // A shard named by the index but absent is named in the error.
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let e = WeightFiles::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

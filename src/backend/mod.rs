@@ -45,7 +45,7 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
-/// An activation's code in the kernels (`act.wgsl`, `act.cu`): one
+/// An activation's code in the kernels (`shaders/elementwise.wgsl`, `kernels/act.cu`): one
 /// numbering for every backend.
 pub fn act_code(act: Act) -> u32 {
     match act {

@@ -14,7 +14,7 @@ use mbq::runtime::{run, Request};
 #[command(name = "mbq-run", version)]
 struct Args {
     /// Model directory (config.json, safetensors, tokenizer.json, ...), or a
-    /// bundled model: tiny-shapes (the default), tiny-shapes-w3.
+    /// bundled model: tiny-shapes-w3 (the default: MBQ W3 g128), tiny-shapes (f16).
     #[arg(long)]
     model: Option<String>,
     /// Image file (PNG, JPEG, ...). Without it the prompt is text only.
@@ -59,7 +59,8 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    if !(args.temperature >= 0.0) {
+    // NaN is refused too.
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         anyhow::bail!("--temperature must be >= 0, got {}", args.temperature);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {

@@ -1,4 +1,4 @@
-//! The MBQ calibration set (docs/MBQ-NOTES.md, "Step 1"): image-caption
+//! The MBQ calibration set (docs/MBQ.md, section 1): image-caption
 //! pairs in LLaVA's conversation format, each wrapped in the model's chat
 //! template, tokenized with the image tokens expanded, and labelled by
 //! position: vision (the expanded image tokens) and caption (every token

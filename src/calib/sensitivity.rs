@@ -1,6 +1,6 @@
 //! MBQ step 1, the sensitivity pass: the gradient of the caption loss with
 //! respect to the output of `o_proj` and of `down_proj` in every decoder
-//! layer, for one calibration sample (docs/MBQ.md, "Step 1").
+//! layer, for one calibration sample (docs/MBQ.md, section 2).
 //!
 //! The forward is the model's own ([`TextModel`]'s layers through
 //! [`DecoderLayer::forward`], at positions `0..n`), then the final norm
@@ -13,7 +13,8 @@
 //! L = (1/N) sum_{t: caption[t], t>=1} (logsumexp(l_{t-1}) - l_{t-1}[ids[t]])
 //! ```
 //!
-//! The backward is [`DecoderLayer::backward`], beside the forward, made of
+//! The backward is [`DecoderLayer::mlp_backward`] and
+//! [`DecoderLayer::attn_backward`], beside the forward, made of
 //! the ops of [`Grad`] (activation gradients only, no weight gradients).
 //!
 //! Per layer, [`LayerGrad`] holds the mean of `|g|` over all elements
@@ -30,7 +31,7 @@
 
 use crate::backend::{Backend, Grad};
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderLayer, GradSite, Kv, NoTap, Site, Tap};
+use crate::model::decoder::{DecoderLayer, Kv, NoTap, Site, Tap};
 use crate::model::text::TextModel;
 use crate::tensor::Tensor;
 
@@ -103,7 +104,7 @@ pub fn sample_sensitivity<B: Grad>(
     };
     let mut layers = vec![LayerGrad::default(); text.layers.len()];
     let x0 = be.upload(x0)?;
-    let loss = loss_and_grads(be, text, &x0, &targets, &mut |i, site, g| {
+    let loss = loss_and_grads(be, text, &x0, &targets, |i, site, g| {
         let g = be.download(g)?;
         let l = &mut layers[i];
         let m = match site {
@@ -262,6 +263,15 @@ fn head_loss<B: Grad>(
     Ok((loss, be.upload(&Tensor::new(y.shape.clone(), dy)?)?))
 }
 
+/// Where a gradient is captured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradSite {
+    /// dL/d(o_proj output) (= dL/dm, the residual after attention).
+    AttnOut,
+    /// dL/d(down_proj output) (= dL/dy, the layer's output).
+    MlpOut,
+}
+
 /// Forward, loss, then backward through every layer; `on_grad(layer, site,
 /// g)` receives each captured gradient `[n, hidden]`, layers from last to
 /// first, `MlpOut` before `AttnOut`. Returns the loss.
@@ -270,25 +280,19 @@ fn loss_and_grads<B: Grad>(
     text: &TextModel<B>,
     x0: &B::Tensor,
     targets: &[(usize, u32)],
-    on_grad: &mut dyn FnMut(usize, GradSite, &B::Tensor) -> Result<()>,
+    mut on_grad: impl FnMut(usize, GradSite, &B::Tensor) -> Result<()>,
 ) -> Result<f64> {
     let saved = forward(be, text, x0, |_| NoTap)?;
-    let (loss, mut dx) = head_loss(be, text, &saved.out, targets)?;
+    let (loss, mut dy) = head_loss(be, text, &saved.out, targets)?;
     for i in (0..text.layers.len()).rev() {
-        // Nothing below layer 0's attention output is captured.
-        let below = text.layers[i].backward(
-            &text.spec,
-            be,
-            &saved.x_in[i],
-            &saved.x_mid[i],
-            dx,
-            i > 0,
-            &mut |site, g| on_grad(i, site, g),
-        )?;
-        match below {
-            Some(d) => dx = d,
-            None => break,
+        let layer = &text.layers[i];
+        on_grad(i, GradSite::MlpOut, &dy)?;
+        let dm = layer.mlp_backward(&text.spec, be, &saved.x_mid[i], &dy)?;
+        on_grad(i, GradSite::AttnOut, &dm)?;
+        if i == 0 {
+            break; // nothing below layer 0's attention output is captured
         }
+        dy = layer.attn_backward(&text.spec, be, &saved.x_in[i], &dm)?;
     }
     Ok(loss)
 }
@@ -400,7 +404,7 @@ mod tests {
     fn all_grads(m: &Vlm<Cpu>, s: &Sample) -> (f64, Vec<[Vec<f32>; 2]>) {
         let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
         let mut g = vec![[Vec::new(), Vec::new()]; m.text.layers.len()];
-        let loss = loss_and_grads(&Cpu, &m.text, &s.x0, &targets, &mut |i, site, gr| {
+        let loss = loss_and_grads(&Cpu, &m.text, &s.x0, &targets, |i, site, gr| {
             g[i][slot(site)] = gr.data.clone();
             Ok(())
         })

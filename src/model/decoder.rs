@@ -18,7 +18,8 @@
 //! (no tap), the scale search (a tap that keeps the module inputs and
 //! outputs, and the halves run with fake-quantized linears), and the
 //! sensitivity pass (a tap that keeps the residual, and the backward
-//! [`DecoderLayer::backward`] beside the forward, on [`Grad`] backends).
+//! [`DecoderLayer::mlp_backward`] and [`DecoderLayer::attn_backward`]
+//! beside the forward, on [`Grad`] backends).
 //!
 //! The layer is generic over its linears `L` and norm weights `N`: on a
 //! backend it is `DecoderLayer<Linear<B>, B::Tensor>` ([`Layer`]);
@@ -466,52 +467,46 @@ impl<B: Backend> Tap<B> for Keep<B::Tensor> {
     }
 }
 
-/// Where [`DecoderLayer::backward`] reports a gradient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradSite {
-    /// dL/d(o_proj output) (= dL/dm, the residual after attention).
-    AttnOut,
-    /// dL/d(down_proj output) (= dL/dy, the layer's output).
-    MlpOut,
-}
-
 impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
-    /// Backward of [`forward`](Self::forward) at positions `0..n` (a fresh
-    /// cache), activation gradients only: `x` is the layer's input, `m` its
-    /// residual after attention (both kept by the forward), `dy` the
-    /// gradient of its output. The rest is recomputed by the same forward
-    /// halves. `on_grad` sees dL/d(down_proj out), then dL/d(o_proj out);
-    /// with `input_grad` false the backward stops there (nothing below is
-    /// needed) and returns `None`, else it returns dL/dx.
-    pub fn backward(
+    /// Backward of the MLP half of [`forward`](Self::forward)
+    /// (`y = m + down(act(gate(h2)) * up(h2))`, `h2 = rms_norm(m)`),
+    /// activation gradients only: `m` is the layer's residual after
+    /// attention (kept by the forward), `dy` the gradient of the layer's
+    /// output (= of down_proj's output). Returns dL/dm (= dL/d(o_proj
+    /// output)). Gate and up are recomputed by the same [`Mlp::forward`].
+    pub fn mlp_backward(
         &self,
         spec: &DecoderSpec,
         be: &B,
-        x: &B::Tensor,
         m: &B::Tensor,
-        dy: B::Tensor,
-        input_grad: bool,
-        on_grad: &mut dyn FnMut(GradSite, &B::Tensor) -> Result<()>,
-    ) -> Result<Option<B::Tensor>> {
-        // MLP: y = m + down(act(gate(h2)) * up(h2)), h2 = rms_norm(m).
-        on_grad(GradSite::MlpOut, &dy)?;
+        dy: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let h2 = be.rms_norm(m, &self.post_attention_layernorm, spec.eps)?;
         let mut rec = Keep::new(&[Site::Gate, Site::Up]);
         self.mlp.forward(spec, be, &h2, &mut rec)?;
         let (gate, up) = (rec.take(Site::Gate)?, rec.take(Site::Up)?);
-        let du = be.linear_backward(&dy, &self.mlp.down.w)?;
+        let du = be.linear_backward(dy, &self.mlp.down.w)?;
         let (dgate, dup) = be.gated_backward(&gate, &up, &du, spec.act)?;
         let dh2 = be.add(
             &be.linear_backward(&dgate, &self.mlp.gate.w)?,
             &be.linear_backward(&dup, &self.mlp.up.w)?,
         )?;
         let dm = be.rms_norm_backward(m, &self.post_attention_layernorm, spec.eps, &dh2)?;
-        let dx = be.add(&dy, &dm)?;
-        // Attention: m = x + o(attn(rope(q(h)), rope(k(h)), v(h))), h = rms_norm(x).
-        on_grad(GradSite::AttnOut, &dx)?;
-        if !input_grad {
-            return Ok(None);
-        }
+        be.add(dy, &dm)
+    }
+
+    /// Backward of the attention half (`m = x + o(attn(rope(q(h)),
+    /// rope(k(h)), v(h)))`, `h = rms_norm(x)`) at positions `0..n` (a fresh
+    /// cache): `x` is the layer's input, `dm` the gradient of the residual
+    /// after attention. Returns dL/dx. q, k and v are recomputed by the same
+    /// [`Attention::forward`].
+    pub fn attn_backward(
+        &self,
+        spec: &DecoderSpec,
+        be: &B,
+        x: &B::Tensor,
+        dm: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let n = be.dims(x).0;
         let h = be.rms_norm(x, &self.input_layernorm, spec.eps)?;
         let mut cache = be.new_cache(1, spec.kv_dim(), n)?;
@@ -522,8 +517,12 @@ impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
         };
         let mut rec = Keep::new(&[Site::Q, Site::K, Site::V]);
         self.attn.forward(spec, be, &h, kv, &mut rec)?;
-        let (q, k, v) = (rec.take(Site::Q)?, rec.take(Site::K)?, rec.take(Site::V)?);
-        let da = be.linear_backward(&dx, &self.attn.o.w)?;
+        let (q, k, v) = (
+            rec.take(Site::Q)?,
+            rec.take(Site::K)?,
+            rec.take(Site::V)?,
+        );
+        let da = be.linear_backward(dm, &self.attn.o.w)?;
         let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &da, spec.attn)?;
         let dq = be.rope_backward(&dq, spec.attn.heads, &spec.rope, 0)?;
         let dk = be.rope_backward(&dk, spec.attn.kv_heads, &spec.rope, 0)?;
@@ -531,6 +530,6 @@ impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
         dh = be.add(&dh, &be.linear_backward(&dk, &self.attn.k.w)?)?;
         dh = be.add(&dh, &be.linear_backward(&dv, &self.attn.v.w)?)?;
         let dxa = be.rms_norm_backward(x, &self.input_layernorm, spec.eps, &dh)?;
-        Ok(Some(be.add(&dx, &dxa)?))
+        be.add(dm, &dxa)
     }
 }

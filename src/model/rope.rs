@@ -31,6 +31,8 @@ pub fn rope_inv_freq(cfg: &TextConfig) -> Rope {
                 let smooth =
                     (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                // transformers' `~(wavelen < high) * ~(wavelen > low)`, NaN included.
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
                 let is_medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                 *f = if is_medium { smoothed } else { scaled };
             }

@@ -77,12 +77,12 @@ pub fn check_shape(name: &str, inp: usize, bits: u32, group_size: usize) -> Resu
             "{name}: {bits}-bit packing is not supported (supported: 3, 4, 8)"
         )));
     }
-    if group_size == 0 || group_size % 32 != 0 {
+    if group_size == 0 || !group_size.is_multiple_of(32) {
         return Err(Error::invalid(format!(
             "{name}: group size {group_size} must be a positive multiple of 32 (32, 64, 128)"
         )));
     }
-    if inp % group_size != 0 {
+    if !inp.is_multiple_of(group_size) {
         return Err(Error::invalid(format!(
             "{name}: input dimension {inp} is not divisible by the group size {group_size}"
         )));
@@ -283,6 +283,81 @@ pub fn unpack_group(words: &[u32], bits: u32, group_size: usize) -> Vec<u8> {
     }
 }
 
+/// Checks the `mbq.format_version` metadata of a file holding packed
+/// tensors: `MAJOR` or `MAJOR.MINOR`, and a reader rejects a major version it
+/// does not know (a minor version only adds what a reader may ignore).
+pub fn check_format_version(
+    metadata: &std::collections::HashMap<String, String>,
+    location: &std::path::Path,
+) -> Result<()> {
+    let bad = |msg: String| Error::Safetensors {
+        path: location.to_path_buf(),
+        msg,
+    };
+    let v = metadata.get(META_FORMAT).ok_or_else(|| {
+        bad(format!(
+            "packed tensors (.qweight) but no \"{META_FORMAT}\" metadata; this reader knows format version {FORMAT_VERSION}"
+        ))
+    })?;
+    let major = v.split('.').next().unwrap_or("").trim().parse::<u32>().ok();
+    if major != Some(FORMAT_VERSION) {
+        return Err(bad(format!(
+            "packed format version \"{v}\" is not supported; this reader knows version {FORMAT_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads `<prefix>.qweight` and `<prefix>.scales_zeros` of a linear that must
+/// be `[out, inp]`; bits and group size follow from the tensor shapes. The
+/// file's format version must be one this reader knows.
+pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Result<PackedLinear> {
+    use safetensors::tensor::Dtype;
+    check_format_version(&vb.files.metadata, &vb.files.location())?;
+    let qname = vb.name("qweight");
+    let sname = vb.name("scales_zeros");
+    let (qd, qshape, qbytes) = vb.files.raw(&qname)?;
+    let (sd, sshape, sbytes) = vb.files.raw(&sname)?;
+    let bad = |name: &str, msg: String| Error::invalid(format!("packed tensor \"{name}\": {msg}"));
+    if qd != Dtype::U32 || qshape.len() != 2 || qshape[0] != out || (qshape[1] * 32) % inp != 0 {
+        return Err(bad(
+            &qname,
+            format!("expected U32 [{out}, {inp} * bits / 32], found {qd:?} {qshape:?}"),
+        ));
+    }
+    let bits = (qshape[1] * 32 / inp) as u32;
+    if sd != Dtype::F16
+        || sshape.len() != 3
+        || sshape[0] != out
+        || sshape[2] != 2
+        || sshape[1] == 0
+        || !inp.is_multiple_of(sshape[1])
+    {
+        return Err(bad(
+            &sname,
+            format!("expected F16 [{out}, {inp} / group_size, 2], found {sd:?} {sshape:?}"),
+        ));
+    }
+    let group_size = inp / sshape[1];
+    check_shape(&qname, inp, bits, group_size)?;
+    let qweight = qbytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let scales_zeros = sbytes
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    Ok(PackedLinear {
+        out,
+        inp,
+        bits,
+        group_size,
+        qweight,
+        scales_zeros,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,79 +410,4 @@ mod tests {
             "{m}"
         );
     }
-}
-
-/// Checks the `mbq.format_version` metadata of a file holding packed
-/// tensors: `MAJOR` or `MAJOR.MINOR`, and a reader rejects a major version it
-/// does not know (a minor version only adds what a reader may ignore).
-pub fn check_format_version(
-    metadata: &std::collections::HashMap<String, String>,
-    location: &std::path::Path,
-) -> Result<()> {
-    let bad = |msg: String| Error::Safetensors {
-        path: location.to_path_buf(),
-        msg,
-    };
-    let v = metadata.get(META_FORMAT).ok_or_else(|| {
-        bad(format!(
-            "packed tensors (.qweight) but no \"{META_FORMAT}\" metadata; this reader knows format version {FORMAT_VERSION}"
-        ))
-    })?;
-    let major = v.split('.').next().unwrap_or("").trim().parse::<u32>().ok();
-    if major != Some(FORMAT_VERSION) {
-        return Err(bad(format!(
-            "packed format version \"{v}\" is not supported; this reader knows version {FORMAT_VERSION}"
-        )));
-    }
-    Ok(())
-}
-
-/// Reads `<prefix>.qweight` and `<prefix>.scales_zeros` of a linear that must
-/// be `[out, inp]`; bits and group size follow from the tensor shapes. The
-/// file's format version must be one this reader knows.
-pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Result<PackedLinear> {
-    use safetensors::tensor::Dtype;
-    check_format_version(&vb.files.metadata, &vb.files.location())?;
-    let qname = vb.name("qweight");
-    let sname = vb.name("scales_zeros");
-    let (qd, qshape, qbytes) = vb.files.raw(&qname)?;
-    let (sd, sshape, sbytes) = vb.files.raw(&sname)?;
-    let bad = |name: &str, msg: String| Error::invalid(format!("packed tensor \"{name}\": {msg}"));
-    if qd != Dtype::U32 || qshape.len() != 2 || qshape[0] != out || (qshape[1] * 32) % inp != 0 {
-        return Err(bad(
-            &qname,
-            format!("expected U32 [{out}, {inp} * bits / 32], found {qd:?} {qshape:?}"),
-        ));
-    }
-    let bits = (qshape[1] * 32 / inp) as u32;
-    if sd != Dtype::F16
-        || sshape.len() != 3
-        || sshape[0] != out
-        || sshape[2] != 2
-        || sshape[1] == 0
-        || inp % sshape[1] != 0
-    {
-        return Err(bad(
-            &sname,
-            format!("expected F16 [{out}, {inp} / group_size, 2], found {sd:?} {sshape:?}"),
-        ));
-    }
-    let group_size = inp / sshape[1];
-    check_shape(&qname, inp, bits, group_size)?;
-    let qweight = qbytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let scales_zeros = sbytes
-        .chunks_exact(2)
-        .map(|c| f16::from_le_bytes([c[0], c[1]]))
-        .collect();
-    Ok(PackedLinear {
-        out,
-        inp,
-        bits,
-        group_size,
-        qweight,
-        scales_zeros,
-    })
 }

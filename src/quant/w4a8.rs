@@ -1,4 +1,4 @@
-//! W4A8, the weight-activation setting of MBQ (MBQ-NOTES "Step 2'"), as the
+//! W4A8, the weight-activation setting of MBQ (docs/MBQ.md, section 3), as the
 //! official code's fake quantizers define it:
 //!
 //! - weights: per output channel (row), symmetric absmax INT4, no groups:
