@@ -517,11 +517,7 @@ impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
         };
         let mut rec = Keep::new(&[Site::Q, Site::K, Site::V]);
         self.attn.forward(spec, be, &h, kv, &mut rec)?;
-        let (q, k, v) = (
-            rec.take(Site::Q)?,
-            rec.take(Site::K)?,
-            rec.take(Site::V)?,
-        );
+        let (q, k, v) = (rec.take(Site::Q)?, rec.take(Site::K)?, rec.take(Site::V)?);
         let da = be.linear_backward(dm, &self.attn.o.w)?;
         let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &da, spec.attn)?;
         let dq = be.rope_backward(&dq, spec.attn.heads, &spec.rope, 0)?;

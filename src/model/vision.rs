@@ -43,7 +43,8 @@ impl<B: Backend> VisionTower<B> {
     /// `model.vision_tower` in transformers 5's layout).
     pub fn load(be: &B, vm: &Prefixed, vlm: &VlmConfig) -> Result<Self> {
         let cfg = vlm.vision.clone();
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::config(
                 &vlm.path,
                 format!(
