@@ -43,7 +43,7 @@ impl<B: Backend> TextModel<B> {
     }
 
     /// The untied output projection, `None` when tied to the embeddings.
-    pub fn load_lm_head(
+    fn load_lm_head(
         be: &B,
         base: &Prefixed,
         head: &Prefixed,
