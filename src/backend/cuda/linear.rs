@@ -11,7 +11,7 @@
 //!   `bias_rows_f32`, inside `gemm_f32`.
 //!
 //! All paths compute in f32 on exact weight values, so they match the CPU
-//! reference up to f32 summation order (tests/cuda_ops.rs LINEAR_TOL).
+//! reference up to f32 summation order (tests/backend_ops, `linear` tolerance).
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
