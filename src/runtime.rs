@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::wgpu::WgpuOptions;
 use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
@@ -31,26 +30,7 @@ pub struct Response {
     pub load_ms: f64,
 }
 
-/// Options of the wgpu backend for `--adapter` (and the MBQ_WGPU_*
-/// environment variables). An explicit `--backend wgpu` accepts a CPU
-/// adapter such as lavapipe when no GPU is there; `auto` never does.
-/// The same as [`BackendOptions::wgpu`].
-pub fn wgpu_options(adapter: Option<&str>, allow_cpu: bool) -> WgpuOptions {
-    backend_options(adapter).wgpu(allow_cpu)
-}
-
-/// Resolves `--backend` ([`backend::resolve`]): `auto` picks CUDA when
-/// built and available, else a wgpu adapter that is a real GPU, else the
-/// CPU, and says what it chose and why through `note`. An explicit backend
-/// that is not available is an error.
-pub fn resolve_backend(
-    kind: BackendKind,
-    adapter: Option<&str>,
-    note: impl FnMut(&str),
-) -> Result<BackendKind> {
-    backend::resolve(kind, &backend_options(adapter), note)
-}
-
+/// `--adapter` as backend options.
 fn backend_options(adapter: Option<&str>) -> BackendOptions {
     BackendOptions {
         adapter: adapter.map(String::from),
