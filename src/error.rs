@@ -6,13 +6,11 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or directory could not be read or written. The OS error is
+    /// part of the message and not also a `source` (anyhow's `{:#}` would
+    /// print it twice).
+    #[error("{path}: {}", io_message(err))]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A file that must exist is not there.
     #[error("{path}: not found ({what})")]
@@ -76,7 +74,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 
@@ -87,7 +85,40 @@ impl Error {
         }
     }
 
+    /// `path` exists but is not what was expected (a directory where a
+    /// file should be, or the reverse); `None` when it does not exist or
+    /// is of the `want_dir` kind.
+    pub fn wrong_kind(path: &std::path::Path, want_dir: bool, expected: &str) -> Option<Self> {
+        let md = std::fs::metadata(path).ok()?;
+        let what = if md.is_dir() {
+            if want_dir {
+                return None;
+            }
+            "a directory"
+        } else if md.is_file() {
+            if !want_dir {
+                return None;
+            }
+            "a file"
+        } else {
+            "neither a file nor a directory"
+        };
+        Some(Error::Config {
+            path: path.to_path_buf(),
+            msg: format!("is {what}; expected {expected}"),
+        })
+    }
+
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
+    }
+}
+
+/// The OS error in words, without Rust's " (os error N)" suffix.
+pub fn io_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
