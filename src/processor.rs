@@ -17,7 +17,130 @@ pub struct Processor {
     pub template: Option<ChatTemplate>,
     /// The string of the image token (`<image>`), if the vocabulary has it.
     pub image_token: Option<String>,
+    /// `image_token_index` of config.json.
+    pub image_token_index: u32,
     pub eos_ids: Vec<u32>,
+}
+
+/// Reads `tokenizer.json` without letting the tokenizers crate panic on a
+/// corrupt file: the JSON is checked first, and a panic inside the crate
+/// (it has some on invalid normalizers) becomes an error naming the file.
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let bad = |msg: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => bad("not UTF-8 text".into()),
+        _ => Error::io(path, e),
+    })?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(bad("expected a JSON object".into()));
+    }
+    check_precompiled(&json).map_err(bad)?;
+    let parsed = catch_panic(|| text.parse::<Tokenizer>());
+    let tokenizer = match parsed {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(bad(format!("not a valid tokenizer: {e}"))),
+        Err(why) => {
+            return Err(bad(format!(
+                "not a valid tokenizer (the tokenizers library failed on it: {why})"
+            )))
+        }
+    };
+    // A corrupt normalizer or model may only fail when used: try it once
+    // on a text with ASCII, accents, CJK and digits.
+    let probe = "Hello, world! Größe 12.5% 日本語 \u{1F600}\n";
+    match catch_panic(|| {
+        tokenizer
+            .encode(probe, true)
+            .map(|e| tokenizer.decode(e.get_ids(), true))
+    }) {
+        Ok(Ok(Ok(_))) => Ok(tokenizer),
+        Ok(Ok(Err(e))) | Ok(Err(e)) => Err(bad(format!(
+            "not a usable tokenizer: it fails on a test text: {e}"
+        ))),
+        Err(why) => Err(bad(format!(
+            "not a usable tokenizer: the tokenizers library failed on a test text ({why}); the file is corrupt (its normalizer or model?)"
+        ))),
+    }
+}
+
+/// A `Precompiled` normalizer's charsmap starts with the size of its trie
+/// in bytes; the tokenizers crate allocates that much before checking it
+/// against the data (an absurd size aborts the process), so it is checked
+/// here first.
+fn check_precompiled(v: &Value) -> std::result::Result<(), String> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(check_precompiled),
+        Value::Object(o) => {
+            if o.get("type").and_then(Value::as_str) == Some("Precompiled") {
+                let map = o
+                    .get("precompiled_charsmap")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let len = map.trim_end_matches('=').len() * 3 / 4;
+                let head = base64_prefix(map);
+                if head.len() < 4 {
+                    return Err(format!(
+                        "normalizer \"Precompiled\": \"precompiled_charsmap\" holds {len} bytes, too few for its header"
+                    ));
+                }
+                let trie = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                if trie > len - 4 || !trie.is_multiple_of(4) {
+                    return Err(format!(
+                        "normalizer \"Precompiled\": \"precompiled_charsmap\" declares a trie of {trie} bytes but holds {} after its header",
+                        len - 4
+                    ));
+                }
+            }
+            o.values().try_for_each(check_precompiled)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The first bytes (up to 6) of a base64 text; fewer if it is not base64.
+fn base64_prefix(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4).take(2) {
+        let Some(vals) = chunk.iter().map(|&c| val(c)).collect::<Option<Vec<u32>>>() else {
+            break;
+        };
+        if vals.len() < 4 {
+            break;
+        }
+        let n = vals.iter().fold(0u32, |acc, v| (acc << 6) | v);
+        out.extend([(n >> 16) as u8, (n >> 8) as u8, n as u8]);
+    }
+    out
+}
+
+/// Runs `f`, turning a panic into `Err(message)`; the panic hook is
+/// silenced for the call (no backtrace on stderr) and restored afterwards.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(prev);
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into())
+    })
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -58,16 +181,16 @@ impl Processor {
     /// `image_token_index` comes from config.json.
     pub fn load(dir: &Path, image_token_index: u32) -> Result<Processor> {
         let tokenizer_path = dir.join("tokenizer.json");
+        if let Some(e) = Error::wrong_kind(&tokenizer_path, false, "the tokenizer file") {
+            return Err(e);
+        }
         if !tokenizer_path.is_file() {
             return Err(Error::Missing {
                 path: tokenizer_path,
                 what: "tokenizer".into(),
             });
         }
-        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-            path: tokenizer_path.clone(),
-            msg: e.to_string(),
-        })?;
+        let tokenizer = load_tokenizer(&tokenizer_path)?;
         let tok_cfg_path = dir.join("tokenizer_config.json");
         let tok_cfg = read_json(&tok_cfg_path)?.unwrap_or(Value::Null);
         let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
@@ -79,6 +202,21 @@ impl Processor {
             }
         }
         let template = ChatTemplate::find(dir, &tok_cfg, &tok_cfg_path, special)?;
+        let vocab = tokenizer.get_vocab_size(true);
+        let out_of_vocab = |what: &str, id: u32| {
+            Error::Tokenizer {
+            path: tokenizer_path.clone(),
+            msg: format!(
+                "{what} has id {id}, beyond the vocabulary of {vocab} tokens (ids 0..{vocab}); the tokenizer does not belong to this config"
+            ),
+        }
+        };
+        if image_token_index as usize >= vocab {
+            return Err(out_of_vocab(
+                "the image token (\"image_token_index\" in config.json)",
+                image_token_index,
+            ));
+        }
         let image_token = tokenizer.id_to_token(image_token_index);
 
         // EOS: generation_config.json, then config.json, then the tokenizer.
@@ -98,11 +236,33 @@ impl Processor {
                 eos_ids.push(id);
             }
         }
+        if let Some(&id) = eos_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(out_of_vocab(
+                "the end-of-sequence token (\"eos_token_id\" in generation_config.json or config.json)",
+                id,
+            ));
+        }
+        let cfg = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let pad = ids(cfg.get("pad_token_id"))
+            .into_iter()
+            .chain(ids(cfg
+                .get("text_config")
+                .and_then(|t| t.get("pad_token_id"))))
+            .chain(ids(gen.get("pad_token_id")));
+        for id in pad {
+            if id as usize >= vocab {
+                return Err(out_of_vocab(
+                    "the padding token (\"pad_token_id\" in config.json or generation_config.json)",
+                    id,
+                ));
+            }
+        }
         Ok(Processor {
             tokenizer,
             tokenizer_path,
             template,
             image_token,
+            image_token_index,
             eos_ids,
         })
     }
@@ -115,7 +275,27 @@ impl Processor {
         })?;
         let text = t.render_user(prompt, with_image)?;
         if with_image {
-            let tok = self.image_token.as_deref().unwrap_or("<image>");
+            let tok = self.image_token.as_deref().ok_or_else(|| Error::Tokenizer {
+                path: self.tokenizer_path.clone(),
+                msg: format!(
+                    "an image was given but the vocabulary has no token with the image token id {} (\"image_token_index\" in config.json)",
+                    self.image_token_index
+                ),
+            })?;
+            let ids = self
+                .tokenizer
+                .encode(tok, false)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_default();
+            if ids != [self.image_token_index] {
+                return Err(Error::Tokenizer {
+                    path: self.tokenizer_path.clone(),
+                    msg: format!(
+                        "an image was given but the image token \"{tok}\" does not tokenize to its id {} (\"image_token_index\" in config.json): it gives {ids:?}; the tokenizer lacks it as a special (added) token",
+                        self.image_token_index
+                    ),
+                });
+            }
             match text.matches(tok).count() {
                 1 => {}
                 0 => {
@@ -144,22 +324,23 @@ impl Processor {
             (Some(tok), n) if n > 0 => text.replace(tok.as_str(), &tok.repeat(n)),
             _ => text.to_string(),
         };
-        let enc = self
-            .tokenizer
-            .encode(expanded, true)
-            .map_err(|e| Error::Tokenizer {
+        let enc = catch_panic(|| self.tokenizer.encode(expanded, true))
+            .map_err(|why| format!("the tokenizers library failed ({why})"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|msg| Error::Tokenizer {
                 path: self.tokenizer_path.clone(),
-                msg: e.to_string(),
+                msg,
             })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| Error::Tokenizer {
+        catch_panic(|| self.tokenizer.decode(ids, true))
+            .map_err(|why| format!("the tokenizers library failed ({why})"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|msg| Error::Tokenizer {
                 path: self.tokenizer_path.clone(),
-                msg: e.to_string(),
+                msg,
             })
     }
 }
