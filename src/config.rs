@@ -156,7 +156,27 @@ pub struct VlmConfig {
     pub image_grid_pinpoints: Vec<(usize, usize)>,
     /// OneVision: e.g. "anyres_max_9".
     pub vision_aspect_ratio: String,
+    /// The size keys config.json leaves out (filled with transformers'
+    /// defaults), e.g. `text_config` or `vision_config.patch_size`: when a
+    /// size does not match the weights, the message says the key is missing.
+    pub absent: Vec<String>,
 }
+
+/// The keys [`VlmConfig::absent`] reports on.
+const SIZE_KEYS: &[&str] = &[
+    "text_config",
+    "vision_config",
+    "text_config.vocab_size",
+    "text_config.hidden_size",
+    "text_config.intermediate_size",
+    "text_config.num_hidden_layers",
+    "vision_config.hidden_size",
+    "vision_config.intermediate_size",
+    "vision_config.num_hidden_layers",
+    "vision_config.num_channels",
+    "vision_config.image_size",
+    "vision_config.patch_size",
+];
 
 /// Typed access to one JSON object with the file name for errors.
 struct Obj<'a> {
@@ -244,6 +264,9 @@ impl<'a> Obj<'a> {
 impl VlmConfig {
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> Result<VlmConfig> {
+        if let Some(e) = Error::wrong_kind(dir, true, "a model directory (with config.json)") {
+            return Err(e);
+        }
         if !dir.is_dir() {
             return Err(Error::Missing {
                 path: dir.to_path_buf(),
@@ -251,6 +274,9 @@ impl VlmConfig {
             });
         }
         let path = dir.join("config.json");
+        if let Some(e) = Error::wrong_kind(&path, false, "the model config file") {
+            return Err(e);
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing {
                 path: path.clone(),
@@ -370,6 +396,15 @@ impl VlmConfig {
             None => Vec::new(),
         };
         let vision_aspect_ratio = top.str("vision_aspect_ratio", "anyres_max_9")?;
+        let absent = SIZE_KEYS
+            .iter()
+            .filter(|k| {
+                k.split('.')
+                    .try_fold(v, |o, part| o.get(part).filter(|x| !x.is_null()))
+                    .is_none()
+            })
+            .map(|k| k.to_string())
+            .collect();
         let cfg = VlmConfig {
             path: path.to_path_buf(),
             arch,
@@ -382,6 +417,7 @@ impl VlmConfig {
             vision_feature_select_strategy: strategy,
             image_grid_pinpoints,
             vision_aspect_ratio,
+            absent,
         };
         cfg.check()?;
         Ok(cfg)
@@ -399,6 +435,24 @@ impl VlmConfig {
             ));
         }
         let t = &self.text;
+        for (key, value) in [
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.intermediate_size", v.intermediate_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.num_channels", v.num_channels),
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.intermediate_size", t.intermediate_size),
+            ("text_config.head_dim", t.head_dim),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+            ),
+        ] {
+            if value == 0 {
+                return bad(format!("\"{key}\" is 0; expected a positive size"));
+            }
+        }
         if t.num_key_value_heads == 0
             || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
             || !t.head_dim.is_multiple_of(2)
@@ -421,6 +475,27 @@ impl VlmConfig {
             return bad("image_grid_pinpoints is empty".into());
         }
         Ok(())
+    }
+
+    /// True when config.json leaves `key` out (one of the size keys, see
+    /// [`VlmConfig::absent`]), or its section altogether.
+    pub fn is_absent(&self, key: &str) -> bool {
+        let section = key.split('.').next().unwrap_or(key);
+        self.absent.iter().any(|k| k == key || k == section)
+    }
+
+    /// `"key" N`, or `"key" is missing (transformers' default N used)`.
+    pub fn describe(&self, key: &str, value: usize) -> String {
+        if self.is_absent(key) {
+            let section = key.split('.').next().unwrap_or(key);
+            if section != key && self.absent.iter().any(|k| k == section) {
+                format!("\"{section}\" is missing (transformers' default {key} {value} used)")
+            } else {
+                format!("\"{key}\" is missing (transformers' default {value} used)")
+            }
+        } else {
+            format!("\"{key}\" is {value}")
+        }
     }
 
     /// Index into the vision tower's hidden states (0 = embeddings).

@@ -39,6 +39,11 @@ impl WeightFiles {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
+        for p in [&single, &index] {
+            if let Some(e) = Error::wrong_kind(p, false, "a file") {
+                return Err(e);
+            }
+        }
         let files: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index.is_file() {
@@ -91,6 +96,9 @@ impl WeightFiles {
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        if let Some(e) = Error::wrong_kind(&path, false, "a safetensors file") {
+            return Err(e);
+        }
         let file = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing {
                 path: path.clone(),
@@ -106,8 +114,8 @@ impl WeightFiles {
             path: path.clone(),
             msg,
         };
-        let (header_len, meta) =
-            SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e:?}")))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| bad(safetensors_message(&e, map.len())))?;
         let base = 8 + header_len;
         let file_idx = self.maps.len();
         if file_idx == 0 {
@@ -154,6 +162,21 @@ impl WeightFiles {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(|s| s.as_str())
+    }
+
+    /// How many numbered blocks `<prefix>.<N>.*` the files hold (distinct N),
+    /// e.g. the decoder layers under `language_model.model.layers`.
+    pub fn count_numbered(&self, prefix: &str) -> usize {
+        let head = format!("{prefix}.");
+        let mut seen = std::collections::HashSet::new();
+        for name in self.entries.keys() {
+            if let Some(rest) = name.strip_prefix(&head) {
+                if let Some(n) = rest.split('.').next().and_then(|n| n.parse::<usize>().ok()) {
+                    seen.insert(n);
+                }
+            }
+        }
+        seen.len()
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
@@ -245,6 +268,36 @@ impl<'a> Prefixed<'a> {
     }
     pub fn contains(&self, leaf: &str) -> bool {
         self.files.contains(&self.name(leaf))
+    }
+}
+
+/// A safetensors header error in plain words (the crate's Debug names,
+/// `HeaderTooSmall` or `MetadataIncompleteBuffer`, mean little to a user).
+pub fn safetensors_message(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!(
+            "the file is {file_len} bytes, too short to hold a safetensors header (empty or truncated?)"
+        ),
+        E::HeaderTooLarge | E::InvalidHeaderLength => format!(
+            "the header length in the first 8 bytes does not fit the file of {file_len} bytes (truncated, or not a safetensors file?)"
+        ),
+        E::MetadataIncompleteBuffer => format!(
+            "the tensors' data ends beyond the end of the file ({file_len} bytes): the file is truncated"
+        ),
+        E::InvalidHeaderStart | E::InvalidHeader(_) => {
+            "the header is not JSON text (not a safetensors file, or corrupt)".into()
+        }
+        E::InvalidHeaderDeserialization(j) | E::JsonError(j) => {
+            format!("the header is not a valid safetensors JSON header: {j}")
+        }
+        E::InvalidOffset(name) => {
+            format!("tensor \"{name}\" has data offsets outside the data or overlapping another tensor")
+        }
+        E::TensorInvalidInfo | E::ValidationOverflow => {
+            "a tensor's shape and dtype do not match its data size".into()
+        }
+        other => other.to_string(),
     }
 }
 

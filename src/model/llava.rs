@@ -61,6 +61,7 @@ impl<B: Backend> Vlm<B> {
 
     pub fn from_weights(be: &B, cfg: VlmConfig, w: &WeightFiles) -> Result<Self> {
         let p = Prefixes::detect(w)?;
+        check_config_against_weights(&cfg, w, &p)?;
         let vision = VisionTower::load(be, &w.pp(&p.vision), &cfg)?;
         let hidden = cfg.text.hidden_size;
         let vdim = cfg.vision_feature_dim();
@@ -173,4 +174,58 @@ impl<B: Backend> Vlm<B> {
             }
         }
     }
+}
+
+/// Checks the sizes config.json gives against the tensors present, before
+/// anything is allocated from them: the number of decoder and vision
+/// layers, the embedding and the patch embedding. A mismatch is a
+/// config.json error naming the key (and saying when the key is missing
+/// and transformers' default was used).
+pub fn check_config_against_weights(cfg: &VlmConfig, w: &WeightFiles, p: &Prefixes) -> Result<()> {
+    let bad = |msg: String| Err(Error::config(&cfg.path, msg));
+    let loc = w.location();
+    let text_layers = w.count_numbered(&format!("{}.layers", p.text));
+    if cfg.text.num_hidden_layers > text_layers {
+        return bad(format!(
+            "{}, but {} holds {text_layers} decoder layers ({}.layers.N)",
+            cfg.describe("text_config.num_hidden_layers", cfg.text.num_hidden_layers),
+            loc.display(),
+            p.text
+        ));
+    }
+    let vision_layers = w.count_numbered(&format!("{}.encoder.layers", p.vision));
+    let needed = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
+    if needed > vision_layers {
+        return bad(format!(
+            "{} with vision_feature_layer {:?} needs {needed} vision layers, but {} holds {vision_layers} ({}.encoder.layers.N)",
+            cfg.describe("vision_config.num_hidden_layers", cfg.vision.num_hidden_layers),
+            cfg.vision_feature_layer,
+            loc.display(),
+            p.vision
+        ));
+    }
+    let embed = format!("{}.embed_tokens.weight", p.text);
+    if let Some(shape) = w.shape(&embed) {
+        let t = &cfg.text;
+        if shape != [t.vocab_size, t.hidden_size] {
+            return bad(format!(
+                "{} and {}, but tensor \"{embed}\" is {shape:?} (expected [vocab_size, hidden_size])",
+                cfg.describe("text_config.vocab_size", t.vocab_size),
+                cfg.describe("text_config.hidden_size", t.hidden_size),
+            ));
+        }
+    }
+    let patch = format!("{}.embeddings.patch_embedding.weight", p.vision);
+    if let Some(shape) = w.shape(&patch) {
+        let v = &cfg.vision;
+        if shape != [v.hidden_size, v.num_channels, v.patch_size, v.patch_size] {
+            return bad(format!(
+                "{}, {} and {}, but tensor \"{patch}\" is {shape:?} (expected [hidden_size, num_channels, patch_size, patch_size])",
+                cfg.describe("vision_config.hidden_size", v.hidden_size),
+                cfg.describe("vision_config.num_channels", v.num_channels),
+                cfg.describe("vision_config.patch_size", v.patch_size),
+            ));
+        }
+    }
+    Ok(())
 }
