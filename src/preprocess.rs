@@ -156,6 +156,21 @@ impl ImageProcessorConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(&path, format!("invalid JSON: {e}")))?;
+        // processor_config.json of transformers 4 holds only the processor's
+        // own settings; without preprocessor_config.json beside it the image
+        // settings are missing, and that file is what to name.
+        let has_image_settings = json.get("image_processor").is_some()
+            || json.get("image_processor_type").is_some()
+            || json.get("feature_extractor_type").is_some();
+        if !has_image_settings && path.ends_with("processor_config.json") {
+            return Err(Error::Missing {
+                path: model_dir.join("preprocessor_config.json"),
+                what: format!(
+                    "image processor config; {} has no image processor settings (no \"image_processor\" or \"image_processor_type\")",
+                    path.display()
+                ),
+            });
+        }
         Self::from_json(&path, &json)
     }
 
@@ -413,6 +428,11 @@ pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
     }
 }
 
+/// The largest width or height [`load_image`] decodes.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most memory [`load_image`] lets the decoder allocate (bytes).
+pub const MAX_IMAGE_ALLOC: u64 = 2 << 30;
+
 /// Decode an image file and convert it to RGB as `transformers.image_utils.load_image`
 /// does: apply the EXIF orientation (`ImageOps.exif_transpose`), then
 /// `convert("RGB")` (see [`to_rgb8`]). The format is detected from the content.
@@ -422,6 +442,12 @@ pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
 /// by a few levels on a few percent of the pixels (more with 4:2:0 chroma), so
 /// bit-exact comparisons with HF need non-JPEG inputs.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
+    if path.is_dir() {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            msg: "is a directory; expected an image file".into(),
+        });
+    }
     let image_err = |msg: String| Error::Image {
         path: path.to_path_buf(),
         msg,
@@ -432,6 +458,24 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     let mut decoder = reader.into_decoder().map_err(|e| {
         image_err(format!(
             "not a supported image (png, jpeg, bmp, gif, webp): {e}"
+        ))
+    })?;
+    // The size is read from the header before any pixel is decoded: a
+    // small file may declare a huge image.
+    let (w, h) = decoder.dimensions();
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+        return Err(image_err(format!(
+            "the file declares {w}x{h} pixels; the limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}"
+        )));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    decoder.set_limits(limits).map_err(|e| {
+        image_err(format!(
+            "the file declares {w}x{h} pixels, more than the limits allow ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, {} MiB decoded): {e}",
+            MAX_IMAGE_ALLOC >> 20
         ))
     })?;
     // A broken EXIF block is ignored, as PIL does when it cannot parse it.
