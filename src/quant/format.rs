@@ -308,6 +308,47 @@ pub fn check_format_version(
     Ok(())
 }
 
+/// Checks the packed-format metadata of a file against what the tensors of
+/// the linear `prefix` say (`bits` and `group_size` follow from their
+/// shapes): `mbq.bits` and `mbq.group_size` must equal them and `mbq.packed`
+/// must be a JSON list of names that holds `prefix`. A key that is absent
+/// is not checked; one that contradicts the tensors is refused.
+pub fn check_metadata(
+    metadata: &std::collections::HashMap<String, String>,
+    location: &std::path::Path,
+    prefix: &str,
+    bits: u32,
+    group_size: usize,
+) -> Result<()> {
+    let bad = |msg: String| Error::Safetensors {
+        path: location.to_path_buf(),
+        msg,
+    };
+    for (key, found) in [(META_BITS, bits as usize), (META_GROUP_SIZE, group_size)] {
+        if let Some(v) = metadata.get(key) {
+            if v.trim().parse::<usize>().ok() != Some(found) {
+                return Err(bad(format!(
+                    "metadata \"{key}\" is \"{v}\", but the tensors of {prefix} (qweight, scales_zeros) say {found}"
+                )));
+            }
+        }
+    }
+    if let Some(v) = metadata.get(META_PACKED) {
+        let list: Vec<String> = serde_json::from_str(v).map_err(|e| {
+            bad(format!(
+                "metadata \"{META_PACKED}\" is not a JSON list of names ({e}): \"{}\"",
+                v.chars().take(80).collect::<String>()
+            ))
+        })?;
+        if !list.iter().any(|p| p == prefix) {
+            return Err(bad(format!(
+                "metadata \"{META_PACKED}\" does not list {prefix}, but the file holds it packed ({prefix}.qweight)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Reads `<prefix>.qweight` and `<prefix>.scales_zeros` of a linear that must
 /// be `[out, inp]`; bits and group size follow from the tensor shapes. The
 /// file's format version must be one this reader knows.
@@ -340,6 +381,13 @@ pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Res
     }
     let group_size = inp / sshape[1];
     check_shape(&qname, inp, bits, group_size)?;
+    check_metadata(
+        &vb.files.metadata,
+        &vb.files.location(),
+        &vb.prefix,
+        bits,
+        group_size,
+    )?;
     let qweight = qbytes
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
