@@ -456,18 +456,22 @@ pub struct Item {
 /// Generates `count` items from `seed` (the scene, then its questions, per
 /// item, from one RNG).
 pub fn generate(seed: u64, count: usize) -> Vec<Item> {
+    items(seed, count).collect()
+}
+
+/// [`generate`] one item at a time: nothing is kept, so any `count` runs in
+/// constant memory.
+pub fn items(seed: u64, count: usize) -> impl Iterator<Item = Item> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..count)
-        .map(|i| {
-            let scene = random_scene(&mut rng);
-            let qas = questions(&scene, &mut rng);
-            Item {
-                image: format!("images/s{seed}_{i:06}.png"),
-                scene,
-                qas,
-            }
-        })
-        .collect()
+    (0..count).map(move |i| {
+        let scene = random_scene(&mut rng);
+        let qas = questions(&scene, &mut rng);
+        Item {
+            image: format!("images/s{seed}_{i:06}.png"),
+            scene,
+            qas,
+        }
+    })
 }
 
 /// The JSONL records of an item.
@@ -525,6 +529,7 @@ pub fn write_dataset(seed: u64, count: usize, out: &Path) -> Result<Summary> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    crate::quant::writer::remove_stale_temp_dirs(&parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -554,7 +559,7 @@ fn write_into(seed: u64, count: usize, dir: &Path) -> Result<Summary> {
     let file = std::fs::File::create(&jsonl).map_err(|e| Error::io(&jsonl, e))?;
     let mut w = std::io::BufWriter::new(file);
     let mut n_q = 0;
-    for item in generate(seed, count) {
+    for item in items(seed, count) {
         let path = dir.join(&item.image);
         render(&item.scene)
             .save_with_format(&path, image::ImageFormat::Png)

@@ -224,6 +224,7 @@ pub fn write_quantized_dir(
         group_size,
     )?;
 
+    remove_stale_temp_dirs(&parent, &name.to_string_lossy());
     let tmp_path = parent.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -235,7 +236,14 @@ pub fn write_quantized_dir(
             tmp_path.display()
         )));
     }
-    fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+    fs::create_dir(&tmp_path).map_err(|e| {
+        Error::invalid(format!(
+            "{}: cannot create the output directory in {}: {}",
+            output.display(),
+            parent.display(),
+            crate::error::io_message(&e)
+        ))
+    })?;
     // From here on, any error removes the temporary directory.
     let mut tmp = TempDir {
         path: tmp_path,
@@ -483,6 +491,61 @@ pub fn quantize_rows(
         all.scales_zeros.extend_from_slice(&b.scales_zeros);
     }
     Ok(all)
+}
+
+/// Removes the temporary directories `.NAME.tmp-PID` in `parent` left by
+/// runs that were killed (PID no longer running), saying on stderr what it
+/// removed; returns them. Whether a process runs is read from /proc, so
+/// elsewhere than Linux they are left (with a note saying so).
+pub fn remove_stale_temp_dirs(parent: &Path, name: &str) -> Vec<PathBuf> {
+    let head = format!(".{name}.tmp-");
+    let own = std::process::id();
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&head)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let path = e.path();
+        if cfg!(target_os = "linux") {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!(
+                    "note: {} belongs to process {pid}, which is still running; left alone",
+                    path.display()
+                );
+                continue;
+            }
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    eprintln!(
+                        "note: removed {}, the unfinished output of an interrupted run (process {pid}, no longer running)",
+                        path.display()
+                    );
+                    removed.push(path);
+                }
+                Err(err) => eprintln!(
+                    "note: could not remove {}, the unfinished output of an interrupted run: {}",
+                    path.display(),
+                    Error::io(&path, err)
+                ),
+            }
+        } else {
+            eprintln!(
+                "note: {} may be the unfinished output of an interrupted run (process {pid}); this OS gives no way to check whether it still runs, so it is left: remove it if no other run is writing",
+                path.display()
+            );
+        }
+    }
+    removed
 }
 
 fn refuse_existing(output: &Path) -> Result<()> {
