@@ -159,10 +159,35 @@ pub fn resolve_model(model: Option<&str>, mut note: impl FnMut(&str)) -> Result<
         Some(m) => m,
         None => DEFAULT_MODEL,
     };
-    let Some((name, what)) = BUNDLED_MODELS.iter().find(|(n, _)| *n == name) else {
-        return Ok(PathBuf::from(name));
-    };
     let dirs = models_dirs();
+    let looked_in = || {
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some((name, what)) = BUNDLED_MODELS.iter().find(|(n, _)| *n == name) else {
+        let path = Path::new(name);
+        if let Some(e) = Error::wrong_kind(path, true, "a model directory (with config.json)") {
+            return Err(e);
+        }
+        // A path (it has a separator): loading it says what is missing.
+        if path.components().count() > 1 || name.starts_with('.') {
+            return Ok(PathBuf::from(name));
+        }
+        return Err(Error::Missing {
+            path: PathBuf::from(name),
+            what: format!(
+                "no model directory of that name here, and no bundled model of that name; bundled models: {} (looked for them in {})",
+                BUNDLED_MODELS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                looked_in()
+            ),
+        });
+    };
     match dirs.iter().map(|d| d.join(name)).find(|d| is_model_dir(d)) {
         Some(dir) => {
             let how = if model.is_none() {
@@ -181,10 +206,7 @@ pub fn resolve_model(model: Option<&str>, mut note: impl FnMut(&str)) -> Result<
             what: format!(
                 "bundled model {name} (a directory with config.json); looked in {} \
                  (set MBQ_MODELS to the folder that holds it, or give --model DIR)",
-                dirs.iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                looked_in()
             ),
         }),
     }
