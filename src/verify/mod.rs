@@ -387,7 +387,8 @@ pub fn verify(req: &VerifyRequest, mut note: impl FnMut(&str)) -> Result<Report>
             }
         }
         rep.ops_failed = rep.ops.iter().filter(|c| !c.ok).count();
-        rep.ok = rep.error.is_none() && rep.ops_failed == 0 && rep.model.as_ref().is_none_or(|m| m.ok);
+        rep.ok =
+            rep.error.is_none() && rep.ops_failed == 0 && rep.model.as_ref().is_none_or(|m| m.ok);
         backends.push(rep);
     }
     let ok = backends.iter().all(|b| b.ok);

@@ -851,10 +851,7 @@ pub fn attention_non_causal<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
                 B::TOL.attn as f64,
                 || {
                     close(
-                        &down(
-                            g,
-                            g.attention(&up(g, &q)?, &up(g, &k)?, &up(g, &v)?, shape),
-                        )?,
+                        &down(g, g.attention(&up(g, &q)?, &up(g, &k)?, &up(g, &v)?, shape))?,
                         &Cpu.attention(&q, &k, &v, shape)?,
                     )
                 },
@@ -921,7 +918,9 @@ pub fn attention_cached_prefill_then_decode<B: Device>(c: &mut Checks, paths: &[
             "errors",
             format!("{path} attention_cached past the capacity {cap}"),
             || match (up(g, &q), up(g, &k)) {
-                (Ok(gq), Ok(gk)) => is_err(g.attention_cached(&gq, &gk, &gk, &mut gc, 0, cap, shape)),
+                (Ok(gq), Ok(gk)) => {
+                    is_err(g.attention_cached(&gq, &gk, &gk, &mut gc, 0, cap, shape))
+                }
                 (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
             },
         );
@@ -934,14 +933,12 @@ pub fn shape_errors_are_errors<B: Device>(c: &mut Checks, path: &str, g: &B) {
     let a = random(&mut r, 3, 5, 1.0);
     let b = random(&mut r, 3, 6, 1.0);
     let w = random(&mut r, 4, 7, 1.0);
-    c.expect(
-        "errors",
-        format!("{path} add [3, 5] + [3, 6]"),
-        || match (up(g, &a), up(g, &b)) {
+    c.expect("errors", format!("{path} add [3, 5] + [3, 6]"), || {
+        match (up(g, &a), up(g, &b)) {
             (Ok(ga), Ok(gb)) => is_invalid(g.add(&ga, &gb)),
             (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-        },
-    );
+        }
+    });
     c.expect(
         "errors",
         format!("{path} linear [3, 5] by [4, 7]"),
