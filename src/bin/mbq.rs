@@ -283,6 +283,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             ops,
             json,
         } => {
+            // A bad --backends is reported before anything is loaded.
+            let backends = backends
+                .as_deref()
+                .map(mbq::verify::parse_backends)
+                .transpose()?;
             let req = mbq::verify::VerifyRequest {
                 model: mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?,
                 image: match image {
@@ -290,10 +295,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     None => mbq::verify::default_image()?,
                 },
                 prompt,
-                backends: backends
-                    .as_deref()
-                    .map(mbq::verify::parse_backends)
-                    .transpose()?,
+                backends,
                 ops,
                 options: mbq::backend::BackendOptions::default(),
             };
