@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_PROFILE_RELEASE_DEBUG=0
+# dist/mbq has every backend: gpu-check.sh runs `mbq verify --backends
+# cpu,wgpu,cuda --ops` with it first.
 cargo build --release --features cuda --bins
 tests=(cuda_nvrtc cuda_ops cuda_model wgpu_ops wgpu_model w4a8 calibrate calibrate_backends)
 args=()

@@ -8,7 +8,8 @@
 #
 #     bash scripts/gpu-check.sh [OUT_DIR]
 #
-# It runs the CUDA tests and the wgpu tests (Vulkan on the same GPU), `mbq
+# It runs `mbq verify --backends cpu,wgpu,cuda --ops` first (verify.log),
+# then the CUDA tests and the wgpu tests (Vulkan on the same GPU), `mbq
 # bench gemv` at the paper's shapes and `mbq bench decode --synthetic
 # llava-ov-7b` (FP16 vs W3 vs W4) on CUDA and wgpu side by side, each with a
 # device-to-device copy as the bandwidth ceiling, writes every log to
@@ -85,6 +86,19 @@ suite() { # name timeout cmd...
   SUMMARY+=("$(printf '%-12s %-6s %4ss  %s%s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL:$rc)" \
     "$(($(date +%s) - t))" "$res" "$([ "$skipped" -gt 0 ] && echo ", $skipped skipped lines")")")
 }
+
+# First the check a user runs: `mbq verify` on every backend against the
+# CPU (the bundled model's greedy ids, top-1 per step and logits, then
+# every kernel family with --ops). Its whole output is verify.log; its
+# verdict lines go into the table.
+t=$(date +%s)
+timeout 300 dist/mbq verify --backends cpu,wgpu,cuda --ops >"$OUT_DIR/verify.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then FAILED=1; fi
+SUMMARY+=("$(printf '%-12s %-6s %4ss  %s' verify "$([ $rc -eq 0 ] && echo ok || echo FAIL:$rc)" \
+  "$(($(date +%s) - t))" "$(grep -E '^verdict |^[a-z]+ ops: [0-9]+ of [0-9]+ kernels OK$|^error:' "$OUT_DIR/verify.log" |
+    sed 's/ (.*)$//' | paste -sd ';' -)")")
+grep -E '^(verdict |[a-z]+: ids |[a-z]+ ops: FAIL|[a-z]+ ops: [0-9]+ of |verify: (OK|FAIL)$|error:)' "$OUT_DIR/verify.log"
 
 # MBQ_REQUIRE_CUDA=1: on this machine a CUDA test with no device FAILS
 # (tests/cuda_common) instead of printing "skipped: no CUDA device".

@@ -30,6 +30,7 @@ pub mod quant;
 pub mod runtime;
 pub mod shapes;
 pub mod tensor;
+pub mod verify;
 pub mod weights;
 
 pub use error::{Error, Result};

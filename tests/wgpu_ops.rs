@@ -37,6 +37,25 @@ fn adapter_and_reduction_paths() {
     assert!(!gpu_fallback().uses_subgroups());
 }
 
+/// The whole suite as `mbq verify --ops` runs it (the default
+/// configuration, then weights split across bindings): every family, all OK.
+/// On instances of its own: the W4A8 checks read a per-instance counter of
+/// integer linears, which other tests running at once would move.
+#[test]
+fn verify_ops_suite() {
+    let opts = mbq::backend::wgpu::WgpuOptions {
+        allow_cpu: true,
+        ..mbq::backend::wgpu::WgpuOptions::from_env()
+    };
+    let g = Wgpu::new(&opts).unwrap();
+    let split = Wgpu::new(&mbq::backend::wgpu::WgpuOptions {
+        max_binding: Some(mbq::verify::SPLIT_BINDING),
+        ..opts
+    })
+    .unwrap();
+    backend_ops::suite(&[("default", &g)], Some(("split", &split)));
+}
+
 #[test]
 fn add_act_gated() {
     backend_ops::add_act_gated(&both());

@@ -50,6 +50,22 @@ impl CudaOptions {
     }
 }
 
+/// As with the feature: up to this many rows a linear runs as a GEMV.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// A weight on the device, which this build cannot make: uninhabited.
+pub struct CudaWeight(Infallible);
+
+impl CudaWeight {
+    pub fn is_f16(&self) -> bool {
+        match self.0 {}
+    }
+
+    pub fn is_packed(&self) -> bool {
+        match self.0 {}
+    }
+}
+
 /// The CUDA backend, which this build cannot make: uninhabited.
 pub struct Cuda(Infallible);
 
@@ -66,7 +82,7 @@ impl Cuda {
 
 impl Backend for Cuda {
     type Tensor = Infallible;
-    type Weight = Infallible;
+    type Weight = CudaWeight;
     type Cache = Infallible;
 
     fn name(&self) -> &'static str {
@@ -78,27 +94,27 @@ impl Backend for Cuda {
     fn download(&self, _t: &Infallible) -> Result<Tensor> {
         match self.0 {}
     }
-    fn weight(&self, _w: &Tensor) -> Result<Infallible> {
+    fn weight(&self, _w: &Tensor) -> Result<CudaWeight> {
         match self.0 {}
     }
-    fn packed_weight_unchecked(&self, _w: &PackedLinear) -> Result<Infallible> {
+    fn packed_weight_unchecked(&self, _w: &PackedLinear) -> Result<CudaWeight> {
         match self.0 {}
     }
     fn dims(&self, _t: &Infallible) -> (usize, usize) {
         match self.0 {}
     }
-    fn weight_shape(&self, _w: &Infallible) -> (usize, usize) {
+    fn weight_shape(&self, _w: &CudaWeight) -> (usize, usize) {
         match self.0 {}
     }
     fn linear(
         &self,
         _x: &Infallible,
-        _w: &Infallible,
+        _w: &CudaWeight,
         _b: Option<&Infallible>,
     ) -> Result<Infallible> {
         match self.0 {}
     }
-    fn embedding(&self, _table: &Infallible, _ids: &[u32]) -> Result<Infallible> {
+    fn embedding(&self, _table: &CudaWeight, _ids: &[u32]) -> Result<Infallible> {
         match self.0 {}
     }
     fn layer_norm(

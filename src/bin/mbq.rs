@@ -75,6 +75,33 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Check this machine's backends against the CPU reference: the same
+    /// prompt on each (greedy ids, per-step top-1 teacher-forced on the
+    /// CPU's ids, largest relative logit difference) and, with --ops,
+    /// every kernel. Exits non-zero on any failure.
+    Verify {
+        /// Model directory or bundled model name (default: the bundled
+        /// model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Backends, comma-separated (cpu, wgpu, cuda); default: every
+        /// backend built in and available here. A named backend that is
+        /// not available is an error.
+        #[arg(long)]
+        backends: Option<String>,
+        /// Image (default: examples/s1000_000000.png).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        /// Prompt.
+        #[arg(long, default_value = mbq::verify::DEFAULT_PROMPT)]
+        prompt: String,
+        /// Also check every kernel family against the CPU.
+        #[arg(long)]
+        ops: bool,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate the synthetic shapes VQA task: PNGs in OUT/images and
     /// OUT/questions.jsonl (LLaVA format). Same seed, same bytes.
     Shapes {
@@ -248,6 +275,41 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_layer,
         }),
+        Cmd::Verify {
+            model,
+            backends,
+            image,
+            prompt,
+            ops,
+            json,
+        } => {
+            // A bad --backends is reported before anything is loaded.
+            let backends = backends
+                .as_deref()
+                .map(mbq::verify::parse_backends)
+                .transpose()?;
+            let req = mbq::verify::VerifyRequest {
+                model: mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?,
+                image: match image {
+                    Some(p) => p,
+                    None => mbq::verify::default_image()?,
+                },
+                prompt,
+                backends,
+                ops,
+                options: mbq::backend::BackendOptions::default(),
+            };
+            let report = mbq::verify::verify(&req, |m| eprintln!("{m}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            if !report.ok {
+                anyhow::bail!("verify: some checks failed (see the FAIL lines above)");
+            }
+            Ok(())
+        }
         Cmd::Shapes { seed, count, out } => {
             let s = mbq::shapes::write_dataset(seed, count, &out)?;
             println!(

@@ -24,11 +24,12 @@ use mbq::weights::WeightFiles;
 /// Image features entering the decoder, relative to their scale (every
 /// backend).
 pub const FEATURES_REL_TOL: f32 = 1e-4;
-/// Last-position prefill logits, relative to their scale (every backend).
-pub const LOGITS_REL_TOL: f32 = 1e-4;
-/// Tokens generated greedily per case; they must equal the CPU's and the
-/// transformers goldens exactly.
-pub const GREEDY_TOKENS: usize = 12;
+/// Last-position prefill logits, relative to their scale (every backend):
+/// the tolerance `mbq verify` holds every step to.
+pub const LOGITS_REL_TOL: f32 = mbq::verify::LOGITS_REL_TOL as f32;
+/// Tokens generated greedily per case (as many as `mbq verify` compares);
+/// they must equal the CPU's and the transformers goldens exactly.
+pub const GREEDY_TOKENS: usize = mbq::verify::TOKENS;
 
 /// Image features, prefill logits and greedy ids of the model in `dir` on
 /// `image` and `text`, on backend `be`.
