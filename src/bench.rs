@@ -609,6 +609,36 @@ fn copy_line(ms: &[(&str, &Option<CopyResult>)]) -> String {
     )
 }
 
+/// A side-by-side row's weights: the backends' common label, or the
+/// kind's (`dense`) when they differ (the CPU's dense is f32, a GPU's f16).
+fn row_label<'a>(mut labels: impl Iterator<Item = &'a str>, kind: WeightKind) -> &'a str {
+    let first = labels.next().unwrap_or(kind.label());
+    if labels.all(|l| l == first) {
+        first
+    } else {
+        kind.label()
+    }
+}
+
+/// Under a side-by-side table whose backends store dense weights
+/// differently: what `dense` is on each.
+fn dense_footnote<'a, I>(ms: impl Iterator<Item = (&'a str, I)>) -> String
+where
+    I: Iterator<Item = (WeightKind, &'static str)>,
+{
+    let mut each = Vec::new();
+    for (b, mut rows) in ms {
+        if let Some((_, l)) = rows.find(|(k, _)| *k == WeightKind::F16) {
+            each.push((short(b).to_string(), l));
+        }
+    }
+    if each.windows(2).all(|w| w[0].1 == w[1].1) {
+        return String::new();
+    }
+    let parts: Vec<String> = each.iter().map(|(b, l)| format!("{b} {l}")).collect();
+    format!("dense weights: {}\n", parts.join(", "))
+}
+
 /// The GEMV results of several backends side by side: per shape and
 /// format, each backend's time, achieved GB/s of weight bytes, its fraction
 /// of the backend's copy bandwidth, and the speedup over its dense GEMV.
@@ -633,7 +663,11 @@ pub fn gemv_side_by_side(ms: &[Measured<GemvResult>]) -> String {
         let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
             continue;
         };
-        s += &format!("{:>12} {:>7}", format!("{}x{}", r0.inp, r0.out), r0.weights);
+        let label = row_label(
+            ms.iter().filter_map(|m| m.rows.get(i).map(|r| r.weights)),
+            r0.kind,
+        );
+        s += &format!("{:>12} {:>7}", format!("{}x{}", r0.inp, r0.out), label);
         for m in ms {
             match m.rows.get(i) {
                 Some(r) => {
@@ -650,6 +684,12 @@ pub fn gemv_side_by_side(ms: &[Measured<GemvResult>]) -> String {
         }
         s += "\n";
     }
+    s += &dense_footnote(ms.iter().map(|m| {
+        (
+            m.backend.as_str(),
+            m.rows.iter().map(|r| (r.kind, r.weights)),
+        )
+    }));
     s
 }
 
@@ -681,7 +721,11 @@ pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String
         let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
             continue;
         };
-        s += &format!("{:>7}", r0.weights);
+        let label = row_label(
+            ms.iter().filter_map(|m| m.rows.get(i).map(|r| r.weights)),
+            r0.kind,
+        );
+        s += &format!("{:>7}", label);
         for m in ms {
             match m.rows.get(i) {
                 Some(r) => {
@@ -699,6 +743,12 @@ pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String
         }
         s += "\n";
     }
+    s += &dense_footnote(ms.iter().map(|m| {
+        (
+            m.backend.as_str(),
+            m.rows.iter().map(|r| (r.kind, r.weights)),
+        )
+    }));
     s
 }
 
