@@ -65,10 +65,20 @@ pub struct GemvResult {
     pub inp: usize,
     pub out: usize,
     pub kind: WeightKind,
+    /// What ran: `f16` or `f32` (dense, as the backend stores it: the CPU
+    /// keeps f32), `w3g128`, `w4g128`.
+    pub weights: &'static str,
     /// "gpu timestamps" or "wall clock": what `median_us` is.
     pub timing: &'static str,
     /// Median time per launch (device time with GPU timestamps).
     pub median_us: f64,
+    /// Fastest and slowest repetition, per launch (same timing).
+    pub min_us: f64,
+    pub max_us: f64,
+    /// Bytes of one weight copy, and of all the copies the launches
+    /// rotated over (what a cache would have to hold).
+    pub weight_bytes: f64,
+    pub rotated_bytes: f64,
     /// Median wall-clock time per launch.
     pub wall_us: f64,
     pub gb_s: f64,
@@ -100,9 +110,34 @@ pub const GPU_TIMESTAMPS: &str = "gpu timestamps";
 /// What a benchmark's times are without device timing.
 pub const WALL_CLOCK: &str = "wall clock";
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: Vec<f64>) -> f64 {
+    min_median_max(v).1
+}
+
+/// (min, median, max) of non-empty samples.
+pub fn min_median_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// The label of a dense weight stored at `bytes` per element.
+pub fn dense_label(bytes: f64) -> &'static str {
+    if bytes >= 4.0 {
+        "f32"
+    } else {
+        "f16"
+    }
+}
+
+impl WeightKind {
+    /// What ran on `be`: the dense kind is labelled by how the backend
+    /// stores it ([`Backend::dense_weight_bytes`]).
+    pub fn label_on<B: Backend>(self, be: &B) -> &'static str {
+        match self {
+            WeightKind::F16 => dense_label(be.dense_weight_bytes()),
+            k => k.label(),
+        }
+    }
 }
 
 /// Times `x [1, in] . W^T` for each weight kind at one shape.
@@ -157,18 +192,23 @@ pub fn bench_gemv<B: Backend>(
                 }
             }
         }
-        let wall_us = median(times);
-        let (timing, us) = if device.len() == reps {
-            (GPU_TIMESTAMPS, median(device))
+        let wall_us = median(times.clone());
+        let (timing, (min_us, us, max_us)) = if device.len() == reps {
+            (GPU_TIMESTAMPS, min_median_max(device))
         } else {
-            (WALL_CLOCK, wall_us)
+            (WALL_CLOCK, min_median_max(times))
         };
         results.push(GemvResult {
             inp,
             out,
             kind,
+            weights: kind.label_on(be),
             timing,
             median_us: us,
+            min_us,
+            max_us,
+            weight_bytes: bytes,
+            rotated_bytes: bytes * copies as f64,
             wall_us,
             gb_s: bytes / (us * 1e-6) / 1e9,
             speedup_vs_f16: 0.0,
@@ -275,6 +315,8 @@ pub fn synthetic_text_model<B: Backend>(
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DecodeResult {
     pub kind: WeightKind,
+    /// What ran: `f16`/`f32` (dense as the backend stores it), `w3g128`, `w4g128`.
+    pub weights: &'static str,
     pub layers: usize,
     pub tokens: usize,
     /// "gpu timestamps" when `device_ms_per_token` was measured, else
@@ -283,6 +325,10 @@ pub struct DecodeResult {
     /// Mean end-to-end (wall-clock) time per token: what tok/s and the
     /// speedups are computed from.
     pub ms_per_token: f64,
+    /// Fastest, median and slowest step (wall clock).
+    pub min_ms_per_token: f64,
+    pub median_ms_per_token: f64,
+    pub max_ms_per_token: f64,
     /// Mean device span per token (first to last kernel of a step), with
     /// GPU timestamps.
     pub device_ms_per_token: Option<f64>,
@@ -316,7 +362,9 @@ pub struct CopyResult {
     pub bytes: usize,
     pub timing: &'static str,
     pub median_us: f64,
-    /// (read + write) bytes per second.
+    pub min_us: f64,
+    pub max_us: f64,
+    /// (read + write) bytes per second, at the median.
     pub gb_s: f64,
 }
 
@@ -348,12 +396,15 @@ pub fn bench_copy<B: Backend>(
         be.download(&be.rows(&dst, 0, 1)?)?;
         times.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
     }
-    let (timing, us) = (WALL_CLOCK, median(times));
+    let (min_us, us, max_us) = min_median_max(times);
+    let timing = WALL_CLOCK;
     let bytes = rows * COLS * 4;
     Ok(CopyResult {
         bytes,
         timing,
         median_us: us,
+        min_us,
+        max_us,
         gb_s: 2.0 * bytes as f64 / (us * 1e-6) / 1e9,
     })
 }
@@ -385,11 +436,14 @@ pub fn bench_decode<B: Backend>(
     // Per step: wall clock around the step, device span from its first
     // kernel to its last (read back after the wall clock stops).
     let (mut wall, mut device, mut timed_steps) = (0.0, 0.0, 0);
+    let mut steps = Vec::with_capacity(tokens);
     for _ in 0..tokens {
         let timed = be.begin_timing()?;
         let t = Instant::now();
         logits = step(&logits, pos, &mut cache)?;
-        wall += t.elapsed().as_secs_f64();
+        let dt = t.elapsed().as_secs_f64();
+        wall += dt;
+        steps.push(dt * 1e3);
         if timed {
             if let Some(s) = be.end_timing()? {
                 device += s;
@@ -405,12 +459,21 @@ pub fn bench_decode<B: Backend>(
     } else {
         (WALL_CLOCK, None)
     };
+    let (min_ms, median_ms, max_ms) = if steps.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        min_median_max(steps)
+    };
     Ok(DecodeResult {
         kind,
+        weights: kind.label_on(be),
         layers: model.layers.len(),
         tokens,
         timing,
         ms_per_token: wall_ms,
+        min_ms_per_token: min_ms,
+        median_ms_per_token: median_ms,
+        max_ms_per_token: max_ms,
         device_ms_per_token: device_ms,
         tok_s: 1e3 / wall_ms,
         speedup_vs_f16: 0.0,
@@ -437,15 +500,17 @@ pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
 pub fn gemv_table(backend: &str, rows: &[GemvResult]) -> String {
     let timing = timing_of(rows.iter().map(|r| r.timing));
     let mut s = format!(
-        "GEMV on {backend} ({timing}, median per launch; batch 1; dense = f16 weights, f32 on the CPU backend)\n{:>12} {:>7} {:>10} {:>9} {:>8} {:>10}\n",
-        "in x out", "weights", "time (us)", "GB/s", "vs dense", "wall (us)"
+        "GEMV on {backend} ({timing} per launch, min / median / max of the repetitions; batch 1; GB/s at the median)\n{:>12} {:>7} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}\n",
+        "in x out", "weights", "min (us)", "median", "max", "GB/s", "vs dense", "wall (us)"
     );
     for r in rows {
         s += &format!(
-            "{:>12} {:>7} {:>10.1} {:>9.2} {:>7.2}x {:>10.1}\n",
+            "{:>12} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>9.2} {:>7.2}x {:>10.1}\n",
             format!("{}x{}", r.inp, r.out),
-            r.kind.label(),
+            r.weights,
+            r.min_us,
             r.median_us,
+            r.max_us,
             r.gb_s,
             r.speedup_vs_f16,
             r.wall_us
@@ -472,19 +537,23 @@ pub fn timing_of<'a>(mut t: impl Iterator<Item = &'a str>) -> &'a str {
 pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String {
     let timing = timing_of(rows.iter().map(|r| r.timing));
     let mut s = format!(
-        "Decode on {backend}: {model} (end to end per token after prefill; device column: {timing})\n{:>7} {:>7} {:>8} {:>12} {:>9} {:>8} {:>14}\n",
-        "weights", "layers", "tokens", "ms/token", "tok/s", "vs dense", "device ms/tok"
+        "Decode on {backend}: {model} (end to end per token after prefill: mean, and min / median / max step; device column: {timing})\n{:>7} {:>7} {:>8} {:>12} {:>26} {:>9} {:>8} {:>14}\n",
+        "weights", "layers", "tokens", "ms/token", "min / median / max ms", "tok/s", "vs dense", "device ms/tok"
     );
     for r in rows {
         let device = r
             .device_ms_per_token
             .map_or("-".to_string(), |d| format!("{d:.2}"));
         s += &format!(
-            "{:>7} {:>7} {:>8} {:>12.2} {:>9.2} {:>7.2}x {:>14}\n",
-            r.kind.label(),
+            "{:>7} {:>7} {:>8} {:>12.2} {:>26} {:>9.2} {:>7.2}x {:>14}\n",
+            r.weights,
             r.layers,
             r.tokens,
             r.ms_per_token,
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                r.min_ms_per_token, r.median_ms_per_token, r.max_ms_per_token
+            ),
             r.tok_s,
             r.speedup_vs_f16,
             device
@@ -496,6 +565,12 @@ pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String
 /// One backend's GEMV or decode results with its copy bandwidth.
 pub struct Measured<T> {
     pub backend: String,
+    /// The device in full: the CPU model, the wgpu adapter with its
+    /// backend and driver, the CUDA device.
+    pub device: String,
+    /// The last-level cache the weights stream through, when it is the
+    /// host's (the CPU backend, a CPU wgpu adapter such as lavapipe).
+    pub cache_bytes: Option<u64>,
     pub copy: Option<CopyResult>,
     pub rows: Vec<T>,
 }
@@ -517,10 +592,13 @@ fn copy_line(ms: &[(&str, &Option<CopyResult>)]) -> String {
         .iter()
         .map(|(b, c)| match c {
             Some(c) => format!(
-                "{b} {:.1} GB/s ({} MiB, {})",
+                "{b} {:.1} GB/s ({} MiB, {}; min / median / max {:.0} / {:.0} / {:.0} us)",
                 c.gb_s,
                 c.bytes >> 20,
-                c.timing
+                c.timing,
+                c.min_us,
+                c.median_us,
+                c.max_us
             ),
             None => format!("{b} -"),
         })
@@ -529,6 +607,36 @@ fn copy_line(ms: &[(&str, &Option<CopyResult>)]) -> String {
         "device-to-device copy (read + write): {}\n",
         parts.join("; ")
     )
+}
+
+/// A side-by-side row's weights: the backends' common label, or the
+/// kind's (`dense`) when they differ (the CPU's dense is f32, a GPU's f16).
+fn row_label<'a>(mut labels: impl Iterator<Item = &'a str>, kind: WeightKind) -> &'a str {
+    let first = labels.next().unwrap_or(kind.label());
+    if labels.all(|l| l == first) {
+        first
+    } else {
+        kind.label()
+    }
+}
+
+/// Under a side-by-side table whose backends store dense weights
+/// differently: what `dense` is on each.
+fn dense_footnote<'a, I>(ms: impl Iterator<Item = (&'a str, I)>) -> String
+where
+    I: Iterator<Item = (WeightKind, &'static str)>,
+{
+    let mut each = Vec::new();
+    for (b, mut rows) in ms {
+        if let Some((_, l)) = rows.find(|(k, _)| *k == WeightKind::F16) {
+            each.push((short(b).to_string(), l));
+        }
+    }
+    if each.windows(2).all(|w| w[0].1 == w[1].1) {
+        return String::new();
+    }
+    let parts: Vec<String> = each.iter().map(|(b, l)| format!("{b} {l}")).collect();
+    format!("dense weights: {}\n", parts.join(", "))
 }
 
 /// The GEMV results of several backends side by side: per shape and
@@ -542,12 +650,12 @@ pub fn gemv_side_by_side(ms: &[Measured<GemvResult>]) -> String {
     );
     s += &format!("{:>12} {:>7}", "in x out", "weights");
     for m in ms {
-        s += &format!(" | {:>28}", short(&m.backend));
+        s += &format!(" | {:>31}", short(&m.backend));
     }
     s += "\n";
     s += &format!("{:>12} {:>7}", "", "");
     for _ in ms {
-        s += &format!(" | {:>8} {:>7} {:>5} {:>5}", "us", "GB/s", "bw", "vs16");
+        s += &format!(" | {:>8} {:>7} {:>5} {:>8}", "us", "GB/s", "bw", "vs dense");
     }
     s += "\n";
     let n = ms.iter().map(|m| m.rows.len()).max().unwrap_or(0);
@@ -555,27 +663,33 @@ pub fn gemv_side_by_side(ms: &[Measured<GemvResult>]) -> String {
         let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
             continue;
         };
-        s += &format!(
-            "{:>12} {:>7}",
-            format!("{}x{}", r0.inp, r0.out),
-            r0.kind.label()
+        let label = row_label(
+            ms.iter().filter_map(|m| m.rows.get(i).map(|r| r.weights)),
+            r0.kind,
         );
+        s += &format!("{:>12} {:>7}", format!("{}x{}", r0.inp, r0.out), label);
         for m in ms {
             match m.rows.get(i) {
                 Some(r) => {
                     s += &format!(
-                        " | {:>8.1} {:>7.1} {:>5} {:>4.2}x",
+                        " | {:>8.1} {:>7.1} {:>5} {:>7.2}x",
                         r.median_us,
                         r.gb_s,
                         pct(r.gb_s, &m.copy),
                         r.speedup_vs_f16
                     )
                 }
-                None => s += &format!(" | {:>28}", "-"),
+                None => s += &format!(" | {:>31}", "-"),
             }
         }
         s += "\n";
     }
+    s += &dense_footnote(ms.iter().map(|m| {
+        (
+            m.backend.as_str(),
+            m.rows.iter().map(|r| (r.kind, r.weights)),
+        )
+    }));
     s
 }
 
@@ -591,14 +705,14 @@ pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String
     );
     s += &format!("{:>7}", "weights");
     for m in ms {
-        s += &format!(" | {:>32}", short(&m.backend));
+        s += &format!(" | {:>35}", short(&m.backend));
     }
     s += "\n";
     s += &format!("{:>7}", "");
     for _ in ms {
         s += &format!(
-            " | {:>8} {:>8} {:>5} {:>7}",
-            "tok/s", "ms/tok", "vs16", "bw"
+            " | {:>8} {:>8} {:>8} {:>7}",
+            "tok/s", "ms/tok", "vs dense", "bw"
         );
     }
     s += "\n";
@@ -607,24 +721,34 @@ pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String
         let Some(r0) = ms.iter().find_map(|m| m.rows.get(i)) else {
             continue;
         };
-        s += &format!("{:>7}", r0.kind.label());
+        let label = row_label(
+            ms.iter().filter_map(|m| m.rows.get(i).map(|r| r.weights)),
+            r0.kind,
+        );
+        s += &format!("{:>7}", label);
         for m in ms {
             match m.rows.get(i) {
                 Some(r) => {
                     let gb_s = r.weight_bytes_per_token / (r.ms_per_token * 1e-3) / 1e9;
                     s += &format!(
-                        " | {:>8.1} {:>8.2} {:>4.2}x {:>7}",
+                        " | {:>8.1} {:>8.2} {:>7.2}x {:>7}",
                         r.tok_s,
                         r.ms_per_token,
                         r.speedup_vs_f16,
                         pct(gb_s, &m.copy)
                     )
                 }
-                None => s += &format!(" | {:>32}", "-"),
+                None => s += &format!(" | {:>35}", "-"),
             }
         }
         s += "\n";
     }
+    s += &dense_footnote(ms.iter().map(|m| {
+        (
+            m.backend.as_str(),
+            m.rows.iter().map(|r| (r.kind, r.weights)),
+        )
+    }));
     s
 }
 
@@ -653,7 +777,7 @@ pub fn decode_synthetic<B: Backend>(
         note(&format!(
             "building {name} ({} layers) in {}",
             cfg.num_hidden_layers,
-            kind.label()
+            kind.label_on(be)
         ));
         let model = synthetic_text_model(be, &cfg, kind, 7)?;
         out.push(bench_decode(be, &model, kind, prompt, tokens)?);
@@ -702,4 +826,244 @@ pub fn decode_model_dir<B: Backend>(
     out.iter_mut()
         .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
     Ok(out)
+}
+
+/// When, where and from which commit a benchmark ran: the header of the
+/// tables and the top of `--json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunInfo {
+    /// `MBQ_GIT_COMMIT` at build time, else `git rev-parse --short HEAD`
+    /// of the checkout, else "unknown".
+    pub commit: String,
+    /// UTC, `YYYY-MM-DD HH:MM:SS UTC`.
+    pub date: String,
+    /// /proc/cpuinfo's model name (or "unknown").
+    pub cpu: String,
+    /// Logical CPUs this process may use.
+    pub cores: usize,
+    /// The L3 cache (/sys/devices/system/cpu/cpu0/cache/index3/size).
+    pub l3_bytes: Option<u64>,
+}
+
+impl RunInfo {
+    pub fn collect() -> RunInfo {
+        RunInfo {
+            commit: git_commit(),
+            date: utc_now(),
+            cpu: cpu_model(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            l3_bytes: l3_bytes(),
+        }
+    }
+
+    /// One line for the top of the tables.
+    pub fn header(&self) -> String {
+        let l3 = self
+            .l3_bytes
+            .map(|b| format!(", L3 {} MiB", b >> 20))
+            .unwrap_or_default();
+        format!(
+            "mbq {} (commit {}), {}; machine: {}, {} cores{l3}\n",
+            env!("CARGO_PKG_VERSION"),
+            self.commit,
+            self.date,
+            self.cpu,
+            self.cores
+        )
+    }
+}
+
+/// The commit this binary was built from: `MBQ_GIT_COMMIT` when the build
+/// set it (scripts), else the checkout's `git rev-parse --short HEAD` (the
+/// crate's directory when it still exists, else the current one), else
+/// "unknown".
+pub fn git_commit() -> String {
+    if let Some(c) = option_env!("MBQ_GIT_COMMIT").filter(|c| !c.is_empty()) {
+        return c.to_string();
+    }
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = if manifest.is_dir() {
+        manifest.to_path_buf()
+    } else {
+        std::path::PathBuf::from(".")
+    };
+    std::process::Command::new("git")
+        .arg("-C")
+        .arg(&dir)
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Now, UTC, as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_date(secs)
+}
+
+/// Seconds since the Unix epoch as a UTC date (the proleptic Gregorian
+/// calendar; Howard Hinnant's days-to-civil).
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The CPU's model name from /proc/cpuinfo ("model name", or "Model" /
+/// "Hardware" on some ARM kernels), else "unknown".
+pub fn cpu_model() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpu_model_of(&text).unwrap_or_else(|| "unknown".into())
+}
+
+fn cpu_model_of(cpuinfo: &str) -> Option<String> {
+    ["model name", "Model", "Hardware"].iter().find_map(|key| {
+        cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == *key && !v.trim().is_empty()).then(|| v.trim().to_string())
+        })
+    })
+}
+
+/// The L3 cache of CPU 0 in bytes, from sysfs.
+pub fn l3_bytes() -> Option<u64> {
+    let t = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?;
+    parse_cache_size(&t)
+}
+
+/// "32768K" / "8M" / "1024" -> bytes.
+pub fn parse_cache_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok().map(|n| n * mult)
+}
+
+/// Why a GEMV row's GB/s is not a memory bandwidth, if it is not:
+/// [`CacheNote::Cache`] when the rotated weights are under twice the
+/// last-level cache, [`CacheNote::AboveCopy`] when it beats the
+/// device-to-device copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheNote {
+    Cache,
+    AboveCopy,
+}
+
+impl CacheNote {
+    pub fn text(self) -> &'static str {
+        match self {
+            CacheNote::Cache => "weights fit in the last-level cache",
+            CacheNote::AboveCopy => "faster than the device-to-device copy",
+        }
+    }
+}
+
+pub fn cache_note(
+    r: &GemvResult,
+    cache_bytes: Option<u64>,
+    copy: &Option<CopyResult>,
+) -> Option<CacheNote> {
+    if cache_bytes.is_some_and(|c| r.rotated_bytes < 2.0 * c as f64) {
+        return Some(CacheNote::Cache);
+    }
+    match copy {
+        Some(c) if c.gb_s > 0.0 && r.gb_s > c.gb_s => Some(CacheNote::AboveCopy),
+        _ => None,
+    }
+}
+
+/// Notes under a backend's GEMV table: the rows whose GB/s is a cache
+/// figure, not a memory one (see [`cache_note`]).
+pub fn gemv_notes(m: &Measured<GemvResult>) -> String {
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let mut s = String::new();
+    let list = |note: CacheNote| -> Vec<String> {
+        m.rows
+            .iter()
+            .filter(|r| cache_note(r, m.cache_bytes, &m.copy) == Some(note))
+            .map(|r| {
+                format!(
+                    "{}x{} {} ({:.1} MiB)",
+                    r.inp,
+                    r.out,
+                    r.weights,
+                    mib(r.rotated_bytes)
+                )
+            })
+            .collect()
+    };
+    let cached = list(CacheNote::Cache);
+    if let (false, Some(c)) = (cached.is_empty(), m.cache_bytes) {
+        s += &format!(
+            "note: under 2x the L3 cache ({} MiB) with their rotated copies, so the GB/s is a cache figure, not a memory one: {}\n",
+            c >> 20,
+            cached.join(", ")
+        );
+    }
+    let above = list(CacheNote::AboveCopy);
+    if !above.is_empty() {
+        s += &format!(
+            "note: above the device-to-device copy bandwidth, so served from a cache, not memory: {}\n",
+            above.join(", ")
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_cache_sizes() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_date(951_782_400 + 3661), "2000-02-29 01:01:01 UTC");
+        assert_eq!(utc_date(1_764_700_000), "2025-12-02 18:26:40 UTC");
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("8M"), Some(8 << 20));
+        assert_eq!(parse_cache_size("x"), None);
+    }
+
+    #[test]
+    fn cpu_model_from_cpuinfo() {
+        let t = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n";
+        assert_eq!(
+            cpu_model_of(t).as_deref(),
+            Some("Intel(R) Xeon(R) CPU @ 2.20GHz")
+        );
+        assert_eq!(cpu_model_of("processor : 0\n"), None);
+    }
+
+    #[test]
+    fn min_median_max_of_reps() {
+        assert_eq!(min_median_max(vec![3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
+        assert_eq!(dense_label(4.0), "f32");
+        assert_eq!(dense_label(2.0), "f16");
+    }
 }

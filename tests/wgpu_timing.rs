@@ -147,7 +147,7 @@ fn bench_prints_backends_side_by_side_with_copy_bandwidth() {
         assert_eq!(row.matches('%').count(), 2, "{row}");
     }
     let j: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
-    let all = j.as_array().unwrap();
+    let all = j["backends"].as_array().unwrap();
     assert_eq!(all.len(), 2);
     for b in all {
         let gb = b["copy"]["gb_s"].as_f64().unwrap();

@@ -20,11 +20,18 @@ struct Cli {
 enum Cmd {
     /// List the compute devices this build can use.
     Devices,
-    /// Print a model directory's configuration as mbq reads it.
+    /// What a model holds: architecture, sizes, weight dtypes,
+    /// quantization (mbq.* metadata), calibration report, files.
     Inspect {
-        /// Model directory.
+        /// Model directory, or a bundled model name (tiny-shapes, tiny-shapes-w3).
+        #[arg(value_name = "DIR|NAME", required_unless_present = "model")]
+        dir: Option<String>,
+        /// The same as DIR|NAME.
+        #[arg(long, conflicts_with = "dir", hide = true)]
+        model: Option<String>,
+        /// Print one JSON object.
         #[arg(long)]
-        model: std::path::PathBuf,
+        json: bool,
     },
     /// Quantize a model's decoder linears into the packed format (a new
     /// directory; nothing is overwritten). rtn needs no data; mbq, awq and
@@ -232,9 +239,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Inspect { model } => {
-            let cfg = mbq::config::VlmConfig::load(&model)?;
-            println!("{cfg:#?}");
+        Cmd::Inspect { dir, model, json } => {
+            let name = dir.or(model);
+            let dir = mbq::runtime::resolve_model(name.as_deref(), |m| eprintln!("{m}"))?;
+            let i = mbq::inspect::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&i)?);
+            } else {
+                print!("{}", i.text());
+            }
             Ok(())
         }
         Cmd::Quantize {
@@ -354,11 +367,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             // A comma list runs each backend in turn; the tables are printed
             // side by side at the end.
+            let info = mbq::bench::RunInfo::collect();
             let mut all = Vec::new();
             for b in backend.split(',') {
-                all.push(bench_backend(b.trim(), &what)?);
+                all.push(bench_backend(b.trim(), &what, &info)?);
             }
-            print_bench(&what, all)
+            print_bench(&what, &info, all)
         }
     }
 }
@@ -369,7 +383,11 @@ enum BenchOut {
     Decode(String, mbq::bench::Measured<mbq::bench::DecodeResult>),
 }
 
-fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
+fn print_bench(
+    what: &BenchCmd,
+    info: &mbq::bench::RunInfo,
+    all: Vec<BenchOut>,
+) -> anyhow::Result<()> {
     use mbq::bench;
     let json = match what {
         BenchCmd::Gemv { json, .. } | BenchCmd::Decode { json, .. } => *json,
@@ -390,19 +408,45 @@ fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
         let rows: Vec<serde_json::Value> = gemv
             .iter()
             .map(|m| {
-                serde_json::json!({"backend": m.backend, "copy": m.copy,
-                    "timing": bench::timing_of(m.rows.iter().map(|r| r.timing)), "gemv": m.rows})
+                let notes: Vec<serde_json::Value> = m
+                    .rows
+                    .iter()
+                    .filter_map(|r| {
+                        bench::cache_note(r, m.cache_bytes, &m.copy).map(|n| {
+                            serde_json::json!({"in": r.inp, "out": r.out, "weights": r.weights, "note": n.text()})
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"backend": m.backend, "device": m.device, "copy": m.copy,
+                    "timing": bench::timing_of(m.rows.iter().map(|r| r.timing)), "gemv": m.rows,
+                    "cache_notes": notes})
             })
             .chain(decode.iter().map(|m| {
-                serde_json::json!({"backend": m.backend, "model": label, "copy": m.copy,
+                serde_json::json!({"backend": m.backend, "device": m.device, "model": label, "copy": m.copy,
                     "timing": bench::timing_of(m.rows.iter().map(|r| r.timing)), "decode": m.rows})
             }))
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        let j = serde_json::json!({
+            "mbq_version": env!("CARGO_PKG_VERSION"),
+            "commit": info.commit,
+            "date": info.date,
+            "machine": info,
+            "backends": rows,
+        });
+        println!("{j}");
         return Ok(());
+    }
+    print!("{}", info.header());
+    for m in gemv
+        .iter()
+        .map(|m| (&m.backend, &m.device))
+        .chain(decode.iter().map(|m| (&m.backend, &m.device)))
+    {
+        println!("{}: {}", m.0, m.1);
     }
     for m in &gemv {
         print!("{}", bench::gemv_table(&m.backend, &m.rows));
+        print!("{}", bench::gemv_notes(m));
     }
     for m in &decode {
         print!("{}", bench::decode_table(&m.backend, &label, &m.rows));
@@ -419,7 +463,11 @@ fn print_bench(what: &BenchCmd, all: Vec<BenchOut>) -> anyhow::Result<()> {
 
 /// Opens the backend `--backend` names (`cpu`, `wgpu`, `cuda`: never
 /// `auto`, a benchmark compares named backends) and benchmarks it.
-fn bench_backend(name: &str, what: &BenchCmd) -> anyhow::Result<BenchOut> {
+fn bench_backend(
+    name: &str,
+    what: &BenchCmd,
+    info: &mbq::bench::RunInfo,
+) -> anyhow::Result<BenchOut> {
     use mbq::backend::{BackendKind, BackendOptions};
     let named = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Cuda];
     let available: Vec<&str> = named
@@ -438,12 +486,64 @@ fn bench_backend(name: &str, what: &BenchCmd) -> anyhow::Result<BenchOut> {
     };
     let note = |m: &str| eprintln!("{m}");
     let be = mbq::backend::open(kind, &BackendOptions::default(), note)?;
-    be.run(BenchJob(what))?
+    let (device, cache_bytes) = bench_device(&be, info);
+    be.run(BenchJob {
+        what,
+        device,
+        cache_bytes,
+    })?
+}
+
+/// The device in full for the header (the CPU model and cores; the wgpu
+/// adapter with its backend and driver; the CUDA device), and the
+/// last-level cache the weights stream through when it is the host's.
+fn bench_device(
+    be: &mbq::backend::AnyBackend,
+    info: &mbq::bench::RunInfo,
+) -> (String, Option<u64>) {
+    use mbq::backend::AnyBackend;
+    match be {
+        AnyBackend::Cpu(_) => (
+            format!(
+                "{}, {} cores, {} threads",
+                info.cpu,
+                info.cores,
+                rayon::current_num_threads()
+            ),
+            info.l3_bytes,
+        ),
+        AnyBackend::Wgpu(_) => {
+            let device = be.device();
+            // The adapter's AdapterInfo as `mbq devices` reports it.
+            let found = mbq::backend::wgpu::adapters()
+                .into_iter()
+                .find(|a| device.starts_with(&format!("{} (", a.name)));
+            match found {
+                Some(a) => (
+                    format!(
+                        "{} ({}, {}), driver {}",
+                        a.name,
+                        a.backend,
+                        a.device_type,
+                        if a.driver.is_empty() { "?" } else { &a.driver }
+                    ),
+                    // A CPU adapter (lavapipe) streams through the host's caches.
+                    (!a.is_gpu).then_some(info.l3_bytes).flatten(),
+                ),
+                None => (device, None),
+            }
+        }
+        AnyBackend::Cuda(_) => (be.device(), None),
+    }
 }
 
 /// [`bench_on`] on the opened backend, named `kind (device)` (the CPU
 /// just `cpu`).
-struct BenchJob<'a>(&'a BenchCmd);
+struct BenchJob<'a> {
+    what: &'a BenchCmd,
+    device: String,
+    cache_bytes: Option<u64>,
+}
 
 impl mbq::backend::BackendJob for BenchJob<'_> {
     type Output = anyhow::Result<BenchOut>;
@@ -456,7 +556,7 @@ impl mbq::backend::BackendJob for BenchJob<'_> {
             "cpu" => "cpu".to_string(),
             kind => format!("{kind} ({device})"),
         };
-        Ok(bench_on(be, &name, self.0))
+        Ok(bench_on(be, &name, self))
     }
 }
 
@@ -464,9 +564,14 @@ impl mbq::backend::BackendJob for BenchJob<'_> {
 fn bench_on<B: mbq::backend::Backend>(
     be: &B,
     name: &str,
-    what: &BenchCmd,
+    job: BenchJob<'_>,
 ) -> anyhow::Result<BenchOut> {
     use mbq::bench;
+    let BenchJob {
+        what,
+        device,
+        cache_bytes,
+    } = job;
     eprintln!("device-to-device copy on {name} ...");
     let copy = bench::bench_copy(be, COPY_BYTES, 10, 5)
         .map_err(|e| eprintln!("copy benchmark on {name}: {e}"))
@@ -493,6 +598,8 @@ fn bench_on<B: mbq::backend::Backend>(
             }
             BenchOut::Gemv(bench::Measured {
                 backend: name.to_string(),
+                device,
+                cache_bytes,
                 copy,
                 rows,
             })
@@ -521,6 +628,8 @@ fn bench_on<B: mbq::backend::Backend>(
                 label,
                 bench::Measured {
                     backend: name.to_string(),
+                    device,
+                    cache_bytes,
                     copy,
                     rows,
                 },
@@ -533,27 +642,16 @@ fn bench_on<B: mbq::backend::Backend>(
 const COPY_BYTES: usize = 128 << 20;
 
 fn eval(req: mbq::eval::EvalRequest, json: bool, misses: bool) -> anyhow::Result<()> {
-    use indicatif::{ProgressBar, ProgressStyle};
-
-    let bar = ProgressBar::hidden();
+    let mut progress = mbq::progress::Progress::default();
     let report = mbq::eval::run(
         &req,
         |m| eprintln!("{m}"),
         |done, total| {
-            if bar.is_hidden() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                bar.set_length(total as u64);
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "{bar:40} {pos}/{len} questions {elapsed} eta {eta}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
-            }
-            bar.set_position(done as u64);
+            progress.stage("answering", total, "questions");
+            progress.set(done);
         },
     );
-    bar.finish_and_clear();
+    progress.finish();
     let r = report?;
     let wrong: Vec<&mbq::eval::Answered> = r.answers.iter().filter(|a| !a.correct).collect();
     if json {
@@ -598,45 +696,21 @@ fn eval(req: mbq::eval::EvalRequest, json: bool, misses: bool) -> anyhow::Result
 }
 
 fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     use mbq::calib::{quantize_model, CalibProgress};
     use mbq::quant::writer::Progress;
 
     let t0 = std::time::Instant::now();
-    let style =
-        |t: &str| ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar());
-    let mut bar = ProgressBar::hidden();
-    let mut stage = String::new();
-    let start = |bar: &mut ProgressBar, stage: &mut String, name: String, len: usize, tpl: &str| {
-        if *stage != name {
-            bar.finish_and_clear();
-            *bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-            bar.set_style(style(tpl));
-            bar.set_message(name.clone());
-            *stage = name;
-        }
-    };
+    // Bars on a terminal; plain timestamped lines in a log.
+    let mut bar = mbq::progress::Progress::default();
     let outcome = quantize_model(&o, |p| match p {
-        CalibProgress::Note(m) => bar.suspend(|| eprintln!("{m}")),
+        CalibProgress::Note(m) => bar.note(&m),
         CalibProgress::Loading { done, total } => {
-            start(
-                &mut bar,
-                &mut stage,
-                "encoding calibration images".into(),
-                total,
-                "{bar:40} {pos}/{len} samples {elapsed} {msg}",
-            );
-            bar.set_position(done as u64);
+            bar.stage("encoding calibration images", total, "samples");
+            bar.set(done);
         }
         CalibProgress::Sensitivity { done, total } => {
-            start(
-                &mut bar,
-                &mut stage,
-                "sensitivity (backward through the LM)".into(),
-                total,
-                "{bar:40} {pos}/{len} samples {elapsed} {msg}",
-            );
-            bar.set_position(done as u64);
+            bar.stage("sensitivity (backward through the LM)", total, "samples");
+            bar.set(done);
         }
         CalibProgress::Layer {
             layer,
@@ -644,28 +718,20 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             done,
             total,
         } => {
-            start(
-                &mut bar,
-                &mut stage,
-                format!("layer {}/{layers}", layer + 1),
+            bar.stage(
+                &format!("layer {}/{layers} scale search", layer + 1),
                 total,
-                "{bar:40} {pos}/{len} grid points {elapsed} {msg}",
+                "grid points",
             );
-            bar.set_position(done as u64);
+            bar.set(done);
         }
         CalibProgress::Write(Progress::Start { linears }) => {
-            start(
-                &mut bar,
-                &mut stage,
-                "packing".into(),
-                linears,
-                "{bar:40} {pos}/{len} linears {elapsed} {msg}",
-            );
+            bar.stage("packing", linears, "linears");
         }
-        CalibProgress::Write(Progress::Packed { done, .. }) => bar.set_position(done as u64),
-        CalibProgress::Write(Progress::Writing) => bar.set_message("writing model.safetensors"),
+        CalibProgress::Write(Progress::Packed { done, .. }) => bar.set(done),
+        CalibProgress::Write(Progress::Writing) => bar.message("writing model.safetensors"),
     });
-    bar.finish_and_clear();
+    bar.finish();
     let outcome = outcome?;
     let report = &outcome.written;
     let mb = |b: f64| b / 1e6;
