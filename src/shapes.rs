@@ -505,6 +505,8 @@ pub struct Summary {
     pub images: usize,
     pub questions: usize,
     pub out: PathBuf,
+    /// Notes for the user (stale temporary directories of killed runs).
+    pub notes: Vec<String>,
 }
 
 /// Writes `count` images and `questions.jsonl` into `out`, atomically: into
@@ -529,7 +531,7 @@ pub fn write_dataset(seed: u64, count: usize, out: &Path) -> Result<Summary> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    crate::quant::writer::remove_stale_temp_dirs(&parent, &name);
+    let notes = crate::quant::writer::remove_stale_temp_dirs(&parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -548,6 +550,7 @@ pub fn write_dataset(seed: u64, count: usize, out: &Path) -> Result<Summary> {
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
     Ok(Summary {
         out: out.to_path_buf(),
+        notes,
         ..summary
     })
 }
@@ -578,5 +581,6 @@ fn write_into(seed: u64, count: usize, dir: &Path) -> Result<Summary> {
         images: count,
         questions: n_q,
         out: dir.to_path_buf(),
+        notes: Vec::new(),
     })
 }

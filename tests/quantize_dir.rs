@@ -66,6 +66,7 @@ fn sharded_input_gives_the_same_single_file_and_progress_is_reported() {
             Progress::Start { linears } => format!("start {linears}"),
             Progress::Packed { done, total, .. } => format!("{done}/{total}"),
             Progress::Writing => "writing".into(),
+            Progress::Note(n) => format!("note {n}"),
         })
     })
     .unwrap();

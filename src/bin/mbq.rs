@@ -325,6 +325,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Shapes { seed, count, out } => {
             let s = mbq::shapes::write_dataset(seed, count, &out)?;
+            s.notes.iter().for_each(|n| eprintln!("{n}"));
             println!(
                 "{}: {} images, {} questions (seed {seed})",
                 s.out.display(),
@@ -730,6 +731,7 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
         }
         CalibProgress::Write(Progress::Packed { done, .. }) => bar.set(done),
         CalibProgress::Write(Progress::Writing) => bar.message("writing model.safetensors"),
+        CalibProgress::Write(Progress::Note(m)) => bar.note(m),
     });
     bar.finish();
     let outcome = outcome?;

@@ -32,7 +32,7 @@ use crate::backend::{Backend, BackendJob, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::DecoderSpec;
-use crate::model::llava::Vlm;
+use crate::model::llava::{check_config_against_weights, Vlm};
 use crate::model::text::TextModel;
 use crate::preprocess::ImageProcessorConfig;
 use crate::processor::Processor;
@@ -73,6 +73,11 @@ pub fn quantize_model(
     mut progress: impl FnMut(CalibProgress<'_>),
 ) -> Result<QuantizeOutcome> {
     let plan = Plan::new(o)?;
+    // config.json against the tensors present, before anything is sized
+    // from it (a huge layer count is an error naming the key, not an abort).
+    let weights = WeightFiles::open(&o.model)?;
+    let prefixes = Prefixes::detect(&weights)?;
+    check_config_against_weights(&VlmConfig::load(&o.model)?, &weights, &prefixes)?;
     let packer = plan.clone();
     let pack = move |name: &str, w: &[f32], out: usize, inp: usize| packer.pack(name, w, out, inp);
     let spec = QuantSpec {
@@ -147,8 +152,7 @@ pub fn quantize_model(
     drop(vlm);
 
     // Stage 4: the scale search, layer by layer, on the host weights.
-    let weights = WeightFiles::open(&o.model)?;
-    let text_prefix = Prefixes::detect(&weights)?.text;
+    let text_prefix = prefixes.text;
     let mut layers = load_host_layers(&weights, &text_prefix, &cfg)?;
     let mut search = Search {
         spec: DecoderSpec::new(&cfg.text),

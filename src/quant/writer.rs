@@ -44,6 +44,8 @@ pub enum Progress<'a> {
     },
     /// All linears packed; the output file is being written and synced.
     Writing,
+    /// Something to tell the user (a stale temporary directory removed).
+    Note(&'a str),
 }
 
 /// What was written.
@@ -224,7 +226,9 @@ pub fn write_quantized_dir(
         group_size,
     )?;
 
-    remove_stale_temp_dirs(&parent, &name.to_string_lossy());
+    for note in remove_stale_temp_dirs(&parent, &name.to_string_lossy()) {
+        progress(Progress::Note(&note));
+    }
     let tmp_path = parent.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -494,15 +498,16 @@ pub fn quantize_rows(
 }
 
 /// Removes the temporary directories `.NAME.tmp-PID` in `parent` left by
-/// runs that were killed (PID no longer running), saying on stderr what it
-/// removed; returns them. Whether a process runs is read from /proc, so
-/// elsewhere than Linux they are left (with a note saying so).
-pub fn remove_stale_temp_dirs(parent: &Path, name: &str) -> Vec<PathBuf> {
+/// runs that were killed (PID no longer running); returns a note for the
+/// user about each one it found (removed, or left and why). Whether a
+/// process runs is read from /proc, so elsewhere than Linux they are left
+/// (with a note saying so).
+pub fn remove_stale_temp_dirs(parent: &Path, name: &str) -> Vec<String> {
     let head = format!(".{name}.tmp-");
     let own = std::process::id();
-    let mut removed = Vec::new();
+    let mut notes = Vec::new();
     let Ok(entries) = fs::read_dir(parent) else {
-        return removed;
+        return notes;
     };
     for e in entries.flatten() {
         let file_name = e.file_name().to_string_lossy().into_owned();
@@ -518,34 +523,31 @@ pub fn remove_stale_temp_dirs(parent: &Path, name: &str) -> Vec<PathBuf> {
         let path = e.path();
         if cfg!(target_os = "linux") {
             if Path::new(&format!("/proc/{pid}")).exists() {
-                eprintln!(
+                notes.push(format!(
                     "note: {} belongs to process {pid}, which is still running; left alone",
                     path.display()
-                );
+                ));
                 continue;
             }
             match fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    eprintln!(
-                        "note: removed {}, the unfinished output of an interrupted run (process {pid}, no longer running)",
-                        path.display()
-                    );
-                    removed.push(path);
-                }
-                Err(err) => eprintln!(
+                Ok(()) => notes.push(format!(
+                    "note: removed {}, the unfinished output of an interrupted run (process {pid}, no longer running)",
+                    path.display()
+                )),
+                Err(err) => notes.push(format!(
                     "note: could not remove {}, the unfinished output of an interrupted run: {}",
                     path.display(),
                     Error::io(&path, err)
-                ),
+                )),
             }
         } else {
-            eprintln!(
+            notes.push(format!(
                 "note: {} may be the unfinished output of an interrupted run (process {pid}); this OS gives no way to check whether it still runs, so it is left: remove it if no other run is writing",
                 path.display()
-            );
+            ));
         }
     }
-    removed
+    notes
 }
 
 fn refuse_existing(output: &Path) -> Result<()> {
