@@ -19,8 +19,9 @@
 //! CE:        dl_p = (softmax(l_p) - onehot(label_p)) / N
 //! ```
 //!
-//! Only the CPU implements [`Grad`] today; the GPU backends will implement
-//! the same trait, tested against these functions.
+//! These CPU functions are the reference: wgpu (`wgpu/backward.rs`) and
+//! CUDA (`cuda/backward.rs`) implement the same trait, tested against them
+//! (`verify/ops/backward.rs`).
 
 use rayon::prelude::*;
 

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 
-use crate::backend::{AttnShape, Backend, Rope};
+use crate::backend::{AttnShape, Backend, Grad, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -192,6 +192,52 @@ impl Backend for Cuda {
         _pos0: usize,
         _shape: AttnShape,
     ) -> Result<Infallible> {
+        match self.0 {}
+    }
+}
+
+impl Grad for Cuda {
+    fn linear_backward(&self, _dy: &Infallible, _w: &CudaWeight) -> Result<Infallible> {
+        match self.0 {}
+    }
+    fn rms_norm_backward(
+        &self,
+        _x: &Infallible,
+        _w: &Infallible,
+        _eps: f32,
+        _dy: &Infallible,
+    ) -> Result<Infallible> {
+        match self.0 {}
+    }
+    fn rope_backward(
+        &self,
+        _dy: &Infallible,
+        _heads: usize,
+        _rope: &Rope,
+        _pos0: usize,
+    ) -> Result<Infallible> {
+        match self.0 {}
+    }
+    fn gated_backward(
+        &self,
+        _gate: &Infallible,
+        _up: &Infallible,
+        _dy: &Infallible,
+        _act: Act,
+    ) -> Result<(Infallible, Infallible)> {
+        match self.0 {}
+    }
+    fn attention_backward(
+        &self,
+        _q: &Infallible,
+        _k: &Infallible,
+        _v: &Infallible,
+        _dout: &Infallible,
+        _shape: AttnShape,
+    ) -> Result<(Infallible, Infallible, Infallible)> {
+        match self.0 {}
+    }
+    fn cross_entropy(&self, _logits: &Infallible, _labels: &[u32]) -> Result<(f64, Infallible)> {
         match self.0 {}
     }
 }

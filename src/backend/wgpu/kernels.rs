@@ -15,6 +15,7 @@ use crate::error::Result;
 const SOURCES: &[(&str, &str)] = &[
     ("common.wgsl", include_str!("../../../shaders/common.wgsl")),
     ("packed.wgsl", include_str!("../../../shaders/packed.wgsl")),
+    ("act.wgsl", include_str!("../../../shaders/act.wgsl")),
     (
         "elementwise.wgsl",
         include_str!("../../../shaders/elementwise.wgsl"),
@@ -38,6 +39,10 @@ const SOURCES: &[(&str, &str)] = &[
     (
         "attention.wgsl",
         include_str!("../../../shaders/attention.wgsl"),
+    ),
+    (
+        "backward.wgsl",
+        include_str!("../../../shaders/backward.wgsl"),
     ),
     (
         "act_quant.wgsl",

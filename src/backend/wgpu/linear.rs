@@ -36,9 +36,9 @@ const A8_PREFILL_TOKENS: usize = 4;
 
 /// Rows `row0..row0 + rows` of a dense weight.
 pub struct DenseChunk {
-    row0: usize,
-    rows: usize,
-    buf: wgpu::Buffer,
+    pub(super) row0: usize,
+    pub(super) rows: usize,
+    pub(super) buf: wgpu::Buffer,
 }
 
 /// Rows `row0..row0 + rows` of a packed weight: codes and (scale, zero).

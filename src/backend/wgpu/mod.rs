@@ -15,6 +15,7 @@
 //! exactly an f16 (f16 checkpoints), else f32; packed weights keep the
 //! bytes of `quant::format`.
 
+mod backward;
 mod device;
 mod encode;
 mod kernels;
