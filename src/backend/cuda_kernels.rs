@@ -40,6 +40,16 @@ pub const SOURCES: &[KernelSource] = &[
         entries: &["attention_f32"],
     },
     KernelSource {
+        file: "backward.cu",
+        src: include_str!("../../kernels/backward.cu"),
+        entries: &[
+            "gated_backward_f32",
+            "rms_norm_backward_f32",
+            "linear_backward_f32",
+            "linear_backward_f16",
+        ],
+    },
+    KernelSource {
         file: "convert.cu",
         src: include_str!("../../kernels/convert.cu"),
         entries: &[

@@ -25,6 +25,7 @@
 //!   `capacity x kv_dim` f32 (the CPU cache's layout), written in place by
 //!   device copies; attention reads positions `0..pos0 + n` of them.
 
+mod backward;
 mod linear;
 mod ops;
 
