@@ -100,6 +100,13 @@ fn packed_prefill_every_format() {
 }
 
 #[test]
+fn backward_ops() {
+    if let Some(p) = one("backward_ops") {
+        backend_ops::backward_ops(&p, None);
+    }
+}
+
+#[test]
 fn attention_non_causal() {
     if let Some(p) = one("attention_non_causal") {
         backend_ops::attention_non_causal(&p);

@@ -57,6 +57,11 @@ fn verify_ops_suite() {
 }
 
 #[test]
+fn backward_ops() {
+    backend_ops::backward_ops(&both(), Some(("split", gpu_split())));
+}
+
+#[test]
 fn add_act_gated() {
     backend_ops::add_act_gated(&both());
 }

@@ -156,6 +156,12 @@ pub fn w4a8_matches_cpu<B: Device>(paths: &[(&str, &B, bool)]) {
     checked(|c| ops::w4a8_matches_cpu(c, paths))
 }
 
+/// The backward ops of the sensitivity pass (`Grad`) on `paths`, and the
+/// dense input gradient over split weights on `split`.
+pub fn backward_ops<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
+    checked(|c| ops::backward_ops(c, paths, split))
+}
+
 /// The whole suite as `mbq verify --ops` runs it: every family appears.
 pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
     let c = ops::suite(paths, split);

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::wgpu::{Wgpu, WgpuWeight};
-use crate::backend::{AttnShape, Backend, Rope};
+use crate::backend::{AttnShape, Backend, Grad, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -77,6 +77,27 @@ pub struct Tolerances {
     /// 2e-6 leaves room for other devices' orders; a wrong code, zero or
     /// scale is off by > 1e-3.
     pub w4a8_int: f32,
+    /// gated_backward, per value: |gpu - cpu| <= grad_act * max(1, |gate|)
+    /// max(1, |up|) max(1, |dy|). The derivatives use the same erf / tanh /
+    /// exp approximations as `act` (within 2e-7 or a few ulp of libm's),
+    /// times up to 3 more roundings.
+    pub grad_act: f32,
+    /// rms_norm_backward, relative to the output's scale: both sums of the
+    /// row in f32 in another order (the CPU's dot sum is f64).
+    pub grad_norm: f32,
+    /// rope_backward: the forward rotation with negated frequencies; sin is
+    /// odd, so the table is the CPU's and only the multiply-adds differ.
+    pub grad_rope: f32,
+    /// linear_backward (dX = dY W, dense), relative to the output's scale:
+    /// f32 accumulation in another order, as `linear`.
+    pub grad_linear: f32,
+    /// attention_backward, each of dq, dk, dv relative to its scale
+    /// (recomputed softmax, another summation order; 0 for a host fallback
+    /// running the CPU code).
+    pub grad_attn: f32,
+    /// cross_entropy: the loss relative to the CPU's and the gradient
+    /// relative to its scale (0 for a host fallback running the CPU code).
+    pub grad_ce: f32,
 }
 
 impl Tolerances {
@@ -95,6 +116,12 @@ impl Tolerances {
         act_quant_same: 1e-6,
         act_quant_max_step_fraction: 0.01,
         w4a8_int: 2e-6,
+        grad_act: 2e-6,
+        grad_norm: 1e-5,
+        grad_rope: 1e-6,
+        grad_linear: 1e-5,
+        grad_attn: 1e-5,
+        grad_ce: 1e-6,
     };
 
     /// wgpu: Vulkan lets a device round a division to within 2.5 ulp, so
@@ -112,7 +139,7 @@ impl Tolerances {
 }
 
 /// A backend under test: what the generic checks need beyond [`Backend`].
-pub trait Device: Backend {
+pub trait Device: Grad {
     /// The backend's row of the tolerance table.
     const TOL: Tolerances;
     /// Most rows a product still runs as a GEMV (decode) before the GEMM:
@@ -195,6 +222,12 @@ pub const FAMILIES: &[&str] = &[
     "linear_dense",
     "linear_packed",
     "linear_a8",
+    "gated_backward",
+    "rms_norm_backward",
+    "rope_backward",
+    "linear_backward",
+    "attention_backward",
+    "cross_entropy",
     "errors",
 ];
 
@@ -401,10 +434,12 @@ fn is_err<T>(r: Result<T>) -> std::result::Result<(), String> {
 }
 
 mod attention;
+mod backward;
 mod elementwise;
 mod linear;
 
 pub use attention::*;
+pub use backward::*;
 pub use elementwise::*;
 pub use linear::*;
 
@@ -430,6 +465,7 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) -> Chec
     for &(path, g) in paths {
         shape_errors_are_errors(&mut c, path, g);
     }
+    backward_ops(&mut c, paths, split);
     if let Some((path, g)) = split {
         split_weights(&mut c, path, g, g.integer_a8());
     }
