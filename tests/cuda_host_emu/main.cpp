@@ -37,6 +37,9 @@ namespace conv {
 namespace gemm {
 #include "../../kernels/gemm.cu"
 }
+namespace bw {
+#include "../../kernels/backward.cu"
+}
 // pack_group of src/quant/format.rs, transcribed.
 static void pack_group(const uint8_t *codes, int g, int bits, uint32_t *words) {
     int wpg = g * bits / 32;
@@ -72,6 +75,7 @@ static void check(const char *name, const std::vector<float> &y, const std::vect
     check_tol(name, y, want, scale, TOL);
 }
 static void new_kernels();
+static void backward_kernels();
 typedef void (*PK)(const float *, const uint32_t *, const uint32_t *, const float *, float *, int, int);
 int main() {
     struct E { int bits, group; PK k; };
@@ -160,6 +164,7 @@ int main() {
         check("rms_norm_f32", yr, wr, sr);
     }
     new_kernels();
+    backward_kernels();
     printf("%d passed, %d failed\n", passes, fails);
     return fails != 0;
 }
@@ -382,5 +387,111 @@ static void new_kernels() {
         std::vector<double> wb(rows * out), sb(rows * out, 0.0);
         for (int i = 0; i < rows * out; i++) wb[i] = (double)(y[i] + b[i % out]);
         check_tol("bias_rows_f32", yb, wb, sb, 0.0);
+    }
+}
+
+// backward.cu (the sensitivity pass): f64 references of the formulas in
+// src/backend/backward.rs.
+static void backward_kernels() {
+    char name[96];
+    // gated_backward: dg = dy up act'(g), du = dy act(g); error relative to
+    // max(1, |g|) max(1, |up|) max(1, |dy|) (as verify/ops/backward.rs).
+    {
+        int n = 777;
+        auto g = rvec(n, 6.0f), u = rvec(n, 2.0f), d = rvec(n, 1.5f);
+        std::vector<float> dg(n), du(n);
+        const char *names[] = {"gelu", "gelu_tanh", "quick_gelu", "silu", "relu"};
+        for (int a = 0; a < 5; a++) {
+            std::vector<double> wg(n), wu(n), sc(n);
+            for (int i = 0; i < n; i++) {
+                double x = g[i], f, fp;
+                double sq = std::sqrt(2 / M_PI);
+                switch (a) {
+                    case 0:
+                        f = 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+                        fp = 0.5 * (1 + std::erf(x / std::sqrt(2.0))) + x * std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
+                        break;
+                    case 1: {
+                        double t = std::tanh(sq * (x + 0.044715 * x * x * x));
+                        f = 0.5 * x * (1 + t);
+                        fp = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * sq * (1 + 3 * 0.044715 * x * x);
+                        break;
+                    }
+                    case 2: {
+                        double s = 1 / (1 + std::exp(-1.702 * x));
+                        f = x * s;
+                        fp = s + 1.702 * x * s * (1 - s);
+                        break;
+                    }
+                    case 3: {
+                        double s = 1 / (1 + std::exp(-x));
+                        f = x * s;
+                        fp = s * (1 + x * (1 - s));
+                        break;
+                    }
+                    default: f = x > 0 ? x : 0; fp = x > 0 ? 1 : 0;
+                }
+                double scale = std::max(1.0, std::fabs(x)) * std::max(1.0, (double)std::fabs(u[i])) *
+                               std::max(1.0, (double)std::fabs(d[i]));
+                // check_tol divides by (scale + 1): pass scale - 1.
+                wg[i] = d[i] * u[i] * fp; wu[i] = d[i] * f; sc[i] = scale - 1;
+            }
+            launch(2, 256, [&] { bw::gated_backward_f32(g.data(), u.data(), d.data(), dg.data(), du.data(), n, a); });
+            snprintf(name, 96, "gated_backward dg %s", names[a]);
+            check_tol(name, dg, wg, sc, 2e-6);
+            snprintf(name, 96, "gated_backward du %s", names[a]);
+            check_tol(name, du, wu, sc, 2e-6);
+        }
+    }
+    // rms_norm_backward, one block per row; error relative to the row's scale.
+    for (auto sh : std::vector<std::pair<int, int>>{{5, 300}, {3, 33}, {1, 7}}) {
+        int rows = sh.first, cols = sh.second;
+        auto x = rvec(rows * cols, 2.0f), w = rvec(cols, 1.5f), d = rvec(rows * cols, 1.0f);
+        std::vector<float> dx(rows * cols);
+        launch(rows, 256, [&] { bw::rms_norm_backward_f32(x.data(), w.data(), d.data(), dx.data(), rows, cols, 1e-6f); });
+        std::vector<double> want(rows * cols), sc(rows * cols, 0.0);
+        for (int r = 0; r < rows; r++) {
+            double ss = 0, dot = 0;
+            for (int i = 0; i < cols; i++) {
+                double v = x[r * cols + i];
+                ss += v * v;
+                dot += (double)d[r * cols + i] * w[i] * v;
+            }
+            double inv = 1 / std::sqrt(ss / cols + 1e-6);
+            double k = inv * inv * inv * dot / cols;
+            for (int i = 0; i < cols; i++) want[r * cols + i] = inv * w[i] * d[r * cols + i] - k * x[r * cols + i];
+        }
+        snprintf(name, 96, "rms_norm_backward %dx%d", rows, cols);
+        check(name, dx, want, sc);
+    }
+    // linear_backward: dx = dy W (W [out, in] not transposed), f32 and f16
+    // weights, some dy exactly zero (skipped by the kernel).
+    for (auto sh : std::vector<std::array<int, 3>>{{7, 37, 45}, {1, 5, 3}, {13, 130, 67}}) {
+        int rows = sh[0], out = sh[1], in = sh[2];
+        auto d = rvec(rows * out, 1.0f), w = rvec(out * in, 0.5f);
+        for (int i = 0; i < rows * out; i += 3) d[i] = 0;
+        std::vector<unsigned short> wh(out * in);
+        std::vector<float> wf(out * in);
+        for (int i = 0; i < out * in; i++) {
+            wh[i] = (unsigned short)(0x3000 + rnd() % 0x0c00) | (rnd() & 1 ? 0x8000 : 0);
+            wf[i] = mbq_host_f16(wh[i]);
+        }
+        for (int f16 = 0; f16 < 2; f16++) {
+            const std::vector<float> &wv = f16 ? wf : w;
+            std::vector<float> dx(rows * in, -3.0f);
+            if (f16)
+                launch(3, 256, [&] { bw::linear_backward_f16(d.data(), wh.data(), dx.data(), rows, out, in); });
+            else
+                launch(3, 256, [&] { bw::linear_backward_f32(d.data(), w.data(), dx.data(), rows, out, in); });
+            std::vector<double> want(rows * in), sc(rows * in);
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < in; j++) {
+                    double acc = 0, a = 0;
+                    for (int o = 0; o < out; o++) { double p = (double)d[r * out + o] * wv[o * in + j]; acc += p; a += std::fabs(p); }
+                    want[r * in + j] = acc; sc[r * in + j] = a;
+                }
+            snprintf(name, 96, "linear_backward_%s %dx%dx%d", f16 ? "f16" : "f32", rows, out, in);
+            check(name, dx, want, sc);
+        }
     }
 }

@@ -22,6 +22,8 @@ using std::min;
 #define __launch_bounds__(x)
 #define __shared__ static
 struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
+static inline float2 make_float2(float a, float b) { return {a, b}; }
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
