@@ -5,10 +5,14 @@
 //! angle), `gated_backward`, `rms_norm_backward` and `linear_backward`
 //! (dense weights, f32 or f16 pairs) in `shaders/backward.wgsl`.
 //!
-//! Host fallbacks (download, the CPU reference of `backend/backward.rs`,
+//! `attention_backward` runs `shaders/attention_backward.wgsl` (two passes
+//! through a `[heads, n, n]` scratch of probabilities and score gradients,
+//! so that dk / dv need no float atomics), or, when that scratch would not
+//! fit one storage binding, the host fallback below.
+//!
+//! Host fallback (download, the CPU reference of `backend/backward.rs`,
 //! upload), documented as such: `cross_entropy` (O(rows x vocab) once per
-//! sample) and `attention_backward` (a kernel needs dk/dv accumulation
-//! across the query heads of a group without float atomics; not yet).
+//! sample).
 
 use super::linear::WgpuWeight;
 use super::{shape_err, u32_of, Wgpu, WgpuTensor, WG};
@@ -17,6 +21,9 @@ use crate::backend::cpu::Cpu;
 use crate::backend::{act_code, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
+
+/// Threads of attention_backward.wgsl's workgroups (keys, then dims).
+const ATTN_BW_WG: u32 = 64;
 
 impl Grad for Wgpu {
     fn linear_backward(&self, dy: &WgpuTensor, w: &WgpuWeight) -> Result<WgpuTensor> {
@@ -161,8 +168,9 @@ impl Grad for Wgpu {
         Ok((dg, du))
     }
 
-    /// Host fallback: downloads q, k, v and dout, runs the CPU reference
-    /// and uploads dq, dk, dv.
+    /// On the device (attention_backward.wgsl) through a scratch of
+    /// `2 heads n^2` f32; a host fallback (download, the CPU reference,
+    /// upload) when that scratch would not fit one storage binding.
     fn attention_backward(
         &self,
         q: &WgpuTensor,
@@ -171,14 +179,87 @@ impl Grad for Wgpu {
         dout: &WgpuTensor,
         shape: AttnShape,
     ) -> Result<(WgpuTensor, WgpuTensor, WgpuTensor)> {
-        let (dq, dk, dv) = Cpu.attention_backward(
-            &self.download(q)?,
-            &self.download(k)?,
-            &self.download(v)?,
-            &self.download(dout)?,
-            shape,
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale,
+        } = shape;
+        let n = q.rows;
+        if kv_heads == 0
+            || heads % kv_heads != 0
+            || q.cols != heads * d
+            || (k.rows, k.cols) != (n, kv_heads * d)
+            || (v.rows, v.cols) != (k.rows, k.cols)
+            || (dout.rows, dout.cols) != (q.rows, q.cols)
+        {
+            return Err(shape_err(
+                "attention_backward",
+                format!(
+                    "q [{}, {}], k [{}, {}], v [{}, {}], dout [{}, {}] for {heads} heads / \
+                     {kv_heads} kv heads of {d}",
+                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, dout.rows, dout.cols
+                ),
+            ));
+        }
+        let scratch = (heads * n * n * 4) as u64;
+        if scratch > self.rec.ctx.max_binding {
+            let (dq, dk, dv) = Cpu.attention_backward(
+                &self.download(q)?,
+                &self.download(k)?,
+                &self.download(v)?,
+                &self.download(dout)?,
+                shape,
+            )?;
+            return Ok((self.upload(&dq)?, self.upload(&dk)?, self.upload(&dv)?));
+        }
+        let dq = self.tensor(n, q.cols, "attention_backward dq")?;
+        let dk = self.tensor(n, k.cols, "attention_backward dk")?;
+        let dv = self.tensor(n, k.cols, "attention_backward dv")?;
+        if n == 0 || d == 0 || heads == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let pbuf = self.rec.output(scratch)?;
+        let sbuf = self.rec.output(scratch)?;
+        let params = [
+            u32_of("attention_backward", n)?,
+            heads as u32,
+            kv_heads as u32,
+            d as u32,
+            scale.to_bits(),
+        ];
+        let key = self.key("attention_backward.wgsl", "rows", ATTN_BW_WG);
+        self.rec.dispatch(
+            &key,
+            &[
+                (0, q.buf()),
+                (1, k.buf()),
+                (2, v.buf()),
+                (3, dout.buf()),
+                (4, pbuf.get()),
+                (5, sbuf.get()),
+                (6, dq.buf()),
+            ],
+            9,
+            &params,
+            u32_of("attention_backward", n * heads)?,
         )?;
-        Ok((self.upload(&dq)?, self.upload(&dk)?, self.upload(&dv)?))
+        let key = self.key("attention_backward.wgsl", "cols", ATTN_BW_WG);
+        self.rec.dispatch(
+            &key,
+            &[
+                (0, q.buf()),
+                (3, dout.buf()),
+                (4, pbuf.get()),
+                (5, sbuf.get()),
+                (7, dk.buf()),
+                (8, dv.buf()),
+            ],
+            9,
+            &params,
+            u32_of("attention_backward", n * kv_heads)?,
+        )?;
+        Ok((dq, dk, dv))
     }
 
     /// Host fallback: downloads the logits, runs the CPU reference (f64

@@ -41,6 +41,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/attention.wgsl"),
     ),
     (
+        "attention_backward.wgsl",
+        include_str!("../../../shaders/attention_backward.wgsl"),
+    ),
+    (
         "backward.wgsl",
         include_str!("../../../shaders/backward.wgsl"),
     ),

@@ -32,7 +32,10 @@ pub fn backward_ops<B: Device + Grad>(
     rope_backward_matches(c, paths);
     linear_backward_matches(c, paths);
     if let Some(s) = split {
+        // Weights in several bindings; attention's scratch over the binding
+        // limit (wgpu: the host fallback).
         linear_backward_matches(c, &[s]);
+        attention_backward_matches(c, &[s]);
     }
     attention_backward_matches(c, paths);
     cross_entropy_matches(c, paths);
@@ -160,7 +163,7 @@ pub fn linear_backward_matches<B: Device + Grad>(c: &mut Checks, paths: &[(&str,
 
 /// Causal GQA at positions 0..n: (dq, dk, dv), each relative to its scale.
 pub fn attention_backward_matches<B: Device + Grad>(c: &mut Checks, paths: &[(&str, &B)]) {
-    for &(n, heads, kv_heads, d) in &[(13, 4, 2, 10), (40, 3, 3, 64)] {
+    for &(n, heads, kv_heads, d) in &[(13, 4, 2, 10), (40, 3, 3, 64), (150, 6, 2, 72)] {
         let mut r = rng(60 + n as u64);
         let q = random(&mut r, n, heads * d, 1.0);
         let k = random(&mut r, n, kv_heads * d, 1.0);
@@ -231,6 +234,22 @@ pub fn backward_errors<B: Device + Grad>(c: &mut Checks, path: &str, g: &B) {
                 (Ok(gd), Ok(gw)) => is_invalid(g.linear_backward(&gd, &gw)),
                 (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
             }
+        },
+    );
+    let q = random(&mut r, 3, 8, 1.0);
+    let k = random(&mut r, 3, 5, 1.0);
+    let shape = AttnShape {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        scale: 0.5,
+    };
+    c.expect(
+        "errors",
+        format!("{path} attention_backward q [3, 8], k [3, 5] for 2 / 1 heads of 4"),
+        || match (up(g, &q), up(g, &k)) {
+            (Ok(gq), Ok(gk)) => is_invalid(g.attention_backward(&gq, &gk, &gk, &gq, shape)),
+            (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
         },
     );
     let x = random(&mut r, 3, 5, 1.0);

@@ -93,7 +93,7 @@ pub struct Tolerances {
     pub grad_linear: f32,
     /// attention_backward, each of dq, dk, dv relative to its scale
     /// (recomputed softmax, another summation order; 0 for a host fallback
-    /// running the CPU code).
+    /// running the CPU code). lavapipe: up to 7.8e-7 at n 150, d 72.
     pub grad_attn: f32,
     /// cross_entropy: the loss relative to the CPU's and the gradient
     /// relative to its scale (0 for a host fallback running the CPU code).
