@@ -28,6 +28,24 @@
 //     Launch: blockDim = (BW_THREADS, 1, 1), any gridDim.x >= 1
 //     (grid-stride loop over m * inp outputs; consecutive threads read
 //     consecutive columns of a row of w).
+//   attention_backward_rows_f32(const float *q, const float *k, const float *v,
+//                               const float *dout, float *P, float *S, float *dq,
+//                               int n, int heads, int kv_heads, int d, float scale)
+//   attention_backward_cols_f32(const float *q, const float *dout, const float *P,
+//                               const float *S, float *dk, float *dv,
+//                               int n, int heads, int kv_heads, int d, float scale)
+//       The backward of causal GQA at positions 0..n (query r sees keys
+//       0..=r) in two launches without atomics, through a global scratch
+//       P, S [heads, n, n] (only j <= r is written and read). q, dout, dq
+//       [n, heads d]; k, v, dk, dv [n, kv_heads d].
+//       rows: one block per (r, h) (blockIdx.x = r heads + h), threads over
+//       the keys: s_j = scale q_r.k_j, p = softmax(s), dP_j = do_r.v_j,
+//       D = sum_j p_j dP_j, dS_j = p_j (dP_j - D) -> P, S; then threads over
+//       the dims: dq[r, h d + c] = scale sum_j dS_j k_j[c].
+//       cols: one block per (j, g) (blockIdx.x = j kv_heads + g), threads
+//       over the dims: dk[j, g d + c] = scale sum_{h in group g, r >= j}
+//       S[h, r, j] q_r[h d + c], dv likewise with P and dout.
+//     Launch (both): blockDim.x a multiple of 32, <= 1024 (BW_THREADS).
 
 #define BW_THREADS 256
 
@@ -99,11 +117,13 @@ static __device__ __forceinline__ float2 bw_warp_sum2(float2 v) {
     return v;
 }
 
-// The sums of `v` over the block, returned to every thread (called once).
+// The sums of `v` over the block, returned to every thread (every thread
+// of the block calls it; it may be called again).
 static __device__ __forceinline__ float2 bw_block_sum2(float2 v) {
     __shared__ float2 partial[32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
+    __syncthreads();  // a previous call's readers are done with `partial`
     v = bw_warp_sum2(v);
     if (lane == 0) {
         partial[warp] = v;
@@ -185,5 +205,117 @@ extern "C" __global__ void __launch_bounds__(BW_THREADS)
             }
         }
         dx[i] = acc;
+    }
+}
+
+// The maximum of `v` over the block, returned to every thread.
+static __device__ __forceinline__ float bw_block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    __syncthreads();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    }
+    if (lane == 0) {
+        partial[warp] = v;
+    }
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = lane < warps ? partial[lane] : -3.0e38f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    }
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(BW_THREADS)
+    attention_backward_rows_f32(const float *q, const float *k, const float *v,
+                                const float *dout, float *P, float *S, float *dq, int n,
+                                int heads, int kv_heads, int d, float scale) {
+    const int r = blockIdx.x / heads;
+    const int h = blockIdx.x % heads;
+    if (r >= n) {
+        return;  // the whole block leaves together
+    }
+    const long long qs = (long long)heads * d;
+    const long long kvs = (long long)kv_heads * d;
+    const long long ko = (long long)(h / (heads / kv_heads)) * d;
+    const float *qr = q + r * qs + (long long)h * d;
+    const float *dor = dout + r * qs + (long long)h * d;
+    float *Pr = P + ((long long)h * n + r) * n;
+    float *Sr = S + ((long long)h * n + r) * n;
+    const int len = r + 1;
+    float m = -3.0e38f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float *kj = k + j * kvs + ko;
+        float s = 0.0f;
+        for (int c = 0; c < d; c++) {
+            s += qr[c] * kj[c];
+        }
+        s *= scale;
+        Pr[j] = s;
+        m = fmaxf(m, s);
+    }
+    m = bw_block_max(m);
+    float l = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float e = expf(Pr[j] - m);
+        Pr[j] = e;
+        l += e;
+    }
+    l = bw_block_sum2(make_float2(l, 0.0f)).x;
+    float dd = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const float pj = Pr[j] / l;
+        Pr[j] = pj;
+        const float *vj = v + j * kvs + ko;
+        float g = 0.0f;
+        for (int c = 0; c < d; c++) {
+            g += dor[c] * vj[c];
+        }
+        Sr[j] = g;
+        dd += pj * g;
+    }
+    dd = bw_block_sum2(make_float2(dd, 0.0f)).x;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        Sr[j] = Pr[j] * (Sr[j] - dd);
+    }
+    __syncthreads();  // Sr complete for every thread of the block
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < len; j++) {
+            acc += Sr[j] * k[j * kvs + ko + c];
+        }
+        dq[r * qs + (long long)h * d + c] = scale * acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BW_THREADS)
+    attention_backward_cols_f32(const float *q, const float *dout, const float *P,
+                                const float *S, float *dk, float *dv, int n, int heads,
+                                int kv_heads, int d, float scale) {
+    const int j = blockIdx.x / kv_heads;
+    const int g = blockIdx.x % kv_heads;
+    if (j >= n) {
+        return;
+    }
+    const long long qs = (long long)heads * d;
+    const long long kvs = (long long)kv_heads * d;
+    const int group = heads / kv_heads;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            for (int r = j; r < n; r++) {
+                const long long e = ((long long)h * n + r) * n + j;
+                const long long o = r * qs + (long long)h * d + c;
+                ak += S[e] * q[o];
+                av += P[e] * dout[o];
+            }
+        }
+        dk[j * kvs + (long long)g * d + c] = scale * ak;
+        dv[j * kvs + (long long)g * d + c] = av;
     }
 }

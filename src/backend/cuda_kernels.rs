@@ -47,6 +47,8 @@ pub const SOURCES: &[KernelSource] = &[
             "rms_norm_backward_f32",
             "linear_backward_f32",
             "linear_backward_f16",
+            "attention_backward_rows_f32",
+            "attention_backward_cols_f32",
         ],
     },
     KernelSource {

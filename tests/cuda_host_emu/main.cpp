@@ -494,4 +494,58 @@ static void backward_kernels() {
             check(name, dx, want, sc);
         }
     }
+    // attention_backward rows then cols (causal GQA), f64 reference;
+    // error relative to sum |terms| + 1 of each output.
+    for (auto sh : std::vector<std::array<int, 4>>{{13, 4, 2, 10}, {37, 2, 1, 40}}) {
+        int n = sh[0], heads = sh[1], kvh = sh[2], d = sh[3];
+        int qs = heads * d, kvs = kvh * d, group = heads / kvh;
+        float scale = 1.0f / std::sqrt((float)d);
+        auto q = rvec(n * qs, 1.0f), k = rvec(n * kvs, 1.0f), v = rvec(n * kvs, 1.0f), dout = rvec(n * qs, 1.0f);
+        std::vector<float> P(heads * n * n), S(heads * n * n), dq(n * qs, -3.0f), dk(n * kvs, -3.0f), dv(n * kvs, -3.0f);
+        launch(n * heads, 256, [&] {
+            bw::attention_backward_rows_f32(q.data(), k.data(), v.data(), dout.data(), P.data(), S.data(), dq.data(), n, heads, kvh, d, scale);
+        });
+        launch(n * kvh, 256, [&] {
+            bw::attention_backward_cols_f32(q.data(), dout.data(), P.data(), S.data(), dk.data(), dv.data(), n, heads, kvh, d, scale);
+        });
+        std::vector<double> wq(n * qs, 0), wk(n * kvs, 0), wv(n * kvs, 0), sq(n * qs, 0), sk(n * kvs, 0), sv(n * kvs, 0);
+        for (int h = 0; h < heads; h++) {
+            int ko = (h / group) * d;
+            for (int r = 0; r < n; r++) {
+                std::vector<double> p(r + 1), dp(r + 1);
+                double m = -1e300, l = 0, dd = 0;
+                for (int j = 0; j <= r; j++) {
+                    double s = 0;
+                    for (int c = 0; c < d; c++) s += (double)q[r * qs + h * d + c] * k[j * kvs + ko + c];
+                    p[j] = s * scale;
+                    m = std::max(m, p[j]);
+                }
+                for (int j = 0; j <= r; j++) { p[j] = std::exp(p[j] - m); l += p[j]; }
+                for (int j = 0; j <= r; j++) {
+                    p[j] /= l;
+                    double g = 0;
+                    for (int c = 0; c < d; c++) g += (double)dout[r * qs + h * d + c] * v[j * kvs + ko + c];
+                    dp[j] = g;
+                    dd += p[j] * g;
+                }
+                for (int j = 0; j <= r; j++) {
+                    double ds = p[j] * (dp[j] - dd);
+                    for (int c = 0; c < d; c++) {
+                        double a = scale * ds * k[j * kvs + ko + c];
+                        wq[r * qs + h * d + c] += a; sq[r * qs + h * d + c] += std::fabs(a);
+                        double b = scale * ds * q[r * qs + h * d + c];
+                        wk[j * kvs + ko + c] += b; sk[j * kvs + ko + c] += std::fabs(b);
+                        double e = p[j] * dout[r * qs + h * d + c];
+                        wv[j * kvs + ko + c] += e; sv[j * kvs + ko + c] += std::fabs(e);
+                    }
+                }
+            }
+        }
+        snprintf(name, 96, "attn_backward dq n%d %d/%d d%d", n, heads, kvh, d);
+        check(name, dq, wq, sq);
+        snprintf(name, 96, "attn_backward dk n%d %d/%d d%d", n, heads, kvh, d);
+        check(name, dk, wk, sk);
+        snprintf(name, 96, "attn_backward dv n%d %d/%d d%d", n, heads, kvh, d);
+        check(name, dv, wv, sv);
+    }
 }

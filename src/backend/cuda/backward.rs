@@ -6,9 +6,13 @@
 //! (dense f32 or f16 weights; packed weights are an invalid-input error,
 //! as on the CPU) in `kernels/backward.cu`.
 //!
-//! Host fallbacks (download, the CPU reference of `backend/backward.rs`,
+//! `attention_backward` runs two kernels of backward.cu through a
+//! `[heads, n, n]` scratch (no float atomics), or the host fallback when
+//! that scratch would be over [`ATTN_BW_MAX_SCRATCH`] values.
+//!
+//! Host fallback (download, the CPU reference of `backend/backward.rs`,
 //! upload), documented as such: `cross_entropy` (O(rows x vocab) once per
-//! sample) and `attention_backward` (not yet a kernel).
+//! sample).
 
 use cudarc::driver::PushKernelArg;
 
@@ -19,8 +23,12 @@ use crate::backend::{act_code, AttnShape, Backend, Rope};
 use crate::config::Act;
 use crate::error::{Error, Result};
 
-/// backward.cu: BW_THREADS, and the block of rms_norm_backward_f32.
+/// backward.cu: BW_THREADS, and the block of rms_norm_backward_f32 and
+/// of the attention backward.
 const BW_THREADS: u32 = 256;
+/// Most f32 values of each of the attention backward's two scratch
+/// buffers (`heads n^2`, 256 MiB); past it the host fallback runs.
+const ATTN_BW_MAX_SCRATCH: usize = 1 << 26;
 
 fn invalid(op: &str, msg: String) -> Error {
     Error::invalid(format!("cuda {op}: {msg}"))
@@ -171,8 +179,9 @@ impl Grad for Cuda {
         Ok((dg, du))
     }
 
-    /// Host fallback: downloads q, k, v and dout, runs the CPU reference
-    /// and uploads dq, dk, dv.
+    /// On the device (backward.cu `attention_backward_rows_f32`, then
+    /// `_cols_f32`) through a `2 heads n^2` f32 scratch; a host fallback
+    /// (download, the CPU reference, upload) past [`ATTN_BW_MAX_SCRATCH`].
     fn attention_backward(
         &self,
         q: &CudaTensor,
@@ -181,14 +190,89 @@ impl Grad for Cuda {
         dout: &CudaTensor,
         shape: AttnShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        let (dq, dk, dv) = Cpu.attention_backward(
-            &self.download(q)?,
-            &self.download(k)?,
-            &self.download(v)?,
-            &self.download(dout)?,
-            shape,
-        )?;
-        Ok((self.upload(&dq)?, self.upload(&dk)?, self.upload(&dv)?))
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale,
+        } = shape;
+        let n = q.rows;
+        if kv_heads == 0
+            || heads % kv_heads != 0
+            || q.cols != heads * d
+            || (k.rows, k.cols) != (n, kv_heads * d)
+            || (v.rows, v.cols) != (k.rows, k.cols)
+            || (dout.rows, dout.cols) != (q.rows, q.cols)
+        {
+            return Err(invalid(
+                "attention_backward",
+                format!(
+                    "q [{}, {}], k [{}, {}], v [{}, {}], dout [{}, {}] for {heads} heads / \
+                     {kv_heads} kv heads of {d}",
+                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, dout.rows, dout.cols
+                ),
+            ));
+        }
+        let scratch = heads * n * n;
+        if scratch > ATTN_BW_MAX_SCRATCH {
+            let (dq, dk, dv) = Cpu.attention_backward(
+                &self.download(q)?,
+                &self.download(k)?,
+                &self.download(v)?,
+                &self.download(dout)?,
+                shape,
+            )?;
+            return Ok((self.upload(&dq)?, self.upload(&dk)?, self.upload(&dv)?));
+        }
+        let mut dq = self.tensor(n, q.cols)?;
+        let mut dk = self.tensor(n, k.cols)?;
+        let mut dv = self.tensor(n, k.cols)?;
+        if n == 0 || d == 0 || heads == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let mut pbuf = self.zeros(scratch)?;
+        let mut sbuf = self.zeros(scratch)?;
+        let (n_i, h_i, kv_i, d_i) = (
+            int(n, "attention_backward")?,
+            int(heads, "heads")?,
+            int(kv_heads, "kv_heads")?,
+            int(d, "head_dim")?,
+        );
+        let f = self.function("attention_backward_rows_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&q.data)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&dout.data)
+            .arg(&mut pbuf)
+            .arg(&mut sbuf)
+            .arg(&mut dq.data)
+            .arg(&n_i)
+            .arg(&h_i)
+            .arg(&kv_i)
+            .arg(&d_i)
+            .arg(&scale);
+        // SAFETY: backward.cu attention_backward_rows_f32, one block per
+        // (row, head); P, S hold heads n^2 values.
+        unsafe { l.launch(per_row(n * heads, BW_THREADS)) }.ctx("attention_backward_rows_f32")?;
+        let f = self.function("attention_backward_cols_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&q.data)
+            .arg(&dout.data)
+            .arg(&pbuf)
+            .arg(&sbuf)
+            .arg(&mut dk.data)
+            .arg(&mut dv.data)
+            .arg(&n_i)
+            .arg(&h_i)
+            .arg(&kv_i)
+            .arg(&d_i)
+            .arg(&scale);
+        // SAFETY: backward.cu attention_backward_cols_f32, one block per
+        // (key row, kv head), after the rows launch on the same stream.
+        unsafe { l.launch(per_row(n * kv_heads, BW_THREADS)) }
+            .ctx("attention_backward_cols_f32")?;
+        Ok((dq, dk, dv))
     }
 
     /// Host fallback: downloads the logits, runs the CPU reference (f64
