@@ -7,7 +7,7 @@
 use super::cpu::Cpu;
 use super::cuda::{self, Cuda, CudaOptions};
 use super::wgpu::{self, Wgpu, WgpuOptions};
-use super::{Backend, BackendKind};
+use super::{BackendKind, Grad};
 use crate::error::{Error, Result};
 
 /// How to open a backend, besides its kind.
@@ -154,11 +154,13 @@ impl AnyBackend {
 }
 
 /// Code generic over the backend (Rust has no generic closures): what
-/// [`AnyBackend::run`] and [`with_backend`] run.
+/// [`AnyBackend::run`] and [`with_backend`] run. Every backend has the
+/// backward ops too ([`Grad`]: the sensitivity pass); a job that needs only
+/// the forward may declare `run<B: Backend>`.
 pub trait BackendJob {
     type Output;
     /// Runs on `be`; `device` is [`AnyBackend::device`].
-    fn run<B: Backend>(self, be: &B, device: &str) -> Result<Self::Output>;
+    fn run<B: Grad>(self, be: &B, device: &str) -> Result<Self::Output>;
 }
 
 /// Resolves `kind` ([`resolve`], notes through `note`) and opens it.

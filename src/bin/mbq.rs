@@ -66,7 +66,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = mbq::calib::LossKind::Mae)]
         loss: mbq::calib::LossKind,
         /// Where the scale search runs: cpu, wgpu, cuda or auto (MBQ's
-        /// sensitivity pass runs on the CPU).
+        /// sensitivity pass runs there too).
         #[arg(long, default_value = "cpu")]
         backend: mbq::backend::BackendKind,
         /// Continue an interrupted calibration from its checkpoint.

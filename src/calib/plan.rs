@@ -165,13 +165,16 @@ pub fn settings(
         "image_folder".into(),
         json!(o.image_folder.as_deref().map(abs)),
     );
+    let backend = match backend {
+        BackendKind::Wgpu => "wgpu",
+        BackendKind::Cuda => "cuda",
+        _ => "cpu",
+    };
+    m.insert("backend".into(), json!(backend));
+    // Where MBQ's gradient pass ran: the same backend as the search.
     m.insert(
-        "backend".into(),
-        json!(match backend {
-            BackendKind::Wgpu => "wgpu",
-            BackendKind::Cuda => "cuda",
-            _ => "cpu",
-        }),
+        "sensitivity_backend".into(),
+        json!(o.method.needs_sensitivity().then_some(backend)),
     );
     m.insert("mbq_version".into(), json!(env!("CARGO_PKG_VERSION")));
     m

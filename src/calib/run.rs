@@ -4,8 +4,9 @@
 //! 1. the plan ([`Plan`]): the options checked once;
 //! 2. the calibration set ([`super::data`]): samples embedded by the VLM on
 //!    the CPU reference backend;
-//! 3. MBQ's sensitivity ([`super::sensitivity`]) on the CPU: per layer the
-//!    vision/caption gradient ratios;
+//! 3. MBQ's sensitivity ([`super::sensitivity`]) on `--backend` (the text
+//!    model loaded there, the backward ops of `backend::Grad`): per layer
+//!    the vision/caption gradient ratios;
 //! 4. the layer-by-layer scale search ([`super::search`]) on `--backend`
 //!    (CPU, wgpu or CUDA) with a checkpoint per layer
 //!    ([`super::checkpoint`]), the chosen scales folded into the host
@@ -28,7 +29,7 @@ use super::report_svg;
 use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, BackendJob, BackendOptions};
+use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::DecoderSpec;
@@ -143,7 +144,23 @@ pub fn quantize_model(
     // Stage 3: MBQ's modality sensitivity of every layer.
     if o.method.needs_sensitivity() && state.grads.is_none() {
         let t0 = Instant::now();
-        state.grads = Some(sensitivity(&vlm.text, &set.samples, &xs, &mut progress)?);
+        let grads = match search_backend {
+            BackendKind::Wgpu | BackendKind::Cuda => crate::backend::with_backend(
+                search_backend,
+                &BackendOptions::default(),
+                |_| {},
+                SensitivityJob {
+                    weights: &weights,
+                    prefixes: &prefixes,
+                    cfg: &vlm.cfg,
+                    samples: &set.samples,
+                    xs: &xs,
+                    progress: &mut progress,
+                },
+            )?,
+            _ => sensitivity(&Cpu, &vlm.text, &set.samples, &xs, &mut progress)?,
+        };
+        state.grads = Some(grads);
         state.sensitivity_seconds = t0.elapsed().as_secs_f64();
         checkpoint::write_state(&ckpt, &state)?;
     }
@@ -309,8 +326,9 @@ pub fn load_host_layers(
 
 /// Mean |grad| per layer, averaged over samples. Vision means average over
 /// the samples that have vision tokens.
-fn sensitivity(
-    text: &TextModel<Cpu>,
+fn sensitivity<B: Grad>(
+    be: &B,
+    text: &TextModel<B>,
     samples: &[CalibSample],
     xs: &[Tensor],
     progress: &mut impl FnMut(CalibProgress<'_>),
@@ -318,7 +336,7 @@ fn sensitivity(
     let mut sum = vec![LayerGrad::default(); text.layers.len()];
     let (mut n_vis, mut n) = (0usize, 0usize);
     for (k, (s, x)) in samples.iter().zip(xs).enumerate() {
-        let r = sample_sensitivity(&Cpu, text, x, &s.ids, &s.vision, &s.caption)
+        let r = sample_sensitivity(be, text, x, &s.ids, &s.vision, &s.caption)
             .map_err(|e| Error::invalid(format!("sensitivity of sample {}: {e}", s.id)))?;
         for (acc, g) in sum.iter_mut().zip(&r.layers) {
             if r.has_vision {
@@ -524,6 +542,35 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
                 })
                 .collect(),
         })
+    }
+}
+
+/// The sensitivity pass on a device as a job for
+/// [`crate::backend::with_backend`]: the text model loaded on it (the
+/// samples' embeddings come from the CPU's VLM), named on stderr.
+struct SensitivityJob<'a, P: FnMut(CalibProgress<'_>)> {
+    weights: &'a WeightFiles,
+    prefixes: &'a Prefixes,
+    cfg: &'a VlmConfig,
+    samples: &'a [CalibSample],
+    xs: &'a [Tensor],
+    progress: &'a mut P,
+}
+
+impl<P: FnMut(CalibProgress<'_>)> BackendJob for SensitivityJob<'_, P> {
+    type Output = Vec<LayerGrad>;
+    fn run<B: Grad>(self, be: &B, device: &str) -> Result<Vec<LayerGrad>> {
+        (self.progress)(CalibProgress::Note(format!(
+            "sensitivity on {}: {device}",
+            be.name()
+        )));
+        let text = TextModel::load(
+            be,
+            &self.weights.pp(&self.prefixes.text),
+            &self.weights.pp(&self.prefixes.lm_head),
+            &self.cfg.text,
+        )?;
+        sensitivity(be, &text, self.samples, self.xs, self.progress)
     }
 }
 
