@@ -32,9 +32,24 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The backward ops the sensitivity pass needs, on the backend's tensors.
+/// Each op's shapes are checked once, here (the provided methods), before
+/// a backend's `*_unchecked` implementation sees them.
 pub trait Grad: Backend {
     /// dX `[rows, in]` of `y = x W^T + b` from dY `[rows, out]`.
-    fn linear_backward(&self, dy: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+    fn linear_backward(&self, dy: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor> {
+        let (out, inp) = self.weight_shape(w);
+        let (r, c) = self.dims(dy);
+        shapes(self, "linear_backward", c == out, || {
+            format!("dy [{r}, {c}] for a weight [{out}, {inp}]")
+        })?;
+        self.linear_backward_unchecked(dy, w)
+    }
+    fn linear_backward_unchecked(
+        &self,
+        dy: &Self::Tensor,
+        w: &Self::Weight,
+    ) -> Result<Self::Tensor>;
+
     /// dX of `y = rms_norm(x) * w` (the mean square in f32, as the forward).
     fn rms_norm_backward(
         &self,
@@ -42,7 +57,24 @@ pub trait Grad: Backend {
         w: &Self::Tensor,
         eps: f32,
         dy: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (xd, wd, dyd) = (self.dims(x), self.dims(w), self.dims(dy));
+        shapes(
+            self,
+            "rms_norm_backward",
+            xd == dyd && wd.0 * wd.1 == xd.1,
+            || format!("x {xd:?}, w of {} values, dy {dyd:?}", wd.0 * wd.1),
+        )?;
+        self.rms_norm_backward_unchecked(x, w, eps, dy)
+    }
+    fn rms_norm_backward_unchecked(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+        dy: &Self::Tensor,
     ) -> Result<Self::Tensor>;
+
     /// dX of [`Backend::rope`] (rotation by minus the angle).
     fn rope_backward(
         &self,
@@ -50,7 +82,29 @@ pub trait Grad: Backend {
         heads: usize,
         rope: &Rope,
         pos0: usize,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        let c = self.dims(dy).1;
+        shapes(self, "rope_backward", c == heads * rope.head_dim, || {
+            format!("{c} features for {heads} heads of {}", rope.head_dim)
+        })?;
+        self.rope_backward_unchecked(dy, heads, rope, pos0)
+    }
+    /// The default is [`Backend::rope`] with negated inverse frequencies:
+    /// sin is odd, so that is the rotation by minus the angle, bit for bit.
+    fn rope_backward_unchecked(
+        &self,
+        dy: &Self::Tensor,
+        heads: usize,
+        rope: &Rope,
+        pos0: usize,
+    ) -> Result<Self::Tensor> {
+        let neg = Rope {
+            inv_freq: rope.inv_freq.iter().map(|f| -f).collect(),
+            head_dim: rope.head_dim,
+        };
+        self.rope(dy, heads, &neg, pos0)
+    }
+
     /// (d gate, d up) of [`Backend::gated`].
     fn gated_backward(
         &self,
@@ -58,7 +112,21 @@ pub trait Grad: Backend {
         up: &Self::Tensor,
         dy: &Self::Tensor,
         act: Act,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (g, u, d) = (self.dims(gate), self.dims(up), self.dims(dy));
+        shapes(self, "gated_backward", g == u && u == d, || {
+            format!("gate {g:?}, up {u:?}, dy {d:?}")
+        })?;
+        self.gated_backward_unchecked(gate, up, dy, act)
+    }
+    fn gated_backward_unchecked(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        dy: &Self::Tensor,
+        act: Act,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
+
     /// (dq, dk, dv) of causal grouped-query attention at positions `0..n`
     /// (query r sees keys `0..=r`): q `[n, heads*d]`, k, v `[n, kv_heads*d]`,
     /// dout `[n, heads*d]`.
@@ -69,10 +137,78 @@ pub trait Grad: Backend {
         v: &Self::Tensor,
         dout: &Self::Tensor,
         shape: AttnShape,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (qd, kd, vd, od) = (self.dims(q), self.dims(k), self.dims(v), self.dims(dout));
+        let AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            ..
+        } = shape;
+        shapes(
+            self,
+            "attention_backward",
+            kv_heads > 0
+                && heads.is_multiple_of(kv_heads)
+                && qd.1 == heads * d
+                && kd == (qd.0, kv_heads * d)
+                && vd == kd
+                && od == qd,
+            || {
+                format!(
+                    "q {qd:?}, k {kd:?}, v {vd:?}, dout {od:?} for {heads} heads / {kv_heads} kv \
+                     heads of {d}"
+                )
+            },
+        )?;
+        self.attention_backward_unchecked(q, k, v, dout, shape)
+    }
+    fn attention_backward_unchecked(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        shape: AttnShape,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
     /// Mean cross-entropy of logits `[labels.len(), vocab]` against `labels`
     /// (f64 log-sum-exp) and its gradient `(softmax - onehot) / rows`.
-    fn cross_entropy(&self, logits: &Self::Tensor, labels: &[u32]) -> Result<(f64, Self::Tensor)>;
+    fn cross_entropy(&self, logits: &Self::Tensor, labels: &[u32]) -> Result<(f64, Self::Tensor)> {
+        let (rows, vocab) = self.dims(logits);
+        shapes(
+            self,
+            "cross_entropy",
+            rows == labels.len() && !labels.is_empty(),
+            || format!("logits [{rows}, {vocab}] for {} labels", labels.len()),
+        )?;
+        if let Some(l) = labels.iter().find(|&&l| l as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "{} cross_entropy: label {l} >= vocabulary size {vocab}",
+                self.name()
+            )));
+        }
+        self.cross_entropy_unchecked(logits, labels)
+    }
+    fn cross_entropy_unchecked(
+        &self,
+        logits: &Self::Tensor,
+        labels: &[u32],
+    ) -> Result<(f64, Self::Tensor)>;
+}
+
+/// An invalid-input error naming the backend and the op unless `ok`.
+fn shapes<B: Backend + ?Sized>(
+    be: &B,
+    op: &str,
+    ok: bool,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("{} {op}: {}", be.name(), what())))
+    }
 }
 
 fn dense(w: &CpuWeight) -> Result<&Tensor> {
@@ -84,67 +220,48 @@ fn dense(w: &CpuWeight) -> Result<&Tensor> {
     }
 }
 
-fn check(op: &str, ok: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("cpu {op}: {}", what())))
-    }
-}
-
 impl Grad for Cpu {
-    fn linear_backward(&self, dy: &Tensor, w: &CpuWeight) -> Result<Tensor> {
+    fn linear_backward_unchecked(&self, dy: &Tensor, w: &CpuWeight) -> Result<Tensor> {
         let w = dense(w)?;
         let (out, inp) = (w.shape[0], w.shape[1]);
-        check("linear_backward", dy.cols() == out, || {
-            format!("dy {:?} for a weight {:?}", dy.shape, w.shape)
-        })?;
         Tensor::new(
             vec![dy.rows(), inp],
             matmul_nn(&dy.data, dy.rows(), &w.data, out, inp),
         )
     }
 
-    fn rms_norm_backward(&self, x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
-        check(
-            "rms_norm_backward",
-            x.shape == dy.shape && x.cols() == w.numel(),
-            || format!("x {:?}, w {:?}, dy {:?}", x.shape, w.shape, dy.shape),
-        )?;
+    fn rms_norm_backward_unchecked(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
         Tensor::new(
             x.shape.clone(),
             rms_norm_backward(&x.data, &w.data, eps, &dy.data),
         )
     }
 
-    fn rope_backward(&self, dy: &Tensor, heads: usize, rope: &Rope, pos0: usize) -> Result<Tensor> {
-        check("rope_backward", dy.cols() == heads * rope.head_dim, || {
-            format!(
-                "{} features for {heads} heads of {}",
-                dy.cols(),
-                rope.head_dim
-            )
-        })?;
+    /// The reference keeps its own transpose of the rotation (the same
+    /// values as the default, tested against finite differences).
+    fn rope_backward_unchecked(
+        &self,
+        dy: &Tensor,
+        heads: usize,
+        rope: &Rope,
+        pos0: usize,
+    ) -> Result<Tensor> {
         Tensor::new(dy.shape.clone(), rope_backward(&dy.data, heads, rope, pos0))
     }
 
-    fn gated_backward(
+    fn gated_backward_unchecked(
         &self,
         gate: &Tensor,
         up: &Tensor,
         dy: &Tensor,
         act: Act,
     ) -> Result<(Tensor, Tensor)> {
-        check(
-            "gated_backward",
-            gate.shape == up.shape && up.shape == dy.shape,
-            || {
-                format!(
-                    "gate {:?}, up {:?}, dy {:?}",
-                    gate.shape, up.shape, dy.shape
-                )
-            },
-        )?;
         let (dg, du) = gated_backward(&gate.data, &up.data, &dy.data, act);
         Ok((
             Tensor::new(gate.shape.clone(), dg)?,
@@ -152,7 +269,7 @@ impl Grad for Cpu {
         ))
     }
 
-    fn attention_backward(
+    fn attention_backward_unchecked(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -161,19 +278,6 @@ impl Grad for Cpu {
         shape: AttnShape,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let n = q.rows();
-        check(
-            "attention_backward",
-            q.cols() == shape.heads * shape.head_dim
-                && k.shape == [n, shape.kv_heads * shape.head_dim]
-                && v.shape == k.shape
-                && dout.shape == q.shape,
-            || {
-                format!(
-                    "q {:?}, k {:?}, v {:?}, dout {:?}",
-                    q.shape, k.shape, v.shape, dout.shape
-                )
-            },
-        )?;
         let (dq, dk, dv) = attention_backward(&q.data, &k.data, &v.data, &dout.data, n, shape);
         Ok((
             Tensor::new(q.shape.clone(), dq)?,
@@ -182,19 +286,8 @@ impl Grad for Cpu {
         ))
     }
 
-    fn cross_entropy(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
-        let vocab = logits.cols();
-        check(
-            "cross_entropy",
-            logits.rows() == labels.len() && !labels.is_empty(),
-            || format!("logits {:?} for {} labels", logits.shape, labels.len()),
-        )?;
-        if let Some(l) = labels.iter().find(|&&l| l as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "cpu cross_entropy: label {l} >= vocabulary size {vocab}"
-            )));
-        }
-        let (loss, grad) = cross_entropy(&logits.data, vocab, labels);
+    fn cross_entropy_unchecked(&self, logits: &Tensor, labels: &[u32]) -> Result<(f64, Tensor)> {
+        let (loss, grad) = cross_entropy(&logits.data, logits.cols(), labels);
         Ok((loss, Tensor::new(logits.shape.clone(), grad)?))
     }
 }

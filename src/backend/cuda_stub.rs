@@ -197,10 +197,10 @@ impl Backend for Cuda {
 }
 
 impl Grad for Cuda {
-    fn linear_backward(&self, _dy: &Infallible, _w: &CudaWeight) -> Result<Infallible> {
+    fn linear_backward_unchecked(&self, _dy: &Infallible, _w: &CudaWeight) -> Result<Infallible> {
         match self.0 {}
     }
-    fn rms_norm_backward(
+    fn rms_norm_backward_unchecked(
         &self,
         _x: &Infallible,
         _w: &Infallible,
@@ -209,16 +209,7 @@ impl Grad for Cuda {
     ) -> Result<Infallible> {
         match self.0 {}
     }
-    fn rope_backward(
-        &self,
-        _dy: &Infallible,
-        _heads: usize,
-        _rope: &Rope,
-        _pos0: usize,
-    ) -> Result<Infallible> {
-        match self.0 {}
-    }
-    fn gated_backward(
+    fn gated_backward_unchecked(
         &self,
         _gate: &Infallible,
         _up: &Infallible,
@@ -227,7 +218,7 @@ impl Grad for Cuda {
     ) -> Result<(Infallible, Infallible)> {
         match self.0 {}
     }
-    fn attention_backward(
+    fn attention_backward_unchecked(
         &self,
         _q: &Infallible,
         _k: &Infallible,
@@ -237,7 +228,11 @@ impl Grad for Cuda {
     ) -> Result<(Infallible, Infallible, Infallible)> {
         match self.0 {}
     }
-    fn cross_entropy(&self, _logits: &Infallible, _labels: &[u32]) -> Result<(f64, Infallible)> {
+    fn cross_entropy_unchecked(
+        &self,
+        _logits: &Infallible,
+        _labels: &[u32],
+    ) -> Result<(f64, Infallible)> {
         match self.0 {}
     }
 }

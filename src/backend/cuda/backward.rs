@@ -19,7 +19,7 @@ use cudarc::driver::PushKernelArg;
 use super::{grid_stride, int, per_row, Ctx, Cuda, CudaTensor, CudaWeight};
 use crate::backend::backward::Grad;
 use crate::backend::cpu::Cpu;
-use crate::backend::{act_code, AttnShape, Backend, Rope};
+use crate::backend::{act_code, AttnShape, Backend};
 use crate::config::Act;
 use crate::error::{Error, Result};
 
@@ -30,23 +30,13 @@ const BW_THREADS: u32 = 256;
 /// buffers (`heads n^2`, 256 MiB); past it the host fallback runs.
 const ATTN_BW_MAX_SCRATCH: usize = 1 << 26;
 
-fn invalid(op: &str, msg: String) -> Error {
-    Error::invalid(format!("cuda {op}: {msg}"))
-}
-
 impl Grad for Cuda {
-    fn linear_backward(&self, dy: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+    fn linear_backward_unchecked(&self, dy: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
         let (out, inp) = w.shape();
         if w.is_packed() {
             return Err(Error::invalid(
                 "cuda linear_backward: needs an unquantized model (dense weights), found packed \
                  weights",
-            ));
-        }
-        if dy.cols != out {
-            return Err(invalid(
-                "linear_backward",
-                format!("dy [{}, {}] for a weight [{out}, {inp}]", dy.rows, dy.cols),
             ));
         }
         let m = dy.rows;
@@ -86,7 +76,7 @@ impl Grad for Cuda {
         Ok(dx)
     }
 
-    fn rms_norm_backward(
+    fn rms_norm_backward_unchecked(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
@@ -94,17 +84,6 @@ impl Grad for Cuda {
         dy: &CudaTensor,
     ) -> Result<CudaTensor> {
         let (rows, c) = (x.rows, x.cols);
-        if (dy.rows, dy.cols) != (rows, c) || w.numel() != c {
-            return Err(invalid(
-                "rms_norm_backward",
-                format!(
-                    "x [{rows}, {c}], w {}, dy [{}, {}]",
-                    w.numel(),
-                    dy.rows,
-                    dy.cols
-                ),
-            ));
-        }
         let mut dx = self.tensor(rows, c)?;
         if rows == 0 || c == 0 {
             return Ok(dx);
@@ -124,40 +103,14 @@ impl Grad for Cuda {
         Ok(dx)
     }
 
-    fn rope_backward(
-        &self,
-        dy: &CudaTensor,
-        heads: usize,
-        rope: &Rope,
-        pos0: usize,
-    ) -> Result<CudaTensor> {
-        let neg = Rope {
-            inv_freq: rope.inv_freq.iter().map(|f| -f).collect(),
-            head_dim: rope.head_dim,
-        };
-        self.rope(dy, heads, &neg, pos0)
-    }
-
-    fn gated_backward(
+    fn gated_backward_unchecked(
         &self,
         gate: &CudaTensor,
         up: &CudaTensor,
         dy: &CudaTensor,
         act: Act,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        let dims = |t: &CudaTensor| (t.rows, t.cols);
-        if dims(gate) != dims(up) || dims(up) != dims(dy) {
-            return Err(invalid(
-                "gated_backward",
-                format!(
-                    "gate {:?}, up {:?}, dy {:?}",
-                    dims(gate),
-                    dims(up),
-                    dims(dy)
-                ),
-            ));
-        }
-        let (rows, cols) = dims(gate);
+        let (rows, cols) = (gate.rows, gate.cols);
         let mut dg = self.tensor(rows, cols)?;
         let mut du = self.tensor(rows, cols)?;
         let n = rows * cols;
@@ -182,7 +135,7 @@ impl Grad for Cuda {
     /// On the device (backward.cu `attention_backward_rows_f32`, then
     /// `_cols_f32`) through a `2 heads n^2` f32 scratch; a host fallback
     /// (download, the CPU reference, upload) past [`ATTN_BW_MAX_SCRATCH`].
-    fn attention_backward(
+    fn attention_backward_unchecked(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
@@ -197,22 +150,6 @@ impl Grad for Cuda {
             scale,
         } = shape;
         let n = q.rows;
-        if kv_heads == 0
-            || heads % kv_heads != 0
-            || q.cols != heads * d
-            || (k.rows, k.cols) != (n, kv_heads * d)
-            || (v.rows, v.cols) != (k.rows, k.cols)
-            || (dout.rows, dout.cols) != (q.rows, q.cols)
-        {
-            return Err(invalid(
-                "attention_backward",
-                format!(
-                    "q [{}, {}], k [{}, {}], v [{}, {}], dout [{}, {}] for {heads} heads / \
-                     {kv_heads} kv heads of {d}",
-                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, dout.rows, dout.cols
-                ),
-            ));
-        }
         let scratch = heads * n * n;
         if scratch > ATTN_BW_MAX_SCRATCH {
             let (dq, dk, dv) = Cpu.attention_backward(
@@ -278,7 +215,11 @@ impl Grad for Cuda {
     /// Host fallback: downloads the logits, runs the CPU reference (f64
     /// log-sum-exp) and uploads the gradient; O(rows x vocab), once per
     /// sample.
-    fn cross_entropy(&self, logits: &CudaTensor, labels: &[u32]) -> Result<(f64, CudaTensor)> {
+    fn cross_entropy_unchecked(
+        &self,
+        logits: &CudaTensor,
+        labels: &[u32],
+    ) -> Result<(f64, CudaTensor)> {
         let (loss, grad) = Cpu.cross_entropy(&self.download(logits)?, labels)?;
         Ok((loss, self.upload(&grad)?))
     }

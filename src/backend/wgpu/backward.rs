@@ -15,10 +15,10 @@
 //! sample).
 
 use super::linear::WgpuWeight;
-use super::{shape_err, u32_of, Wgpu, WgpuTensor, WG};
+use super::{u32_of, Wgpu, WgpuTensor, WG};
 use crate::backend::backward::Grad;
 use crate::backend::cpu::Cpu;
-use crate::backend::{act_code, AttnShape, Backend, Rope};
+use crate::backend::{act_code, AttnShape, Backend};
 use crate::config::Act;
 use crate::error::{Error, Result};
 
@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 const ATTN_BW_WG: u32 = 64;
 
 impl Grad for Wgpu {
-    fn linear_backward(&self, dy: &WgpuTensor, w: &WgpuWeight) -> Result<WgpuTensor> {
+    fn linear_backward_unchecked(&self, dy: &WgpuTensor, w: &WgpuWeight) -> Result<WgpuTensor> {
         let WgpuWeight::Dense {
             out,
             inp,
@@ -41,12 +41,6 @@ impl Grad for Wgpu {
             ));
         };
         let (out, inp) = (*out, *inp);
-        if dy.cols != out {
-            return Err(shape_err(
-                "linear_backward",
-                format!("dy [{}, {}] for a weight [{out}, {inp}]", dy.rows, dy.cols),
-            ));
-        }
         let m = dy.rows;
         let dx = self.tensor(m, inp, "linear_backward")?;
         let total = u32_of("linear_backward", m * inp)?;
@@ -81,26 +75,13 @@ impl Grad for Wgpu {
         Ok(dx)
     }
 
-    fn rms_norm_backward(
+    fn rms_norm_backward_unchecked(
         &self,
         x: &WgpuTensor,
         w: &WgpuTensor,
         eps: f32,
         dy: &WgpuTensor,
     ) -> Result<WgpuTensor> {
-        if (x.rows, x.cols) != (dy.rows, dy.cols) || w.numel() != x.cols {
-            return Err(shape_err(
-                "rms_norm_backward",
-                format!(
-                    "x [{}, {}], w {}, dy [{}, {}]",
-                    x.rows,
-                    x.cols,
-                    w.numel(),
-                    dy.rows,
-                    dy.cols
-                ),
-            ));
-        }
         let dx = self.tensor(x.rows, x.cols, "rms_norm_backward")?;
         let rows = u32_of("rms_norm_backward", x.rows)?;
         let cols = u32_of("rms_norm_backward", x.cols)?;
@@ -115,39 +96,13 @@ impl Grad for Wgpu {
         Ok(dx)
     }
 
-    fn rope_backward(
-        &self,
-        dy: &WgpuTensor,
-        heads: usize,
-        rope: &Rope,
-        pos0: usize,
-    ) -> Result<WgpuTensor> {
-        let neg = Rope {
-            inv_freq: rope.inv_freq.iter().map(|f| -f).collect(),
-            head_dim: rope.head_dim,
-        };
-        self.rope(dy, heads, &neg, pos0)
-    }
-
-    fn gated_backward(
+    fn gated_backward_unchecked(
         &self,
         gate: &WgpuTensor,
         up: &WgpuTensor,
         dy: &WgpuTensor,
         act: Act,
     ) -> Result<(WgpuTensor, WgpuTensor)> {
-        let dims = |t: &WgpuTensor| (t.rows, t.cols);
-        if dims(gate) != dims(up) || dims(up) != dims(dy) {
-            return Err(shape_err(
-                "gated_backward",
-                format!(
-                    "gate {:?}, up {:?}, dy {:?}",
-                    dims(gate),
-                    dims(up),
-                    dims(dy)
-                ),
-            ));
-        }
         let dg = self.tensor(gate.rows, gate.cols, "gated_backward d gate")?;
         let du = self.tensor(gate.rows, gate.cols, "gated_backward d up")?;
         let n = u32_of("gated_backward", gate.numel())?;
@@ -171,7 +126,7 @@ impl Grad for Wgpu {
     /// On the device (attention_backward.wgsl) through a scratch of
     /// `2 heads n^2` f32; a host fallback (download, the CPU reference,
     /// upload) when that scratch would not fit one storage binding.
-    fn attention_backward(
+    fn attention_backward_unchecked(
         &self,
         q: &WgpuTensor,
         k: &WgpuTensor,
@@ -186,22 +141,6 @@ impl Grad for Wgpu {
             scale,
         } = shape;
         let n = q.rows;
-        if kv_heads == 0
-            || heads % kv_heads != 0
-            || q.cols != heads * d
-            || (k.rows, k.cols) != (n, kv_heads * d)
-            || (v.rows, v.cols) != (k.rows, k.cols)
-            || (dout.rows, dout.cols) != (q.rows, q.cols)
-        {
-            return Err(shape_err(
-                "attention_backward",
-                format!(
-                    "q [{}, {}], k [{}, {}], v [{}, {}], dout [{}, {}] for {heads} heads / \
-                     {kv_heads} kv heads of {d}",
-                    q.rows, q.cols, k.rows, k.cols, v.rows, v.cols, dout.rows, dout.cols
-                ),
-            ));
-        }
         let scratch = (heads * n * n * 4) as u64;
         if scratch > self.rec.ctx.max_binding {
             let (dq, dk, dv) = Cpu.attention_backward(
@@ -265,7 +204,11 @@ impl Grad for Wgpu {
     /// Host fallback: downloads the logits, runs the CPU reference (f64
     /// log-sum-exp) and uploads the gradient; O(rows x vocab), once per
     /// sample.
-    fn cross_entropy(&self, logits: &WgpuTensor, labels: &[u32]) -> Result<(f64, WgpuTensor)> {
+    fn cross_entropy_unchecked(
+        &self,
+        logits: &WgpuTensor,
+        labels: &[u32],
+    ) -> Result<(f64, WgpuTensor)> {
         let (loss, grad) = Cpu.cross_entropy(&self.download(logits)?, labels)?;
         Ok((loss, self.upload(&grad)?))
     }
