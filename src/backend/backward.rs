@@ -243,18 +243,6 @@ impl Grad for Cpu {
         )
     }
 
-    /// The reference keeps its own transpose of the rotation (the same
-    /// values as the default, tested against finite differences).
-    fn rope_backward_unchecked(
-        &self,
-        dy: &Tensor,
-        heads: usize,
-        rope: &Rope,
-        pos0: usize,
-    ) -> Result<Tensor> {
-        Tensor::new(dy.shape.clone(), rope_backward(&dy.data, heads, rope, pos0))
-    }
-
     fn gated_backward_unchecked(
         &self,
         gate: &Tensor,
@@ -373,31 +361,6 @@ fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
             dxr[i] = ((inv * w[i] * dyr[i]) as f64 - k * xr[i] as f64) as f32;
         }
     });
-    dx
-}
-
-/// Transpose of [`Cpu::rope`](crate::backend::Backend::rope) (rotation by
-/// minus the angle): `da = ga c + gb s`, `db = gb c - ga s`.
-fn rope_backward(dy: &[f32], heads: usize, rope: &Rope, pos0: usize) -> Vec<f32> {
-    let d = rope.head_dim;
-    let half = d / 2;
-    let mut dx = dy.to_vec();
-    dx.par_chunks_mut(heads * d)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let pos = (pos0 + r) as f32;
-            for i in 0..half {
-                // The same angle as the forward (f32 product, then sin/cos).
-                let f = rope.inv_freq[i] * pos;
-                let (s, c) = f.sin_cos();
-                for h in 0..heads {
-                    let ga = row[h * d + i];
-                    let gb = row[h * d + i + half];
-                    row[h * d + i] = ga * c + gb * s;
-                    row[h * d + i + half] = gb * c - ga * s;
-                }
-            }
-        });
     dx
 }
 
@@ -642,7 +605,8 @@ mod tests {
         for pos0 in [0, 5] {
             let x = rand_vec(&mut rng, n * heads * d, 1.0);
             let r = rand_vec(&mut rng, n * heads * d, 1.0);
-            let an = rope_backward(&r, heads, &rope, pos0);
+            let rt = Tensor::new(vec![n, heads * d], r.clone()).unwrap();
+            let an = Cpu.rope_backward(&rt, heads, &rope, pos0).unwrap().data;
             fd_check(&format!("rope (pos0 {pos0})"), &x, &an, |xp| {
                 let xt = Tensor::new(vec![n, heads * d], xp.to_vec()).unwrap();
                 weighted_sum(&Cpu.rope(&xt, heads, &rope, pos0).unwrap().data, &r)
