@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "prompt: {} ids, image tokens at {:?}",
         p.ids.len(),
-        p.image_span
+        p.image_spans
     );
     let mut cache = be.new_cache(vlm.text.layers.len(), vlm.text.kv_dim(), p.ids.len())?;
     let logits = prefill(&be, &vlm, &p, Some(&emb.features), &mut cache)?;

@@ -102,13 +102,6 @@ impl ChatTemplate {
         }
         tmpl.render(JValue::from_serialize(&ctx)).map_err(err)
     }
-
-    /// One user turn: `[{"type": "image"}, {"type": "text", "text": prompt}]`
-    /// (the image item only when there is an image).
-    pub fn render_user(&self, prompt: &str, with_image: bool) -> Result<String> {
-        let messages = serde_json::json!([user_message(prompt, with_image)]);
-        self.render(&messages, true)
-    }
 }
 
 /// A user message as the HF processors take it: `{"role": "user", "content":

@@ -63,6 +63,10 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// The prompt does not fit the model's context.
+    #[error("the prompt is {tokens} tokens (after image-token expansion), the model's context is {context} (max_position_embeddings in config.json)")]
+    ContextLength { tokens: usize, context: usize },
+
     /// A backend is not compiled in or has no device.
     #[error("backend {backend}: {msg}")]
     Backend { backend: String, msg: String },

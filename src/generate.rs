@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::backend::Backend;
+use crate::chat_template::user_message;
 use crate::error::{Error, Result};
 use crate::model::llava::Vlm;
 use crate::preprocess::Preprocessed;
@@ -58,47 +59,81 @@ pub struct Generation {
 /// A prompt ready for prefill: ids with the image tokens expanded.
 pub struct Prompt {
     pub ids: Vec<u32>,
-    /// First image-token position and count, if there is an image.
-    pub image_span: Option<(usize, usize)>,
+    /// Each image's first image-token position and count, in order.
+    pub image_spans: Vec<(usize, usize)>,
 }
 
-/// Renders the chat template, expands the image tokens and tokenizes, as
-/// the HF processor does; checks the prompt fits the context.
+impl Prompt {
+    /// The image spans of `ids`: runs of `image_token`, one per image, each
+    /// `counts[i]` long. An error if the ids hold anything else.
+    pub fn new(ids: Vec<u32>, image_token: u32, counts: &[usize]) -> Result<Prompt> {
+        let total = ids.iter().filter(|&&t| t == image_token).count();
+        let expected: usize = counts.iter().sum();
+        let bad = || {
+            Error::invalid(format!(
+                "the tokenized prompt holds {total} image tokens (id {image_token}), expected {expected} in runs of {counts:?}"
+            ))
+        };
+        if total != expected {
+            return Err(bad());
+        }
+        let mut spans = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for &n in counts {
+            let start = at
+                + ids[at..]
+                    .iter()
+                    .position(|&t| t == image_token)
+                    .ok_or_else(bad)?;
+            if start + n > ids.len() || ids[start..start + n].iter().any(|&t| t != image_token) {
+                return Err(bad());
+            }
+            spans.push((start, n));
+            at = start + n;
+        }
+        Ok(Prompt {
+            ids,
+            image_spans: spans,
+        })
+    }
+}
+
+/// Renders the chat template for one user turn, expands the image tokens and
+/// tokenizes, as the HF processor does; checks the prompt fits the context.
 pub fn build_prompt<B: Backend>(
     model: &Vlm<B>,
     proc: &Processor,
     prompt: &str,
     image: Option<&Preprocessed>,
 ) -> Result<Prompt> {
-    let n_img = match image {
-        Some(p) => model.num_image_tokens(p.image_size)?,
-        None => 0,
-    };
-    let text = proc.render(prompt, image.is_some())?;
-    let ids = proc.encode(&text, n_img)?;
+    let messages = serde_json::json!([user_message(prompt, image.is_some())]);
+    build_chat_prompt(model, proc, &messages, image.as_slice())
+}
+
+/// [`build_prompt`] for a whole conversation: `messages` as the HF chat
+/// templates take them (`{"role", "content": [{"type": "text", "text"} |
+/// {"type": "image"}]}`), `images` in the order their `{"type": "image"}`
+/// parts appear; ends with the generation prompt.
+pub fn build_chat_prompt<B: Backend>(
+    model: &Vlm<B>,
+    proc: &Processor,
+    messages: &serde_json::Value,
+    images: &[&Preprocessed],
+) -> Result<Prompt> {
+    let counts = images
+        .iter()
+        .map(|p| model.num_image_tokens(p.image_size))
+        .collect::<Result<Vec<_>>>()?;
+    let text = proc.render_messages(messages, images.len())?;
+    let ids = proc.encode_images(&text, &counts)?;
     let ctx = model.cfg.text.max_position_embeddings;
     if ids.len() >= ctx {
-        return Err(Error::invalid(format!(
-            "the prompt is {} tokens (after image-token expansion), the model's context is {ctx} (max_position_embeddings in config.json)",
-            ids.len()
-        )));
+        return Err(Error::ContextLength {
+            tokens: ids.len(),
+            context: ctx,
+        });
     }
-    let image_span = if image.is_some() {
-        let tok = model.cfg.image_token_index;
-        let first = ids.iter().position(|&t| t == tok);
-        let count = ids.iter().filter(|&&t| t == tok).count();
-        match first {
-            Some(f) if count == n_img && ids[f..f + count].iter().all(|&t| t == tok) => Some((f, count)),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "the tokenized prompt holds {count} image tokens (id {tok}), expected {n_img} in one run"
-                )))
-            }
-        }
-    } else {
-        None
-    };
-    Ok(Prompt { ids, image_span })
+    Prompt::new(ids, model.cfg.image_token_index, &counts)
 }
 
 /// Picks the next token from last-position logits.
@@ -164,6 +199,34 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// The prompt's embeddings `[n, hidden]` with each image's features in its
+/// span.
+pub fn embed_prompt<B: Backend>(
+    be: &B,
+    model: &Vlm<B>,
+    prompt: &Prompt,
+    image_features: &[&B::Tensor],
+) -> Result<B::Tensor> {
+    let mut x = model.text.embed(be, &prompt.ids)?;
+    if image_features.len() != prompt.image_spans.len() {
+        return Err(Error::invalid(format!(
+            "{} image(s) for {} image span(s) in the prompt",
+            image_features.len(),
+            prompt.image_spans.len()
+        )));
+    }
+    for (&(at, n), f) in prompt.image_spans.iter().zip(image_features) {
+        let (rows, _) = be.dims(f);
+        if rows != n {
+            return Err(Error::invalid(format!(
+                "the image gives {rows} feature rows for {n} image tokens"
+            )));
+        }
+        be.set_rows(&mut x, at, f)?;
+    }
+    Ok(x)
+}
+
 /// Prefill: embeds the prompt, puts the image features in place, runs the
 /// decoder over it. Returns the last-position logits.
 pub fn prefill<B: Backend>(
@@ -173,16 +236,7 @@ pub fn prefill<B: Backend>(
     image_features: Option<&B::Tensor>,
     cache: &mut B::Cache,
 ) -> Result<Vec<f32>> {
-    let mut x = model.text.embed(be, &prompt.ids)?;
-    if let (Some((at, n)), Some(f)) = (prompt.image_span, image_features) {
-        let (rows, _) = be.dims(f);
-        if rows != n {
-            return Err(Error::invalid(format!(
-                "the image gives {rows} feature rows for {n} image tokens"
-            )));
-        }
-        be.set_rows(&mut x, at, f)?;
-    }
+    let x = embed_prompt(be, model, prompt, image_features.as_slice())?;
     let logits = model.text.forward(be, x, cache, 0)?;
     Ok(be.download(&logits)?.data)
 }
@@ -211,16 +265,12 @@ pub fn target_logits<B: Backend>(
         )));
     }
     let text = &model.text;
-    let mut x = text.embed(be, &ids)?;
-    if let (Some((at, n)), Some(f)) = (prompt.image_span, image_features) {
-        let (rows, _) = be.dims(f);
-        if rows != n {
-            return Err(Error::invalid(format!(
-                "the image gives {rows} feature rows for {n} image tokens"
-            )));
-        }
-        be.set_rows(&mut x, at, f)?;
-    }
+    let full = Prompt {
+        ids,
+        image_spans: prompt.image_spans.clone(),
+    };
+    let x = embed_prompt(be, model, &full, image_features.as_slice())?;
+    let ids = full.ids;
     let mut cache = be.new_cache(text.layers.len(), text.kv_dim(), ids.len())?;
     let x = text.hidden(be, x, &mut cache, 0)?;
     // Row p predicts token p + 1: the target's predictors start one row

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::chat_template::ChatTemplate;
+use crate::chat_template::{user_message, ChatTemplate};
 use crate::error::{Error, Result};
 
 pub struct Processor {
@@ -269,19 +269,32 @@ impl Processor {
 
     /// The chat-template text for one user turn, with the generation prompt.
     pub fn render(&self, prompt: &str, with_image: bool) -> Result<String> {
+        let messages = serde_json::json!([user_message(prompt, with_image)]);
+        self.render_messages(&messages, usize::from(with_image))
+    }
+
+    /// The chat-template text for a conversation (messages as the HF
+    /// templates take them), with the generation prompt; checks the text has
+    /// one image slot per image.
+    pub fn render_messages(&self, messages: &Value, images: usize) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| Error::Template {
             path: self.tokenizer_path.with_file_name("chat_template.json"),
             msg: "the model has no chat template (looked in chat_template.jinja, chat_template.json, tokenizer_config.json)".into(),
         })?;
-        let text = t.render_user(prompt, with_image)?;
-        if with_image {
-            let tok = self.image_token.as_deref().ok_or_else(|| Error::Tokenizer {
+        let text = t.render(messages, true)?;
+        let Some(tok) = self.image_token.as_deref() else {
+            if images == 0 {
+                return Ok(text);
+            }
+            return Err(Error::Tokenizer {
                 path: self.tokenizer_path.clone(),
                 msg: format!(
                     "an image was given but the vocabulary has no token with the image token id {} (\"image_token_index\" in config.json)",
                     self.image_token_index
                 ),
-            })?;
+            });
+        };
+        if images > 0 {
             let ids = self
                 .tokenizer
                 .encode(tok, false)
@@ -296,25 +309,39 @@ impl Processor {
                     ),
                 });
             }
-            match text.matches(tok).count() {
-                1 => {}
-                0 => {
-                    return Err(Error::Template {
-                        path: t.path.clone(),
-                        msg: format!(
-                            "an image was given but the chat template has no image slot (no \"{tok}\" in the rendered prompt)"
-                        ),
-                    })
-                }
-                n => {
-                    return Err(Error::Template {
-                        path: t.path.clone(),
-                        msg: format!("the rendered prompt holds {n} image slots for one image"),
-                    })
-                }
-            }
         }
-        Ok(text)
+        match text.matches(tok).count() {
+            n if n == images => Ok(text),
+            0 => Err(Error::Template {
+                path: t.path.clone(),
+                msg: format!(
+                    "{images} image(s) were given but the chat template has no image slot (no \"{tok}\" in the rendered prompt)"
+                ),
+            }),
+            n => Err(Error::Template {
+                path: t.path.clone(),
+                msg: format!("the rendered prompt holds {n} image slots for {images} image(s)"),
+            }),
+        }
+    }
+
+    /// Token ids of a rendered prompt, the `i`-th image token expanded to
+    /// `counts[i]` copies (as the HF processor does before tokenizing).
+    pub fn encode_images(&self, text: &str, counts: &[usize]) -> Result<Vec<u32>> {
+        let expanded = match &self.image_token {
+            Some(tok) if !counts.is_empty() => {
+                let mut out = String::with_capacity(text.len());
+                let mut parts = text.split(tok.as_str());
+                out.push_str(parts.next().unwrap_or(""));
+                for (i, part) in parts.enumerate() {
+                    out.push_str(&tok.repeat(counts.get(i).copied().unwrap_or(1)));
+                    out.push_str(part);
+                }
+                out
+            }
+            _ => text.to_string(),
+        };
+        self.tokenize(expanded)
     }
 
     /// Token ids of a rendered prompt, each image token expanded to
@@ -324,6 +351,10 @@ impl Processor {
             (Some(tok), n) if n > 0 => text.replace(tok.as_str(), &tok.repeat(n)),
             _ => text.to_string(),
         };
+        self.tokenize(expanded)
+    }
+
+    fn tokenize(&self, expanded: String) -> Result<Vec<u32>> {
         let enc = catch_panic(|| self.tokenizer.encode(expanded, true))
             .map_err(|why| format!("the tokenizers library failed ({why})"))
             .and_then(|r| r.map_err(|e| e.to_string()))

@@ -164,7 +164,7 @@ fn logits_and_greedy_ids_match() {
         let count = ids.iter().filter(|&&t| t == tok).count();
         let prompt = Prompt {
             ids: ids.clone(),
-            image_span: first.map(|f| (f, count)),
+            image_spans: first.map(|f| (f, count)).into_iter().collect(),
         };
         let feats = Cpu.upload(&case.f32("image_features")).unwrap();
         let feats = feats.reshape(vec![count, l.cfg.text.hidden_size]).unwrap();

@@ -131,7 +131,12 @@ fn logits(out: &Path, c: &QuantCase) -> Vec<f32> {
     let tok = model.cfg.image_token_index;
     let count = ids.iter().filter(|&&t| t == tok).count();
     let prompt = Prompt {
-        image_span: ids.iter().position(|&t| t == tok).map(|f| (f, count)),
+        image_spans: ids
+            .iter()
+            .position(|&t| t == tok)
+            .map(|f| (f, count))
+            .into_iter()
+            .collect(),
         ids: ids.clone(),
     };
     let feats = Cpu

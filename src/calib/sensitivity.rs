@@ -428,7 +428,7 @@ mod tests {
         // image features in place, target = the caption.
         let prompt = Prompt {
             ids: s.ids[..CAPTION.start].to_vec(),
-            image_span: Some((VISION.start, VISION.len())),
+            image_spans: vec![(VISION.start, VISION.len())],
         };
         let target = &s.ids[CAPTION];
         let logits = target_logits(&Cpu, &m, &prompt, Some(&s.features), target).unwrap();
