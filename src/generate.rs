@@ -188,6 +188,130 @@ impl Sampler {
     }
 }
 
+/// The decoding loop's bookkeeping, shared by [`generate`] and the server's
+/// batched engine: samples each next token, streams the text as it becomes
+/// printable (holding back a partial character or the start of a stop
+/// string), and decides when to stop.
+pub struct Stepper<'p> {
+    proc: &'p Processor,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    stop_strings: Vec<String>,
+    tokens: Vec<u32>,
+    text: String,
+    /// The text sent to `on_text` so far.
+    shown: String,
+    pos: usize,
+    capacity: usize,
+    stop: &'static str,
+}
+
+impl<'p> Stepper<'p> {
+    /// After a prompt of `prompt_len` tokens in a cache of `capacity` rows.
+    pub fn new(
+        proc: &'p Processor,
+        opts: &GenerateOptions,
+        stop_strings: &[String],
+        prompt_len: usize,
+        capacity: usize,
+    ) -> Self {
+        Stepper {
+            proc,
+            sampler: Sampler::new(opts),
+            max_new_tokens: opts.max_new_tokens,
+            ignore_eos: opts.ignore_eos,
+            stop_strings: stop_strings
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            tokens: Vec::new(),
+            text: String::new(),
+            shown: String::new(),
+            pos: prompt_len,
+            capacity,
+            stop: "max_new_tokens",
+        }
+    }
+
+    /// Takes the last position's logits and samples the next token. Returns
+    /// the token to run next and its position, or `None` when generation is
+    /// over.
+    pub fn step(
+        &mut self,
+        logits: &[f32],
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<Option<(u32, usize)>> {
+        if self.max_new_tokens == 0 {
+            return Ok(None);
+        }
+        let next = self.sampler.sample(logits);
+        self.tokens.push(next);
+        let mut text = self.proc.decode(&self.tokens)?;
+        let cut = self
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
+        if let Some(cut) = cut {
+            text.truncate(cut);
+            self.text = text;
+            self.stop = "stop";
+            return Ok(None);
+        }
+        if !text.ends_with('\u{FFFD}') {
+            // Hold back the longest end of the text that could start a stop string.
+            let hold = self
+                .stop_strings
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len())
+                        .filter(|&n| s.is_char_boundary(n))
+                        .map(move |n| &s[..n])
+                })
+                .filter(|p| text.ends_with(p))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            let upto = text.len() - hold;
+            if upto > self.shown.len() && text.starts_with(&self.shown) {
+                on_text(&text[self.shown.len()..upto]);
+                self.shown = text[..upto].to_string();
+            }
+        }
+        self.text = text;
+        if !self.ignore_eos && self.proc.eos_ids.contains(&next) {
+            self.stop = "eos";
+            return Ok(None);
+        }
+        if self.tokens.len() >= self.max_new_tokens {
+            return Ok(None);
+        }
+        if self.pos >= self.capacity {
+            self.stop = "context";
+            return Ok(None);
+        }
+        self.pos += 1;
+        Ok(Some((next, self.pos - 1)))
+    }
+
+    /// Tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Ends generation: sends the text not yet sent, returns the whole text
+    /// (cut before a stop string), the tokens and why it stopped: "eos",
+    /// "stop" (a stop string), "max_new_tokens" or "context".
+    pub fn finish(self, on_text: &mut impl FnMut(&str)) -> (String, Vec<u32>, &'static str) {
+        if self.text.len() > self.shown.len() && self.text.starts_with(&self.shown) {
+            on_text(&self.text[self.shown.len()..]);
+        }
+        (self.text, self.tokens, self.stop)
+    }
+}
+
 /// Index of the first maximum (as `torch.argmax`).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -332,45 +456,19 @@ pub fn generate<B: Backend>(
     timings.prefill_tokens = prompt.ids.len();
     timings.prefill_tok_s = per_s(prompt.ids.len(), timings.prefill_ms);
 
-    let mut sampler = Sampler::new(opts);
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut shown = String::new();
-    let mut stop = "max_new_tokens";
+    let mut steps = Stepper::new(proc, opts, &[], prompt.ids.len(), capacity);
     let t2 = Instant::now();
-    let mut pos = prompt.ids.len();
-    while tokens.len() < opts.max_new_tokens {
-        let next = sampler.sample(&logits);
-        tokens.push(next);
-        let text = proc.decode(&tokens)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > shown.len() && text.starts_with(&shown) {
-            on_text(&text[shown.len()..]);
-            shown = text;
-        }
-        if !opts.ignore_eos && proc.eos_ids.contains(&next) {
-            stop = "eos";
-            break;
-        }
-        if tokens.len() == opts.max_new_tokens {
-            break;
-        }
-        if pos >= capacity {
-            stop = "context";
-            break;
-        }
+    while let Some((next, pos)) = steps.step(&logits, &mut on_text)? {
         let x = model.text.embed(be, &[next])?;
         logits = be
             .download(&model.text.forward(be, x, &mut cache, pos)?)?
             .data;
-        pos += 1;
     }
     timings.decode_ms = ms(t2);
+    let (text, tokens, stop) = steps.finish(&mut on_text);
     // The first token comes from the prefill logits: decode steps = len - 1.
     timings.decode_tokens = tokens.len().saturating_sub(1);
     timings.decode_tok_s = per_s(timings.decode_tokens, timings.decode_ms);
-    let text = proc.decode(&tokens)?;
-    if text.len() > shown.len() && text.starts_with(&shown) {
-        on_text(&text[shown.len()..]);
-    }
     Ok(Generation {
         text,
         tokens,

@@ -30,6 +30,7 @@ pub mod processor;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+pub mod serve;
 pub mod shapes;
 pub mod tensor;
 pub mod verify;

@@ -455,6 +455,29 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     let reader = ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| image_err(format!("cannot read file: {e}")))?;
+    decode_image(reader, path)
+}
+
+/// [`load_image`] on bytes already in memory (a `data:` URL's payload);
+/// `name` says where they came from in errors.
+pub fn load_image_bytes(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Image {
+            path: PathBuf::from(name),
+            msg: format!("cannot read: {e}"),
+        })?;
+    decode_image(reader, Path::new(name))
+}
+
+fn decode_image<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    path: &Path,
+) -> Result<RgbImage> {
+    let image_err = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
     let mut decoder = reader.into_decoder().map_err(|e| {
         image_err(format!(
             "not a supported image (png, jpeg, bmp, gif, webp): {e}"

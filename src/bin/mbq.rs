@@ -109,6 +109,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the model over HTTP with the OpenAI chat-completions API
+    /// (images as base64 data URLs, streaming, batched concurrent requests).
+    Serve {
+        /// Model directory or bundled model name (default: the bundled
+        /// model, as mbq-run).
+        #[arg(long)]
+        model: Option<String>,
+        /// The model id clients send as `model` (default: the directory's name).
+        #[arg(long)]
+        model_id: Option<String>,
+        /// auto, cpu, wgpu or cuda.
+        #[arg(long, default_value = "auto")]
+        backend: mbq::backend::BackendKind,
+        /// wgpu: the adapter whose name contains NAME (see `mbq devices`).
+        #[arg(long, value_name = "NAME")]
+        adapter: Option<String>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port (the start-up line on stderr names it).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Most requests decoded together; more wait in a queue.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Most images in one request.
+        #[arg(long, default_value_t = 4)]
+        max_images: usize,
+        /// Largest request body in bytes (413 above it).
+        #[arg(long, default_value_t = mbq::serve::DEFAULT_BODY_LIMIT)]
+        max_body_bytes: usize,
+        /// Let requests name image files under DIR (absolute paths or
+        /// file:// URLs); without it only data: URLs are accepted.
+        #[arg(long, value_name = "DIR")]
+        allow_local_files: Option<std::path::PathBuf>,
+    },
     /// Generate the synthetic shapes VQA task: PNGs in OUT/images and
     /// OUT/questions.jsonl (LLaVA format). Same seed, same bytes.
     Shapes {
@@ -321,6 +356,43 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !report.ok {
                 anyhow::bail!("verify: some checks failed (see the FAIL lines above)");
             }
+            Ok(())
+        }
+        Cmd::Serve {
+            model,
+            model_id,
+            backend,
+            adapter,
+            host,
+            port,
+            max_batch,
+            max_images,
+            max_body_bytes,
+            allow_local_files,
+        } => {
+            let dir = mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?;
+            let model_id = model_id.unwrap_or_else(|| {
+                std::fs::canonicalize(&dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            });
+            mbq::serve::serve(
+                mbq::serve::ServeOptions {
+                    model: dir,
+                    model_id,
+                    backend,
+                    backend_options: mbq::backend::BackendOptions { adapter },
+                    host,
+                    port,
+                    max_batch,
+                    max_images,
+                    body_limit: max_body_bytes,
+                    allow_local_files,
+                },
+                |m: &str| eprintln!("{m}"),
+            )?;
             Ok(())
         }
         Cmd::Shapes { seed, count, out } => {

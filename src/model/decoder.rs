@@ -127,6 +127,131 @@ pub struct Kv<'a, B: Backend> {
     pub pos0: usize,
 }
 
+/// One sequence of a batch: its rows of the batch's input are at positions
+/// `pos0..pos0 + rows` of its own `cache`.
+pub struct SeqKv<'a, B: Backend> {
+    pub cache: &'a mut B::Cache,
+    pub pos0: usize,
+    pub rows: usize,
+}
+
+/// Several sequences run together (the server's batched step): the batch's
+/// rows are the sequences' rows one after the other; the linears see them
+/// all at once, RoPE and attention each sequence's own.
+pub struct KvBatch<'a, 'b, B: Backend> {
+    pub seqs: &'a mut [SeqKv<'b, B>],
+    pub layer: usize,
+}
+
+/// What the attention runs over: [`Kv`] (one sequence) or [`KvBatch`].
+/// `attend` takes the q, k, v projections and returns o_proj's input, with
+/// the taps at `Site::Q`, `Site::K`, `Site::V` and `Site::AttnMix`.
+pub trait KvTarget<B: Backend> {
+    fn attend(
+        &mut self,
+        spec: &DecoderSpec,
+        be: &B,
+        qkv: [B::Tensor; 3],
+        tap: &mut impl Tap<B>,
+    ) -> Result<B::Tensor>;
+}
+
+impl<B: Backend> KvTarget<B> for Kv<'_, B> {
+    fn attend(
+        &mut self,
+        spec: &DecoderSpec,
+        be: &B,
+        [q, k, v]: [B::Tensor; 3],
+        tap: &mut impl Tap<B>,
+    ) -> Result<B::Tensor> {
+        let s = &spec.attn;
+        let mut q = be.rope(&q, s.heads, &spec.rope, self.pos0)?;
+        tap.at(Site::Q, &mut q)?;
+        let mut k = be.rope(&k, s.kv_heads, &spec.rope, self.pos0)?;
+        tap.at(Site::K, &mut k)?;
+        let mut v = v;
+        tap.at(Site::V, &mut v)?;
+        let mut a = be.attention_cached(&q, &k, &v, self.cache, self.layer, self.pos0, *s)?;
+        tap.at(Site::AttnMix, &mut a)?;
+        tap.keep(Site::Q, q)?;
+        tap.keep(Site::K, k)?;
+        tap.keep(Site::V, v)?;
+        Ok(a)
+    }
+}
+
+impl<B: Backend> KvTarget<B> for KvBatch<'_, '_, B> {
+    fn attend(
+        &mut self,
+        spec: &DecoderSpec,
+        be: &B,
+        [q, k, v]: [B::Tensor; 3],
+        tap: &mut impl Tap<B>,
+    ) -> Result<B::Tensor> {
+        let total: usize = self.seqs.iter().map(|s| s.rows).sum();
+        if be.dims(&q).0 != total {
+            return Err(Error::invalid(format!(
+                "batched attention: {} rows for sequences of {total} rows in all",
+                be.dims(&q).0
+            )));
+        }
+        let s = &spec.attn;
+        let per_seq = |f: &mut dyn FnMut(&SeqKv<'_, B>, usize) -> Result<B::Tensor>| {
+            let mut out: Option<B::Tensor> = None;
+            let mut at = 0;
+            for seq in self.seqs.iter() {
+                let part = f(seq, at)?;
+                at += seq.rows;
+                out = Some(match out {
+                    None => part,
+                    Some(o) => be.concat_rows(&o, &part)?,
+                });
+            }
+            out.ok_or_else(|| Error::invalid("batched attention: no sequences"))
+        };
+        let mut q = per_seq(&mut |seq, at| {
+            be.rope(&be.rows(&q, at, seq.rows)?, s.heads, &spec.rope, seq.pos0)
+        })?;
+        tap.at(Site::Q, &mut q)?;
+        let mut k = per_seq(&mut |seq, at| {
+            be.rope(
+                &be.rows(&k, at, seq.rows)?,
+                s.kv_heads,
+                &spec.rope,
+                seq.pos0,
+            )
+        })?;
+        tap.at(Site::K, &mut k)?;
+        let mut v = v;
+        tap.at(Site::V, &mut v)?;
+        let mut parts = Vec::with_capacity(self.seqs.len());
+        let mut at = 0;
+        for seq in self.seqs.iter_mut() {
+            let rows = |t: &B::Tensor| be.rows(t, at, seq.rows);
+            parts.push(be.attention_cached(
+                &rows(&q)?,
+                &rows(&k)?,
+                &rows(&v)?,
+                seq.cache,
+                self.layer,
+                seq.pos0,
+                *s,
+            )?);
+            at += seq.rows;
+        }
+        let mut parts = parts.into_iter();
+        let first = parts
+            .next()
+            .ok_or_else(|| Error::invalid("batched attention: no sequences"))?;
+        let mut a = parts.try_fold(first, |a, p| be.concat_rows(&a, &p))?;
+        tap.at(Site::AttnMix, &mut a)?;
+        tap.keep(Site::Q, q)?;
+        tap.keep(Site::K, k)?;
+        tap.keep(Site::V, v)?;
+        Ok(a)
+    }
+}
+
 /// The points of a layer's forward that a [`Tap`] sees (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
@@ -172,30 +297,25 @@ pub struct Attention<L> {
 
 impl<L> Attention<L> {
     /// `h` `[n, hidden]` (the normed input) -> o_proj's output `[n, hidden]`,
-    /// causal over the cache's positions `0..kv.pos0 + n`.
+    /// causal over each sequence's cache positions (for [`Kv`]:
+    /// `0..kv.pos0 + n`).
     pub fn forward<B: Backend>(
         &self,
         spec: &DecoderSpec,
         be: &B,
         h: &B::Tensor,
-        kv: Kv<'_, B>,
+        mut kv: impl KvTarget<B>,
         tap: &mut impl Tap<B>,
     ) -> Result<B::Tensor>
     where
         L: LinearOp<B>,
     {
-        let s = &spec.attn;
-        let mut q = be.rope(&self.q.forward(be, h)?, s.heads, &spec.rope, kv.pos0)?;
-        tap.at(Site::Q, &mut q)?;
-        let mut k = be.rope(&self.k.forward(be, h)?, s.kv_heads, &spec.rope, kv.pos0)?;
-        tap.at(Site::K, &mut k)?;
-        let mut v = self.v.forward(be, h)?;
-        tap.at(Site::V, &mut v)?;
-        let mut a = be.attention_cached(&q, &k, &v, kv.cache, kv.layer, kv.pos0, *s)?;
-        tap.at(Site::AttnMix, &mut a)?;
-        tap.keep(Site::Q, q)?;
-        tap.keep(Site::K, k)?;
-        tap.keep(Site::V, v)?;
+        let qkv = [
+            self.q.forward(be, h)?,
+            self.k.forward(be, h)?,
+            self.v.forward(be, h)?,
+        ];
+        let a = kv.attend(spec, be, qkv, tap)?;
         let mut y = self.o.forward(be, &a)?;
         tap.at(Site::AttnOut, &mut y)?;
         tap.keep(Site::AttnMix, a)?;
@@ -409,7 +529,7 @@ impl<L, N> DecoderLayer<L, N> {
         spec: &DecoderSpec,
         be: &B,
         x: &B::Tensor,
-        kv: Kv<'_, B>,
+        kv: impl KvTarget<B>,
         tap: &mut impl Tap<B>,
     ) -> Result<B::Tensor>
     where

@@ -2,7 +2,7 @@
 //! token embeddings, the decoder layers ([`super::decoder`]), the final
 //! RMSNorm and the output projection (tied or untied), each written once.
 
-use super::decoder::{DecoderSpec, Kv, Layer, NoTap};
+use super::decoder::{DecoderSpec, Kv, KvBatch, Layer, NoTap, SeqKv};
 use crate::backend::{AttnShape, Backend, Rope};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -136,5 +136,37 @@ impl<B: Backend> TextModel<B> {
         let x = self.hidden(be, x, cache, pos0)?;
         let (n, _) = be.dims(&x);
         self.logits(be, &be.rows(&x, n - 1, 1)?)
+    }
+
+    /// One step of several sequences together (the server's batch): `x` is
+    /// their embeddings one after the other (`seqs[i].rows` rows each, at
+    /// positions `seqs[i].pos0..` of `seqs[i].cache`); fills each cache and
+    /// returns the logits of each sequence's last row, `[seqs.len(), vocab]`.
+    pub fn forward_batch(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        seqs: &mut [SeqKv<'_, B>],
+    ) -> Result<B::Tensor> {
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = KvBatch {
+                seqs: &mut *seqs,
+                layer: i,
+            };
+            x = layer.forward(&self.spec, be, &x, kv, &mut NoTap)?;
+        }
+        let mut last: Option<B::Tensor> = None;
+        let mut at = 0;
+        for seq in seqs.iter() {
+            at += seq.rows;
+            let row = be.rows(&x, at - 1, 1)?;
+            last = Some(match last {
+                None => row,
+                Some(l) => be.concat_rows(&l, &row)?,
+            });
+        }
+        let last = last.ok_or_else(|| Error::invalid("forward_batch: no sequences"))?;
+        self.logits(be, &last)
     }
 }
