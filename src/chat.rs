@@ -160,6 +160,11 @@ impl<'a, B: Backend> ChatSession<'a, B> {
 
         let slots = self.slots(&prompt, &new_images);
         let n = prompt.ids.len();
+        if n == 0 {
+            return Err(crate::Error::invalid(
+                "the chat template rendered an empty prompt",
+            ));
+        }
         let ctx = model.cfg.text.max_position_embeddings;
         let needed = (n + opts.max_new_tokens).min(ctx);
         let have = self.cache_capacity();

@@ -322,10 +322,16 @@ fn user_turn<B: Backend>(
     backend: &str,
 ) {
     let mut stdout = std::io::stdout();
+    let mut streamed = false;
     let result = session.turn(text, pending, opts, |t| {
+        streamed = true;
         let _ = stdout.write_all(t.as_bytes());
         let _ = stdout.flush();
     });
+    // An answer cut by an error still ends its line.
+    if streamed && result.is_err() {
+        println!();
+    }
     match result {
         Ok(g) => {
             pending.clear();
