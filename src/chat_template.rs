@@ -108,12 +108,20 @@ impl ChatTemplate {
 /// [{"type": "image"}, {"type": "text", "text": prompt}]}` (the image item
 /// only when there is an image).
 pub fn user_message(prompt: &str, with_image: bool) -> Value {
-    let mut content = Vec::new();
-    if with_image {
-        content.push(serde_json::json!({"type": "image"}));
-    }
+    user_message_images(prompt, usize::from(with_image))
+}
+
+/// [`user_message`] with `images` image items before the text.
+pub fn user_message_images(prompt: &str, images: usize) -> Value {
+    let mut content = vec![serde_json::json!({"type": "image"}); images];
     content.push(serde_json::json!({"type": "text", "text": prompt}));
     serde_json::json!({"role": "user", "content": content})
+}
+
+/// A system message: `{"role": "system", "content": [{"type": "text",
+/// "text": text}]}`.
+pub fn system_message(text: &str) -> Value {
+    serde_json::json!({"role": "system", "content": [{"type": "text", "text": text}]})
 }
 
 /// An assistant message: `{"role": "assistant", "content": [{"type":

@@ -11,13 +11,15 @@
 //! [`model`] (the network, defined once: vision tower, decoder layer with
 //! taps, LLaVA / OneVision composition) -> [`preprocess`], [`anyres`],
 //! [`processor`], [`chat_template`] (the HF processor) -> [`generate`]
-//! (prefill + decode) -> [`runtime`], [`eval`], [`bench`], [`calib`]
+//! (prefill + decode), [`chat`] (multi-turn sessions reusing the cache) ->
+//! [`runtime`], [`eval`], [`bench`], [`calib`]
 //! (MBQ / AWQ / SmoothQuant as clients of `model`) -> the binaries.
 
 pub mod anyres;
 pub mod backend;
 pub mod bench;
 pub mod calib;
+pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod error;

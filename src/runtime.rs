@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
+use crate::backend::{self, AnyBackend, Backend, BackendJob, BackendKind, BackendOptions};
+use crate::chat_template::{system_message, user_message};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions, Generation};
+use crate::generate::{generate_chat, GenerateOptions, Generation};
 use crate::model::llava::Vlm;
 use crate::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use crate::processor::Processor;
@@ -16,6 +17,8 @@ pub struct Request {
     pub model: PathBuf,
     pub image: Option<PathBuf>,
     pub prompt: String,
+    /// A system message before the user's.
+    pub system: Option<String>,
     pub options: GenerateOptions,
     pub backend: BackendKind,
     /// `--adapter NAME`: the wgpu adapter whose name contains this.
@@ -43,16 +46,31 @@ pub fn run(
     mut note: impl FnMut(&str),
     on_text: impl FnMut(&str),
 ) -> Result<Response> {
-    let be = backend::open(
-        req.backend,
-        &backend_options(req.adapter.as_deref()),
-        &mut note,
-    )?;
-    // An explicit backend says which device it opened (`auto` did already).
-    if req.backend == be.kind() && be.kind() != BackendKind::Cpu {
+    let be = open_backend(req.backend, req.adapter.as_deref(), &mut note)?;
+    be.run(RunJob { req, on_text })
+}
+
+/// Opens `kind` (`--backend`, with `--adapter`); says through `note`
+/// which device an explicit GPU backend opened (`auto` says it already).
+pub fn open_backend(
+    kind: BackendKind,
+    adapter: Option<&str>,
+    mut note: impl FnMut(&str),
+) -> Result<AnyBackend> {
+    let be = backend::open(kind, &backend_options(adapter), &mut note)?;
+    if kind == be.kind() && be.kind() != BackendKind::Cpu {
         note(&format!("{}: {}", be.kind().name(), be.device()));
     }
-    be.run(RunJob { req, on_text })
+    Ok(be)
+}
+
+/// A model directory's network (on `be`) and processor.
+pub fn load_model<B: Backend>(be: &B, dir: &Path) -> Result<(Vlm<B>, Processor)> {
+    let cfg = VlmConfig::load(dir)?;
+    let proc = Processor::load(dir, cfg.image_token_index)?;
+    let weights = crate::weights::WeightFiles::open(dir)?;
+    let model = Vlm::from_weights(be, cfg, &weights)?;
+    Ok((model, proc))
 }
 
 /// [`run`] on the opened backend.
@@ -88,12 +106,15 @@ fn run_on<B: Backend>(
     let weights = crate::weights::WeightFiles::open(&req.model)?;
     let model = Vlm::from_weights(be, cfg, &weights)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let generation = generate(
+    let mut messages: Vec<serde_json::Value> =
+        req.system.iter().map(|s| system_message(s)).collect();
+    messages.push(user_message(&req.prompt, pre.is_some()));
+    let generation = generate_chat(
         be,
         &model,
         &proc,
-        &req.prompt,
-        pre.as_ref(),
+        &serde_json::Value::Array(messages),
+        pre.as_ref().as_slice(),
         &req.options,
         on_text,
     )?;

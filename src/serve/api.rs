@@ -6,7 +6,9 @@
 //! assistant; `content` a string or an array of `text` and `image_url`
 //! parts), `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`,
 //! `seed`, `stop` (a string or up to 4 strings), `stream`,
-//! `stream_options.include_usage`, `n` (only 1), and vLLM's `ignore_eos`.
+//! `stream_options.include_usage`, `n` (only 1), and vLLM's `ignore_eos`
+//! and `top_k`. Sampling values a request leaves out come from the model's
+//! generation_config.json (greedy when it does not sample), as vLLM does.
 //! Other fields are ignored, as OpenAI-compatible servers do.
 
 use axum::http::StatusCode;
@@ -106,6 +108,13 @@ pub struct ChatRequest {
     pub images: Vec<ImagePart>,
     /// `max_tokens` / `max_completion_tokens`; `None`: up to the context.
     pub max_tokens: Option<usize>,
+    /// `temperature` and `top_p` as given; the model's
+    /// generation_config.json fills in the missing ones (as vLLM does).
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// vLLM's `top_k` extension (-1 or 0: off).
+    pub top_k: Option<usize>,
+    /// Seed and `ignore_eos`; sampling is set by the server.
     pub options: GenerateOptions,
     pub stop: Vec<String>,
     pub stream: bool,
@@ -184,7 +193,7 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
-    let temperature = number(body, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
+    let temperature = number(body, "temperature", 0.0, 2.0)?.map(|t| t as f32);
     let top_p = match number(body, "top_p", 0.0, 1.0)? {
         Some(p) if p == 0.0 => {
             return Err(ApiError::bad(
@@ -192,7 +201,20 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
                 "'top_p' must be greater than 0",
             ))
         }
-        p => p.unwrap_or(1.0) as f32,
+        p => p.map(|p| p as f32),
+    };
+    let top_k = match field(body, "top_k") {
+        None => None,
+        Some(v) => match v.as_i64() {
+            Some(-1) | Some(0) => Some(0),
+            Some(k) if k > 0 => Some(k as usize),
+            _ => {
+                return Err(ApiError::bad(
+                    Some("top_k".to_string()),
+                    format!("'top_k' must be an integer >= 1 (or -1 / 0: off), got {v}"),
+                ))
+            }
+        },
     };
     let seed = match field(body, "seed") {
         None => 0,
@@ -233,8 +255,6 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     };
     let options = GenerateOptions {
         max_new_tokens: usize::MAX,
-        temperature,
-        top_p,
         seed,
         ignore_eos: flag(body, "ignore_eos")?,
         ..GenerateOptions::default()
@@ -244,6 +264,9 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
         messages,
         images,
         max_tokens: max_tokens.map(|n| n.min(usize::MAX as u64) as usize),
+        temperature,
+        top_p,
+        top_k,
         options,
         stop,
         stream,
@@ -439,8 +462,7 @@ mod tests {
         assert_eq!(r.max_tokens, Some(5));
         assert_eq!(r.stop, vec!["\n".to_string()]);
         assert!(r.stream && r.include_usage);
-        // OpenAI's default temperature is 1.
-        assert_eq!(r.options.temperature, 1.0);
+        assert_eq!(r.temperature, None);
     }
 
     #[test]

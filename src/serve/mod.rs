@@ -32,6 +32,7 @@ use self::api::{ApiError, ChatRequest};
 use self::engine::{Engine, EngineOptions, Event, Job, Stats};
 use crate::backend::{BackendKind, BackendOptions};
 use crate::error::{Error, Result};
+use crate::generate::SamplingDefaults;
 use crate::preprocess::{preprocess, ImageProcessorConfig, Preprocessed};
 
 /// The largest request body accepted (413 above it): room for a few
@@ -56,6 +57,8 @@ struct AppState {
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     model_id: String,
     image_config: Option<ImageProcessorConfig>,
+    /// generation_config.json's sampling, for what a request leaves out.
+    sampling: SamplingDefaults,
     allow_local: Option<PathBuf>,
     max_images: usize,
     body_limit: usize,
@@ -81,6 +84,7 @@ pub fn serve(
     }
     // A model without an image processor still serves text.
     let image_config = ImageProcessorConfig::load(&opts.model).ok();
+    let sampling = SamplingDefaults::load(&opts.model)?;
     let engine = Engine::start(
         EngineOptions {
             model: opts.model.clone(),
@@ -94,6 +98,7 @@ pub fn serve(
         jobs: Mutex::new(Some(engine.jobs.clone())),
         model_id: opts.model_id.clone(),
         image_config,
+        sampling,
         allow_local: opts.allow_local_files.clone(),
         max_images: opts.max_images,
         body_limit: opts.body_limit,
@@ -277,6 +282,7 @@ async fn chat_inner(st: Shared, req: Request) -> std::result::Result<Response, A
     let (tx, mut rx) = unbounded_channel();
     let mut options = req.options.clone();
     options.max_new_tokens = req.max_tokens.unwrap_or(usize::MAX);
+    st.sampling.apply(&mut options, req.temperature, req.top_p, req.top_k);
     let job = Job {
         messages: req.messages.clone(),
         images,
