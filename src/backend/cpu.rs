@@ -419,7 +419,13 @@ impl Backend for Cpu {
         Tensor::new(vec![a.rows() + b.rows(), a.cols()], data)
     }
 
-    fn rope(&self, x: &Tensor, heads: usize, rope: &Rope, pos0: usize) -> Result<Tensor> {
+    fn rope_at_unchecked(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        rope: &Rope,
+        positions: &[usize],
+    ) -> Result<Tensor> {
         let d = rope.head_dim;
         if x.cols() != heads * d {
             return Err(shape_err(
@@ -433,7 +439,7 @@ impl Backend for Cpu {
             .par_chunks_mut(heads * d)
             .enumerate()
             .for_each(|(r, row)| {
-                let pos = (pos0 + r) as f32;
+                let pos = positions[r] as f32;
                 for i in 0..half {
                     // transformers: freqs = inv_freq * position in f32, then cos/sin.
                     let f = rope.inv_freq[i] * pos;

@@ -158,12 +158,12 @@ impl Backend for Cuda {
     fn concat_rows(&self, _a: &Infallible, _b: &Infallible) -> Result<Infallible> {
         match self.0 {}
     }
-    fn rope(
+    fn rope_at_unchecked(
         &self,
         _x: &Infallible,
         _heads: usize,
         _rope: &Rope,
-        _pos0: usize,
+        _positions: &[usize],
     ) -> Result<Infallible> {
         match self.0 {}
     }

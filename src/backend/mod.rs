@@ -238,6 +238,38 @@ pub trait Backend {
         heads: usize,
         rope: &Rope,
         pos0: usize,
+    ) -> Result<Self::Tensor> {
+        let rows = self.dims(x).0;
+        let positions: Vec<usize> = (pos0..pos0 + rows).collect();
+        self.rope_at(x, heads, rope, &positions)
+    }
+
+    /// [`Backend::rope`] with row r at `positions[r]` (the server's batch:
+    /// each sequence's rows at its own positions).
+    fn rope_at(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        rope: &Rope,
+        positions: &[usize],
+    ) -> Result<Self::Tensor> {
+        let rows = self.dims(x).0;
+        if positions.len() != rows {
+            return Err(Error::invalid(format!(
+                "backend {}: op rope: {} positions for {rows} rows",
+                self.name(),
+                positions.len()
+            )));
+        }
+        self.rope_at_unchecked(x, heads, rope, positions)
+    }
+
+    fn rope_at_unchecked(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        rope: &Rope,
+        positions: &[usize],
     ) -> Result<Self::Tensor>;
 
     /// Full (non-causal) attention: q `[n, heads*d]`, k, v `[n, kv_heads*d]`.

@@ -31,6 +31,7 @@ use crate::quant::pseudo::quantize_linear;
 use crate::tensor::Tensor;
 
 mod machine;
+pub mod serve;
 mod table;
 
 pub use machine::*;

@@ -219,6 +219,32 @@ enum BenchCmd {
         json: bool,
     },
     /// Decode tokens/s: FP16 vs W3 vs W4 (g128).
+    /// The server's engine under 1, 4, 8 concurrent requests: tokens/s over
+    /// all requests, batched against one request at a time.
+    Serve {
+        /// Backends, comma-separated (cpu, wgpu, cuda): one table each.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Model directory or bundled model name (default: the bundled model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Image of every request (default: examples/s1000_000000.png).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "Describe the image.")]
+        prompt: String,
+        /// Concurrency levels, comma-separated.
+        #[arg(long, default_value = "1,4,8")]
+        concurrency: String,
+        /// New tokens per request (EOS ignored).
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Rounds per level.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     Decode {
         /// Backends, comma-separated (cpu, wgpu, cuda): side by side.
         #[arg(long, default_value = "cpu")]
@@ -432,11 +458,57 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             json,
             misses,
         ),
+        Cmd::Bench {
+            what:
+                BenchCmd::Serve {
+                    backend,
+                    model,
+                    image,
+                    prompt,
+                    concurrency,
+                    tokens,
+                    reps,
+                    json,
+                },
+        } => {
+            let levels = mbq::bench::serve::parse_levels(&concurrency)?;
+            let model = mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?;
+            let image = match image {
+                Some(p) => p,
+                None => mbq::bench::serve::default_image()?,
+            };
+            let info = mbq::bench::RunInfo::collect();
+            let mut all = Vec::new();
+            for b in backend.split(',') {
+                let o = mbq::bench::serve::ServeBenchOptions {
+                    model: model.clone(),
+                    backend: b.trim().parse()?,
+                    image: image.clone(),
+                    prompt: prompt.clone(),
+                    levels: levels.clone(),
+                    tokens,
+                    reps,
+                };
+                all.push(mbq::bench::serve::bench_serve(&o, |m: &str| {
+                    eprintln!("{m}")
+                })?);
+            }
+            if json {
+                println!("{}", serde_json::json!({"run": info, "serve": all}));
+            } else {
+                println!("{}", info.header());
+                for r in &all {
+                    println!("{r}");
+                }
+            }
+            Ok(())
+        }
         Cmd::Bench { what } => {
             let backend = match &what {
                 BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
                     backend.clone()
                 }
+                BenchCmd::Serve { .. } => anyhow::bail!("bench serve is run above"),
             };
             // A comma list runs each backend in turn; the tables are printed
             // side by side at the end.
@@ -463,7 +535,9 @@ fn print_bench(
 ) -> anyhow::Result<()> {
     use mbq::bench;
     let json = match what {
-        BenchCmd::Gemv { json, .. } | BenchCmd::Decode { json, .. } => *json,
+        BenchCmd::Gemv { json, .. }
+        | BenchCmd::Decode { json, .. }
+        | BenchCmd::Serve { json, .. } => *json,
     };
     let mut gemv = Vec::new();
     let mut decode = Vec::new();
@@ -650,6 +724,7 @@ fn bench_on<B: mbq::backend::Backend>(
         .map_err(|e| eprintln!("copy benchmark on {name}: {e}"))
         .ok();
     Ok(match what {
+        BenchCmd::Serve { .. } => anyhow::bail!("bench serve does not run through bench_on"),
         BenchCmd::Gemv {
             shapes,
             iters,

@@ -196,47 +196,29 @@ impl<B: Backend> KvTarget<B> for KvBatch<'_, '_, B> {
             )));
         }
         let s = &spec.attn;
-        let per_seq = |f: &mut dyn FnMut(&SeqKv<'_, B>, usize) -> Result<B::Tensor>| {
-            let mut out: Option<B::Tensor> = None;
-            let mut at = 0;
-            for seq in self.seqs.iter() {
-                let part = f(seq, at)?;
-                at += seq.rows;
-                out = Some(match out {
-                    None => part,
-                    Some(o) => be.concat_rows(&o, &part)?,
-                });
-            }
-            out.ok_or_else(|| Error::invalid("batched attention: no sequences"))
-        };
-        let mut q = per_seq(&mut |seq, at| {
-            be.rope(&be.rows(&q, at, seq.rows)?, s.heads, &spec.rope, seq.pos0)
-        })?;
+        let positions: Vec<usize> = self
+            .seqs
+            .iter()
+            .flat_map(|seq| seq.pos0..seq.pos0 + seq.rows)
+            .collect();
+        let mut q = be.rope_at(&q, s.heads, &spec.rope, &positions)?;
         tap.at(Site::Q, &mut q)?;
-        let mut k = per_seq(&mut |seq, at| {
-            be.rope(
-                &be.rows(&k, at, seq.rows)?,
-                s.kv_heads,
-                &spec.rope,
-                seq.pos0,
-            )
-        })?;
+        let mut k = be.rope_at(&k, s.kv_heads, &spec.rope, &positions)?;
         tap.at(Site::K, &mut k)?;
         let mut v = v;
         tap.at(Site::V, &mut v)?;
         let mut parts = Vec::with_capacity(self.seqs.len());
         let mut at = 0;
+        let one = self.seqs.len() == 1;
         for seq in self.seqs.iter_mut() {
-            let rows = |t: &B::Tensor| be.rows(t, at, seq.rows);
-            parts.push(be.attention_cached(
-                &rows(&q)?,
-                &rows(&k)?,
-                &rows(&v)?,
-                seq.cache,
-                self.layer,
-                seq.pos0,
-                *s,
-            )?);
+            let a = if one {
+                be.attention_cached(&q, &k, &v, seq.cache, self.layer, seq.pos0, *s)?
+            } else {
+                let rows = |t: &B::Tensor| be.rows(t, at, seq.rows);
+                let (qi, ki, vi) = (rows(&q)?, rows(&k)?, rows(&v)?);
+                be.attention_cached(&qi, &ki, &vi, seq.cache, self.layer, seq.pos0, *s)?
+            };
+            parts.push(a);
             at += seq.rows;
         }
         let mut parts = parts.into_iter();

@@ -290,17 +290,18 @@ fn parse_messages(messages: Option<&Value>) -> Result<(Value, Vec<ImagePart>), A
     let mut images = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let at = format!("messages[{i}]");
-        let role =
-            match m.get("role").and_then(Value::as_str) {
-                Some(r @ ("system" | "user" | "assistant")) => r,
-                Some("developer") => "system",
-                other => return Err(bad(
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(r @ ("system" | "user" | "assistant")) => r,
+            Some("developer") => "system",
+            other => {
+                return Err(bad(
                     format!("{at}.role"),
                     format!(
                         "{at}.role must be \"system\", \"user\" or \"assistant\", got {other:?}"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let mut parts = Vec::new();
         match m.get("content") {
             Some(Value::String(s)) => parts.push(json!({"type": "text", "text": s})),
@@ -346,12 +347,14 @@ fn parse_messages(messages: Option<&Value>) -> Result<(Value, Vec<ImagePart>), A
                             images.push(ImagePart { at: pat, url });
                             parts.push(json!({"type": "image"}));
                         }
-                        other => return Err(bad(
-                            format!("{pat}.type"),
-                            format!(
+                        other => {
+                            return Err(bad(
+                                format!("{pat}.type"),
+                                format!(
                                 "{pat}: part type must be \"text\" or \"image_url\", got {other:?}"
                             ),
-                        )),
+                            ))
+                        }
                     }
                 }
             }

@@ -282,7 +282,8 @@ async fn chat_inner(st: Shared, req: Request) -> std::result::Result<Response, A
     let (tx, mut rx) = unbounded_channel();
     let mut options = req.options.clone();
     options.max_new_tokens = req.max_tokens.unwrap_or(usize::MAX);
-    st.sampling.apply(&mut options, req.temperature, req.top_p, req.top_k);
+    st.sampling
+        .apply(&mut options, req.temperature, req.top_p, req.top_k);
     let job = Job {
         messages: req.messages.clone(),
         images,

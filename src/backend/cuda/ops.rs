@@ -470,7 +470,13 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn rope(&self, x: &CudaTensor, heads: usize, rope: &Rope, pos0: usize) -> Result<CudaTensor> {
+    fn rope_at_unchecked(
+        &self,
+        x: &CudaTensor,
+        heads: usize,
+        rope: &Rope,
+        positions: &[usize],
+    ) -> Result<CudaTensor> {
         let d = rope.head_dim;
         let half = d / 2;
         if x.cols != heads * d || rope.inv_freq.len() < half {
@@ -491,8 +497,8 @@ impl Backend for Cuda {
         }
         // The CPU's table: f32 inv_freq * position, then sin_cos.
         let mut cs = vec![0.0f32; rows * d];
-        for r in 0..rows {
-            let pos = (pos0 + r) as f32;
+        for (r, &p) in positions.iter().enumerate() {
+            let pos = p as f32;
             for i in 0..half {
                 let (s, c) = (rope.inv_freq[i] * pos).sin_cos();
                 cs[r * d + i] = c;

@@ -55,8 +55,7 @@ pub struct Wgpu {
 
 /// RoPE (cos, sin) for rows at positions `pos0..pos0 + rows` of `inv_freq`.
 struct RopeTable {
-    pos0: usize,
-    rows: usize,
+    positions: Vec<usize>,
     inv_freq: Vec<f32>,
     buf: wgpu::Buffer,
 }

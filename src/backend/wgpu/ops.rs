@@ -34,22 +34,22 @@ impl Wgpu {
         Ok(y)
     }
 
-    /// The (cos, sin) table of `rows` positions from `pos0`, computed as the
+    /// The (cos, sin) table of `positions`, computed as the
     /// CPU reference does (f32 `inv_freq * pos`, then sin/cos) and uploaded
     /// once per step: q and k of every layer share it.
-    fn rope_table(&self, rows: usize, inv_freq: &[f32], pos0: usize) -> Result<wgpu::Buffer> {
+    fn rope_table(&self, positions: &[usize], inv_freq: &[f32]) -> Result<wgpu::Buffer> {
         let mut last = self
             .rope_table
             .lock()
             .map_err(|_| err("the RoPE table lock is poisoned"))?;
         if let Some(t) = last.as_ref() {
-            if t.pos0 == pos0 && t.rows == rows && t.inv_freq == inv_freq {
+            if t.positions == positions && t.inv_freq == inv_freq {
                 return Ok(t.buf.clone());
             }
         }
-        let mut cs = Vec::with_capacity(rows * inv_freq.len() * 2);
-        for r in 0..rows {
-            let pos = (pos0 + r) as f32;
+        let mut cs = Vec::with_capacity(positions.len() * inv_freq.len() * 2);
+        for &p in positions {
+            let pos = p as f32;
             for &f in inv_freq {
                 let (s, c) = (f * pos).sin_cos();
                 cs.push(c);
@@ -58,8 +58,7 @@ impl Wgpu {
         }
         let buf = self.rec.upload(bytemuck::cast_slice(&cs), "rope cos/sin")?;
         *last = Some(RopeTable {
-            pos0,
-            rows,
+            positions: positions.to_vec(),
             inv_freq: inv_freq.to_vec(),
             buf: buf.clone(),
         });
@@ -331,7 +330,13 @@ impl Backend for Wgpu {
         Ok(y)
     }
 
-    fn rope(&self, x: &WgpuTensor, heads: usize, rope: &Rope, pos0: usize) -> Result<WgpuTensor> {
+    fn rope_at_unchecked(
+        &self,
+        x: &WgpuTensor,
+        heads: usize,
+        rope: &Rope,
+        positions: &[usize],
+    ) -> Result<WgpuTensor> {
         let d = rope.head_dim;
         if x.cols != heads * d || !d.is_multiple_of(2) || rope.inv_freq.len() < d / 2 {
             return Err(shape_err(
@@ -340,7 +345,7 @@ impl Backend for Wgpu {
             ));
         }
         let half = d / 2;
-        let cs = self.rope_table(x.rows, &rope.inv_freq[..half], pos0)?;
+        let cs = self.rope_table(positions, &rope.inv_freq[..half])?;
         let y = self.tensor(x.rows, x.cols, "rope")?;
         let n = u32_of("rope", x.rows * heads * half)?;
         let key = self.key("rope.wgsl", "rope", WG);
