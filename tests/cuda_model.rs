@@ -26,6 +26,13 @@ fn packed_models_match_cpu_and_transformers() {
 }
 
 #[test]
+fn batched_steps_match_one_sequence_at_a_time() {
+    if let Some(g) = cuda("batched_steps_match_one_sequence_at_a_time") {
+        backend_model::batched_steps_match_one_sequence_at_a_time(g);
+    }
+}
+
+#[test]
 fn mbq_run_backend_cuda_and_auto() {
     // auto picks CUDA first when there is a device.
     if cuda("mbq_run_backend_cuda_and_auto").is_some() {

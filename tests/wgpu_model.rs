@@ -20,6 +20,11 @@ fn packed_models_match_cpu_and_transformers() {
 }
 
 #[test]
+fn batched_steps_match_one_sequence_at_a_time() {
+    backend_model::batched_steps_match_one_sequence_at_a_time(gpu());
+}
+
+#[test]
 fn mbq_run_backend_wgpu_and_auto() {
     let adapter = gpu().adapter();
     let name = adapter.split(" (").next().unwrap_or("").to_string();

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use crate::common::{cases, fixtures, rel_err, scratch};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
-use mbq::generate::{argmax, build_prompt, prefill};
+use mbq::generate::{argmax, build_prompt, embed_prompt, prefill, Prompt};
+use mbq::model::decoder::SeqKv;
 use mbq::model::llava::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
@@ -140,6 +141,116 @@ pub fn packed_models_match_cpu_and_transformers<B: Backend>(be: &B) {
             .take(GREEDY_TOKENS)
             .collect();
         assert_eq!(gids, want, "{name}: {label} vs transformers greedy ids");
+    }
+}
+
+/// Decode steps each sequence of [`batched_steps_match_one_sequence_at_a_time`] runs.
+const BATCH_STEPS: usize = 6;
+
+/// The server's batched step (`TextModel::forward_batch`) against each
+/// sequence run alone (the path the transformers goldens check): three
+/// requests of the bundled W3 model join one step apart (prefill rows
+/// batched with the others' decode rows, each sequence at its own
+/// positions and cache). Every step's logits are within the tolerance of
+/// the lone run's and the greedy ids are equal.
+pub fn batched_steps_match_one_sequence_at_a_time<B: Backend>(be: &B) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("models/tiny-shapes-w3");
+    let model = Vlm::load(be, &dir).unwrap();
+    let proc = Processor::load(&dir, model.cfg.image_token_index).unwrap();
+    let img_cfg = ImageProcessorConfig::load(&dir).unwrap();
+    let reqs = [
+        ("s1000_000000.png", "What color is the circle?"),
+        ("s1000_000003.png", "What shape is it?"),
+        ("s1000_000009.png", "Describe the image."),
+    ];
+    let text = &model.text;
+    let new_cache = |p: &Prompt| {
+        be.new_cache(text.layers.len(), text.kv_dim(), p.ids.len() + BATCH_STEPS)
+            .unwrap()
+    };
+    let mut prompts = Vec::new();
+    for (image, question) in reqs {
+        let pre = preprocess(
+            &img_cfg,
+            &load_image(&root.join("examples").join(image)).unwrap(),
+        )
+        .unwrap();
+        let prompt = build_prompt(&model, &proc, question, Some(&pre)).unwrap();
+        let f = model.encode_image(be, &pre).unwrap().features;
+        prompts.push((prompt, f));
+    }
+    // Alone: prefill, then one token at a time.
+    let mut alone = Vec::new();
+    for (prompt, f) in &prompts {
+        let mut cache = new_cache(prompt);
+        let mut logits = vec![prefill(be, &model, prompt, Some(f), &mut cache).unwrap()];
+        let mut pos = prompt.ids.len();
+        while logits.len() < BATCH_STEPS {
+            let x = text.embed(be, &[argmax(logits.last().unwrap())]).unwrap();
+            let l = text.forward(be, x, &mut cache, pos).unwrap();
+            logits.push(be.download(&l).unwrap().data);
+            pos += 1;
+        }
+        alone.push(logits);
+    }
+    // Batched: sequence i joins at step i.
+    let mut caches: Vec<B::Cache> = prompts.iter().map(|(p, _)| new_cache(p)).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    for step in 0.. {
+        let active: Vec<usize> = (0..prompts.len())
+            .filter(|&i| i <= step && got[i].len() < BATCH_STEPS)
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let mut x: Option<B::Tensor> = None;
+        let mut shape = Vec::new();
+        for &i in &active {
+            let (prompt, f) = &prompts[i];
+            let (xi, pos0) = match got[i].last() {
+                None => (embed_prompt(be, &model, prompt, &[f]).unwrap(), 0),
+                Some(l) => (
+                    text.embed(be, &[argmax(l)]).unwrap(),
+                    prompt.ids.len() + got[i].len() - 1,
+                ),
+            };
+            shape.push((pos0, be.dims(&xi).0));
+            x = Some(match x {
+                None => xi,
+                Some(x) => be.concat_rows(&x, &xi).unwrap(),
+            });
+        }
+        let mut seqs: Vec<SeqKv<'_, B>> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .zip(&shape)
+            .map(|((_, cache), &(pos0, rows))| SeqKv { cache, pos0, rows })
+            .collect();
+        let logits = text.forward_batch(be, x.unwrap(), &mut seqs).unwrap();
+        let logits = be.download(&logits).unwrap().data;
+        let vocab = logits.len() / active.len();
+        for (&i, l) in active.iter().zip(logits.chunks(vocab)) {
+            got[i].push(l.to_vec());
+        }
+    }
+    for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+        let ids = |v: &Vec<Vec<f32>>| v.iter().map(|l| argmax(l)).collect::<Vec<_>>();
+        assert_eq!(
+            ids(g),
+            ids(a),
+            "{}: sequence {i}: batched vs alone greedy ids",
+            be.name()
+        );
+        for (step, (gl, al)) in g.iter().zip(a).enumerate() {
+            let e = rel_err(gl, al);
+            assert!(
+                e <= LOGITS_REL_TOL,
+                "{}: sequence {i} step {step}: logits rel err {e:.2e}",
+                be.name()
+            );
+        }
     }
 }
 

@@ -233,6 +233,26 @@ pub fn rope_matches<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
                 );
                 continue;
             }
+            // A position per row (the server's batch), against each row
+            // rotated alone.
+            let positions = [17, 0, 4093, 5, 6];
+            c.measure(
+                "rope",
+                format!("{path} rope_at heads {heads} d {d} positions {positions:?}"),
+                B::TOL.rope as f64,
+                || {
+                    let mut want = Vec::new();
+                    for (r, &p) in positions.iter().enumerate() {
+                        let row = Cpu.rows(&x, r, 1)?;
+                        want.extend(Cpu.rope(&row, heads, &rope, p)?.data);
+                    }
+                    let want = Tensor::new(vec![positions.len(), heads * d], want)?;
+                    close(
+                        &down(g, g.rope_at(&up(g, &x)?, heads, &rope, &positions))?,
+                        &want,
+                    )
+                },
+            );
             for pos0 in [0, 17, 4093] {
                 c.measure(
                     "rope",
