@@ -462,6 +462,29 @@ async fn a_client_that_goes_away_cancels_its_generation() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(s.log().contains("cancelled by its client"), "{}", s.log());
+
+    // Not streamed: the client gives up waiting for the whole answer.
+    let mut body = body.clone();
+    body["stream"] = json!(false);
+    let gave_up = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap()
+        .post(s.at("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the whole answer came within 100 ms");
+    let t0 = Instant::now();
+    loop {
+        let h = health(&s).await;
+        if h["cancelled"] == 2 {
+            assert_eq!((h["active"].clone(), h["completed"].clone()), (json!(0), json!(0)), "{h}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not cancelled: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
