@@ -90,18 +90,21 @@ fn gemv_packed(ids: Ids) {
             }
         }
     }
-    // p.m is uniform: every thread takes part in every token's sum.
-    for (var t = 0u; t < min(p.m, MAXM); t++) {
-        let s = sum4(acc[t]);
-        if tid == 0u {
-            for (var r = 0u; r < R; r++) {
-                let o = first + r;
-                if o < p.n_out {
-                    var v = s[r];
+    // A constant trip count (the accumulators stay in registers); p.m is
+    // uniform: every thread takes part in every token's sum.
+    for (var t = 0u; t < MAXM; t++) {
+        if t < p.m {
+            let s = sum4(acc[t]);
+            if tid == 0u {
+                for (var r = 0u; r < R; r++) {
+                    let o = first + r;
+                    if o < p.n_out {
+                        var v = s[r];
 #if BIAS
-                    v += b[p.o0 + o];
+                        v += b[p.o0 + o];
 #endif
-                    y[t * p.out + p.o0 + o] = v;
+                        y[t * p.out + p.o0 + o] = v;
+                    }
                 }
             }
         }
