@@ -36,27 +36,60 @@ fn codes4(gw: u32, kg: u32) -> vec4<f32> {
     }
 }
 
-// sum_i code[kg + i] * xs[i] over the 32 codes kg..kg+31 of the group
-// starting at word `gw` (kg % 32 == 0); every word is loaded once.
-fn dot32(gw: u32, kg: u32, xs: ptr<function, array<vec4<f32>, 8>>) -> f32 {
+// The BITS words holding codes kg..kg+31 of the group starting at word
+// `gw` (kg % 32 == 0), in `a` then `b`: 8 bits: words kg / 4 .. (a, b);
+// 4 bits: words kg / 8 .. (a); 3 bits: the two low-bit words kg / 16,
+// kg / 16 + 1 (a.x, a.y), then the high-bit word GROUP / 16 + kg / 32
+// (a.z). Loaded once, decoded by `dot32` as often as there are tokens.
+// (Vectors rather than an array: no dynamically indexed local memory.)
+struct Words32 {
+    a: vec4<u32>,
+    b: vec4<u32>,
+}
+
+fn words32(gw: u32, kg: u32) -> Words32 {
+    var ws = Words32(vec4<u32>(0u), vec4<u32>(0u));
+    if BITS == 8u {
+        let w0 = gw + kg / 4u;
+        ws.a = vec4<u32>(q[w0], q[w0 + 1u], q[w0 + 2u], q[w0 + 3u]);
+        ws.b = vec4<u32>(q[w0 + 4u], q[w0 + 5u], q[w0 + 6u], q[w0 + 7u]);
+    } else if BITS == 4u {
+        let w0 = gw + kg / 8u;
+        ws.a = vec4<u32>(q[w0], q[w0 + 1u], q[w0 + 2u], q[w0 + 3u]);
+    } else {
+        let w0 = gw + kg / 16u;
+        ws.a = vec4<u32>(q[w0], q[w0 + 1u], q[gw + GROUP / 16u + kg / 32u], 0u);
+    }
+    return ws;
+}
+
+// The 4 8-bit codes of `word` at xs[i], dotted.
+fn dot8bit(word: u32, x: vec4<f32>) -> f32 {
+    let c = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u));
+    return dot(c, x);
+}
+
+// sum_i code[i] * xs[i] over the 32 codes in `ws` (`words32`).
+fn dot32(ws: Words32, xs: ptr<function, array<vec4<f32>, 8>>) -> f32 {
     var acc = 0.0;
     if BITS == 8u {
-        for (var i = 0u; i < 8u; i++) {
-            let word = q[gw + kg / 4u + i];
-            let c = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u));
-            acc += dot(c, (*xs)[i]);
+        for (var i = 0u; i < 4u; i++) {
+            acc += dot8bit(ws.a[i], (*xs)[i]);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            acc += dot8bit(ws.b[i], (*xs)[4u + i]);
         }
     } else if BITS == 4u {
         for (var i = 0u; i < 4u; i++) {
-            let word = q[gw + kg / 8u + i];
+            let word = ws.a[i];
             let c0 = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
             let c1 = vec4<f32>((vec4<u32>(word) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
             acc += dot(c0, (*xs)[2u * i]) + dot(c1, (*xs)[2u * i + 1u]);
         }
     } else {
-        let hi = q[gw + GROUP / 16u + kg / 32u];
+        let hi = ws.a.z;
         for (var i = 0u; i < 2u; i++) {
-            let lo = q[gw + kg / 16u + i];
+            let lo = ws.a[i];
             for (var j = 0u; j < 4u; j++) {
                 let l = (vec4<u32>(lo >> (8u * j)) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u);
                 let h = (vec4<u32>(hi >> (16u * i + 4u * j)) >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u);

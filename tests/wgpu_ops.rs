@@ -114,7 +114,7 @@ fn linear_dense_split_weights() {
     let mut r = rng(11);
     let w = random(&mut r, 37, 45, 0.5);
     assert!(g.weight(&w).unwrap().chunks() > 1);
-    for rows in [1, 9] {
+    for rows in [1, 3, 8, 9] {
         for f16 in [false, true] {
             check_dense("split", g, rows, 37, 45, f16, true, 12);
         }
@@ -138,7 +138,7 @@ fn packed_split_weights() {
     let w = random(&mut r, 37, 384, 0.5);
     let p = quantize_linear("w", &w.data, 37, 384, 4, 128).unwrap();
     assert!(g.packed_weight(&p).unwrap().chunks() > 1);
-    for rows in [1, 6] {
+    for rows in [1, 3, 8, 9] {
         for bits in [3, 8] {
             check_packed("split", g, rows, 37, 384, bits, 64, true);
         }

@@ -195,7 +195,7 @@ pub fn parse_chat(body: &Value) -> Result<ChatRequest, ApiError> {
     }
     let temperature = number(body, "temperature", 0.0, 2.0)?.map(|t| t as f32);
     let top_p = match number(body, "top_p", 0.0, 1.0)? {
-        Some(p) if p == 0.0 => {
+        Some(0.0) => {
             return Err(ApiError::bad(
                 Some("top_p".to_string()),
                 "'top_p' must be greater than 0",

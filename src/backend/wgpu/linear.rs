@@ -6,10 +6,13 @@
 //! chunk's output columns. Dense rows are padded to a multiple of 8
 //! elements (`ld`) so the GEMV reads whole vec4s.
 //!
-//! One token (rows == 1) uses a GEMV (`gemv.wgsl`, or the fused
-//! dequant-GEMV `gemv_packed.wgsl` reading packed words directly); several
-//! tokens use the tiled GEMM (`gemm.wgsl`, which dequantizes packed tiles
-//! as it stages them).
+//! Up to [`SKINNY_MAX`] tokens (rows of x: decode, one sequence or a
+//! batched step of several) use a GEMV (`gemv.wgsl`, or the fused
+//! dequant-GEMV `gemv_packed.wgsl` reading packed words directly): each
+//! workgroup reads its 4 weight rows once and applies them to every token,
+//! so a decode step costs one pass over the weights whatever its m. More
+//! tokens (prefill) use the tiled GEMM (`gemm.wgsl`, 64-row tiles, which
+//! dequantizes packed tiles as it stages them), where the tiling pays.
 //!
 //! W4A8 with integer dot products (`linear_a8`, when the device has
 //! `dot4I8Packed`): the activations are quantized to packed INT8 words
@@ -27,6 +30,8 @@ use crate::tensor::Tensor;
 
 /// Output rows per GEMV workgroup (`R` in gemv*.wgsl).
 const GEMV_ROWS: usize = 4;
+/// Most tokens a product runs as a GEMV (gemv*.wgsl); more run the GEMM.
+pub const SKINNY_MAX: usize = 8;
 /// GEMM tile (`BM`, `BN` in gemm.wgsl) and its threads.
 const GEMM_TILE: usize = 64;
 const GEMM_WG: u32 = 256;
@@ -103,6 +108,13 @@ fn gemv_wg(blocks: usize) -> u32 {
         65..=128 => 128,
         _ => 256,
     }
+}
+
+/// The GEMV's `MAXM` (accumulators per thread) for `m` tokens: m rounded up
+/// to a power of two, so there are 4 pipelines per configuration and m = 1
+/// keeps a single accumulator.
+fn gemv_maxm(m: usize) -> u32 {
+    m.next_power_of_two() as u32
 }
 
 /// Rows per chunk for rows of `row_bytes` under a binding limit.
@@ -345,14 +357,20 @@ impl Wgpu {
                     if let Some(b) = b {
                         binds.push((3, b.buf()));
                     }
-                    if m == 1 {
+                    if m <= SKINNY_MAX {
                         let key = self
                             .key("gemv.wgsl", "gemv", gemv_wg(inp.div_ceil(8)))
+                            .def("MAXM", gemv_maxm(m))
                             .def("F16", *f16 as u32)
                             .def("BIAS", bias);
                         let groups = c.rows.div_ceil(GEMV_ROWS);
-                        self.rec
-                            .dispatch(&key, &binds, 5, &[k, ld, n, o0], groups as u32)?;
+                        self.rec.dispatch(
+                            &key,
+                            &binds,
+                            5,
+                            &[k, ld, n, o0, m32, out32],
+                            u32_of("linear", groups)?,
+                        )?;
                     } else {
                         let key = KernelKey::new("gemm.wgsl", "gemm")
                             .def("WG", GEMM_WG)
@@ -383,15 +401,21 @@ impl Wgpu {
                     if let Some(b) = b {
                         binds.push((3, b.buf()));
                     }
-                    if m == 1 {
+                    if m <= SKINNY_MAX {
                         let key = self
                             .key("gemv_packed.wgsl", "gemv_packed", gemv_wg(inp / 32))
                             .def("BITS", *bits)
                             .def("GROUP", group)
+                            .def("MAXM", gemv_maxm(m))
                             .def("BIAS", bias);
                         let groups = c.rows.div_ceil(GEMV_ROWS);
-                        self.rec
-                            .dispatch(&key, &binds, 5, &[k, n, o0], groups as u32)?;
+                        self.rec.dispatch(
+                            &key,
+                            &binds,
+                            5,
+                            &[k, n, o0, m32, out32],
+                            u32_of("linear", groups)?,
+                        )?;
                     } else {
                         let key = KernelKey::new("gemm.wgsl", "gemm")
                             .def("WG", GEMM_WG)

@@ -23,7 +23,7 @@ mod linear;
 mod ops;
 
 pub use device::{adapters, probe, AdapterReport, WgpuOptions};
-pub use linear::WgpuWeight;
+pub use linear::{WgpuWeight, SKINNY_MAX};
 
 use encode::Recorder;
 

@@ -54,12 +54,19 @@ pub fn linear_dense_gemv_and_gemm<B: Device>(c: &mut Checks, paths: &[(&str, &B)
     for &(path, g) in paths {
         for f16 in [false, true] {
             // GEMV at 64, 128 and 256 threads (k / 8 = 6, 75, 263 blocks;
-            // CUDA's vector and scalar paths: in % 8), the last GEMV row
-            // count and one more, then GEMMs of one and several tiles.
+            // CUDA's vector and scalar paths: in % 8), several tokens at
+            // once (the skinny GEMV: 2, 3, 5, 8 rows, outputs not a
+            // multiple of 4), the last GEMV row count and one more, then
+            // GEMMs of one and several tiles.
             for &(rows, out, inp) in &[
                 (1, 37, 45),
                 (1, 131, 600),
                 (1, 13, 2100),
+                (2, 37, 45),
+                (3, 131, 600),
+                (5, 13, 2100),
+                (8, 37, 45),
+                (9, 131, 600),
                 (m, 37, 48),
                 (m + 1, 37, 45),
                 (7, 37, 45),
@@ -113,30 +120,40 @@ pub fn check_packed<B: Device>(
     );
 }
 
-/// The packed GEMV at W3 / W4 / W8 in groups of 32 / 64 / 128, at one row
-/// and at the last GEMV row count, then at 128 and 256 threads (k / 32 =
-/// 80 and 384 blocks).
+/// The packed GEMV at W3 / W4 / W8 in groups of 32 / 64 / 128, at one row,
+/// several rows at once (2, 3, 5, 8: the skinny GEMV, outputs not a
+/// multiple of 4), the last GEMV row count and one more (the GEMM), then
+/// at 128 and 256 threads (k / 32 = 80 and 384 blocks).
 pub fn packed_gemv_every_format<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
     let m = B::GEMV_MAX_ROWS;
     for &(path, g) in paths {
         for bits in [3, 4, 8] {
             for group in [32, 64, 128] {
                 check_packed(c, path, g, 1, 37, 384, bits, group, group == 64);
+                check_packed(c, path, g, 2, 37, 384, bits, group, group != 64);
+                check_packed(c, path, g, 3, 13, 640, bits, group, group == 32);
+                check_packed(c, path, g, 5, 37, 384, bits, group, group != 32);
+                check_packed(c, path, g, 8, 21, 384, bits, group, group == 128);
                 check_packed(c, path, g, m, 9, 1152, bits, group, group != 64);
+                check_packed(c, path, g, m + 1, 45, 384, bits, group, group == 64);
             }
         }
         check_packed(c, path, g, 1, 21, 2560, 3, 128, true);
         check_packed(c, path, g, 1, 13, 12288, 4, 64, false);
+        check_packed(c, path, g, 6, 21, 2560, 3, 128, true);
+        check_packed(c, path, g, 3, 13, 12288, 4, 64, false);
     }
 }
 
-/// The packed prefill GEMM at every format, then several tiles in both
-/// directions.
+/// The packed prefill GEMM at every format (just past the GEMV's rows, and
+/// 17), then several tiles in both directions.
 pub fn packed_prefill_every_format<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let m = B::GEMV_MAX_ROWS;
     for &(path, g) in paths {
         for bits in [3, 4, 8] {
             for group in [32, 64, 128] {
-                check_packed(c, path, g, 5, 37, 384, bits, group, group == 32);
+                check_packed(c, path, g, m + 1, 37, 384, bits, group, group == 32);
+                check_packed(c, path, g, 17, 37, 384, bits, group, group != 32);
             }
         }
         check_packed(c, path, g, 67, 131, 256, 3, 128, true);
@@ -424,15 +441,17 @@ pub fn split_weights<B: Device>(c: &mut Checks, path: &str, g: &B, integer: bool
         },
     );
     embedding_f16_and_f32(c, &[(path, g)]);
-    for rows in [1, 9] {
+    // One token, the skinny GEMV (3, 8) and the GEMM (9): every chunk
+    // writes its columns of every token's row.
+    for rows in [1, 3, 8, 9] {
         for f16 in [false, true] {
             check_dense(c, path, g, rows, 37, 45, f16, true, 12);
         }
-    }
-    for rows in [1, 6] {
         for bits in [3, 8] {
             check_packed(c, path, g, rows, 37, 384, bits, 64, true);
         }
+    }
+    for rows in [1, 6] {
         check_w4a8(
             c,
             path,

@@ -170,8 +170,8 @@ pub trait Device: Grad {
 
 impl Device for Wgpu {
     const TOL: Tolerances = Tolerances::WGPU;
-    /// One token runs a GEMV (gemv*.wgsl), more the GEMM.
-    const GEMV_MAX_ROWS: usize = 1;
+    /// Up to SKINNY_MAX tokens run a GEMV (gemv*.wgsl), more the GEMM.
+    const GEMV_MAX_ROWS: usize = crate::backend::wgpu::SKINNY_MAX;
     /// rope.wgsl rotates pairs only, and no model has an odd head_dim:
     /// the wgpu backend rejects one.
     const ROPE_ODD_HEAD_DIM: bool = false;
