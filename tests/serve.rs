@@ -479,7 +479,11 @@ async fn a_client_that_goes_away_cancels_its_generation() {
     loop {
         let h = health(&s).await;
         if h["cancelled"] == 2 {
-            assert_eq!((h["active"].clone(), h["completed"].clone()), (json!(0), json!(0)), "{h}");
+            assert_eq!(
+                (h["active"].clone(), h["completed"].clone()),
+                (json!(0), json!(0)),
+                "{h}"
+            );
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "not cancelled: {h}");
