@@ -32,6 +32,7 @@ pub mod processor;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+pub mod sampling;
 pub mod serve;
 pub mod shapes;
 pub mod tensor;
