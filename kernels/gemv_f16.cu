@@ -1,24 +1,30 @@
-// gemv_f16.cu: dense matrix-vector product with an f16 weight (one token),
-// the baseline that gemv_packed.cu is measured against:
+// gemv_f16.cu: dense matrix product with an f16 weight for a few tokens
+// (decode, 1..MAXM rows of x), the baseline that gemv_packed.cu is
+// measured against:
 //
-//   y[o] = sum_i w[o, i] * x[i] (+ bias[o])
+//   y[t, o] = sum_i w[o, i] * x[t, i] (+ bias[o])      for t < m
 //
 // Kernel:
 //   gemv_f16(
 //       const unsigned short *w,  // [out, in] f16 bits, row-major, 16-byte aligned
-//       const float *x,           // [in] f32, 16-byte aligned
+//       const float *x,           // [m, in] f32, row-major, 16-byte aligned
 //       const float *bias,        // [out] or NULL for no bias
-//       float *y,                 // [out] output
+//       float *y,                 // [m, out] output, row-major (row stride out)
 //       int in,                   // input features (any value >= 0)
-//       int out)                  // output features
+//       int out,                  // output features
+//       int m)                    // tokens (rows of x and y), 1 <= m <= MAXM = 8
 //
 // Launch: blockDim = (GEMV_F16_THREADS = 128, 1, 1), gridDim =
-// (ceil(out / GEMV_F16_ROWS), 1, 1), no dynamic shared memory. Each warp
-// computes ROWS_PER_WARP = 2 consecutive rows (GEMV_F16_ROWS = 8 rows per
-// block); the lanes stride over the input 8 values at a time with one
-// 128-bit load of w (8 halves) per row and two 128-bit loads of x, shared by
-// both rows. When `in` is not a multiple of 8 (rows not 16-byte aligned) the
-// kernel falls back to one value at a time. Warp-shuffle reduction; lane 0
+// (ceil(out / GEMV_F16_ROWS), 1, 1), no dynamic shared memory; one launch
+// for all m tokens. Each warp computes ROWS_PER_WARP = 2 consecutive rows of
+// W (GEMV_F16_ROWS = 8 rows per block) for every token, with one accumulator
+// per (row, token): each weight value is loaded once and used for all m
+// tokens. The lanes stride over the input 8 values at a time with one
+// 128-bit load of w (8 halves) per row and, per token, two 128-bit loads of
+// x shared by both rows. When `in` is not a multiple of 8 (rows not 16-byte
+// aligned) the kernel falls back to one value at a time. Per token the
+// accumulation order is the one of the single-token kernel (m = 1 computes
+// exactly as before). Warp-shuffle reduction per (row, token); lane 0
 // writes.
 
 typedef unsigned int u32;
@@ -26,6 +32,8 @@ typedef unsigned int u32;
 #define GEMV_F16_THREADS 128
 #define ROWS_PER_WARP 2
 #define GEMV_F16_ROWS ((GEMV_F16_THREADS / 32) * ROWS_PER_WARP)
+// Most tokens per launch (the host's GEMV_MAX_ROWS, src/backend/cuda/mod.rs).
+#define MAXM 8
 
 // An IEEE half (its 16 bits in the low half of `h`) as f32, without
 // cuda_fp16.h: one PTX conversion (tests/cuda_host_emu runs these kernels
@@ -57,7 +65,7 @@ static __device__ __forceinline__ float dot2(u32 w, float a, float b, float acc)
 
 extern "C" __global__ void __launch_bounds__(GEMV_F16_THREADS)
     gemv_f16(const unsigned short *__restrict__ w, const float *__restrict__ x,
-             const float *__restrict__ bias, float *__restrict__ y, int in, int out) {
+             const float *__restrict__ bias, float *__restrict__ y, int in, int out, int m) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int first = blockIdx.x * GEMV_F16_ROWS + warp * ROWS_PER_WARP;
@@ -65,49 +73,81 @@ extern "C" __global__ void __launch_bounds__(GEMV_F16_THREADS)
         return;  // the whole warp leaves together
     }
     int rows[ROWS_PER_WARP];
-    float acc[ROWS_PER_WARP];
+    float acc[ROWS_PER_WARP][MAXM];
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; r++) {
         rows[r] = min(first + r, out - 1);
-        acc[r] = 0.0f;
+#pragma unroll
+        for (int t = 0; t < MAXM; t++) {
+            acc[r][t] = 0.0f;
+        }
     }
     if (in % 8 == 0) {
         const int chunks = in / 8;
-        const float4 *x4 = reinterpret_cast<const float4 *>(x);
         for (int c = lane; c < chunks; c += 32) {
-            const float4 a = x4[2 * c];
-            const float4 b = x4[2 * c + 1];
+            uint4 v[ROWS_PER_WARP];
 #pragma unroll
             for (int r = 0; r < ROWS_PER_WARP; r++) {
-                const uint4 *row = reinterpret_cast<const uint4 *>(w + (long long)rows[r] * in);
-                const uint4 v = row[c];
-                float s = acc[r];
-                s = dot2(v.x, a.x, a.y, s);
-                s = dot2(v.y, a.z, a.w, s);
-                s = dot2(v.z, b.x, b.y, s);
-                s = dot2(v.w, b.z, b.w, s);
-                acc[r] = s;
+                v[r] = reinterpret_cast<const uint4 *>(w + (long long)rows[r] * in)[c];
+            }
+#pragma unroll
+            for (int t = 0; t < MAXM; t++) {
+                if (t < m) {
+                    const float4 *x4 = reinterpret_cast<const float4 *>(x + (long long)t * in);
+                    const float4 a = x4[2 * c];
+                    const float4 b = x4[2 * c + 1];
+#pragma unroll
+                    for (int r = 0; r < ROWS_PER_WARP; r++) {
+                        float s = acc[r][t];
+                        s = dot2(v[r].x, a.x, a.y, s);
+                        s = dot2(v[r].y, a.z, a.w, s);
+                        s = dot2(v[r].z, b.x, b.y, s);
+                        s = dot2(v[r].w, b.z, b.w, s);
+                        acc[r][t] = s;
+                    }
+                }
             }
         }
     } else {
         for (int i = lane; i < in; i += 32) {
-            const float xi = x[i];
+            float wv[ROWS_PER_WARP];
 #pragma unroll
             for (int r = 0; r < ROWS_PER_WARP; r++) {
-                acc[r] = fmaf(f16_to_f32(w[(long long)rows[r] * in + i]), xi, acc[r]);
+                wv[r] = f16_to_f32(w[(long long)rows[r] * in + i]);
+            }
+#pragma unroll
+            for (int t = 0; t < MAXM; t++) {
+                if (t < m) {
+                    const float xi = x[(long long)t * in + i];
+#pragma unroll
+                    for (int r = 0; r < ROWS_PER_WARP; r++) {
+                        acc[r][t] = fmaf(wv[r], xi, acc[r][t]);
+                    }
+                }
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; r++) {
-        acc[r] = warp_sum(acc[r]);
+    for (int t = 0; t < MAXM; t++) {
+        if (t < m) {  // m is the same for the whole warp
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WARP; r++) {
+                acc[r][t] = warp_sum(acc[r][t]);
+            }
+        }
     }
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; r++) {
             const int o = first + r;
             if (o < out) {
-                y[o] = acc[r] + (bias != 0 ? bias[o] : 0.0f);
+                const float bo = bias != 0 ? bias[o] : 0.0f;
+#pragma unroll
+                for (int t = 0; t < MAXM; t++) {
+                    if (t < m) {
+                        y[(long long)t * out + o] = acc[r][t] + bo;
+                    }
+                }
             }
         }
     }

@@ -51,7 +51,7 @@ impl CudaOptions {
 }
 
 /// As with the feature: up to this many rows a linear runs as a GEMV.
-pub const GEMV_MAX_ROWS: usize = 4;
+pub const GEMV_MAX_ROWS: usize = 8;
 
 /// A weight on the device, which this build cannot make: uninhabited.
 pub struct CudaWeight(Infallible);

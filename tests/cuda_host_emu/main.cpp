@@ -76,14 +76,29 @@ static void check(const char *name, const std::vector<float> &y, const std::vect
 }
 static void new_kernels();
 static void backward_kernels();
-typedef void (*PK)(const float *, const uint32_t *, const uint32_t *, const float *, float *, int, int);
+typedef void (*PK)(const float *, const uint32_t *, const uint32_t *, const float *, float *, int, int, int);
+// Each GEMV case at these token counts (x [m, in], y [m, out], one launch).
+static const int GEMV_MS[] = {1, 2, 3, 5, 8};
+// Token t of an m-token launch must equal the single-token launch on row t
+// bit for bit (the same accumulation order per token).
+static void check_rows_exact(const char *name, const std::vector<float> &y, int m, int out,
+                             const std::function<void(int, float *)> &one) {
+    std::vector<float> y1(out);
+    std::vector<double> want(m * out), sc(m * out, 0.0);
+    for (int t = 0; t < m; t++) {
+        std::fill(y1.begin(), y1.end(), -2.0f);
+        one(t, y1.data());
+        for (int o = 0; o < out; o++) want[t * out + o] = y1[o];
+    }
+    check_tol(name, y, want, sc, 0.0);
+}
 int main() {
     struct E { int bits, group; PK k; };
     E es[] = {{3, 32, packed::gemv_packed_w3_g32}, {3, 64, packed::gemv_packed_w3_g64}, {3, 128, packed::gemv_packed_w3_g128},
               {4, 32, packed::gemv_packed_w4_g32}, {4, 64, packed::gemv_packed_w4_g64}, {4, 128, packed::gemv_packed_w4_g128},
               {8, 32, packed::gemv_packed_w8_g32}, {8, 64, packed::gemv_packed_w8_g64}, {8, 128, packed::gemv_packed_w8_g128}};
     int shapes[][3] = {{37, 384, 1}, {9, 1152, 0}, {3, 128, 1}};
-    for (auto &e : es) for (auto &sh : shapes) {
+    for (auto &e : es) for (auto &sh : shapes) for (int m : GEMV_MS) {
         int out = sh[0], in = sh[1], with_bias = sh[2];
         if (in % e.group) continue;
         int groups = in / e.group, wpg = e.group * e.bits / 32;
@@ -98,39 +113,58 @@ int main() {
             s[i] = mbq_host_f16(sh16); z[i] = mbq_host_f16(zh);
             sz[i] = sh16 | ((uint32_t)zh << 16);
         }
-        std::vector<float> x(in), bias(out), y(out, -1.0f);
+        std::vector<float> x(m * in), bias(out), y(m * out, -1.0f);
         for (auto &v : x) v = rf();
         for (auto &v : bias) v = rf();
-        std::vector<double> want(out), scale(out);
-        for (int o = 0; o < out; o++) {
-            double acc = with_bias ? bias[o] : 0, sc = 0;
-            for (int i = 0; i < in; i++) {
-                int gi = o * groups + i / e.group;
-                double w = ((double)codes[o * in + i] - z[gi]) * s[gi];
-                acc += w * x[i]; sc += std::fabs(w * x[i]);
+        std::vector<double> want(m * out), scale(m * out);
+        for (int t = 0; t < m; t++)
+            for (int o = 0; o < out; o++) {
+                double acc = with_bias ? bias[o] : 0, sc = 0;
+                for (int i = 0; i < in; i++) {
+                    int gi = o * groups + i / e.group;
+                    double w = ((double)codes[o * in + i] - z[gi]) * s[gi];
+                    acc += w * x[t * in + i]; sc += std::fabs(w * x[t * in + i]);
+                }
+                want[t * out + o] = acc; scale[t * out + o] = sc;
             }
-            want[o] = acc; scale[o] = sc;
-        }
-        launch((out + 7) / 8, 128, [&] { e.k(x.data(), q.data(), sz.data(), with_bias ? bias.data() : nullptr, y.data(), in, out); });
-        char name[64]; snprintf(name, 64, "w%d_g%d %dx%d%s", e.bits, e.group, out, in, with_bias ? "+b" : "");
+        const float *bp = with_bias ? bias.data() : nullptr;
+        launch((out + 7) / 8, 128, [&] { e.k(x.data(), q.data(), sz.data(), bp, y.data(), in, out, m); });
+        char name[64]; snprintf(name, 64, "w%d_g%d m%d %dx%d%s", e.bits, e.group, m, out, in, with_bias ? "+b" : "");
         check(name, y, want, scale);
+        if (m > 1 && out == shapes[0][0]) {
+            snprintf(name, 64, "w%d_g%d m%d %dx%d =m1", e.bits, e.group, m, out, in);
+            check_rows_exact(name, y, m, out, [&](int t, float *y1) {
+                launch((out + 7) / 8, 128, [&] { e.k(x.data() + t * in, q.data(), sz.data(), bp, y1, in, out, 1); });
+            });
+        }
     }
-    for (auto sh : std::vector<std::pair<int,int>>{{33, 256}, {10, 37}}) {
+    // in % 8 == 0 (128-bit loads) and not (one value at a time).
+    for (auto sh : std::vector<std::pair<int,int>>{{33, 256}, {10, 37}, {3, 8}}) for (int m : GEMV_MS) {
         int out = sh.first, in = sh.second;
         std::vector<unsigned short> w(out * in);
         for (auto &v : w) v = (rnd() % 0x3c00) | (rnd() & 0x8000);
-        std::vector<float> x(in), bias(out), y(out);
+        std::vector<float> x(m * in), bias(out), y(m * out, -1.0f);
         for (auto &v : x) v = rf();
         for (auto &v : bias) v = rf();
-        std::vector<double> want(out), scale(out);
-        for (int o = 0; o < out; o++) {
-            double acc = bias[o], sc = 0;
-            for (int i = 0; i < in; i++) { double p = mbq_host_f16(w[o * in + i]) * (double)x[i]; acc += p; sc += std::fabs(p); }
-            want[o] = acc; scale[o] = sc;
-        }
-        launch((out + 7) / 8, 128, [&] { dense::gemv_f16(w.data(), x.data(), bias.data(), y.data(), in, out); });
-        char name[64]; snprintf(name, 64, "f16 %dx%d", out, in);
+        std::vector<double> want(m * out), scale(m * out);
+        for (int t = 0; t < m; t++)
+            for (int o = 0; o < out; o++) {
+                double acc = bias[o], sc = 0;
+                for (int i = 0; i < in; i++) {
+                    double p = mbq_host_f16(w[o * in + i]) * (double)x[t * in + i];
+                    acc += p; sc += std::fabs(p);
+                }
+                want[t * out + o] = acc; scale[t * out + o] = sc;
+            }
+        launch((out + 7) / 8, 128, [&] { dense::gemv_f16(w.data(), x.data(), bias.data(), y.data(), in, out, m); });
+        char name[64]; snprintf(name, 64, "f16 m%d %dx%d", m, out, in);
         check(name, y, want, scale);
+        if (m > 1) {
+            snprintf(name, 64, "f16 m%d %dx%d =m1", m, out, in);
+            check_rows_exact(name, y, m, out, [&](int t, float *y1) {
+                launch((out + 7) / 8, 128, [&] { dense::gemv_f16(w.data(), x.data() + t * in, bias.data(), y1, in, out, 1); });
+            });
+        }
     }
     {
         int n = 1000;

@@ -1,8 +1,12 @@
 //! The products of the CUDA backend: `y [rows, out] = x [rows, in] . w^T (+ b)`.
 //!
-//! - Up to [`GEMV_MAX_ROWS`] rows (decode): one launch per row of
-//!   `gemv_f16` (f16 weights) or the fused `gemv_packed_w{bits}_g{group}`
-//!   (packed weights, groups 32 / 64 / 128), f32 accumulation.
+//! - Up to [`GEMV_MAX_ROWS`] = 8 rows (decode, `mbq serve` decoding several
+//!   sequences per step): one launch of `gemv_f16` (f16 weights) or the
+//!   fused `gemv_packed_w{bits}_g{group}` (packed weights, groups 32 / 64 /
+//!   128) for all m rows: each block computes its 8 outputs for every row,
+//!   reading each weight word once (x `[m, in]`, y `[m, out]`, m a kernel
+//!   argument up to the kernels' MAXM = 8), f32 accumulation in the
+//!   one-row order for each row.
 //! - More rows (prefill), dense f32 weights, and packed groups the GEMV has
 //!   no kernel for: the weight as f32 (`f16_to_f32` / `dequant_packed_f32`
 //!   into a scratch buffer, exactly the CPU's values), then an f32 SGEMM
@@ -24,6 +28,10 @@ use crate::error::{Error, Result};
 /// Rows of W per block of gemv_f16.cu / gemv_packed.cu (GEMV_*_ROWS) and
 /// their block size.
 const GEMV_ROWS_PER_BLOCK: usize = 8;
+/// Most rows of x one GEMV launch takes (MAXM of gemv_f16.cu /
+/// gemv_packed.cu).
+const GEMV_MAXM: usize = 8;
+const _: () = assert!(GEMV_MAX_ROWS <= GEMV_MAXM);
 const GEMV_THREADS: u32 = 128;
 const GEMM_TILE: usize = 16;
 
@@ -61,14 +69,14 @@ impl Cuda {
         }
         match w {
             CudaWeight::F16 { w, .. } if rows <= GEMV_MAX_ROWS => {
-                self.gemv_rows("gemv_f16", x, GemvWeight::F16(w), b, &mut y)?;
+                self.gemv("gemv_f16", x, GemvWeight::F16(w), b, &mut y)?;
                 return Ok(y);
             }
             CudaWeight::Packed {
                 q, sz, bits, group, ..
             } if rows <= GEMV_MAX_ROWS => {
                 if let Ok(entry) = gemv_packed_entry(*bits, *group) {
-                    self.gemv_rows(&entry, x, GemvWeight::Packed(q, sz), b, &mut y)?;
+                    self.gemv(&entry, x, GemvWeight::Packed(q, sz), b, &mut y)?;
                     return Ok(y);
                 }
             }
@@ -92,9 +100,10 @@ impl Cuda {
         Ok(y)
     }
 
-    /// One GEMV launch per row of x: gemv_f16 takes (w, x, bias, y, in, out),
-    /// gemv_packed (x, q, sz, bias, y, in, out).
-    fn gemv_rows(
+    /// One GEMV launch for all rows of x (1..=[`GEMV_MAXM`]): gemv_f16
+    /// takes (w, x, bias, y, in, out, m), gemv_packed (x, q, sz, bias, y, in,
+    /// out, m).
+    fn gemv(
         &self,
         entry: &str,
         x: &CudaTensor,
@@ -102,34 +111,36 @@ impl Cuda {
         b: Option<&CudaTensor>,
         y: &mut CudaTensor,
     ) -> Result<()> {
-        let f = self.function(entry)?;
         let (rows, inp, out) = (x.rows, x.cols, y.cols);
+        if rows == 0 || rows > GEMV_MAXM {
+            return Err(err(format!(
+                "{entry}: {rows} rows, the GEMV takes 1 to {GEMV_MAXM}"
+            )));
+        }
+        let f = self.function(entry)?;
         let (in_i, out_i) = (int(inp, "linear in")?, int(out, "linear out")?);
+        let m_i = rows as i32;
         let null = 0u64;
         let cfg = LaunchConfig {
             grid_dim: (out.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1),
             block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        for r in 0..rows {
-            let xr = x.data.slice(r * inp..(r + 1) * inp);
-            let mut yr = y.data.slice_mut(r * out..(r + 1) * out);
-            let mut l = self.stream().launch_builder(&f);
-            match w {
-                GemvWeight::F16(w) => l.arg(w).arg(&xr),
-                GemvWeight::Packed(q, sz) => l.arg(&xr).arg(q).arg(sz),
-            };
-            match b {
-                Some(b) => l.arg(&b.data),
-                None => l.arg(&null),
-            };
-            l.arg(&mut yr).arg(&in_i).arg(&out_i);
-            // SAFETY: the arguments of gemv_f16.cu / gemv_packed.cu in order;
-            // x row r has `in` values, y row r `out`, the weight [out, in]
-            // (shapes checked by linear_impl); in % group == 0 for packed
-            // weights (format::check_shape).
-            unsafe { l.launch(cfg) }.ctx(entry)?;
-        }
+        let mut l = self.stream().launch_builder(&f);
+        match w {
+            GemvWeight::F16(w) => l.arg(w).arg(&x.data),
+            GemvWeight::Packed(q, sz) => l.arg(&x.data).arg(q).arg(sz),
+        };
+        match b {
+            Some(b) => l.arg(&b.data),
+            None => l.arg(&null),
+        };
+        l.arg(&mut y.data).arg(&in_i).arg(&out_i).arg(&m_i);
+        // SAFETY: the arguments of gemv_f16.cu / gemv_packed.cu in order;
+        // x holds m = rows rows of `in` values, y m rows of `out`, the weight
+        // [out, in] (shapes checked by linear_impl), 1 <= m <= MAXM (above);
+        // in % group == 0 for packed weights (format::check_shape).
+        unsafe { l.launch(cfg) }.ctx(entry)?;
         Ok(())
     }
 

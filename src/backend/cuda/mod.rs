@@ -14,8 +14,9 @@
 //!   the CPU reference's up to summation order, as in the wgpu backend);
 //!   packed ones keep the bytes of `quant::format` (codes as u32 words,
 //!   (scale, zero) f16 pairs as one u32 per group).
-//! - Products (`linear.rs`): up to [`GEMV_MAX_ROWS`] rows, one GEMV per row
-//!   (`gemv_f16.cu`, or the fused dequantize-GEMV `gemv_packed.cu`); more
+//! - Products (`linear.rs`): up to [`GEMV_MAX_ROWS`] rows, one GEMV launch
+//!   for all rows (`gemv_f16.cu`, or the fused dequantize-GEMV
+//!   `gemv_packed.cu`, each weight word read once for every row); more
 //!   rows (prefill): the weight expanded to f32 in a scratch buffer
 //!   (`convert.cu`), then an f32 SGEMM: cuBLAS in its default math mode
 //!   (full f32, no TF32) when libcublas loads, else `gemm.cu`. Dense f32
@@ -41,9 +42,10 @@ use cudarc::nvrtc::Ptx;
 use super::cuda_kernels::{self, KernelSource, SOURCES};
 use crate::error::{Error, Result};
 
-/// Up to this many rows, a linear runs one GEMV per row (reading the
-/// weight once per row); above, the prefill path (expand + SGEMM).
-pub const GEMV_MAX_ROWS: usize = 4;
+/// Up to this many rows, a linear runs as one multi-token GEMV launch
+/// (reading the weight once for all rows); above, the prefill path
+/// (expand + SGEMM). At most the kernels' MAXM (8).
+pub const GEMV_MAX_ROWS: usize = 8;
 
 pub(crate) fn err(msg: impl Into<String>) -> Error {
     Error::Backend {
