@@ -12,7 +12,9 @@
 # then the CUDA tests and the wgpu tests (Vulkan on the same GPU), `mbq
 # bench gemv` at the paper's shapes and `mbq bench decode --synthetic
 # llava-ov-7b` (FP16 vs W3 vs W4) on CUDA and wgpu side by side, each with a
-# device-to-device copy as the bandwidth ceiling, writes every log to
+# device-to-device copy as the bandwidth ceiling, `mbq bench serve` (the
+# bundled model at 1, 4, 8 concurrent requests, batched vs one at a time)
+# on both, writes every log to
 # OUT_DIR (default gpu-check-out/) and prints one short table last.
 # Builds nothing. Exit status: non-zero when a test suite failed.
 #
@@ -115,12 +117,16 @@ BACKENDS="${BACKENDS:-cuda,wgpu}"
 if [ -n "${SKIP_BENCH:-}" ]; then
   echo "SKIP_BENCH set: no benchmarks" >"$OUT_DIR/bench_gemv.txt"
   : >"$OUT_DIR/bench_decode.txt"
+  : >"$OUT_DIR/bench_serve.txt"
 else
 dist/mbq bench gemv --backend "$BACKENDS" >"$OUT_DIR/bench_gemv.txt" 2>"$OUT_DIR/bench_gemv.err" ||
   { FAILED=1; echo "bench gemv failed: $(tail -3 "$OUT_DIR/bench_gemv.err")" >>"$OUT_DIR/bench_gemv.txt"; }
 dist/mbq bench decode --backend "$BACKENDS" --synthetic llava-ov-7b --layers "$DECODE_LAYERS" \
   --prompt 16 --tokens 32 >"$OUT_DIR/bench_decode.txt" 2>"$OUT_DIR/bench_decode.err" ||
   { FAILED=1; echo "bench decode failed: $(tail -3 "$OUT_DIR/bench_decode.err")" >>"$OUT_DIR/bench_decode.txt"; }
+dist/mbq bench serve --backend "$BACKENDS" --reps 3 --tokens 64 \
+  >"$OUT_DIR/bench_serve.txt" 2>"$OUT_DIR/bench_serve.err" ||
+  { FAILED=1; echo "bench serve failed: $(tail -3 "$OUT_DIR/bench_serve.err")" >>"$OUT_DIR/bench_serve.txt"; }
 fi
 
 echo
@@ -130,4 +136,5 @@ echo
 # The side-by-side tables (the last part of each benchmark's output).
 sed -n '/^device-to-device copy/,$p' "$OUT_DIR/bench_gemv.txt"
 sed -n '/^Decode: /,$p' "$OUT_DIR/bench_decode.txt"
+sed -n '/^serve on /,$p' "$OUT_DIR/bench_serve.txt"
 exit $FAILED
