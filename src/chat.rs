@@ -168,18 +168,19 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         let ctx = model.cfg.text.max_position_embeddings;
         let needed = (n + opts.max_new_tokens).min(ctx);
         let have = self.cache_capacity();
-        if self.cache.is_none() || have < needed {
-            // Room for this turn and about one more (the answer, then a
-            // message as long), or twice the old cache.
-            let room = n.saturating_add(opts.max_new_tokens.saturating_mul(2));
-            let capacity = room.max(have.saturating_mul(2)).min(ctx);
+        if have < needed {
             self.cache = None;
             self.cached.clear();
-            self.cache =
-                Some(be.new_cache(model.text.layers.len(), model.text.kv_dim(), capacity)?);
         }
-        let Some(cache) = self.cache.as_mut() else {
-            unreachable!("the cache was just made");
+        let cache = match &mut self.cache {
+            Some(cache) => cache,
+            none => {
+                // Room for this turn and about one more (the answer, then a
+                // message as long), or twice the old cache.
+                let room = n.saturating_add(opts.max_new_tokens.saturating_mul(2));
+                let capacity = room.max(have.saturating_mul(2)).min(ctx);
+                none.insert(be.new_cache(model.text.layers.len(), model.text.kv_dim(), capacity)?)
+            }
         };
 
         // Prefill from the first position the cache does not hold (at least

@@ -22,6 +22,24 @@ pub struct Timings {
     pub decode_tok_s: f64,
 }
 
+/// `image encode .. ms | prefill .. tok in .. ms (.. tok/s) | decode ..`,
+/// as the command-line tools print it.
+impl std::fmt::Display for Timings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "image encode {:.1} ms | prefill {} tok in {:.1} ms ({:.1} tok/s) | decode {} tok in {:.1} ms ({:.1} tok/s)",
+            self.image_encode_ms,
+            self.prefill_tokens,
+            self.prefill_ms,
+            self.prefill_tok_s,
+            self.decode_tokens,
+            self.decode_ms,
+            self.decode_tok_s
+        )
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Generation {
     pub text: String,

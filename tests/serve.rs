@@ -434,6 +434,22 @@ async fn every_error_is_an_openai_error_and_the_server_goes_on() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Waits until `/health` counts `n` cancelled requests; none may have run
+/// to its end, none may still run.
+async fn wait_cancelled(s: &Server, n: u64) {
+    let t0 = Instant::now();
+    loop {
+        let h = health(s).await;
+        if h["cancelled"] == n {
+            assert_eq!(h["active"], 0, "{h}");
+            assert_eq!(h["completed"], 0, "a request ran to its end: {h}");
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not cancelled: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_goes_away_cancels_its_generation() {
     let s = Server::start(&[]);
@@ -450,17 +466,7 @@ async fn a_client_that_goes_away_cancels_its_generation() {
         events.next().await.unwrap().unwrap();
     }
     drop(events);
-    let t0 = Instant::now();
-    loop {
-        let h = health(&s).await;
-        if h["cancelled"] == 1 {
-            assert_eq!(h["active"], 0);
-            assert_eq!(h["completed"], 0, "the request ran to its end: {h}");
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "not cancelled: {h}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_cancelled(&s, 1).await;
     assert!(s.log().contains("cancelled by its client"), "{}", s.log());
 
     // Not streamed: the client gives up waiting for the whole answer.
@@ -475,20 +481,7 @@ async fn a_client_that_goes_away_cancels_its_generation() {
         .send()
         .await;
     assert!(gave_up.is_err(), "the whole answer came within 100 ms");
-    let t0 = Instant::now();
-    loop {
-        let h = health(&s).await;
-        if h["cancelled"] == 2 {
-            assert_eq!(
-                (h["active"].clone(), h["completed"].clone()),
-                (json!(0), json!(0)),
-                "{h}"
-            );
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "not cancelled: {h}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_cancelled(&s, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

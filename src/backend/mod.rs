@@ -230,6 +230,15 @@ pub trait Backend {
     /// a stacked on b (same column count).
     fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// The rows of every part, in order (at least one part).
+    fn concat_all(&self, parts: Vec<Self::Tensor>) -> Result<Self::Tensor> {
+        let mut parts = parts.into_iter();
+        let first = parts.next().ok_or_else(|| {
+            Error::invalid(format!("backend {}: op concat_all: no parts", self.name()))
+        })?;
+        parts.try_fold(first, |a, b| self.concat_rows(&a, &b))
+    }
+
     /// Rotates `[rows, heads * head_dim]` in place-style (returns a new tensor):
     /// row r is at position `pos0 + r` (rotate-half convention).
     fn rope(

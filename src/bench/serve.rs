@@ -150,7 +150,7 @@ pub fn bench_serve(
         events: unbounded_channel().0,
         cancel: Arc::new(AtomicBool::new(false)),
     };
-    let max = *o.levels.iter().max().expect("levels checked non-empty");
+    let max = o.levels.iter().copied().max().unwrap_or(1);
     let mut runs: Vec<Vec<(Vec<f64>, Vec<f64>)>> = Vec::new();
     let mut info = None;
     let mut prompt_tokens = 0;
@@ -192,7 +192,7 @@ pub fn bench_serve(
             .map_err(|_| Error::invalid("bench serve: the engine panicked"))??;
         runs.push(per_level);
     }
-    let info = info.expect("ran at least once");
+    let info = info.ok_or_else(|| Error::invalid("bench serve: no engine ran"))?;
     let levels = o
         .levels
         .iter()

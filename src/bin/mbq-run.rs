@@ -162,17 +162,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         println!();
     }
     eprintln!(
-        "[{}] load {:.0} ms | image encode {:.1} ms | prefill {} tok in {:.1} ms ({:.1} tok/s) | decode {} tok in {:.1} ms ({:.1} tok/s) | stop: {}",
-        resp.backend,
-        resp.load_ms,
-        t.image_encode_ms,
-        t.prefill_tokens,
-        t.prefill_ms,
-        t.prefill_tok_s,
-        t.decode_tokens,
-        t.decode_ms,
-        t.decode_tok_s,
-        g.stop
+        "[{}] load {:.0} ms | {t} | stop: {}",
+        resp.backend, resp.load_ms, g.stop
     );
     Ok(())
 }
@@ -302,11 +293,9 @@ struct Images<'a> {
 
 impl Images<'_> {
     fn load(&mut self, path: &Path) -> mbq::Result<Preprocessed> {
-        if self.cfg.is_none() {
-            self.cfg = Some(ImageProcessorConfig::load(self.dir)?);
-        }
-        let Some(cfg) = &self.cfg else {
-            unreachable!("just loaded");
+        let cfg = match &mut self.cfg {
+            Some(cfg) => cfg,
+            none => none.insert(ImageProcessorConfig::load(self.dir)?),
         };
         preprocess(cfg, &load_image(path)?)
     }
@@ -355,16 +344,9 @@ fn user_turn<B: Backend>(
 fn report(g: &Generation, backend: &str) {
     let t = &g.timings;
     eprintln!(
-        "[{backend}] prompt {} tok ({} reused) | image encode {:.1} ms | prefill {} tok in {:.1} ms ({:.1} tok/s) | decode {} tok in {:.1} ms ({:.1} tok/s) | stop: {}",
+        "[{backend}] prompt {} tok ({} reused) | {t} | stop: {}",
         g.prompt_tokens,
         g.prompt_tokens - t.prefill_tokens,
-        t.image_encode_ms,
-        t.prefill_tokens,
-        t.prefill_ms,
-        t.prefill_tok_s,
-        t.decode_tokens,
-        t.decode_ms,
-        t.decode_tok_s,
         g.stop
     );
 }

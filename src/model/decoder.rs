@@ -144,93 +144,73 @@ pub struct KvBatch<'a, 'b, B: Backend> {
 }
 
 /// What the attention runs over: [`Kv`] (one sequence) or [`KvBatch`].
-/// `attend` takes the q, k, v projections and returns o_proj's input, with
-/// the taps at `Site::Q`, `Site::K`, `Site::V` and `Site::AttnMix`.
 pub trait KvTarget<B: Backend> {
+    /// The position of each of the `rows` new rows (RoPE's).
+    fn positions(&self, rows: usize) -> Result<Vec<usize>>;
+    /// Causal attention of the new rows (q, k, v after RoPE) over the
+    /// cache(s), writing their keys and values there: o_proj's input.
     fn attend(
         &mut self,
-        spec: &DecoderSpec,
         be: &B,
-        qkv: [B::Tensor; 3],
-        tap: &mut impl Tap<B>,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        shape: AttnShape,
     ) -> Result<B::Tensor>;
 }
 
 impl<B: Backend> KvTarget<B> for Kv<'_, B> {
+    fn positions(&self, rows: usize) -> Result<Vec<usize>> {
+        Ok((self.pos0..self.pos0 + rows).collect())
+    }
+
     fn attend(
         &mut self,
-        spec: &DecoderSpec,
         be: &B,
-        [q, k, v]: [B::Tensor; 3],
-        tap: &mut impl Tap<B>,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        shape: AttnShape,
     ) -> Result<B::Tensor> {
-        let s = &spec.attn;
-        let mut q = be.rope(&q, s.heads, &spec.rope, self.pos0)?;
-        tap.at(Site::Q, &mut q)?;
-        let mut k = be.rope(&k, s.kv_heads, &spec.rope, self.pos0)?;
-        tap.at(Site::K, &mut k)?;
-        let mut v = v;
-        tap.at(Site::V, &mut v)?;
-        let mut a = be.attention_cached(&q, &k, &v, self.cache, self.layer, self.pos0, *s)?;
-        tap.at(Site::AttnMix, &mut a)?;
-        tap.keep(Site::Q, q)?;
-        tap.keep(Site::K, k)?;
-        tap.keep(Site::V, v)?;
-        Ok(a)
+        be.attention_cached(q, k, v, self.cache, self.layer, self.pos0, shape)
     }
 }
 
 impl<B: Backend> KvTarget<B> for KvBatch<'_, '_, B> {
-    fn attend(
-        &mut self,
-        spec: &DecoderSpec,
-        be: &B,
-        [q, k, v]: [B::Tensor; 3],
-        tap: &mut impl Tap<B>,
-    ) -> Result<B::Tensor> {
+    fn positions(&self, rows: usize) -> Result<Vec<usize>> {
         let total: usize = self.seqs.iter().map(|s| s.rows).sum();
-        if be.dims(&q).0 != total {
+        if rows != total {
             return Err(Error::invalid(format!(
-                "batched attention: {} rows for sequences of {total} rows in all",
-                be.dims(&q).0
+                "batched attention: {rows} rows for sequences of {total} rows in all"
             )));
         }
-        let s = &spec.attn;
-        let positions: Vec<usize> = self
+        Ok(self
             .seqs
             .iter()
             .flat_map(|seq| seq.pos0..seq.pos0 + seq.rows)
-            .collect();
-        let mut q = be.rope_at(&q, s.heads, &spec.rope, &positions)?;
-        tap.at(Site::Q, &mut q)?;
-        let mut k = be.rope_at(&k, s.kv_heads, &spec.rope, &positions)?;
-        tap.at(Site::K, &mut k)?;
-        let mut v = v;
-        tap.at(Site::V, &mut v)?;
+            .collect())
+    }
+
+    fn attend(
+        &mut self,
+        be: &B,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        shape: AttnShape,
+    ) -> Result<B::Tensor> {
+        if let [seq] = &mut *self.seqs {
+            return be.attention_cached(q, k, v, seq.cache, self.layer, seq.pos0, shape);
+        }
         let mut parts = Vec::with_capacity(self.seqs.len());
         let mut at = 0;
-        let one = self.seqs.len() == 1;
         for seq in self.seqs.iter_mut() {
-            let a = if one {
-                be.attention_cached(&q, &k, &v, seq.cache, self.layer, seq.pos0, *s)?
-            } else {
-                let rows = |t: &B::Tensor| be.rows(t, at, seq.rows);
-                let (qi, ki, vi) = (rows(&q)?, rows(&k)?, rows(&v)?);
-                be.attention_cached(&qi, &ki, &vi, seq.cache, self.layer, seq.pos0, *s)?
-            };
-            parts.push(a);
+            let rows = |t: &B::Tensor| be.rows(t, at, seq.rows);
+            let (qi, ki, vi) = (rows(q)?, rows(k)?, rows(v)?);
+            parts.push(be.attention_cached(&qi, &ki, &vi, seq.cache, self.layer, seq.pos0, shape)?);
             at += seq.rows;
         }
-        let mut parts = parts.into_iter();
-        let first = parts
-            .next()
-            .ok_or_else(|| Error::invalid("batched attention: no sequences"))?;
-        let mut a = parts.try_fold(first, |a, p| be.concat_rows(&a, &p))?;
-        tap.at(Site::AttnMix, &mut a)?;
-        tap.keep(Site::Q, q)?;
-        tap.keep(Site::K, k)?;
-        tap.keep(Site::V, v)?;
-        Ok(a)
+        be.concat_all(parts)
     }
 }
 
@@ -292,12 +272,21 @@ impl<L> Attention<L> {
     where
         L: LinearOp<B>,
     {
-        let qkv = [
-            self.q.forward(be, h)?,
-            self.k.forward(be, h)?,
-            self.v.forward(be, h)?,
-        ];
-        let a = kv.attend(spec, be, qkv, tap)?;
+        let s = &spec.attn;
+        let q = self.q.forward(be, h)?;
+        let k = self.k.forward(be, h)?;
+        let mut v = self.v.forward(be, h)?;
+        let positions = kv.positions(be.dims(h).0)?;
+        let mut q = be.rope_at(&q, s.heads, &spec.rope, &positions)?;
+        tap.at(Site::Q, &mut q)?;
+        let mut k = be.rope_at(&k, s.kv_heads, &spec.rope, &positions)?;
+        tap.at(Site::K, &mut k)?;
+        tap.at(Site::V, &mut v)?;
+        let mut a = kv.attend(be, &q, &k, &v, *s)?;
+        tap.at(Site::AttnMix, &mut a)?;
+        tap.keep(Site::Q, q)?;
+        tap.keep(Site::K, k)?;
+        tap.keep(Site::V, v)?;
         let mut y = self.o.forward(be, &a)?;
         tap.at(Site::AttnOut, &mut y)?;
         tap.keep(Site::AttnMix, a)?;

@@ -156,17 +156,12 @@ impl<B: Backend> TextModel<B> {
             };
             x = layer.forward(&self.spec, be, &x, kv, &mut NoTap)?;
         }
-        let mut last: Option<B::Tensor> = None;
+        let mut last = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for seq in seqs.iter() {
             at += seq.rows;
-            let row = be.rows(&x, at - 1, 1)?;
-            last = Some(match last {
-                None => row,
-                Some(l) => be.concat_rows(&l, &row)?,
-            });
+            last.push(be.rows(&x, at - 1, 1)?);
         }
-        let last = last.ok_or_else(|| Error::invalid("forward_batch: no sequences"))?;
-        self.logits(be, &last)
+        self.logits(be, &be.concat_all(last)?)
     }
 }

@@ -302,12 +302,13 @@ impl<'a, B: Backend> Scheduler<'a, B> {
         let mut rows = 0;
         let mut admitted = 0;
         while running.len() < self.max_batch {
-            let Some(w) = waiting.front() else { break };
-            let n = w.prompt.ids.len();
+            let Some(n) = waiting.front().map(|w| w.prompt.ids.len()) else {
+                break;
+            };
             if admitted > 0 && rows + n > PREFILL_ROWS_PER_STEP {
                 break;
             }
-            let w = waiting.pop_front().expect("front exists");
+            let Some(w) = waiting.pop_front() else { break };
             rows += n;
             admitted += 1;
             match self.start(w) {
@@ -374,25 +375,21 @@ impl<'a, B: Backend> Scheduler<'a, B> {
                 Feed::Prompt(_) => None,
             })
             .collect();
-        let mut x: Option<B::Tensor> = if tokens.is_empty() {
-            None
-        } else {
-            Some(text.embed(be, &tokens)?)
-        };
+        let mut parts = Vec::with_capacity(running.len());
+        if !tokens.is_empty() {
+            parts.push(text.embed(be, &tokens)?);
+        }
         let mut shape = Vec::with_capacity(running.len());
         for r in running.iter_mut() {
             match std::mem::replace(&mut r.feed, Feed::Token(0, 0)) {
                 Feed::Token(_, pos) => shape.push((pos, 1)),
                 Feed::Prompt(p) => {
                     shape.push((0, be.dims(&p).0));
-                    x = Some(match x {
-                        None => p,
-                        Some(x) => be.concat_rows(&x, &p)?,
-                    });
+                    parts.push(p);
                 }
             }
         }
-        let x = x.ok_or_else(|| Error::invalid("engine step with no rows"))?;
+        let x = be.concat_all(parts)?;
         let mut seqs: Vec<SeqKv<'_, B>> = running
             .iter_mut()
             .zip(&shape)
