@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -233,24 +233,40 @@ fn too_large(limit: usize) -> ApiError {
     .with_code("request_too_large")
 }
 
-async fn chat_inner(st: Shared, req: Request) -> std::result::Result<Response, ApiError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > st.body_limit) {
-        return Err(too_large(st.body_limit));
+/// How far past the limit an over-large body is still read (and thrown
+/// away) before the 413 goes out. A client that is still sending when the
+/// server answers and closes gets a broken pipe instead of the answer
+/// (reqwest, httpx and curl all do), so a body up to this much over the
+/// limit is drained; anything larger has the connection closed on it.
+const DRAIN_PAST_LIMIT: usize = 64 << 20;
+
+/// Reads the request body, at most `limit` bytes of it. Over the limit the
+/// rest is read and dropped (bounded by [`DRAIN_PAST_LIMIT`]) and the error
+/// is a 413, so the client can read it.
+async fn read_body(body: axum::body::Body, limit: usize) -> std::result::Result<Vec<u8>, ApiError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad(None, format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen > limit.saturating_add(DRAIN_PAST_LIMIT) {
+            break;
+        }
+        if seen <= limit {
+            bytes.extend_from_slice(&chunk);
+        }
     }
-    let bytes = axum::body::to_bytes(req.into_body(), st.body_limit)
-        .await
-        .map_err(|e| {
-            if format!("{e:?}").contains("LengthLimit") {
-                too_large(st.body_limit)
-            } else {
-                ApiError::bad(None, format!("cannot read the request body: {e}"))
-            }
-        })?;
+    if seen > limit {
+        return Err(too_large(limit));
+    }
+    Ok(bytes)
+}
+
+async fn chat_inner(st: Shared, req: Request) -> std::result::Result<Response, ApiError> {
+    let bytes = read_body(req.into_body(), st.body_limit).await?;
     let body: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
     let req = api::parse_chat(&body)?;
