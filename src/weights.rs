@@ -1,5 +1,6 @@
 //! Memory-mapped safetensors weights of a Hugging Face model directory:
-//! `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+//! `model.safetensors`, or the shards named by `model.safetensors.index.json`,
+//! or mbq's packed `model.mbq.safetensors`.
 //! Tensors are looked up by name (with a prefix helper, as in
 //! `vb.pp("model.layers.0")`) and converted to f32 on demand.
 
@@ -34,17 +35,39 @@ pub struct WeightFiles {
 }
 
 impl WeightFiles {
-    /// Opens `model.safetensors` or the shards listed in
-    /// `model.safetensors.index.json` in `dir`.
+    /// Opens the weights of `dir`: mbq's packed `model.mbq.safetensors`
+    /// ([`crate::quant::format::MBQ_WEIGHTS_FILE`]), else `model.safetensors`
+    /// or the shards listed in `model.safetensors.index.json` (where mbq's
+    /// older output keeps its packed weights). A
+    /// directory with both mbq's file and another one is refused: which
+    /// weights are meant is not clear.
     pub fn open(dir: &Path) -> Result<Self> {
+        let mbq = dir.join(crate::quant::format::MBQ_WEIGHTS_FILE);
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        for p in [&single, &index] {
+        for p in [&mbq, &single, &index] {
             if let Some(e) = Error::wrong_kind(p, false, "a file") {
                 return Err(e);
             }
         }
-        let files: Vec<PathBuf> = if single.is_file() {
+        if mbq.is_file() {
+            if let Some(other) = [&single, &index].into_iter().find(|p| p.is_file()) {
+                return Err(Error::config(
+                    dir,
+                    format!(
+                        "holds both {} (mbq's packed weights) and {}; keep one of them",
+                        crate::quant::format::MBQ_WEIGHTS_FILE,
+                        other
+                            .file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        let files: Vec<PathBuf> = if mbq.is_file() {
+            vec![mbq]
+        } else if single.is_file() {
             vec![single]
         } else if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
@@ -68,7 +91,7 @@ impl WeightFiles {
         } else {
             return Err(Error::Missing {
                 path: single,
-                what: "model weights (model.safetensors or model.safetensors.index.json)".into(),
+                what: "model weights (model.safetensors, model.safetensors.index.json or model.mbq.safetensors)".into(),
             });
         };
         let mut wf = WeightFiles {

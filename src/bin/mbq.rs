@@ -82,6 +82,22 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Rewrite an mbq quantized model directory in a format other runtimes
+    /// load (a new directory; nothing is overwritten): gptq (GPTQ v1: vLLM,
+    /// transformers with optimum + gptqmodel) or compressed-tensors
+    /// (pack-quantized: vLLM, transformers). Weight-only models go to
+    /// either; W4A8 to compressed-tensors only. The scheme is the model's.
+    Export {
+        /// gptq or compressed-tensors.
+        #[arg(long)]
+        format: mbq::quant::export::ExportFormat,
+        /// The mbq quantized model directory (read only).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Output directory; must not exist.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Check this machine's backends against the CPU reference: the same
     /// prompt on each (greedy ids, per-step top-1 teacher-forced on the
     /// CPU's ids, largest relative logit difference) and, with --ops,
@@ -349,6 +365,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_layer,
         }),
+        Cmd::Export { format, model, out } => export(format, &model, &out),
         Cmd::Verify {
             model,
             backends,
@@ -877,7 +894,9 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             bar.stage("packing", linears, "linears");
         }
         CalibProgress::Write(Progress::Packed { done, .. }) => bar.set(done),
-        CalibProgress::Write(Progress::Writing) => bar.message("writing model.safetensors"),
+        CalibProgress::Write(Progress::Writing) => {
+            bar.message(&format!("writing {}", mbq::quant::format::MBQ_WEIGHTS_FILE))
+        }
         CalibProgress::Write(Progress::Note(m)) => bar.note(m),
     });
     bar.finish();
@@ -890,7 +909,7 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
     };
     println!(
         "{}: {} packed {} linears ({} weights, {scheme}) {:.2} MB -> {:.2} MB = {:.3} bits/weight; \
-         model.safetensors {:.2} MB -> {:.2} MB; {} tensors and {} files copied; {:.2} s",
+         weights {:.2} MB -> {:.2} MB; {} tensors and {} files copied; {:.2} s",
         report.output.display(),
         o.method.name(),
         report.packed.len(),
@@ -926,5 +945,35 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
     for f in &report.skipped_files {
         eprintln!("note: {} not copied (another weight format)", f.display());
     }
+    Ok(())
+}
+
+fn export(
+    format: mbq::quant::export::ExportFormat,
+    model: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use mbq::quant::writer::Progress;
+    let t0 = std::time::Instant::now();
+    let mut bar = mbq::progress::Progress::default();
+    let r = mbq::quant::export::export_dir(model, out, format, |p| match p {
+        Progress::Start { linears } => bar.stage("converting", linears, "linears"),
+        Progress::Packed { done, .. } => bar.set(done),
+        Progress::Writing => bar.message("writing model.safetensors"),
+        Progress::Note(m) => bar.note(m),
+    });
+    bar.finish();
+    let r = r?;
+    println!(
+        "{}: {} ({}), {} linears converted, model.safetensors {:.2} MB; {} tensors and {} files copied, config.json with the format's quantization_config; {:.2} s",
+        r.output.display(),
+        r.format.name(),
+        r.scheme,
+        r.linears,
+        r.weight_file_bytes as f64 / 1e6,
+        r.copied_tensors,
+        r.copied_files.len(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -48,6 +48,41 @@ pub const META_PACKED: &str = "mbq.packed";
 /// other value is rejected when the model is loaded.
 pub const META_ACT_BITS: &str = "mbq.act_bits";
 
+/// The file `mbq quantize` writes its packed weights to. Not
+/// `model.safetensors`, so that loaders that do not know the format
+/// (transformers, vLLM) find no weights and stop, rather than start a model
+/// with missing weights initialised at random. Older directories with
+/// packed tensors in `model.safetensors` are still read.
+pub const MBQ_WEIGHTS_FILE: &str = "model.mbq.safetensors";
+
+/// `quant_method` of the `quantization_config` that `mbq quantize` adds to
+/// config.json.
+pub const QUANT_METHOD: &str = "mbq";
+
+/// The `quantization_config` object `mbq quantize` adds to config.json: it
+/// says what the directory holds (the safetensors metadata stays the
+/// reference for the runtime). `act_bits` is `Some(8)` for W4A8.
+pub fn quantization_config(
+    bits: u32,
+    group_size: usize,
+    method: &str,
+    act_bits: Option<u32>,
+) -> serde_json::Value {
+    let mut q = serde_json::json!({
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "bits": bits,
+        "group_size": group_size,
+        "method": method,
+        "weights_file": MBQ_WEIGHTS_FILE,
+        "modules": "decoder linears of the language model (q k v o gate up down proj)",
+    });
+    if let Some(a) = act_bits {
+        q["act_bits"] = a.into();
+    }
+    q
+}
+
 pub const SUPPORTED_BITS: &[u32] = &[3, 4, 8];
 pub const SUPPORTED_GROUPS: &[usize] = &[32, 64, 128];
 

@@ -1,10 +1,12 @@
 //! Quantization: the packed format ([`format`]), the MBQ reference
 //! pseudo-quantizer ([`pseudo`]), the W4A8 weight and activation quantizers
-//! ([`w4a8`]) and writing quantized model directories
-//! ([`writer`]).
+//! ([`w4a8`]), writing quantized model directories ([`writer`]), and other
+//! formats: GPTQ ([`gptq`]) and compressed-tensors ([`compressed`]) codecs
+//! over dense bit streams ([`bitstream`]), and `mbq export` ([`export`]).
 
 pub mod bitstream;
 pub mod compressed;
+pub mod export;
 pub mod format;
 pub mod gptq;
 pub mod pseudo;

@@ -16,8 +16,9 @@ use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use super::format::{
-    check_shape, PackedLinear, FORMAT_VERSION, META_BITS, META_FORMAT, META_GROUP_SIZE,
-    META_METHOD, META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
+    check_shape, quantization_config, PackedLinear, FORMAT_VERSION, MBQ_WEIGHTS_FILE,
+    META_ACT_BITS, META_BITS, META_FORMAT, META_GROUP_SIZE, META_METHOD, META_PACKED,
+    SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
 use super::pseudo::quantize_linear;
 use super::safetensors_out::{self, OutTensor};
@@ -78,9 +79,12 @@ impl Report {
     }
 }
 
-/// Removes the temporary directory unless the output was renamed into place.
-struct TempDir {
-    path: PathBuf,
+/// The temporary sibling directory an output is built in
+/// (`.NAME.tmp-PID`); removed on drop unless [`TempDir::publish`] renamed it
+/// into place.
+pub(crate) struct TempDir {
+    pub(crate) path: PathBuf,
+    parent: PathBuf,
     armed: bool,
 }
 
@@ -89,6 +93,57 @@ impl Drop for TempDir {
         if self.armed {
             let _ = fs::remove_dir_all(&self.path);
         }
+    }
+}
+
+impl TempDir {
+    /// Creates `.NAME.tmp-PID` in `parent` (the directory [`check_output`]
+    /// returned for `output`), first removing stale ones of killed runs
+    /// (each reported as a [`Progress::Note`]).
+    pub(crate) fn create(
+        parent: &Path,
+        output: &Path,
+        progress: &mut impl FnMut(Progress<'_>),
+    ) -> Result<TempDir> {
+        let name = output
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
+        for note in remove_stale_temp_dirs(parent, &name.to_string_lossy()) {
+            progress(Progress::Note(&note));
+        }
+        let tmp_path = parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if fs::symlink_metadata(&tmp_path).is_ok() {
+            return Err(Error::invalid(format!(
+                "{}: a temporary directory of that name already exists (left by an interrupted run?); remove it",
+                tmp_path.display()
+            )));
+        }
+        fs::create_dir(&tmp_path).map_err(|e| {
+            Error::invalid(format!(
+                "{}: cannot create the output directory in {}: {}",
+                output.display(),
+                parent.display(),
+                crate::error::io_message(&e)
+            ))
+        })?;
+        Ok(TempDir {
+            path: tmp_path,
+            parent: parent.to_path_buf(),
+            armed: true,
+        })
+    }
+
+    /// Syncs the finished directory and renames it to `output` (never
+    /// replacing anything).
+    pub(crate) fn publish(mut self, output: &Path) -> Result<()> {
+        sync_dir(&self.path)?;
+        publish(&self.path, output)?;
+        self.armed = false;
+        sync_dir(&self.parent)
     }
 }
 
@@ -204,9 +259,6 @@ pub fn write_quantized_dir(
     } = *spec;
     check_bits_group(bits, group_size)?;
     let parent = check_output(input, output)?;
-    let name = output
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
 
     // Everything is read and checked before anything is written.
     let cfg = VlmConfig::load(input)?;
@@ -226,33 +278,7 @@ pub fn write_quantized_dir(
         group_size,
     )?;
 
-    for note in remove_stale_temp_dirs(&parent, &name.to_string_lossy()) {
-        progress(Progress::Note(&note));
-    }
-    let tmp_path = parent.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    if fs::symlink_metadata(&tmp_path).is_ok() {
-        return Err(Error::invalid(format!(
-            "{}: a temporary directory of that name already exists (left by an interrupted run?); remove it",
-            tmp_path.display()
-        )));
-    }
-    fs::create_dir(&tmp_path).map_err(|e| {
-        Error::invalid(format!(
-            "{}: cannot create the output directory in {}: {}",
-            output.display(),
-            parent.display(),
-            crate::error::io_message(&e)
-        ))
-    })?;
-    // From here on, any error removes the temporary directory.
-    let mut tmp = TempDir {
-        path: tmp_path,
-        armed: true,
-    };
+    let tmp = TempDir::create(&parent, output, &mut progress)?;
 
     let mut report = Report {
         output: output.to_path_buf(),
@@ -366,7 +392,7 @@ pub fn write_quantized_dir(
         META_PACKED.into(),
         serde_json::to_string(&linears).map_err(|e| Error::invalid(e.to_string()))?,
     );
-    let out_file = tmp.path.join("model.safetensors");
+    let out_file = tmp.path.join(MBQ_WEIGHTS_FILE);
     report.weight_file_bytes_after = safetensors_out::write(&out_file, &meta, tensors)?;
     report.packed = linears;
 
@@ -376,17 +402,76 @@ pub fn write_quantized_dir(
         report.weight_file_bytes_before += file_len(&input.join(f)).unwrap_or(0);
     }
     copy_other_files(input, &tmp.path, Path::new(""), &skip, &mut report)?;
+    let act_bits = spec
+        .extra_meta
+        .iter()
+        .find(|(k, _)| k == META_ACT_BITS)
+        .and_then(|(_, v)| v.parse::<u32>().ok());
+    set_quantization_config(
+        &input.join("config.json"),
+        &tmp.path.join("config.json"),
+        &quantization_config(bits, group_size, spec.method, act_bits),
+    )?;
     for (rel, bytes) in &repl.files {
         let to = tmp.path.join(rel);
         fs::write(&to, bytes).map_err(|e| Error::io(&to, e))?;
         sync_file(&to)?;
     }
-    sync_dir(&tmp.path)?;
-
-    publish(&tmp.path, output)?;
-    tmp.armed = false;
-    sync_dir(&parent)?;
+    tmp.publish(output)?;
     Ok(report)
+}
+
+/// Writes `to`: the JSON object of `from` (a config.json) with its
+/// `quantization_config` set to `qc`. The text is kept as it is and the key
+/// appended before the closing brace; a `quantization_config` already there
+/// is replaced (where mbq appended it, by cutting it off; elsewhere the
+/// whole object is written again, keys sorted).
+pub(crate) fn set_quantization_config(
+    from: &Path,
+    to: &Path,
+    qc: &serde_json::Value,
+) -> Result<()> {
+    const KEY: &str = "\"quantization_config\"";
+    let text = fs::read_to_string(from).map_err(|e| Error::io(from, e))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(from, format!("not valid JSON: {e}")))?;
+    let Some(obj) = parsed.as_object() else {
+        return Err(Error::config(from, "expected a JSON object"));
+    };
+    let body = serde_json::to_string_pretty(qc).map_err(|e| Error::invalid(e.to_string()))?;
+    let body = body.replace('\n', "\n  ");
+    let mut base = text.trim_end().to_string();
+    if obj.contains_key("quantization_config") {
+        // mbq's own: `,\n  "quantization_config": {...}\n}` at the end.
+        let cut = base
+            .rfind(&format!(",\n  {KEY}: "))
+            .map(|i| format!("{}\n}}", &base[..i]))
+            .filter(|t| {
+                let mut want = obj.clone();
+                want.remove("quantization_config");
+                serde_json::from_str::<serde_json::Value>(t).ok()
+                    == Some(serde_json::Value::Object(want))
+            });
+        base = match cut {
+            Some(t) => t,
+            None => {
+                let mut o = obj.clone();
+                o.remove("quantization_config");
+                serde_json::to_string_pretty(&o).map_err(|e| Error::invalid(e.to_string()))?
+            }
+        };
+    }
+    let Some(head) = base.strip_suffix('}') else {
+        return Err(Error::config(from, "expected a JSON object ending in }"));
+    };
+    let head = head.trim_end();
+    let sep = if head.ends_with('{') { "" } else { "," };
+    let out = format!("{head}{sep}\n  {KEY}: {body}\n}}\n");
+    if fs::symlink_metadata(to).is_ok() {
+        fs::remove_file(to).map_err(|e| Error::io(to, e))?;
+    }
+    fs::write(to, out).map_err(|e| Error::io(to, e))?;
+    sync_file(to)
 }
 
 /// The prefixes of the decoder linears (`<text>.layers.<i>.self_attn.q_proj`,
@@ -553,7 +638,7 @@ pub fn remove_stale_temp_dirs(parent: &Path, name: &str) -> Vec<String> {
 fn refuse_existing(output: &Path) -> Result<()> {
     if fs::symlink_metadata(output).is_ok() {
         return Err(Error::invalid(format!(
-            "{}: already exists; mbq quantize never overwrites, choose another output directory",
+            "{}: already exists; mbq never overwrites, choose another output directory",
             output.display()
         )));
     }
@@ -568,7 +653,7 @@ fn publish(tmp: &Path, output: &Path) -> Result<()> {
     {
         fs::create_dir(output).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => Error::invalid(format!(
-                "{}: already exists; mbq quantize never overwrites, choose another output directory",
+                "{}: already exists; mbq never overwrites, choose another output directory",
                 output.display()
             )),
             _ => Error::io(output, e),
@@ -587,7 +672,7 @@ fn publish(tmp: &Path, output: &Path) -> Result<()> {
 
 /// Names (relative to the directory) of the weight files that are not
 /// copied: the safetensors files read, the index and the shards it names.
-fn weight_file_names(dir: &Path, w: &WeightFiles) -> HashSet<PathBuf> {
+pub(crate) fn weight_file_names(dir: &Path, w: &WeightFiles) -> HashSet<PathBuf> {
     let mut skip: HashSet<PathBuf> = w
         .paths()
         .iter()
@@ -605,7 +690,7 @@ fn weight_file_names(dir: &Path, w: &WeightFiles) -> HashSet<PathBuf> {
     skip
 }
 
-fn copy_other_files(
+pub(crate) fn copy_other_files(
     src_root: &Path,
     dst_root: &Path,
     rel: &Path,
@@ -653,14 +738,14 @@ fn file_len(p: &Path) -> Result<u64> {
     Ok(fs::metadata(p).map_err(|e| Error::io(p, e))?.len())
 }
 
-fn sync_file(p: &Path) -> Result<()> {
+pub(crate) fn sync_file(p: &Path) -> Result<()> {
     File::open(p)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(p, e))
 }
 
 /// Syncs a directory's entries (a no-op where directories cannot be opened).
-fn sync_dir(p: &Path) -> Result<()> {
+pub(crate) fn sync_dir(p: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         File::open(p)
