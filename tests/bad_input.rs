@@ -340,7 +340,7 @@ fn png_declaring_huge_dimensions() {
 
 // ----------------------------------------------------------- 4 packed model
 
-/// A copy of the bundled W3 model with model.safetensors rewritten through
+/// A copy of the bundled W3 model with model.mbq.safetensors rewritten through
 /// `edit` (its tensors and metadata).
 fn packed_copy(
     name: &str,
@@ -354,7 +354,7 @@ fn packed_copy(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-w3"),
         &d,
     );
-    let p = d.join("model.safetensors");
+    let p = d.join("model.mbq.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut metadata = meta.metadata().clone().unwrap_or_default();
@@ -397,7 +397,10 @@ fn packed_metadata_bits_contradicts_tensors() {
         meta.insert("mbq.bits".into(), "5".into());
     });
     let e = run_text(&m);
-    assert_has(&e, &["model.safetensors", "\"mbq.bits\" is \"5\"", "say 3"]);
+    assert_has(
+        &e,
+        &["model.mbq.safetensors", "\"mbq.bits\" is \"5\"", "say 3"],
+    );
 }
 
 #[test]
@@ -410,7 +413,7 @@ fn packed_metadata_group_size_contradicts_tensors() {
         assert_has(
             &e,
             &[
-                "model.safetensors",
+                "model.mbq.safetensors",
                 &format!("\"mbq.group_size\" is \"{g}\""),
                 "say 128",
             ],
@@ -426,7 +429,7 @@ fn packed_metadata_list_not_json() {
     let e = run_text(&m);
     assert_has(
         &e,
-        &["model.safetensors", "\"mbq.packed\"", "not a JSON list"],
+        &["model.mbq.safetensors", "\"mbq.packed\"", "not a JSON list"],
     );
 }
 
@@ -448,7 +451,7 @@ fn scales_zeros_of_another_group_size() {
     assert_has(
         &e,
         &[
-            "model.safetensors",
+            "model.mbq.safetensors",
             "\"mbq.group_size\" is \"128\"",
             "layers.0.mlp.up_proj",
             "say 64",
@@ -611,7 +614,7 @@ fn stale_quantize_temp_dir_is_removed() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(!stale.exists(), "{} left", stale.display());
-    assert!(out.join("model.safetensors").is_file());
+    assert!(out.join("model.mbq.safetensors").is_file());
     assert_has(
         &stderr,
         &["removed", &format!(".q.tmp-{pid}"), "no longer running"],

@@ -196,8 +196,8 @@ fn an_interrupted_calibration_resumes_to_the_same_output() {
         "{notes:?}"
     );
     assert!(!ckpt.exists(), "the checkpoint is removed at the end");
-    let a = std::fs::read(whole.join("model.safetensors")).unwrap();
-    let b = std::fs::read(parts.join("model.safetensors")).unwrap();
+    let a = std::fs::read(whole.join("model.mbq.safetensors")).unwrap();
+    let b = std::fs::read(parts.join("model.mbq.safetensors")).unwrap();
     assert!(a == b, "resumed output differs from the uninterrupted one");
     assert_eq!(report(&whole)["layers"], report(&parts)["layers"]);
 }
@@ -298,8 +298,8 @@ fn a_killed_cli_calibration_resumes_to_the_same_output() {
     assert!(r.status.success(), "{stderr}");
     assert!(stderr.contains("resuming from"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let a = std::fs::read(whole.join("model.safetensors")).unwrap();
-    let b = std::fs::read(parts.join("model.safetensors")).unwrap();
+    let a = std::fs::read(whole.join("model.mbq.safetensors")).unwrap();
+    let b = std::fs::read(parts.join("model.mbq.safetensors")).unwrap();
     assert!(a == b, "resumed output differs from the uninterrupted one");
     // The stdout summary names the chosen alphas per layer.
     let r = String::from_utf8_lossy(&r.stdout).to_string();

@@ -177,7 +177,29 @@ fn check_quantized_case(name: &str) {
     let packed = WeightFiles::open(&out).unwrap();
     let got = snapshot(&out);
     for (f, bytes) in &before {
-        if f != Path::new("model.safetensors") {
+        if f == Path::new("config.json") {
+            // The input's config plus mbq's quantization_config.
+            let mut cfg: serde_json::Value = serde_json::from_slice(&got[f]).unwrap();
+            let q = cfg
+                .as_object_mut()
+                .unwrap()
+                .remove("quantization_config")
+                .unwrap_or_else(|| panic!("{name}: no quantization_config"));
+            assert_eq!(
+                cfg,
+                serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
+            );
+            assert_eq!(q["quant_method"], "mbq", "{name}");
+            assert_eq!(q["format_version"], 1, "{name}");
+            assert_eq!(q["bits"], c.bits, "{name}");
+            assert_eq!(q["group_size"], c.group, "{name}");
+            assert_eq!(q["method"], "rtn", "{name}");
+            assert_eq!(q["weights_file"], "model.mbq.safetensors", "{name}");
+            assert!(
+                got.contains_key(Path::new("model.mbq.safetensors")),
+                "{name}"
+            );
+        } else if f != Path::new("model.safetensors") {
             assert_eq!(
                 got.get(f),
                 Some(bytes),

@@ -11,7 +11,7 @@ use std::path::Path;
 use common::{copy_dir, fixtures, scratch};
 use mbq::backend::cpu::Cpu;
 use mbq::model::llava::Vlm;
-use mbq::quant::format::META_FORMAT;
+use mbq::quant::format::{MBQ_WEIGHTS_FILE, META_FORMAT};
 use mbq::quant::writer::{quantize_rtn_dir, Progress};
 use mbq::weights::WeightFiles;
 use safetensors::tensor::TensorView;
@@ -110,8 +110,8 @@ fn sharded_input_gives_the_same_single_file_and_progress_is_reported() {
         "no shard or index copied"
     );
     assert_eq!(
-        std::fs::read(sharded_out.join("model.safetensors")).unwrap(),
-        std::fs::read(single_out.join("model.safetensors")).unwrap()
+        std::fs::read(sharded_out.join(MBQ_WEIGHTS_FILE)).unwrap(),
+        std::fs::read(single_out.join(MBQ_WEIGHTS_FILE)).unwrap()
     );
 }
 
@@ -210,13 +210,7 @@ fn loader_rejects_an_unknown_or_missing_format_version() {
             Some(v) => meta.insert(META_FORMAT.to_string(), v.to_string()),
             None => meta.remove(META_FORMAT),
         };
-        rewrite(
-            &w,
-            &names,
-            meta,
-            &d.join("model.safetensors"),
-            &HashMap::new(),
-        );
+        rewrite(&w, &names, meta, &d.join(MBQ_WEIGHTS_FILE), &HashMap::new());
         match Vlm::load(&Cpu, &d) {
             Ok(_) => assert!(expect.is_empty(), "version {version:?} must be rejected"),
             Err(e) => {
@@ -229,7 +223,7 @@ fn loader_rejects_an_unknown_or_missing_format_version() {
                     m.contains(META_FORMAT) || m.contains("format version"),
                     "{m}"
                 );
-                assert!(m.contains(expect) && m.contains("model.safetensors"), "{m}");
+                assert!(m.contains(expect) && m.contains(MBQ_WEIGHTS_FILE), "{m}");
             }
         }
     }

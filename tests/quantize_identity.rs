@@ -1,7 +1,7 @@
 //! The redesign's safety net: `mbq quantize` on the CPU of the bundled
 //! tiny-shapes with every calibrated method at W3 g128 and W4A8 (the
 //! committed calibration set tests/fixtures/calib_shapes, 10 samples, seed
-//! 42, MAE) writes exactly the `model.safetensors` it wrote before the
+//! 42, MAE) writes exactly the weights file it wrote before the
 //! network was given one definition (commit 0a520e1): the SHA-256 of each
 //! output is recorded here. A change that moves any weight code, scale or
 //! zero point by one bit fails this test; a deliberate change of results
@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 /// Calibration samples per run (as tests/calibrate.rs).
 const N_SAMPLES: usize = 10;
 
-/// (method, w_bit, a_bit, SHA-256 of model.safetensors) as written at 0a520e1.
+/// (method, w_bit, a_bit, SHA-256 of the weights file) as written at 0a520e1
+/// (then named model.safetensors, now model.mbq.safetensors: same bytes).
 const RECORDED: [(Method, u32, Option<u32>, &str); 6] = [
     (
         Method::Rtn,
@@ -76,7 +77,7 @@ fn quantized_outputs_are_byte_identical_to_the_recorded_ones() {
             |_| {},
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let got = sha256_hex(&out.join("model.safetensors"));
+        let got = sha256_hex(&out.join("model.mbq.safetensors"));
         eprintln!("{name}: {got}");
         if got != want {
             wrong.push(format!("{name}: sha256 {got}, recorded {want}"));

@@ -120,7 +120,7 @@ fn inspect_names_the_bundled_w3_model_and_its_quantization() {
         "calibration   mbq on cpu, 128 samples",
         "layer 3",
         "attn_in",
-        "model.safetensors",
+        "model.mbq.safetensors",
         "total",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
@@ -176,7 +176,7 @@ fn inspect_json_is_one_object_with_the_same_facts() {
     let files = j["files"].as_array().unwrap();
     let sum: u64 = files.iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
     assert_eq!(j["total_bytes"].as_u64().unwrap(), sum);
-    assert!(files.iter().any(|f| f["name"] == "model.safetensors"));
+    assert!(files.iter().any(|f| f["name"] == "model.mbq.safetensors"));
 }
 
 #[test]

@@ -764,6 +764,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quantization_config_is_appended_then_replaced_in_place() {
+        let dir = std::env::temp_dir().join(format!("mbq-qc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (a, b, c) = (dir.join("a.json"), dir.join("b.json"), dir.join("c.json"));
+        fs::write(&a, "{\n  \"z\": 1,\n  \"a\": [1, 2]\n}\n").unwrap();
+        set_quantization_config(&a, &b, &serde_json::json!({"quant_method": "mbq"})).unwrap();
+        let text = fs::read_to_string(&b).unwrap();
+        assert_eq!(
+            text,
+            "{\n  \"z\": 1,\n  \"a\": [1, 2],\n  \"quantization_config\": {\n    \"quant_method\": \"mbq\"\n  }\n}\n"
+        );
+        // Replacing mbq's own keeps the rest of the text as it was.
+        set_quantization_config(&b, &c, &serde_json::json!({"quant_method": "gptq"})).unwrap();
+        let text = fs::read_to_string(&c).unwrap();
+        assert!(
+            text.starts_with("{\n  \"z\": 1,\n  \"a\": [1, 2],\n  \"quantization_config\""),
+            "{text}"
+        );
+        assert!(text.contains("gptq") && !text.contains("mbq"), "{text}");
+        // An empty object, and one that is not an object.
+        fs::write(&a, "{}").unwrap();
+        set_quantization_config(&a, &b, &serde_json::json!({})).unwrap();
+        assert_eq!(
+            fs::read_to_string(&b).unwrap(),
+            "{\n  \"quantization_config\": {}\n}\n"
+        );
+        fs::write(&a, "[1]").unwrap();
+        let e = set_quantization_config(&a, &b, &serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a.json") && e.contains("object"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn groups_that_f16_cannot_quantize_are_named() {
         let (out, inp) = (40, 64);
         let mut w = vec![0.01f32; out * inp];
