@@ -11,6 +11,7 @@
 //! calls for every linear that has a `qweight`.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 use serde_json::Value;
 
@@ -20,6 +21,10 @@ use crate::weights::Prefixed;
 
 /// AWQ's GEMM layout puts output `8 j + AWQ_ORDER[k]` in field `k` of word `j`.
 pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+/// The inverse: output `8 j + m` is in field `AWQ_FIELD[m]`.
+const AWQ_FIELD: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+/// Output rows decoded per parallel task.
+const ROWS_PER_TASK: usize = 16;
 
 /// A quantized checkpoint of another tool, as its `quantization_config`
 /// describes it.
@@ -192,14 +197,29 @@ pub fn read_foreign(
             let qweight = int32s(vb, "qweight", &[inp * bits as usize / 32, out])?;
             let qzeros = int32s(vb, "qzeros", &[groups, out * bits as usize / 32])?;
             check_g_idx(vb, inp, g)?;
-            let wpc = inp * bits as usize / 32; // words down one column
+            // 32 inputs of one column are `bits` words, one per qweight row
+            // of the block: decode a block of rows for a chunk of outputs at
+            // a time (contiguous reads along the rows, 32-byte writes).
+            let b = bits as usize;
             let mut codes = vec![0u8; out * inp];
-            for o in 0..out {
-                let row = &mut codes[o * inp..(o + 1) * inp];
-                for (i, c) in row.iter_mut().enumerate() {
-                    *c = field(|k| qweight[k * out + o], wpc, i, bits);
-                }
-            }
+            codes
+                .par_chunks_mut(inp * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    let o0 = t * ROWS_PER_TASK;
+                    for (r, row) in chunk.chunks_exact_mut(inp).enumerate() {
+                        let o = o0 + r;
+                        let mut words = [0u32; 8];
+                        for (blk, dst) in row.chunks_exact_mut(32).enumerate() {
+                            for (j, w) in words[..b].iter_mut().enumerate() {
+                                *w = qweight[(blk * b + j) * out + o];
+                            }
+                            for (i, c) in dst.iter_mut().enumerate() {
+                                *c = field(|k| words[k], b, i, bits);
+                            }
+                        }
+                    }
+                });
             let wpr = out * bits as usize / 32; // words along one qzeros row
             let mut zeros = vec![0u8; out * groups];
             for gi in 0..groups {
@@ -222,17 +242,21 @@ pub fn read_foreign(
             }
             let qweight = int32s(vb, "qweight", &[inp, out / 8])?;
             let qzeros = int32s(vb, "qzeros", &[groups, out / 8])?;
-            let awq = |words: &[u32], o: usize| {
-                let k = AWQ_ORDER.iter().position(|&x| x == o % 8).unwrap_or(0);
-                ((words[o / 8] >> (4 * k)) & 0xf) as u8
-            };
+            // Field k of word j is output 8 j + AWQ_ORDER[k].
+            let awq =
+                |words: &[u32], o: usize| ((words[o / 8] >> (4 * AWQ_FIELD[o % 8])) & 0xf) as u8;
             let mut codes = vec![0u8; out * inp];
-            for i in 0..inp {
-                let words = &qweight[i * out / 8..(i + 1) * out / 8];
-                for o in 0..out {
-                    codes[o * inp + i] = awq(words, o);
-                }
-            }
+            codes
+                .par_chunks_mut(inp * 8)
+                .enumerate()
+                .for_each(|(j, chunk)| {
+                    for i in 0..inp {
+                        let w = qweight[i * out / 8 + j];
+                        for (k, &o) in AWQ_ORDER.iter().enumerate() {
+                            chunk[o * inp + i] = ((w >> (4 * k)) & 0xf) as u8;
+                        }
+                    }
+                });
             let mut zeros = vec![0u8; out * groups];
             for gi in 0..groups {
                 let words = &qzeros[gi * out / 8..(gi + 1) * out / 8];
