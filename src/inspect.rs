@@ -72,6 +72,9 @@ pub struct DtypeCount {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Quantization {
+    /// Whose layout the file holds: `mbq` (the packed format), or `GPTQ` /
+    /// `AWQ (GEMM)` (another tool's checkpoint, repacked when loaded).
+    pub format: String,
     pub method: Option<String>,
     pub bits: Option<u32>,
     pub group_size: Option<usize>,
@@ -166,7 +169,10 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
 
     let wf = WeightFiles::open(dir)?;
     let weights = weight_parts(&wf)?;
-    let quantization = quantization(&wf.metadata, &wf.location())?;
+    let quantization = match quantization(&wf.metadata, &wf.location())? {
+        Some(q) => Some(q),
+        None => foreign_quantization(&wf)?,
+    };
     let report = dir.join("calibration_report.json");
     let calibration = if report.is_file() {
         Some(calibration(&crate::calib::report::read_json(&report)?))
@@ -262,9 +268,26 @@ fn quantization(
             )
         })?,
     };
+    let (packed_by_kind, packed_layers) = packed_summary(&packed);
+    Ok(Some(Quantization {
+        format: "mbq".into(),
+        method: meta.get(META_METHOD).cloned(),
+        bits: num(META_BITS)?.map(|b| b as u32),
+        group_size: num(META_GROUP_SIZE)?.map(|g| g as usize),
+        act_bits: num(META_ACT_BITS)?.map(|b| b as u32),
+        format_version: meta.get(META_FORMAT).cloned(),
+        packed: packed.len(),
+        packed_by_kind,
+        packed_layers,
+    }))
+}
+
+/// Packed linears per kind (`q_proj`, ...) and the decoder layers that
+/// have any, from the linears' names.
+fn packed_summary(packed: &[String]) -> (BTreeMap<String, usize>, Vec<usize>) {
     let mut packed_by_kind = BTreeMap::new();
     let mut packed_layers = Vec::new();
-    for p in &packed {
+    for p in packed {
         let kind = p.rsplit('.').next().unwrap_or(p).to_string();
         *packed_by_kind.entry(kind).or_insert(0) += 1;
         let mut parts = p.split('.');
@@ -280,12 +303,34 @@ fn quantization(
         }
     }
     packed_layers.sort_unstable();
+    (packed_by_kind, packed_layers)
+}
+
+/// A GPTQ / AWQ checkpoint's quantization, from its quantization_config and
+/// the linears that have a `qweight`.
+fn foreign_quantization(wf: &WeightFiles) -> Result<Option<Quantization>> {
+    let Some(f) = crate::quant::import::foreign_format(wf.quantization_config.as_ref())? else {
+        return Ok(None);
+    };
+    let mut packed: Vec<String> = wf
+        .names()
+        .filter_map(|n| n.strip_suffix(".qweight").map(str::to_string))
+        .collect();
+    packed.sort();
+    let (packed_by_kind, packed_layers) = packed_summary(&packed);
     Ok(Some(Quantization {
-        method: meta.get(META_METHOD).cloned(),
-        bits: num(META_BITS)?.map(|b| b as u32),
-        group_size: num(META_GROUP_SIZE)?.map(|g| g as usize),
-        act_bits: num(META_ACT_BITS)?.map(|b| b as u32),
-        format_version: meta.get(META_FORMAT).cloned(),
+        format: f.name().to_string(),
+        method: Some(
+            match f {
+                crate::quant::import::Foreign::Gptq { .. } => "gptq",
+                crate::quant::import::Foreign::Awq { .. } => "awq",
+            }
+            .into(),
+        ),
+        bits: Some(f.bits()),
+        group_size: Some(f.group_size()),
+        act_bits: None,
+        format_version: None,
         packed: packed.len(),
         packed_by_kind,
         packed_layers,
@@ -376,10 +421,14 @@ impl Inspection {
                         opt(q.group_size.map(|g| g.to_string()))
                     ),
                 };
+                let layout = match &q.format_version {
+                    Some(v) if q.format == "mbq" => format!("format v{v}"),
+                    _ if q.format == "mbq" => "format v?".to_string(),
+                    _ => format!("{} checkpoint, repacked when loaded", q.format),
+                };
                 s += &format!(
-                    "  quantization  {} {scheme} (format v{})\n",
+                    "  quantization  {} {scheme} ({layout})\n",
                     opt(q.method.clone()),
-                    opt(q.format_version.clone())
                 );
                 let kinds: Vec<String> = q
                     .packed_by_kind

@@ -32,6 +32,12 @@ pub struct WeightFiles {
     /// `__metadata__` of the first file (the packed format keeps its
     /// description there).
     pub metadata: HashMap<String, String>,
+    /// The `quantization_config` of the directory's config.json (or its
+    /// `quantize_config.json`), as written, with the file it came from:
+    /// how another tool's quantized checkpoint (GPTQ, AWQ) packs its
+    /// linears. `quant::import` reads it; `None` for a dense model, for
+    /// mbq's own output (described by `metadata`) and for `open_file`.
+    pub quantization_config: Option<(PathBuf, serde_json::Value)>,
 }
 
 impl WeightFiles {
@@ -99,6 +105,7 @@ impl WeightFiles {
             maps: Vec::new(),
             entries: HashMap::new(),
             metadata: HashMap::new(),
+            quantization_config: quantization_config(dir)?,
         };
         for path in files {
             wf.add_file(path)?;
@@ -113,6 +120,7 @@ impl WeightFiles {
             maps: Vec::new(),
             entries: HashMap::new(),
             metadata: HashMap::new(),
+            quantization_config: None,
         };
         wf.add_file(path.to_path_buf())?;
         Ok(wf)
@@ -262,6 +270,27 @@ impl WeightFiles {
             prefix: prefix.as_ref().to_string(),
         }
     }
+}
+
+/// `quantization_config` of `dir/config.json`, else the object of
+/// `dir/quantize_config.json` (AutoGPTQ's file), else `None`. A config.json
+/// that is not valid JSON is left to the config loader to report.
+fn quantization_config(dir: &Path) -> Result<Option<(PathBuf, serde_json::Value)>> {
+    let read = |p: &Path| -> Result<Option<serde_json::Value>> {
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        Ok(serde_json::from_str(&text).ok())
+    };
+    let config = dir.join("config.json");
+    if let Some(qc) =
+        read(&config)?.and_then(|mut c| c.get_mut("quantization_config").map(|v| v.take()))
+    {
+        return Ok(Some((config, qc)));
+    }
+    let aux = dir.join("quantize_config.json");
+    Ok(read(&aux)?.filter(|v| v.is_object()).map(|v| (aux, v)))
 }
 
 /// A name prefix over [`WeightFiles`]: `get("q_proj.weight")` looks up

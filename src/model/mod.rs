@@ -29,12 +29,13 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// Loads `<prefix>.weight` `[out, in]` (or its packed form
-    /// `<prefix>.qweight` + `<prefix>.scales_zeros`) and, when `bias`,
+    /// `<prefix>.qweight` + `<prefix>.scales_zeros`, or a GPTQ / AWQ linear
+    /// repacked by [`crate::quant::import`]) and, when `bias`,
     /// `<prefix>.bias`. A packed linear quantizes its activations when the
     /// file's metadata says `mbq.act_bits` = `"8"` (W4A8).
     pub fn load(be: &B, vb: &Prefixed, out: usize, inp: usize, bias: bool) -> Result<Self> {
         let (w, act_quant) = if vb.contains("qweight") {
-            let w = be.packed_weight(&crate::quant::format::read_packed(vb, out, inp)?)?;
+            let w = be.packed_weight(&crate::quant::import::read_linear(vb, out, inp)?)?;
             (w, act_bits(vb)?.is_some())
         } else {
             (be.weight(&vb.get("weight", &[out, inp])?)?, false)
