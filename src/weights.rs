@@ -525,6 +525,31 @@ mod tests {
     }
 
     #[test]
+    fn mbq_weights_file_is_read_first_and_not_beside_another() {
+        let dir = std::env::temp_dir().join(format!("mbq-weights-mbq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let one = 1.0f32.to_le_bytes().to_vec();
+        write(
+            &dir.join(crate::quant::format::MBQ_WEIGHTS_FILE),
+            &[("x", Dtype::F32, vec![1], one.clone())],
+        );
+        let w = WeightFiles::open(&dir).unwrap();
+        assert_eq!(w.get("x", &[1]).unwrap().data, [1.0]);
+        assert!(w.location().ends_with("model.mbq.safetensors"));
+        write(
+            &dir.join("model.safetensors"),
+            &[("y", Dtype::F32, vec![1], one)],
+        );
+        let e = WeightFiles::open(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("model.mbq.safetensors") && e.contains("model.safetensors;"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn sharded_index_is_followed() {
         let dir = std::env::temp_dir().join(format!("mbq-shards-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -47,10 +47,10 @@ mod tests {
     #[test]
     fn three_bit_codes_straddle_words_as_10_1_10_1_10() {
         // Code 10 sits in bits 30..33: two bits in word 0, one in word 1.
-        let mut codes = vec![0u32; 32];
+        let mut codes = [0u32; 32];
         codes[10] = 0b101;
         codes[21] = 0b011;
-        let mut w = vec![0u32; 3];
+        let mut w = [0u32; 3];
         pack_stream(codes.iter().copied(), 3, &mut w);
         assert_eq!(w, [1 << 30, 1 | (1 << 31), 1]);
         for (k, &c) in codes.iter().enumerate() {
