@@ -19,7 +19,7 @@ use serde_json::json;
 use super::compressed::{packed_to_compressed, CtStrategy};
 use super::format::{
     check_format_version, read_packed, META_ACT_BITS, META_BITS, META_GROUP_SIZE, META_METHOD,
-    META_PACKED,
+    META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
 use super::gptq::packed_to_gptq;
 use super::safetensors_out::{self, OutTensor};
@@ -122,9 +122,15 @@ fn read_source(w: &WeightFiles, input: &Path) -> Result<Source> {
             )))
         }
     };
+    let (bits, group_size) = (num(META_BITS)?, num(META_GROUP_SIZE)?);
+    if !SUPPORTED_BITS.contains(&(bits as u32)) || !SUPPORTED_GROUPS.contains(&group_size) {
+        return Err(bad(format!(
+            "metadata says {bits} bits in groups of {group_size}; the packed format has 3, 4 or 8 bits in groups of 32, 64 or 128"
+        )));
+    }
     Ok(Source {
-        bits: num(META_BITS)? as u32,
-        group_size: num(META_GROUP_SIZE)?,
+        bits: bits as u32,
+        group_size,
         act_bits,
         method: w
             .metadata
