@@ -36,7 +36,9 @@ pub struct WeightFiles {
     /// `quantize_config.json`), as written, with the file it came from:
     /// how another tool's quantized checkpoint (GPTQ, AWQ) packs its
     /// linears. `quant::import` reads it; `None` for a dense model, for
-    /// mbq's own output (described by `metadata`) and for `open_file`.
+    /// mbq's output written before its config.json declared itself and for
+    /// `open_file`. mbq's own (`"quant_method": "mbq"`) only describes the
+    /// directory: its packed tensors are described by `metadata`.
     pub quantization_config: Option<(PathBuf, serde_json::Value)>,
 }
 
