@@ -306,30 +306,28 @@ fn packed_summary(packed: &[String]) -> (BTreeMap<String, usize>, Vec<usize>) {
     (packed_by_kind, packed_layers)
 }
 
-/// A GPTQ / AWQ checkpoint's quantization, from its quantization_config and
-/// the linears that have a `qweight`.
+/// A GPTQ / AWQ / compressed-tensors checkpoint's quantization, from its
+/// quantization_config and the linears stored quantized.
 fn foreign_quantization(wf: &WeightFiles) -> Result<Option<Quantization>> {
     let Some(f) = crate::quant::import::foreign_format(wf.quantization_config.as_ref())? else {
         return Ok(None);
     };
     let mut packed: Vec<String> = wf
         .names()
-        .filter_map(|n| n.strip_suffix(".qweight").map(str::to_string))
+        .filter_map(|n| {
+            n.strip_suffix(".qweight")
+                .or_else(|| n.strip_suffix(".weight_packed"))
+                .map(str::to_string)
+        })
         .collect();
     packed.sort();
     let (packed_by_kind, packed_layers) = packed_summary(&packed);
     Ok(Some(Quantization {
         format: f.name().to_string(),
-        method: Some(
-            match f {
-                crate::quant::import::Foreign::Gptq { .. } => "gptq",
-                crate::quant::import::Foreign::Awq { .. } => "awq",
-            }
-            .into(),
-        ),
+        method: Some(f.method().into()),
         bits: Some(f.bits()),
         group_size: Some(f.group_size()),
-        act_bits: None,
+        act_bits: f.act_bits(),
         format_version: None,
         packed: packed.len(),
         packed_by_kind,

@@ -268,12 +268,11 @@ fn check_export(src: &Path, out: &Path, format: &str, bits: u32, act: bool) {
             compressed_to_packed(p, &c, 128).unwrap()
         };
         assert_eq!(back, want, "{format}: {p} decodes back bit for bit");
-        if format == "gptq" {
-            // mbq's own GPTQ import (what `mbq-run` does with the export)
-            // gives the same weights.
-            let imported = mbq::quant::import::read_linear(&ew.pp(p), out_f, inp).unwrap();
-            assert_eq!(imported.dequantize(), want.dequantize(), "{p} imported");
-        }
+        // mbq's own import (what `mbq-run` does with the export) gives the
+        // source's packed linear back, bit for bit, and its activation bits.
+        let (imported, act_bits) = mbq::quant::import::read_linear(&ew.pp(p), out_f, inp).unwrap();
+        assert_eq!(imported, want, "{format}: {p} imported");
+        assert_eq!(act_bits, act.then_some(8), "{format}: {p} activation bits");
         assert!(
             !ew.contains(&format!("{p}.scales_zeros")),
             "{p} left packed"

@@ -1,7 +1,8 @@
-//! GPTQ and AWQ checkpoints made by the formats' own packers
+//! Tensors and checkpoints made by the formats' own packers
 //! (tests/fixtures/interop/, made by make_interop_fixtures.py with
 //! gptqmodel 7.7 and compressed-tensors 0.20.1) load into the packed format
-//! exactly, and run in mbq-run on the CPU and on wgpu with transformers'
+//! exactly (GPTQ, AWQ, compressed-tensors), and the GPTQ and AWQ
+//! checkpoints run in mbq-run on the CPU and on wgpu with transformers'
 //! greedy ids on the dequantized weights.
 
 mod common;
@@ -12,6 +13,8 @@ use std::process::Command;
 use common::fixtures;
 use half::f16;
 use mbq::quant::format::PackedLinear;
+use mbq::quant::compressed::CtStrategy;
+use mbq::quant::gptq::GptqZeros;
 use mbq::quant::import::{foreign_format, read_foreign, Foreign};
 use mbq::quant::writer::quantize_rows;
 use mbq::weights::WeightFiles;
@@ -67,7 +70,7 @@ fn assert_same_integers(p: &PackedLinear, w: &WeightFiles, case: &str, what: &st
 }
 
 #[test]
-fn reference_packed_gptq_and_awq_tensors_repack_to_the_same_integers() {
+fn reference_packed_tensors_repack_to_the_same_integers() {
     let (w, j) = layouts();
     let mut checked = Vec::new();
     for (case, c) in j["cases"].as_object().unwrap() {
@@ -89,9 +92,15 @@ fn reference_packed_gptq_and_awq_tensors_repack_to_the_same_integers() {
                 "gptq" => Foreign::Gptq {
                     bits,
                     group_size: group,
-                    v1: true,
+                    zeros: GptqZeros::V1,
                 },
                 "awq" => Foreign::Awq { group_size: group },
+                "ct" => Foreign::Compressed {
+                    bits,
+                    strategy: CtStrategy::Group(group),
+                    symmetric: c["sym"].as_bool().unwrap(),
+                    act_bits: None,
+                },
                 _ => continue,
             };
             let p = read_foreign(&w.pp(format!("{case}.{packer}")), &foreign, out, inp).unwrap();
@@ -100,8 +109,9 @@ fn reference_packed_gptq_and_awq_tensors_repack_to_the_same_integers() {
             checked.push(format!("{case}.{packer}"));
         }
     }
-    // GPTQ at 3, 4 and 8 bits, AWQ at 4; zero 0 is among the asymmetric cases.
-    assert_eq!(checked.len(), 13, "{checked:?}");
+    // GPTQ at 3, 4 and 8 bits, AWQ at 4, compressed-tensors at all; zero 0
+    // is among the asymmetric cases.
+    assert_eq!(checked.len(), 22, "{checked:?}");
     let z = bytes(&w, "b4g128.z");
     assert!(z.contains(&0) && z.contains(&15));
 }
@@ -136,7 +146,8 @@ fn checkpoints_load_as_mbq_rtn_packs_them() {
             let (out, inp) = (t.shape[0], t.shape[1]);
             let ours =
                 quantize_rows(p, &t.data, out, inp, foreign.bits(), foreign.group_size()).unwrap();
-            let got = mbq::quant::import::read_linear(&w.pp(p), out, inp).unwrap();
+            let (got, act_bits) = mbq::quant::import::read_linear(&w.pp(p), out, inp).unwrap();
+            assert_eq!(act_bits, None);
             assert_eq!(got, ours, "{name}: {p}");
             n += 1;
         }

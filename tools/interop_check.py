@@ -58,7 +58,10 @@ def mbq_ids(model, image, prompt, backend, ignore_eos):
     if ignore_eos:
         args.append("--ignore-eos")
     j = json.loads(sh(args).splitlines()[0])
-    return j["tokens"], j["prompt_tokens"]
+    tokens = j["tokens"]
+    if j["stop"] == "eos":
+        tokens = tokens[:-1]  # compared without the end-of-sequence token on both sides
+    return tokens, j["prompt_tokens"]
 
 
 def load_hf(path, fmt):
@@ -69,8 +72,9 @@ def load_hf(path, fmt):
     if fmt == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 
-        # Asymmetric pack-quantized only loads dequantized (transformers' compressed path rejects the zero points).
-        kw["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+        # Asymmetric pack-quantized only loads dequantized (transformers' compressed path rejects the zero
+        # points), and the compressed W4A8 path has no CPU forward.
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForImageTextToText.from_pretrained(str(path), **kw)
     kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
     return model, AutoProcessor.from_pretrained(str(path)), kinds
@@ -93,7 +97,7 @@ def hf_ids(model, processor, image, prompt, ignore_eos):
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     if not ignore_eos and ids and ids[-1] in eos:
-        ids = ids[:-1]  # mbq-run's tokens do not include the end-of-sequence token
+        ids = ids[:-1]
     return ids, n
 
 

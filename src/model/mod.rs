@@ -12,7 +12,7 @@ pub mod text;
 pub mod vision;
 
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::weights::Prefixed;
 
 /// A linear layer on a backend: weight `[out, in]` and an optional bias.
@@ -29,14 +29,15 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// Loads `<prefix>.weight` `[out, in]` (or its packed form
-    /// `<prefix>.qweight` + `<prefix>.scales_zeros`, or a GPTQ / AWQ linear
-    /// repacked by [`crate::quant::import`]) and, when `bias`,
+    /// `<prefix>.qweight` + `<prefix>.scales_zeros`, or a GPTQ / AWQ /
+    /// compressed-tensors linear repacked by [`crate::quant::import`]) and,
+    /// when `bias`,
     /// `<prefix>.bias`. A packed linear quantizes its activations when the
     /// file's metadata says `mbq.act_bits` = `"8"` (W4A8).
     pub fn load(be: &B, vb: &Prefixed, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let (w, act_quant) = if vb.contains("qweight") {
-            let w = be.packed_weight(&crate::quant::import::read_linear(vb, out, inp)?)?;
-            (w, act_bits(vb)?.is_some())
+        let (w, act_quant) = if crate::quant::import::is_quantized(vb) {
+            let (p, act_bits) = crate::quant::import::read_linear(vb, out, inp)?;
+            (be.packed_weight(&p)?, act_bits.is_some())
         } else {
             (be.weight(&vb.get("weight", &[out, inp])?)?, false)
         };
@@ -54,23 +55,6 @@ impl<B: Backend> Linear<B> {
         } else {
             be.linear(x, &self.w, self.b.as_ref())
         }
-    }
-}
-
-/// The activation bits of a packed file (`mbq.act_bits`): `None` when
-/// absent (weight-only), `Some(8)` for W4A8; any other value is an error
-/// naming the file and the value.
-fn act_bits(vb: &Prefixed) -> Result<Option<u32>> {
-    use crate::quant::format::META_ACT_BITS;
-    match vb.files.metadata.get(META_ACT_BITS).map(String::as_str) {
-        None => Ok(None),
-        Some("8") => Ok(Some(8)),
-        Some(other) => Err(Error::Unsupported {
-            path: vb.files.location(),
-            what: format!("packed activation bits (metadata \"{META_ACT_BITS}\")"),
-            found: other.to_string(),
-            supported: "8 (W4A8), or absent for weight-only".into(),
-        }),
     }
 }
 

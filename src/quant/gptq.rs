@@ -37,8 +37,8 @@ use crate::error::{Error, Result};
 /// How a checkpoint stores its zero points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GptqZeros {
-    /// `zero - 1` per field (`checkpoint_format: "gptq"`, AutoGPTQ and
-    /// GPTQModel's default); read as `field + 1`, so zeros are `1 .. 2^b`.
+    /// `zero - 1` (`checkpoint_format: "gptq"`, AutoGPTQ and GPTQModel's
+    /// default), undone as the reference loader does (`undo_v1_offset`).
     V1,
     /// The zero itself (GPTQModel's `checkpoint_format: "gptq_v2"`).
     V2,
@@ -216,38 +216,87 @@ pub fn gptq_to_packed(name: &str, t: &GptqTensors, zeros: GptqZeros) -> Result<P
     }
     let m = max_code(bits);
     let zw = stream_words(out, bits);
-    let rows: Vec<(Vec<u8>, Vec<f16>)> = (0..out)
-        .into_par_iter()
-        .map(|r| {
-            let word = |w: usize| t.qweight[w * out + r] as u32;
-            let mut codes: Vec<u8> = (0..inp).map(|k| get_code(word, k, bits) as u8).collect();
-            let mut sz = Vec::with_capacity(groups * 2);
-            for g in 0..groups {
-                let field = get_code(|w| t.qzeros[g * zw + w] as u32, r, bits);
-                let z = match zeros {
-                    GptqZeros::V1 => field + 1,
-                    GptqZeros::V2 => field,
-                };
-                let s = t.scales[g * out + r];
-                if s.is_sign_negative() && !s.is_nan() && z == m {
-                    codes[g * gs..(g + 1) * gs]
-                        .iter_mut()
-                        .for_each(|q| *q = (m - *q as u32) as u8);
-                    sz.extend([-s, f16::ZERO]);
-                } else {
-                    sz.extend([s, f16::from_f32(z as f32)]);
+    // Zero points [groups, out], as the reference loader reads them.
+    let mut zero = vec![0u32; groups * out];
+    for (g, z) in zero.chunks_exact_mut(out).enumerate() {
+        let mut words: Vec<u32> = t.qzeros[g * zw..(g + 1) * zw]
+            .iter()
+            .map(|&w| w as u32)
+            .collect();
+        if zeros == GptqZeros::V1 {
+            undo_v1_offset(&mut words, bits);
+        }
+        for (r, z) in z.iter_mut().enumerate() {
+            *z = get_code(|w| words[w], r, bits);
+        }
+    }
+    // Codes: 32 inputs of a column are `bits` words, one per qweight row of
+    // the block. A task decodes ROWS consecutive outputs block by block, so
+    // the words it reads from each qweight row are adjacent.
+    const ROWS: usize = 16;
+    let b = bits as usize;
+    let mut codes = vec![0u8; out * inp];
+    codes
+        .par_chunks_mut(inp * ROWS)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let r0 = task * ROWS;
+            let n = chunk.len() / inp;
+            let mut words = [0u32; 8];
+            for blk in 0..inp / 32 {
+                for i in 0..n {
+                    for (j, w) in words[..b].iter_mut().enumerate() {
+                        *w = t.qweight[(blk * b + j) * out + r0 + i] as u32;
+                    }
+                    let dst = &mut chunk[i * inp + blk * 32..i * inp + blk * 32 + 32];
+                    for (k, c) in dst.iter_mut().enumerate() {
+                        *c = get_code(|w| words[w], k, bits) as u8;
+                    }
                 }
             }
-            (codes, sz)
-        })
-        .collect();
-    let mut codes = Vec::with_capacity(out * inp);
+        });
     let mut scales_zeros = Vec::with_capacity(out * groups * 2);
-    for (c, sz) in rows {
-        codes.extend(c);
-        scales_zeros.extend(sz);
+    for (r, row) in codes.chunks_exact_mut(inp).enumerate() {
+        for g in 0..groups {
+            let (s, z) = (t.scales[g * out + r], zero[g * out + r]);
+            if s.is_sign_negative() && !s.is_nan() && z == m {
+                row[g * gs..(g + 1) * gs]
+                    .iter_mut()
+                    .for_each(|q| *q = (m - *q as u32) as u8);
+                scales_zeros.extend([-s, f16::ZERO]);
+            } else {
+                scales_zeros.extend([s, f16::from_f32(z as f32)]);
+            }
+        }
     }
     PackedLinear::from_codes(name, out, inp, bits, gs, &codes, scales_zeros)
+}
+
+/// Undoes v1's `zero - 1` the way the reference loader does (GPTQModel,
+/// which transformers loads GPTQ through): 2-, 4- and 8-bit zeros by adding
+/// 0x55555555 / 0x11111111 / 0x01010101 to each whole word, wrapping, so a
+/// stored field of all ones (zero 0, as its writer's whole-word subtraction
+/// leaves it) carries into the next field, which that subtraction had
+/// borrowed from; 3-bit zeros, whose fields cross words, field by field
+/// modulo 8. (vLLM adds 1 per field without wrapping: it and GPTQModel
+/// disagree only where a zero is 0, which [`packed_to_gptq`] never writes.)
+fn undo_v1_offset(words: &mut [u32], bits: u32) {
+    let ones = match bits {
+        2 => Some(0x5555_5555u32),
+        4 => Some(0x1111_1111),
+        8 => Some(0x0101_0101),
+        _ => None,
+    };
+    if let Some(ones) = ones {
+        words.iter_mut().for_each(|w| *w = w.wrapping_add(ones));
+        return;
+    }
+    let n = words.len() * 32 / bits as usize;
+    let m = max_code(bits);
+    let fields: Vec<u32> = (0..n)
+        .map(|k| (get_code(|w| words[w], k, bits) + 1) & m)
+        .collect();
+    pack_stream(fields, bits, words);
 }
 
 #[cfg(test)]
