@@ -61,9 +61,9 @@ impl Foreign {
             Foreign::Awq { .. } => 4,
         }
     }
-    /// The group size of the repacked weights (128 for a per-channel
+    /// The group size of the repacked weights (for a per-channel
     /// compressed-tensors scheme, whose one scale per row is repeated in
-    /// every group).
+    /// every group, 128 where the row allows it).
     pub fn group_size(&self) -> usize {
         match self {
             Foreign::Gptq { group_size, .. } | Foreign::Awq { group_size } => *group_size,
@@ -359,7 +359,20 @@ pub fn read_foreign(
 ) -> Result<PackedLinear> {
     let name = &vb.prefix;
     let bits = foreign.bits();
-    let g = foreign.group_size();
+    let g = match foreign {
+        // One scale per row, repeated in every group of the largest size
+        // that divides the row.
+        Foreign::Compressed {
+            strategy: CtStrategy::Channel,
+            ..
+        } => SUPPORTED_GROUPS
+            .iter()
+            .rev()
+            .copied()
+            .find(|g| inp.is_multiple_of(*g))
+            .unwrap_or(foreign.group_size()),
+        _ => foreign.group_size(),
+    };
     check_shape(name, inp, bits, g)?;
     let groups = inp / g;
     match *foreign {
