@@ -261,7 +261,6 @@ fn written_ov_05b_loads_and_runs_on_the_cpu() {
             layers: Some(1),
             vision_layers: Some(1),
             vocab: Some(1024),
-            seed: 7,
             dtype: SynthDtype::F16,
         },
     )
@@ -382,4 +381,8 @@ fn bad_options_name_the_option() {
         assert!(err.contains(want), "{a:?}: {err}");
     }
     assert!(!Path::new(&out).exists());
+    assert_eq!(
+        Like::parse("llava-hf/llava-1.5-7b-hf").unwrap(),
+        Like::Llava15_7b
+    );
 }

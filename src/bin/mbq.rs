@@ -199,7 +199,7 @@ enum Cmd {
     Synth {
         /// llava-ov-0.5b (llava-hf/llava-onevision-qwen2-0.5b-ov-hf),
         /// llava-ov-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf) or
-        /// llava-1.5-7b (llava-hf/llava-1.5-7b-hf).
+        /// llava-1.5-7b (llava-hf/llava-1.5-7b-hf); the hub id works too.
         #[arg(long, value_name = "NAME")]
         like: String,
         /// Output directory; must not exist.
@@ -898,7 +898,6 @@ fn synth(
         layers,
         vision_layers,
         vocab,
-        seed,
     };
     let plan = mbq::synth::plan(like, &opts)?;
     const MIB: u64 = 1 << 20;

@@ -51,16 +51,17 @@ pub enum Like {
 }
 
 impl Like {
+    /// A short name of [`LIKE_NAMES`] or the hub id.
     pub fn parse(name: &str) -> Result<Like> {
-        match name {
-            "llava-ov-0.5b" => Ok(Like::LlavaOv05b),
-            "llava-ov-7b" => Ok(Like::LlavaOv7b),
-            "llava-1.5-7b" => Ok(Like::Llava15_7b),
-            other => Err(Error::invalid(format!(
-                "--like: unknown model \"{other}\"; known: {}",
-                LIKE_NAMES.join(", ")
-            ))),
-        }
+        [Like::LlavaOv05b, Like::LlavaOv7b, Like::Llava15_7b]
+            .into_iter()
+            .find(|l| name == l.name() || name == l.hub_id())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "--like: unknown model \"{name}\"; known: {}",
+                    LIKE_NAMES.join(", ")
+                ))
+            })
     }
 
     pub fn name(self) -> &'static str {
@@ -245,7 +246,6 @@ pub struct SynthOptions {
     /// For tests only: the tokenizer keeps the real ids, so prompts then
     /// tokenize beyond the embeddings.
     pub vocab: Option<usize>,
-    pub seed: u64,
 }
 
 impl Default for SynthOptions {
@@ -255,7 +255,6 @@ impl Default for SynthOptions {
             layers: None,
             vision_layers: None,
             vocab: None,
-            seed: 0,
         }
     }
 }
