@@ -14,6 +14,8 @@
 //! (prefill + decode), [`chat`] (multi-turn sessions reusing the cache) ->
 //! [`runtime`], [`eval`], [`bench`], [`calib`]
 //! (MBQ / AWQ / SmoothQuant as clients of `model`) -> the binaries.
+//! [`synth`] (random-weight checkpoints laid out like real hub models)
+//! uses only [`error`] and the writer's temporary-directory helper.
 
 pub mod anyres;
 pub mod backend;
@@ -35,6 +37,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod serve;
 pub mod shapes;
+pub mod synth;
 pub mod tensor;
 pub mod verify;
 pub mod weights;

@@ -208,6 +208,36 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Write a random-weight model directory laid out exactly like a real
+    /// hub checkpoint (tensor names, shapes, dtype, shards, configs; a
+    /// stand-in tokenizer with the real special-token ids), to measure
+    /// memory and time at real size.
+    Synth {
+        /// llava-ov-0.5b (llava-hf/llava-onevision-qwen2-0.5b-ov-hf),
+        /// llava-ov-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf) or
+        /// llava-1.5-7b (llava-hf/llava-1.5-7b-hf); the hub id works too.
+        #[arg(long, value_name = "NAME")]
+        like: String,
+        /// Output directory; must not exist.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Seed of the random values.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep only N decoder layers (real widths; shards follow).
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
+        /// f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// Keep only N vision-tower layers (quick runs, tests).
+        #[arg(long, value_name = "N", hide = true)]
+        vision_layers: Option<usize>,
+        /// Embedding / lm_head rows (tests only: the tokenizer keeps the
+        /// real ids, so prompts then tokenize beyond the embeddings).
+        #[arg(long, value_name = "N", hide = true)]
+        vocab: Option<usize>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -520,6 +550,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Synth {
+            like,
+            out,
+            seed,
+            layers,
+            dtype,
+            vision_layers,
+            vocab,
+        } => synth(&like, &out, seed, layers, &dtype, vision_layers, vocab),
         Cmd::Bench { what } => {
             let backend = match &what {
                 BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
@@ -857,6 +896,57 @@ fn eval(req: mbq::eval::EvalRequest, json: bool, misses: bool) -> anyhow::Result
             );
         }
     }
+    Ok(())
+}
+
+fn synth(
+    like: &str,
+    out: &std::path::Path,
+    seed: u64,
+    layers: Option<usize>,
+    dtype: &str,
+    vision_layers: Option<usize>,
+    vocab: Option<usize>,
+) -> anyhow::Result<()> {
+    use mbq::synth::{SynthOptions, SynthProgress};
+    let like = mbq::synth::Like::parse(like)?;
+    let opts = SynthOptions {
+        dtype: mbq::synth::SynthDtype::parse(dtype)?,
+        layers,
+        vision_layers,
+        vocab,
+    };
+    let plan = mbq::synth::plan(like, &opts)?;
+    const MIB: u64 = 1 << 20;
+    eprintln!(
+        "{} like {}: {} tensors, {:.3} B parameters, {:.2} GB in {} file(s)",
+        out.display(),
+        like.hub_id(),
+        plan.tensors.len(),
+        plan.parameters() as f64 / 1e9,
+        plan.total_bytes() as f64 / 1e9,
+        plan.files.len()
+    );
+    let mut bar = mbq::progress::Progress::default();
+    let report = mbq::synth::write(&plan, out, seed, |p| match p {
+        SynthProgress::Start { total_bytes, .. } => {
+            bar.stage("writing weights", total_bytes.div_ceil(MIB) as usize, "MiB")
+        }
+        SynthProgress::Bytes { done, .. } => bar.set((done / MIB) as usize),
+        SynthProgress::Note(m) => bar.note(m),
+    });
+    bar.finish();
+    let r = report?;
+    println!(
+        "wrote {}: {} tensors, {} parameters, {:.2} GB ({}), {:.1} s ({:.0} MB/s)",
+        r.output.display(),
+        r.tensors,
+        r.parameters,
+        r.bytes as f64 / 1e9,
+        r.files.join(", "),
+        r.seconds,
+        r.bytes as f64 / 1e6 / r.seconds.max(1e-9)
+    );
     Ok(())
 }
 
