@@ -12,8 +12,8 @@ use std::process::Command;
 
 use common::fixtures;
 use half::f16;
-use mbq::quant::format::PackedLinear;
 use mbq::quant::compressed::CtStrategy;
+use mbq::quant::format::PackedLinear;
 use mbq::quant::gptq::GptqZeros;
 use mbq::quant::import::{foreign_format, read_foreign, Foreign};
 use mbq::quant::writer::quantize_rows;
@@ -304,4 +304,100 @@ fn unsupported_checkpoints_are_clear_errors() {
         !o.status.success() && stderr.contains("q_proj.g_idx") && stderr.contains("act-order"),
         "{stderr}"
     );
+}
+
+fn mbq(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mbq"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `mbq quantize` on a GPTQ / AWQ checkpoint repacks it into mbq's own
+/// directory, bit for bit, and refuses to re-quantize or calibrate it.
+#[test]
+fn quantize_repacks_checkpoints_as_they_are() {
+    let tmp = common::scratch("import-repack");
+    for (name, _) in CHECKPOINTS {
+        let src = fixtures().join("interop").join(name);
+        let bits = if name.contains("w3") { "3" } else { "4" };
+        let out = tmp.join(name);
+        let o = mbq(&[
+            "quantize",
+            "--model",
+            &src.to_string_lossy(),
+            "--out",
+            &out.to_string_lossy(),
+            "--w-bit",
+            bits,
+        ]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(stdout.contains("checkpoint repacked"), "{stdout}");
+        assert!(
+            !out.join("quantize_config.json").exists()
+                && out.join("model.mbq.safetensors").is_file()
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["quantization_config"]["quant_method"], "mbq", "{name}");
+        let (sw, ow) = (
+            WeightFiles::open(&src).unwrap(),
+            WeightFiles::open(&out).unwrap(),
+        );
+        let method = if name.contains("awq") { "awq" } else { "gptq" };
+        assert_eq!(ow.metadata["mbq.method"], method);
+        let list: Vec<String> = serde_json::from_str(&ow.metadata["mbq.packed"]).unwrap();
+        assert_eq!(list.len(), 14);
+        for p in &list {
+            let (q, _, _) = ow.raw(&format!("{p}.qweight")).unwrap();
+            assert_eq!(q, safetensors::Dtype::U32);
+            let (out_f, inp) = {
+                let (_, s, _) = ow.raw(&format!("{p}.scales_zeros")).unwrap();
+                (s[0], s[1] * 128)
+            };
+            let (theirs, _) = mbq::quant::import::read_linear(&sw.pp(p), out_f, inp).unwrap();
+            let (ours, _) = mbq::quant::import::read_linear(&ow.pp(p), out_f, inp).unwrap();
+            assert_eq!(ours, theirs, "{name}: {p}");
+            // Nothing of the source's layout is left, the bias is kept.
+            assert!(!ow.contains(&format!("{p}.qzeros")) && !ow.contains(&format!("{p}.g_idx")));
+            if p.contains("q_proj") {
+                assert_eq!(
+                    ow.raw(&format!("{p}.bias")).unwrap(),
+                    sw.raw(&format!("{p}.bias")).unwrap()
+                );
+            }
+        }
+    }
+    // Other bits, or a calibrated method: refused, naming what works.
+    let src = fixtures().join("interop/llava_qwen128_gptq_w4g128");
+    for args in [
+        vec!["--w-bit", "3"],
+        vec!["--w-bit", "4", "--group-size", "64"],
+        vec!["--w-bit", "4", "--method", "mbq", "--calib", "x.jsonl"],
+    ] {
+        let out = tmp.join("refused");
+        let mut a = vec![
+            "quantize",
+            "--model",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend(args.iter().copied());
+        let o = mbq(&a);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success()
+                && e.contains("GPTQ checkpoint")
+                && e.contains("--w-bit 4 --group-size 128"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains("panicked") && !out.exists(), "{e}");
+    }
 }

@@ -1001,7 +1001,11 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
         "{}: {} packed {} linears ({} weights, {scheme}) {:.2} MB -> {:.2} MB = {:.3} bits/weight; \
          weights {:.2} MB -> {:.2} MB; {} tensors and {} files copied; {:.2} s",
         report.output.display(),
-        o.method.name(),
+        if report.method == o.method.name() {
+            report.method.clone()
+        } else {
+            format!("{} checkpoint repacked:", report.method)
+        },
         report.packed.len(),
         report.packed_weights,
         mb(report.packed_bytes_before as f64),

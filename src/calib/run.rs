@@ -88,6 +88,10 @@ pub fn quantize_model(
         quantize: &pack,
         extra_meta: plan.extra_meta(),
     };
+    if let Some(f) = crate::quant::import::foreign_format(weights.quantization_config.as_ref())? {
+        // A GPTQ / AWQ / compressed-tensors input is only repacked.
+        writer::check_repack(&o.model, &f, &spec)?;
+    }
     let Some(calib) = plan.calib.as_deref() else {
         let written =
             writer::write_quantized_dir(&o.model, &o.out, &spec, &Replacements::default(), |p| {

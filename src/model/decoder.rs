@@ -62,10 +62,10 @@ impl HostLinear {
     /// `<prefix>.weight` `[out, in]` (and `<prefix>.bias`) in f32; a packed
     /// linear is an error (calibration needs the unquantized model).
     pub fn load(vb: &Prefixed, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        if vb.contains("qweight") {
+        if crate::quant::import::is_quantized(vb) {
             return Err(Error::invalid(format!(
-                "{}: calibration needs an unquantized model (this linear is packed)",
-                vb.name("qweight")
+                "{}: calibration needs an unquantized model (this linear is stored quantized)",
+                vb.prefix
             )));
         }
         Ok(HostLinear {

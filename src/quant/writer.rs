@@ -53,6 +53,9 @@ pub enum Progress<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub output: PathBuf,
+    /// How the codes were chosen (`mbq.method`): the method, or for a
+    /// repacked GPTQ / AWQ / compressed-tensors checkpoint, its format.
+    pub method: String,
     /// Prefixes of the packed linears (`...layers.0.self_attn.q_proj`).
     pub packed: Vec<String>,
     /// Number of weights in the packed linears.
@@ -264,19 +267,28 @@ pub fn write_quantized_dir(
     let cfg = VlmConfig::load(input)?;
     let w = WeightFiles::open(input)?;
     let prefixes = Prefixes::detect(&w)?;
-    if w.metadata.contains_key(META_FORMAT) || w.names().any(|n| n.ends_with(".qweight")) {
+    let foreign = super::import::foreign_format(w.quantization_config.as_ref())?;
+    if w.metadata.contains_key(META_FORMAT)
+        || (foreign.is_none() && w.names().any(|n| n.ends_with(".qweight")))
+    {
         return Err(Error::invalid(format!(
             "{}: the model is already quantized (packed weights found)",
             input.display()
         )));
     }
-    let linears = decoder_linears(
-        &w,
-        &prefixes.text,
-        cfg.text.num_hidden_layers,
-        bits,
-        group_size,
-    )?;
+    if let Some(f) = &foreign {
+        check_repack(input, f, spec)?;
+    }
+    let linears = match &foreign {
+        None => decoder_linears(
+            &w,
+            &prefixes.text,
+            cfg.text.num_hidden_layers,
+            bits,
+            group_size,
+        )?,
+        Some(_) => foreign_linears(&w, &prefixes.text, cfg.text.num_hidden_layers)?,
+    };
 
     let tmp = TempDir::create(&parent, output, &mut progress)?;
 
@@ -290,23 +302,34 @@ pub fn write_quantized_dir(
     // Packed tensors as bytes: (name, dtype, shape, bytes).
     let mut packed_bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (k, p) in linears.iter().enumerate() {
-        let wname = format!("{p}.weight");
-        let (_, _, raw) = w.raw(&wname)?;
-        let t = w.get_any(&wname)?;
-        let (out, inp) = (t.shape[0], t.shape[1]);
-        let data = match repl.tensors.get(&wname) {
-            Some(d) if d.len() == out * inp => d.as_slice(),
-            Some(d) => {
-                return Err(Error::invalid(format!(
-                    "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
-                    d.len()
-                )))
-            }
-            None => &t.data,
+        let (pl, bytes_before) = if foreign.is_some() {
+            let (out, inp) = linear_shape(&cfg.text, p);
+            let (pl, _) = super::import::read_linear(&w.pp(p), out, inp)?;
+            let before = foreign_tensors(&w, p)
+                .iter()
+                .map(|n| w.raw(n).map(|(_, _, b)| b.len()))
+                .sum::<Result<usize>>()?;
+            (pl, before)
+        } else {
+            let wname = format!("{p}.weight");
+            let (_, _, raw) = w.raw(&wname)?;
+            let t = w.get_any(&wname)?;
+            let (out, inp) = (t.shape[0], t.shape[1]);
+            let data = match repl.tensors.get(&wname) {
+                Some(d) if d.len() == out * inp => d.as_slice(),
+                Some(d) => {
+                    return Err(Error::invalid(format!(
+                        "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
+                        d.len()
+                    )))
+                }
+                None => &t.data,
+            };
+            ((spec.quantize)(&wname, data, out, inp)?, raw.len())
         };
-        let pl = (spec.quantize)(&wname, data, out, inp)?;
+        let (out, inp) = (pl.out, pl.inp);
         report.packed_weights += out * inp;
-        report.packed_bytes_before += raw.len();
+        report.packed_bytes_before += bytes_before;
         report.packed_bytes_after += pl.nbytes();
         let q: Vec<u8> = pl.qweight.iter().flat_map(|x| x.to_le_bytes()).collect();
         let s: Vec<u8> = pl
@@ -336,7 +359,13 @@ pub fn write_quantized_dir(
 
     // The output's tensors: every input tensor but the replaced weights, as
     // they are, then the packed ones.
-    let replaced: HashSet<String> = linears.iter().map(|p| format!("{p}.weight")).collect();
+    let replaced: HashSet<String> = match &foreign {
+        None => linears.iter().map(|p| format!("{p}.weight")).collect(),
+        Some(_) => linears
+            .iter()
+            .flat_map(|p| foreign_tensors(&w, p))
+            .collect(),
+    };
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     // Replaced (non-linear) tensors, converted back to their own dtype.
     let mut converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -384,7 +413,10 @@ pub fn write_quantized_dir(
     meta.insert(META_FORMAT.into(), FORMAT_VERSION.to_string());
     meta.insert(META_BITS.into(), bits.to_string());
     meta.insert(META_GROUP_SIZE.into(), group_size.to_string());
-    meta.insert(META_METHOD.into(), spec.method.into());
+    // A repacked checkpoint keeps the name of the method that chose its codes.
+    let method = foreign.as_ref().map_or(spec.method, |f| f.method());
+    meta.insert(META_METHOD.into(), method.into());
+    report.method = method.to_string();
     for (k, v) in &spec.extra_meta {
         meta.insert(k.clone(), v.clone());
     }
@@ -397,7 +429,11 @@ pub fn write_quantized_dir(
     report.packed = linears;
 
     // Every other file of the input directory.
-    let skip = weight_file_names(input, &w);
+    let mut skip = weight_file_names(input, &w);
+    if foreign.is_some() {
+        // AutoGPTQ's description of the input; config.json gets mbq's.
+        skip.insert(PathBuf::from("quantize_config.json"));
+    }
     for f in &skip {
         report.weight_file_bytes_before += file_len(&input.join(f)).unwrap_or(0);
     }
@@ -410,7 +446,7 @@ pub fn write_quantized_dir(
     set_quantization_config(
         &input.join("config.json"),
         &tmp.path.join("config.json"),
-        &quantization_config(bits, group_size, spec.method, act_bits),
+        &quantization_config(bits, group_size, method, act_bits),
     )?;
     for (rel, bytes) in &repl.files {
         let to = tmp.path.join(rel);
@@ -472,6 +508,104 @@ pub(crate) fn set_quantization_config(
     }
     fs::write(to, out).map_err(|e| Error::io(to, e))?;
     sync_file(to)
+}
+
+/// A GPTQ / AWQ / compressed-tensors checkpoint is repacked as it is: the
+/// same bits, group size and activation bits, with no calibration (its
+/// codes were chosen by the tool that made it); anything else is refused,
+/// naming what would work.
+pub(crate) fn check_repack(
+    input: &Path,
+    f: &super::import::Foreign,
+    spec: &QuantSpec<'_>,
+) -> Result<()> {
+    let act = spec
+        .extra_meta
+        .iter()
+        .find(|(k, _)| k == META_ACT_BITS)
+        .and_then(|(_, v)| v.parse::<u32>().ok());
+    let same = spec.method == "rtn"
+        && spec.bits == f.bits()
+        && spec.group_size == f.group_size()
+        && act == f.act_bits();
+    if same {
+        return Ok(());
+    }
+    let a = f
+        .act_bits()
+        .map_or(String::new(), |a| format!(" --a-bit {a}"));
+    Err(Error::invalid(format!(
+        "{}: a {} checkpoint, {}-bit in groups of {}{}; mbq quantize repacks it into the packed format as it is (--method rtn --w-bit {} --group-size {}{a}); re-quantizing or calibrating an already quantized model needs the unquantized one",
+        input.display(),
+        f.name(),
+        f.bits(),
+        f.group_size(),
+        f.act_bits().map_or(String::new(), |a| format!(", {a}-bit activations")),
+        f.bits(),
+        f.group_size(),
+    )))
+}
+
+/// The decoder linears of a foreign checkpoint (each stored quantized);
+/// a quantized tensor anywhere else (a quantized lm_head, say) is refused,
+/// naming it.
+fn foreign_linears(w: &WeightFiles, text: &str, layers: usize) -> Result<Vec<String>> {
+    let mut linears = Vec::new();
+    for i in 0..layers {
+        for l in DECODER_LINEARS {
+            let p = format!("{text}.layers.{i}.{l}");
+            if !super::import::is_quantized(&w.pp(&p)) {
+                return Err(Error::MissingTensor {
+                    name: format!("{p}.qweight"),
+                    path: w.location(),
+                });
+            }
+            linears.push(p);
+        }
+    }
+    let mut others: Vec<&str> = w
+        .names()
+        .filter(|n| n.ends_with(".qweight") || n.ends_with(".weight_packed"))
+        .filter(|n| {
+            !linears.iter().any(|p| {
+                n.strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            })
+        })
+        .collect();
+    others.sort_unstable();
+    if let Some(n) = others.first() {
+        return Err(Error::invalid(format!(
+            "tensor \"{n}\": only the decoder layers' linears can be packed; this checkpoint also quantizes {} other linear(s)",
+            others.len()
+        )));
+    }
+    Ok(linears)
+}
+
+/// The tensors of a foreign quantized linear `p` (all but its bias).
+fn foreign_tensors(w: &WeightFiles, p: &str) -> Vec<String> {
+    let head = format!("{p}.");
+    w.names()
+        .filter(|n| n.strip_prefix(&head).is_some_and(|leaf| leaf != "bias"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `[out, in]` of the decoder linear `p` (`....self_attn.q_proj`, ...).
+fn linear_shape(t: &crate::config::TextConfig, p: &str) -> (usize, usize) {
+    let (h, i) = (t.hidden_size, t.intermediate_size);
+    let (q, kv) = (
+        t.num_attention_heads * t.head_dim,
+        t.num_key_value_heads * t.head_dim,
+    );
+    match p.rsplit('.').next().unwrap_or("") {
+        "q_proj" => (q, h),
+        "k_proj" | "v_proj" => (kv, h),
+        "o_proj" => (h, q),
+        "gate_proj" | "up_proj" => (i, h),
+        _ => (h, i), // down_proj
+    }
 }
 
 /// The prefixes of the decoder linears (`<text>.layers.<i>.self_attn.q_proj`,
