@@ -297,33 +297,31 @@ pub fn export_dir(
     let mut made: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (k, (p, &(out, inp))) in src.packed.iter().zip(&shapes).enumerate() {
         let pl = read_packed(&w.pp(p), out, inp)?;
+        let mut add = |leaf: &str, dtype: Dtype, shape: &[usize], bytes: Vec<u8>| {
+            made.push((format!("{p}.{leaf}"), dtype, shape.to_vec(), bytes))
+        };
         match format {
             ExportFormat::Gptq => {
                 let t = packed_to_gptq(p, &pl)?;
-                made.push((
-                    format!("{p}.qweight"),
+                add(
+                    "qweight",
                     Dtype::I32,
-                    t.qweight_shape().to_vec(),
+                    &t.qweight_shape(),
                     i32_bytes(&t.qweight),
-                ));
-                made.push((
-                    format!("{p}.qzeros"),
+                );
+                add(
+                    "qzeros",
                     Dtype::I32,
-                    t.qzeros_shape().to_vec(),
+                    &t.qzeros_shape(),
                     i32_bytes(&t.qzeros),
-                ));
-                made.push((
-                    format!("{p}.scales"),
+                );
+                add(
+                    "scales",
                     Dtype::F16,
-                    t.scales_shape().to_vec(),
+                    &t.scales_shape(),
                     f16_bytes(&t.scales),
-                ));
-                made.push((
-                    format!("{p}.g_idx"),
-                    Dtype::I32,
-                    vec![inp],
-                    i32_bytes(&t.g_idx),
-                ));
+                );
+                add("g_idx", Dtype::I32, &[inp], i32_bytes(&t.g_idx));
             }
             ExportFormat::CompressedTensors => {
                 let strategy = match src.act_bits {
@@ -331,35 +329,25 @@ pub fn export_dir(
                     None => CtStrategy::Group(pl.group_size),
                 };
                 let t = packed_to_compressed(p, &pl, strategy)?;
-                made.push((
-                    format!("{p}.weight_packed"),
+                let packed = i32_bytes(&t.weight_packed);
+                add(
+                    "weight_packed",
                     Dtype::I32,
-                    t.weight_packed_shape().to_vec(),
-                    i32_bytes(&t.weight_packed),
-                ));
-                made.push((
-                    format!("{p}.weight_scale"),
-                    Dtype::F16,
-                    t.weight_scale_shape().to_vec(),
-                    f16_bytes(&t.weight_scale),
-                ));
+                    &t.weight_packed_shape(),
+                    packed,
+                );
+                let scale = f16_bytes(&t.weight_scale);
+                add("weight_scale", Dtype::F16, &t.weight_scale_shape(), scale);
                 if let Some(zp) = &t.weight_zero_point {
-                    made.push((
-                        format!("{p}.weight_zero_point"),
-                        Dtype::I32,
-                        t.weight_zero_point_shape().to_vec(),
-                        i32_bytes(zp),
-                    ));
+                    let shape = t.weight_zero_point_shape();
+                    add("weight_zero_point", Dtype::I32, &shape, i32_bytes(zp));
                 }
-                made.push((
-                    format!("{p}.weight_shape"),
-                    Dtype::I64,
-                    vec![2],
-                    t.weight_shape()
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect(),
-                ));
+                let shape: Vec<u8> = t
+                    .weight_shape()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                add("weight_shape", Dtype::I64, &[2], shape);
             }
         }
         progress(Progress::Packed {
