@@ -24,6 +24,13 @@ struct Entry {
     end: usize,
 }
 
+/// The file `mbq quantize` writes its packed weights to. Not
+/// `model.safetensors`, so that loaders that do not know the packed format
+/// (transformers, vLLM) find no weights and stop, rather than start a model
+/// with missing weights initialised at random. Older directories with
+/// packed tensors in `model.safetensors` are still read.
+pub const MBQ_WEIGHTS_FILE: &str = "model.mbq.safetensors";
+
 /// All weight files of one model, mapped, with an index name -> location.
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
@@ -44,13 +51,13 @@ pub struct WeightFiles {
 
 impl WeightFiles {
     /// Opens the weights of `dir`: mbq's packed `model.mbq.safetensors`
-    /// ([`crate::quant::format::MBQ_WEIGHTS_FILE`]), else `model.safetensors`
+    /// ([`MBQ_WEIGHTS_FILE`]), else `model.safetensors`
     /// or the shards listed in `model.safetensors.index.json` (where mbq's
     /// older output keeps its packed weights). A
     /// directory with both mbq's file and another one is refused: which
     /// weights are meant is not clear.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mbq = dir.join(crate::quant::format::MBQ_WEIGHTS_FILE);
+        let mbq = dir.join(MBQ_WEIGHTS_FILE);
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         for p in [&mbq, &single, &index] {
@@ -64,7 +71,7 @@ impl WeightFiles {
                     dir,
                     format!(
                         "holds both {} (mbq's packed weights) and {}; keep one of them",
-                        crate::quant::format::MBQ_WEIGHTS_FILE,
+                        MBQ_WEIGHTS_FILE,
                         other
                             .file_name()
                             .map(|n| n.to_string_lossy())
@@ -533,7 +540,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let one = 1.0f32.to_le_bytes().to_vec();
         write(
-            &dir.join(crate::quant::format::MBQ_WEIGHTS_FILE),
+            &dir.join(MBQ_WEIGHTS_FILE),
             &[("x", Dtype::F32, vec![1], one.clone())],
         );
         let w = WeightFiles::open(&dir).unwrap();

@@ -48,12 +48,9 @@ pub const META_PACKED: &str = "mbq.packed";
 /// other value is rejected when the model is loaded.
 pub const META_ACT_BITS: &str = "mbq.act_bits";
 
-/// The file `mbq quantize` writes its packed weights to. Not
-/// `model.safetensors`, so that loaders that do not know the format
-/// (transformers, vLLM) find no weights and stop, rather than start a model
-/// with missing weights initialised at random. Older directories with
-/// packed tensors in `model.safetensors` are still read.
-pub const MBQ_WEIGHTS_FILE: &str = "model.mbq.safetensors";
+/// The file `mbq quantize` writes its packed weights to (defined with the
+/// other weight file names in [`crate::weights`], which finds it).
+pub use crate::weights::MBQ_WEIGHTS_FILE;
 
 /// `quant_method` of the `quantization_config` that `mbq quantize` adds to
 /// config.json.
