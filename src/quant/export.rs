@@ -290,7 +290,7 @@ pub fn export_dir(
         shapes.push((*out, words * 32 / src.bits as usize));
     }
 
-    let tmp = TempDir::create(&parent, output, &mut progress)?;
+    let tmp = TempDir::create(&parent, output, &mut |m| progress(Progress::Note(m)))?;
     progress(Progress::Start {
         linears: src.packed.len(),
     });

@@ -102,17 +102,17 @@ impl Drop for TempDir {
 impl TempDir {
     /// Creates `.NAME.tmp-PID` in `parent` (the directory [`check_output`]
     /// returned for `output`), first removing stale ones of killed runs
-    /// (each reported as a [`Progress::Note`]).
+    /// (each told to `note`).
     pub(crate) fn create(
         parent: &Path,
         output: &Path,
-        progress: &mut impl FnMut(Progress<'_>),
+        note: &mut impl FnMut(&str),
     ) -> Result<TempDir> {
         let name = output
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a directory name", output.display())))?;
-        for note in remove_stale_temp_dirs(parent, &name.to_string_lossy()) {
-            progress(Progress::Note(&note));
+        for n in remove_stale_temp_dirs(parent, &name.to_string_lossy()) {
+            note(&n);
         }
         let tmp_path = parent.join(format!(
             ".{}.tmp-{}",
@@ -290,7 +290,7 @@ pub fn write_quantized_dir(
         Some(_) => foreign_linears(&w, &prefixes.text, cfg.text.num_hidden_layers)?,
     };
 
-    let tmp = TempDir::create(&parent, output, &mut progress)?;
+    let tmp = TempDir::create(&parent, output, &mut |m| progress(Progress::Note(m)))?;
 
     let mut report = Report {
         output: output.to_path_buf(),
