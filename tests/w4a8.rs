@@ -26,7 +26,7 @@ use mbq::quant::format::{
     PackedLinear, FORMAT_VERSION, META_ACT_BITS, META_BITS, META_FORMAT, META_GROUP_SIZE,
     META_METHOD, META_PACKED,
 };
-use mbq::quant::safetensors_out::{self, OutTensor};
+use mbq::quant::safetensors_out::{self, Data, OutTensor};
 use mbq::quant::w4a8::{
     fake_quantize_act_int8, fake_quantize_w4_per_channel, quantize_linear_w4_per_channel,
 };
@@ -112,7 +112,7 @@ fn write_w4_model(src: &Path, dst: &Path, act_bits: Option<&str>) -> Vec<(String
                 name: n.to_string(),
                 dtype,
                 shape: shape.to_vec(),
-                bytes,
+                data: bytes.into(),
             }
         })
         .collect();
@@ -121,13 +121,13 @@ fn write_w4_model(src: &Path, dst: &Path, act_bits: Option<&str>) -> Vec<(String
             name: format!("{p}.qweight"),
             dtype: Dtype::U32,
             shape: vec![pl.out, pl.words_per_row()],
-            bytes: q,
+            data: Data::Bytes(q),
         });
         tensors.push(OutTensor {
             name: format!("{p}.scales_zeros"),
             dtype: Dtype::F16,
             shape: vec![pl.out, pl.groups(), 2],
-            bytes: s,
+            data: Data::Bytes(s),
         });
     }
     let prefixes: Vec<&String> = packed.iter().map(|(p, _)| p).collect();

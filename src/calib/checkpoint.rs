@@ -102,7 +102,7 @@ pub fn save_layer(ckpt: &Path, layer: &HostLayer, i: usize) -> Result<()> {
             name: n.clone(),
             dtype: safetensors::tensor::Dtype::F32,
             shape: s.clone(),
-            bytes: b,
+            data: b.into(),
         })
         .collect();
     write_atomic(&layer_file(ckpt, i), |p| {

@@ -371,7 +371,7 @@ pub fn export_dir(
             name: n.to_string(),
             dtype,
             shape: shape.to_vec(),
-            bytes,
+            data: bytes.into(),
         });
         copied_tensors += 1;
     }
@@ -380,7 +380,7 @@ pub fn export_dir(
             name: name.clone(),
             dtype: *dtype,
             shape: shape.clone(),
-            bytes,
+            data: bytes.into(),
         });
     }
     let mut meta: BTreeMap<String, String> = w

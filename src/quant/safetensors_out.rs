@@ -23,7 +23,27 @@ pub struct OutTensor<'a> {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub bytes: &'a [u8],
+    pub data: Data<'a>,
+}
+
+/// A tensor's little-endian bytes: given, or made when the writer reaches
+/// the tensor (so a file larger than memory is written with one tensor's
+/// bytes in memory at a time; tensors are made in the file's order).
+pub enum Data<'a> {
+    Bytes(&'a [u8]),
+    Later(Box<dyn FnOnce() -> Result<Vec<u8>> + 'a>),
+}
+
+impl<'a> From<&'a [u8]> for Data<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Data::Bytes(b)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Data<'a> {
+    fn from(b: &'a Vec<u8>) -> Self {
+        Data::Bytes(b)
+    }
 }
 
 /// Writes `tensors` and `metadata` to `path` (created; fails if it exists).
@@ -38,22 +58,25 @@ pub fn write(
         msg,
     };
     let json = |s: &str| serde_json::to_string(s).map_err(|e| bad(e.to_string()));
-    let mut size_of = Vec::with_capacity(tensors.len());
+    // Every tensor's byte length, from its shape (checked against given
+    // bytes now and against made ones when they are made).
+    let mut len_of = std::collections::HashMap::with_capacity(tensors.len());
     for t in &tensors {
         let es = dtype_size(t.dtype)
             .ok_or_else(|| bad(format!("tensor \"{}\": dtype {:?}", t.name, t.dtype)))?;
-        let n: usize = t.shape.iter().product();
-        if n * es != t.bytes.len() {
-            return Err(bad(format!(
-                "tensor \"{}\": shape {:?} of {:?} needs {} bytes, got {}",
-                t.name,
-                t.shape,
-                t.dtype,
-                n * es,
-                t.bytes.len()
-            )));
+        let n: usize = t.shape.iter().product::<usize>() * es;
+        if let Data::Bytes(b) = &t.data {
+            if b.len() != n {
+                return Err(bad(format!(
+                    "tensor \"{}\": shape {:?} of {:?} needs {n} bytes, got {}",
+                    t.name,
+                    t.shape,
+                    t.dtype,
+                    b.len()
+                )));
+            }
         }
-        size_of.push(es);
+        len_of.insert(t.name.clone(), n);
     }
     tensors.sort_by(|a, b| {
         let (ea, eb) = (dtype_size(a.dtype), dtype_size(b.dtype));
@@ -83,7 +106,7 @@ pub fn write(
         }
         let dtype = serde_json::to_string(&t.dtype).map_err(|e| bad(e.to_string()))?;
         let shape = serde_json::to_string(&t.shape).map_err(|e| bad(e.to_string()))?;
-        let end = offset + t.bytes.len();
+        let end = offset + len_of[&t.name];
         header.push_str(&format!(
             "{}:{{\"dtype\":{dtype},\"shape\":{shape},\"data_offsets\":[{offset},{end}]}}",
             json(&t.name)?
@@ -104,8 +127,24 @@ pub fn write(
     f.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     f.write_all(&header).map_err(io)?;
-    for t in &tensors {
-        f.write_all(t.bytes).map_err(io)?;
+    for t in tensors {
+        let n = len_of[&t.name];
+        match t.data {
+            Data::Bytes(b) => f.write_all(b).map_err(io)?,
+            Data::Later(make) => {
+                let b = make()?;
+                if b.len() != n {
+                    return Err(bad(format!(
+                        "tensor \"{}\": shape {:?} of {:?} needs {n} bytes, {} were made",
+                        t.name,
+                        t.shape,
+                        t.dtype,
+                        b.len()
+                    )));
+                }
+                f.write_all(&b).map_err(io)?;
+            }
+        }
     }
     let file = f
         .into_inner()
@@ -136,13 +175,13 @@ mod tests {
                     name: "a.h".into(),
                     dtype: Dtype::F16,
                     shape: vec![3],
-                    bytes: &h,
+                    data: Data::Bytes(&h),
                 },
                 OutTensor {
                     name: "z.q".into(),
                     dtype: Dtype::U32,
                     shape: vec![2],
-                    bytes: &q,
+                    data: Data::Bytes(&q),
                 },
             ]
         };
@@ -163,6 +202,24 @@ mod tests {
         write(&p2, &meta, tensors()).unwrap();
         assert_eq!(std::fs::read(&p2).unwrap(), bytes);
         assert!(write(&p, &meta, tensors()).is_err());
+
+        // Bytes made when their turn comes give the same file; made bytes
+        // of the wrong length are an error naming the tensor.
+        let later = |q: Vec<u8>| {
+            let mut t = tensors();
+            t[1].data = Data::Later(Box::new(move || Ok(q)));
+            t
+        };
+        let p3 = dir.join("z.safetensors");
+        write(&p3, &meta, later(q.clone())).unwrap();
+        assert_eq!(std::fs::read(&p3).unwrap(), bytes);
+        let e = write(&dir.join("w.safetensors"), &meta, later(vec![0; 4]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("z.q") && e.contains("needs 8 bytes, 4 were made"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

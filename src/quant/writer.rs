@@ -8,7 +8,8 @@
 //! synced, then renamed to OUT: OUT either does not exist or is complete.
 //! Nothing is ever overwritten, and the input is only read.
 
-use std::collections::{BTreeMap, HashSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -21,7 +22,7 @@ use super::format::{
     SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
 use super::pseudo::quantize_linear;
-use super::safetensors_out::{self, OutTensor};
+use super::safetensors_out::{self, Data, OutTensor};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::weights::{Prefixes, WeightFiles, DECODER_LINEARS};
@@ -292,70 +293,14 @@ pub fn write_quantized_dir(
 
     let tmp = TempDir::create(&parent, output, &mut |m| progress(Progress::Note(m)))?;
 
-    let mut report = Report {
+    let report = RefCell::new(Report {
         output: output.to_path_buf(),
         ..Report::default()
-    };
-    progress(Progress::Start {
+    });
+    let progress = RefCell::new(progress);
+    (progress.borrow_mut())(Progress::Start {
         linears: linears.len(),
     });
-    // Packed tensors as bytes: (name, dtype, shape, bytes).
-    let mut packed_bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (k, p) in linears.iter().enumerate() {
-        let (pl, bytes_before) = if foreign.is_some() {
-            let (out, inp) = linear_shape(&cfg.text, p);
-            let (pl, _) = super::import::read_linear(&w.pp(p), out, inp)?;
-            let before = foreign_tensors(&w, p)
-                .iter()
-                .map(|n| w.raw(n).map(|(_, _, b)| b.len()))
-                .sum::<Result<usize>>()?;
-            (pl, before)
-        } else {
-            let wname = format!("{p}.weight");
-            let (_, _, raw) = w.raw(&wname)?;
-            let t = w.get_any(&wname)?;
-            let (out, inp) = (t.shape[0], t.shape[1]);
-            let data = match repl.tensors.get(&wname) {
-                Some(d) if d.len() == out * inp => d.as_slice(),
-                Some(d) => {
-                    return Err(Error::invalid(format!(
-                        "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
-                        d.len()
-                    )))
-                }
-                None => &t.data,
-            };
-            ((spec.quantize)(&wname, data, out, inp)?, raw.len())
-        };
-        let (out, inp) = (pl.out, pl.inp);
-        report.packed_weights += out * inp;
-        report.packed_bytes_before += bytes_before;
-        report.packed_bytes_after += pl.nbytes();
-        let q: Vec<u8> = pl.qweight.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let s: Vec<u8> = pl
-            .scales_zeros
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        packed_bytes.push((
-            format!("{p}.qweight"),
-            Dtype::U32,
-            vec![out, pl.words_per_row()],
-            q,
-        ));
-        packed_bytes.push((
-            format!("{p}.scales_zeros"),
-            Dtype::F16,
-            vec![out, pl.groups(), 2],
-            s,
-        ));
-        progress(Progress::Packed {
-            done: k + 1,
-            total: linears.len(),
-            name: p,
-        });
-    }
-    progress(Progress::Writing);
 
     // The output's tensors: every input tensor but the replaced weights, as
     // they are, then the packed ones.
@@ -366,9 +311,13 @@ pub fn write_quantized_dir(
             .flat_map(|p| foreign_tensors(&w, p))
             .collect(),
     };
-    let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     // Replaced (non-linear) tensors, converted back to their own dtype.
     let mut converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    // Packed (scale, zero) pairs waiting for their turn, and a count of the
+    // linears packed (see below); declared before the tensors that borrow them.
+    let pending: RefCell<HashMap<String, Vec<u8>>> = RefCell::new(HashMap::new());
+    let packed_count = Cell::new(0usize);
+    let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     for n in w.names().filter(|n| !replaced.contains(*n)) {
         let (dtype, shape, bytes) = w.raw(n)?;
         if let Some(vals) = repl.tensors.get(n) {
@@ -384,25 +333,111 @@ pub fn write_quantized_dir(
             name: n.to_string(),
             dtype,
             shape: shape.to_vec(),
-            bytes,
+            data: bytes.into(),
         });
-        report.copied_tensors += 1;
+        report.borrow_mut().copied_tensors += 1;
     }
     for (name, dtype, shape, bytes) in &converted {
         tensors.push(OutTensor {
             name: name.clone(),
             dtype: *dtype,
             shape: shape.clone(),
-            bytes,
+            data: bytes.into(),
         });
     }
-    for (name, dtype, shape, bytes) in &packed_bytes {
+    // The packed linears are made while the file is written, one at a time
+    // (host memory holds one linear, not the packed model): the writer
+    // reaches every U32 `qweight` before any 16-bit tensor, so each
+    // linear's codes are written as it is packed and its (scale, zero)
+    // pairs wait in `pending` for their turn.
+    for p in &linears {
+        let (out, inp) = match &foreign {
+            Some(_) => linear_shape(&cfg.text, p),
+            None => match w.shape(&format!("{p}.weight")) {
+                Some(&[out, inp]) => (out, inp),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "tensor \"{p}.weight\": expected a 2-d weight [out, in]"
+                    )))
+                }
+            },
+        };
+        let (foreign, w, report, progress) = (&foreign, &w, &report, &progress);
+        let (pending, packed_count, n_linears) = (&pending, &packed_count, linears.len());
+        let pack = move || -> Result<Vec<u8>> {
+            let (pl, bytes_before) = match foreign {
+                Some(_) => {
+                    let (pl, _) = super::import::read_linear(&w.pp(p), out, inp)?;
+                    let before = foreign_tensors(w, p)
+                        .iter()
+                        .map(|n| w.raw(n).map(|(_, _, b)| b.len()))
+                        .sum::<Result<usize>>()?;
+                    (pl, before)
+                }
+                None => {
+                    let wname = format!("{p}.weight");
+                    let (_, _, raw) = w.raw(&wname)?;
+                    let t = w.get_any(&wname)?;
+                    let data = match repl.tensors.get(&wname) {
+                        Some(d) if d.len() == out * inp => d.as_slice(),
+                        Some(d) => {
+                            return Err(Error::invalid(format!(
+                                "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
+                                d.len()
+                            )))
+                        }
+                        None => &t.data,
+                    };
+                    ((spec.quantize)(&wname, data, out, inp)?, raw.len())
+                }
+            };
+            {
+                let mut r = report.borrow_mut();
+                r.packed_weights += out * inp;
+                r.packed_bytes_before += bytes_before;
+                r.packed_bytes_after += pl.nbytes();
+            }
+            let s: Vec<u8> = pl
+                .scales_zeros
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            pending.borrow_mut().insert(p.clone(), s);
+            let done = packed_count.get() + 1;
+            packed_count.set(done);
+            let mut progress = progress.borrow_mut();
+            (progress)(Progress::Packed {
+                done,
+                total: n_linears,
+                name: p,
+            });
+            if done == n_linears {
+                (progress)(Progress::Writing);
+            }
+            Ok(pl.qweight.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        let scales = move || -> Result<Vec<u8>> {
+            pending.borrow_mut().remove(p.as_str()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "{p}.scales_zeros: reached before {p}.qweight (the writer's order)"
+                ))
+            })
+        };
         tensors.push(OutTensor {
-            name: name.clone(),
-            dtype: *dtype,
-            shape: shape.clone(),
-            bytes,
+            name: format!("{p}.qweight"),
+            dtype: Dtype::U32,
+            shape: vec![out, inp * bits as usize / 32],
+            data: Data::Later(Box::new(pack)),
         });
+        tensors.push(OutTensor {
+            name: format!("{p}.scales_zeros"),
+            dtype: Dtype::F16,
+            shape: vec![out, inp / group_size, 2],
+            data: Data::Later(Box::new(scales)),
+        });
+    }
+    if linears.is_empty() {
+        (progress.borrow_mut())(Progress::Writing);
     }
     let mut meta: BTreeMap<String, String> = w
         .metadata
@@ -416,7 +451,7 @@ pub fn write_quantized_dir(
     // A repacked checkpoint keeps the name of the method that chose its codes.
     let method = foreign.as_ref().map_or(spec.method, |f| f.method());
     meta.insert(META_METHOD.into(), method.into());
-    report.method = method.to_string();
+    report.borrow_mut().method = method.to_string();
     for (k, v) in &spec.extra_meta {
         meta.insert(k.clone(), v.clone());
     }
@@ -425,7 +460,9 @@ pub fn write_quantized_dir(
         serde_json::to_string(&linears).map_err(|e| Error::invalid(e.to_string()))?,
     );
     let out_file = tmp.path.join(MBQ_WEIGHTS_FILE);
-    report.weight_file_bytes_after = safetensors_out::write(&out_file, &meta, tensors)?;
+    let bytes_after = safetensors_out::write(&out_file, &meta, tensors)?;
+    let mut report = report.into_inner();
+    report.weight_file_bytes_after = bytes_after;
     report.packed = linears;
 
     // Every other file of the input directory.
