@@ -10,19 +10,20 @@
 //! The output is written as `mbq quantize` writes: in a temporary sibling
 //! directory renamed into place when complete; an existing OUT is refused.
 
-use std::collections::{BTreeMap, HashSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
 use serde_json::json;
 
-use super::compressed::{packed_to_compressed, CtStrategy};
+use super::compressed::{packed_to_compressed, CompressedTensors, CtStrategy};
 use super::format::{
     check_format_version, read_packed, META_ACT_BITS, META_BITS, META_GROUP_SIZE, META_METHOD,
     META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
-use super::gptq::packed_to_gptq;
-use super::safetensors_out::{self, OutTensor};
+use super::gptq::{packed_to_gptq, GptqTensors};
+use super::safetensors_out::{self, Data, OutTensor};
 use super::writer::{
     check_output, copy_other_files, set_quantization_config, weight_file_names, Progress, TempDir,
 };
@@ -262,6 +263,95 @@ fn f16_bytes(v: &[half::f16]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// One packed linear converted on first use; its tensors handed out one
+/// by one as the writer reaches them.
+struct Lazy<'a> {
+    #[allow(clippy::type_complexity)]
+    make: RefCell<Option<Box<dyn FnOnce() -> Result<Vec<(&'static str, Vec<u8>)>> + 'a>>>,
+    parts: RefCell<HashMap<&'static str, Vec<u8>>>,
+}
+
+impl Lazy<'_> {
+    fn take(&self, p: &str, leaf: &'static str) -> Result<Vec<u8>> {
+        let make = self.make.borrow_mut().take();
+        if let Some(make) = make {
+            self.parts.borrow_mut().extend(make()?);
+        }
+        self.parts
+            .borrow_mut()
+            .remove(leaf)
+            .ok_or_else(|| Error::invalid(format!("{p}.{leaf}: not made by the conversion")))
+    }
+}
+
+/// compressed-tensors' weight strategy for the source: per channel for
+/// W4A8 (one scale per row), else its groups.
+fn ct_strategy(src: &Source) -> CtStrategy {
+    match src.act_bits {
+        Some(_) => CtStrategy::Channel,
+        None => CtStrategy::Group(src.group_size),
+    }
+}
+
+/// The tensors `format` stores for a packed linear `[out, inp]` made from
+/// its codes: leaf name, dtype and shape (the codecs' own shape rules).
+/// compressed-tensors' `weight_shape` is not among them: it is known
+/// before any conversion (and, being I64, written first).
+fn planned(
+    format: ExportFormat,
+    src: &Source,
+    out: usize,
+    inp: usize,
+) -> Vec<(&'static str, Dtype, Vec<usize>)> {
+    match format {
+        ExportFormat::Gptq => {
+            let t = GptqTensors {
+                bits: src.bits,
+                group_size: src.group_size,
+                out,
+                inp,
+                qweight: Vec::new(),
+                qzeros: Vec::new(),
+                scales: Vec::new(),
+                g_idx: Vec::new(),
+            };
+            vec![
+                ("qweight", Dtype::I32, t.qweight_shape().to_vec()),
+                ("qzeros", Dtype::I32, t.qzeros_shape().to_vec()),
+                ("scales", Dtype::F16, t.scales_shape().to_vec()),
+                ("g_idx", Dtype::I32, vec![inp]),
+            ]
+        }
+        ExportFormat::CompressedTensors => {
+            let t = CompressedTensors {
+                bits: src.bits,
+                out,
+                inp,
+                strategy: ct_strategy(src),
+                weight_packed: Vec::new(),
+                weight_scale: Vec::new(),
+                weight_zero_point: src.act_bits.is_none().then(Vec::new),
+            };
+            let mut v = vec![
+                (
+                    "weight_packed",
+                    Dtype::I32,
+                    t.weight_packed_shape().to_vec(),
+                ),
+                ("weight_scale", Dtype::F16, t.weight_scale_shape().to_vec()),
+            ];
+            if !t.symmetric() {
+                v.push((
+                    "weight_zero_point",
+                    Dtype::I32,
+                    t.weight_zero_point_shape().to_vec(),
+                ));
+            }
+            v
+        }
+    }
+}
+
 /// Exports the mbq quantized model directory `input` to `output` (which
 /// must not exist) in `format`.
 pub fn export_dir(
@@ -294,75 +384,87 @@ pub fn export_dir(
     progress(Progress::Start {
         linears: src.packed.len(),
     });
-    let mut made: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (k, (p, &(out, inp))) in src.packed.iter().zip(&shapes).enumerate() {
-        let pl = read_packed(&w.pp(p), out, inp)?;
-        let mut add = |leaf: &str, dtype: Dtype, shape: &[usize], bytes: Vec<u8>| {
-            made.push((format!("{p}.{leaf}"), dtype, shape.to_vec(), bytes))
-        };
-        match format {
-            ExportFormat::Gptq => {
-                let t = packed_to_gptq(p, &pl)?;
-                add(
-                    "qweight",
-                    Dtype::I32,
-                    &t.qweight_shape(),
-                    i32_bytes(&t.qweight),
-                );
-                add(
-                    "qzeros",
-                    Dtype::I32,
-                    &t.qzeros_shape(),
-                    i32_bytes(&t.qzeros),
-                );
-                add(
-                    "scales",
-                    Dtype::F16,
-                    &t.scales_shape(),
-                    f16_bytes(&t.scales),
-                );
-                add("g_idx", Dtype::I32, &[inp], i32_bytes(&t.g_idx));
-            }
-            ExportFormat::CompressedTensors => {
-                let strategy = match src.act_bits {
-                    Some(_) => CtStrategy::Channel,
-                    None => CtStrategy::Group(pl.group_size),
+    let progress = RefCell::new(progress);
+    let converted = Cell::new(0usize);
+    let total = src.packed.len();
+
+    // Each linear is converted when the writer reaches the first of its
+    // tensors (one linear's output in memory at a time); its other tensors
+    // wait in `Lazy::parts` for their turn.
+    let lazies: Vec<Lazy<'_>> = src
+        .packed
+        .iter()
+        .zip(&shapes)
+        .map(|(p, &(out, inp))| {
+            let (w, src, progress, converted) = (&w, &src, &progress, &converted);
+            let make = move || -> Result<Vec<(&'static str, Vec<u8>)>> {
+                let pl = read_packed(&w.pp(p), out, inp)?;
+                let parts = match format {
+                    ExportFormat::Gptq => {
+                        let t = packed_to_gptq(p, &pl)?;
+                        vec![
+                            ("qweight", i32_bytes(&t.qweight)),
+                            ("qzeros", i32_bytes(&t.qzeros)),
+                            ("scales", f16_bytes(&t.scales)),
+                            ("g_idx", i32_bytes(&t.g_idx)),
+                        ]
+                    }
+                    ExportFormat::CompressedTensors => {
+                        let t = packed_to_compressed(p, &pl, ct_strategy(src))?;
+                        let mut parts = vec![
+                            ("weight_packed", i32_bytes(&t.weight_packed)),
+                            ("weight_scale", f16_bytes(&t.weight_scale)),
+                        ];
+                        if let Some(zp) = &t.weight_zero_point {
+                            parts.push(("weight_zero_point", i32_bytes(zp)));
+                        }
+                        parts
+                    }
                 };
-                let t = packed_to_compressed(p, &pl, strategy)?;
-                let packed = i32_bytes(&t.weight_packed);
-                add(
-                    "weight_packed",
-                    Dtype::I32,
-                    &t.weight_packed_shape(),
-                    packed,
-                );
-                let scale = f16_bytes(&t.weight_scale);
-                add("weight_scale", Dtype::F16, &t.weight_scale_shape(), scale);
-                if let Some(zp) = &t.weight_zero_point {
-                    let shape = t.weight_zero_point_shape();
-                    add("weight_zero_point", Dtype::I32, &shape, i32_bytes(zp));
+                let done = converted.get() + 1;
+                converted.set(done);
+                let mut progress = progress.borrow_mut();
+                (progress)(Progress::Packed {
+                    done,
+                    total,
+                    name: p,
+                });
+                if done == total {
+                    (progress)(Progress::Writing);
                 }
-                let shape: Vec<u8> = t
-                    .weight_shape()
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                add("weight_shape", Dtype::I64, &[2], shape);
+                Ok(parts)
+            };
+            Lazy {
+                make: RefCell::new(Some(Box::new(make))),
+                parts: RefCell::new(HashMap::new()),
             }
-        }
-        progress(Progress::Packed {
-            done: k + 1,
-            total: src.packed.len(),
-            name: p,
-        });
+        })
+        .collect();
+    if total == 0 {
+        (progress.borrow_mut())(Progress::Writing);
     }
-    progress(Progress::Writing);
 
     let replaced: HashSet<String> = src
         .packed
         .iter()
         .flat_map(|p| [format!("{p}.qweight"), format!("{p}.scales_zeros")])
         .collect();
+    // compressed-tensors' `weight_shape` of every linear: `[out, in]`.
+    let weight_shapes: Vec<(String, Vec<u8>)> = match format {
+        ExportFormat::Gptq => Vec::new(),
+        ExportFormat::CompressedTensors => src
+            .packed
+            .iter()
+            .zip(&shapes)
+            .map(|(p, &(out, inp))| {
+                let b = [out as i64, inp as i64]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                (format!("{p}.weight_shape"), b)
+            })
+            .collect(),
+    };
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     let mut copied_tensors = 0;
     for n in w.names().filter(|n| !replaced.contains(*n)) {
@@ -375,13 +477,23 @@ pub fn export_dir(
         });
         copied_tensors += 1;
     }
-    for (name, dtype, shape, bytes) in &made {
+    for (name, bytes) in &weight_shapes {
         tensors.push(OutTensor {
             name: name.clone(),
-            dtype: *dtype,
-            shape: shape.clone(),
+            dtype: Dtype::I64,
+            shape: vec![2],
             data: bytes.into(),
         });
+    }
+    for ((p, &(out, inp)), lazy) in src.packed.iter().zip(&shapes).zip(&lazies) {
+        for (leaf, dtype, shape) in planned(format, &src, out, inp) {
+            tensors.push(OutTensor {
+                name: format!("{p}.{leaf}"),
+                dtype,
+                shape,
+                data: Data::Later(Box::new(move || lazy.take(p, leaf))),
+            });
+        }
     }
     let mut meta: BTreeMap<String, String> = w
         .metadata
