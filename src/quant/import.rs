@@ -44,7 +44,7 @@ pub enum Foreign {
     /// `scales [in / G, out]`, 4-bit, [`AWQ_ORDER`] within each word.
     Awq { group_size: usize },
     /// compressed-tensors pack-quantized: `weight_packed`, `weight_scale`,
-    /// [`weight_zero_point`] ([`super::compressed`]); `act_bits` 8 when the
+    /// `weight_zero_point` ([`super::compressed`]); `act_bits` 8 when the
     /// inputs are quantized per token (W4A8).
     Compressed {
         bits: u32,

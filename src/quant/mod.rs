@@ -1,4 +1,4 @@
-//! Quantization: the packed format ([`format`]), the MBQ reference
+//! Quantization: the packed format ([`mod@format`]), the MBQ reference
 //! pseudo-quantizer ([`pseudo`]), the W4A8 weight and activation quantizers
 //! ([`w4a8`]), writing quantized model directories ([`writer`]), reading
 //! GPTQ / AWQ checkpoints into the packed format ([`import`]), and other

@@ -5,19 +5,18 @@
 //! checkpoint, and a tokenizer whose special tokens have the real ids.
 //!
 //! Where the values come from. Confirmed against public copies of the hub
-//! files or transformers' conversion scripts
-//! (convert_llava_onevision_weights_to_hf.py, convert_llava_weights_to_hf.py):
-//! all of llava-1.5-7b's config.json (vocab 32064 = 32000 + <image> +
-//! <pad> padded to 64, image_token_index 32000, pad_token_id 32001,
+//! files or of transformers' LLaVA and LLaVA-OneVision weight conversion
+//! code: all of llava-1.5-7b's config.json (vocab 32064 = 32000 + `<image>` +
+//! `<pad>` padded to 64, image_token_index 32000, pad_token_id 32001,
 //! vision_feature_layer -2, "default" select, transformers 4.36.0.dev0);
 //! for OneVision the vision tower (SigLIP 1152 / 4304 / 26 layers / 16 heads
 //! / patch 14 / 384 px, no head), the text models (Qwen2-0.5B-Instruct,
-//! Qwen2-7B-Instruct), the added tokens (<image>, then <video>), the
+//! Qwen2-7B-Instruct), the added tokens (`<image>`, then `<video>`), the
 //! vocabulary padding to 64 (151936 -> 152000, 152064 -> 152128), the
 //! chat template, "full" select and num_image_tokens 729.
 //! NOT confirmed (no copy of the hub's OneVision config.json, tokenizer
 //! files or generation_config.json was available; written from the
-//! conversion script and transformers' defaults): the exact key set of the
+//! conversion code and transformers' defaults): the exact key set of the
 //! OneVision config.json (ignore_index, use_image_newline_parameter,
 //! tie_word_embeddings placement: text_config only, for 0.5b), its
 //! transformers_version ("4.45.0.dev0"), text_config.sliding_window

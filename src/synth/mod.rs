@@ -5,11 +5,11 @@
 //! [`plan`] lists every tensor a transformers-4 `save_pretrained` of the
 //! hub checkpoint holds (name, shape, dtype) in the model's state-dict order
 //! and assigns them to shards as transformers does (5 GB shards filled in
-//! that order); [`write`] writes that plan as a Hugging Face model
+//! that order); [`write()`] writes that plan as a Hugging Face model
 //! directory: the safetensors files (each header first, computed from the
 //! shapes, then the data generated chunk by chunk, so memory stays bounded
 //! whatever the model's size), the index when sharded, and the configs and
-//! tokenizer of [`files`]. The values are deterministic in the seed:
+//! tokenizer of `files.rs`. The values are deterministic in the seed:
 //! uniform with a per-kind mean and standard deviation (linears and
 //! embeddings std 0.02, norm weights 1 +- 0.02, biases std 0.01), which
 //! keeps an f16 forward pass finite and far from degenerate.
@@ -73,11 +73,11 @@ impl Like {
         }
     }
 
-    /// The real checkpoint's sizes (see [`files`] for where they come from
+    /// The real checkpoint's sizes (see `files.rs` for where they come from
     /// and which could not be confirmed).
     pub fn spec(self) -> Spec {
         // SigLIP so400m-patch14-384 without its last layer and head, as
-        // transformers' convert_llava_onevision_weights_to_hf.py builds it.
+        // transformers' LLaVA-OneVision weight conversion builds it.
         let siglip = VisionSpec {
             clip: false,
             hidden: 1152,

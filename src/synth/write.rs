@@ -17,7 +17,7 @@ use super::{files, Init, Plan, PlannedTensor, SynthDtype};
 use crate::error::{Error, Result};
 use crate::quant::writer::TempDir;
 
-/// What [`write`] reports while it works.
+/// What [`write()`] reports while it works.
 #[derive(Debug)]
 pub enum SynthProgress<'a> {
     /// Before the first byte: the tensor data to write, over all files.
