@@ -531,7 +531,7 @@ pub fn write_dataset(seed: u64, count: usize, out: &Path) -> Result<Summary> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let notes = crate::quant::writer::remove_stale_temp_dirs(&parent, &name);
+    let notes = crate::quant::outdir::remove_stale_temp_dirs(&parent, &name);
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -37,7 +37,8 @@ use crate::model::llava::{check_config_against_weights, Vlm};
 use crate::model::text::TextModel;
 use crate::preprocess::ImageProcessorConfig;
 use crate::processor::Processor;
-use crate::quant::writer::{self, check_output, QuantSpec, Replacements};
+use crate::quant::outdir::check_output;
+use crate::quant::writer::{self, QuantSpec, Replacements};
 use crate::tensor::Tensor;
 use crate::weights::{Prefixes, WeightFiles};
 

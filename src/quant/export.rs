@@ -23,10 +23,12 @@ use super::format::{
     META_PACKED, SUPPORTED_BITS, SUPPORTED_GROUPS,
 };
 use super::gptq::{packed_to_gptq, GptqTensors};
-use super::safetensors_out::{self, Data, OutTensor};
-use super::writer::{
-    check_output, copy_other_files, set_quantization_config, weight_file_names, Progress, TempDir,
+use super::outdir::{
+    check_output, copy_other_files, set_quantization_config, sync_file, weight_file_names, Copied,
+    TempDir,
 };
+use super::safetensors_out::{self, Data, OutTensor};
+use super::writer::Progress;
 use crate::error::{Error, Result};
 use crate::weights::WeightFiles;
 
@@ -510,7 +512,7 @@ pub fn export_dir(
     if format == ExportFormat::Gptq {
         skip.insert(PathBuf::from("quantize_config.json"));
     }
-    let mut copied = super::writer::Report::default();
+    let mut copied = Copied::default();
     copy_other_files(input, &tmp.path, Path::new(""), &skip, &mut copied)?;
     set_quantization_config(
         &input.join("config.json"),
@@ -522,7 +524,7 @@ pub fn export_dir(
         let text = serde_json::to_string_pretty(&gptq_quantize_config(&src))
             .map_err(|e| Error::invalid(e.to_string()))?;
         std::fs::write(&p, text + "\n").map_err(|e| Error::io(&p, e))?;
-        super::writer::sync_file(&p)?;
+        sync_file(&p)?;
     }
     tmp.publish(output)?;
     let scheme = match src.act_bits {
@@ -535,7 +537,7 @@ pub fn export_dir(
         scheme,
         linears: src.packed.len(),
         copied_tensors,
-        copied_files: copied.copied_files,
+        copied_files: copied.files,
         weight_file_bytes,
     })
 }

@@ -11,6 +11,7 @@ pub mod export;
 pub mod format;
 pub mod gptq;
 pub mod import;
+pub mod outdir;
 pub mod pseudo;
 pub mod safetensors_out;
 pub mod w4a8;

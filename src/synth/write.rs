@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{files, Init, Plan, PlannedTensor, SynthDtype};
 use crate::error::{Error, Result};
-use crate::quant::writer::TempDir;
+use crate::quant::outdir::TempDir;
 
 /// What [`write()`] reports while it works.
 #[derive(Debug)]
