@@ -237,23 +237,12 @@ fn quantization_config(format: ExportFormat, src: &Source) -> serde_json::Value 
 }
 
 /// `quantize_config.json` as AutoGPTQ / GPTQModel write it beside a GPTQ
-/// checkpoint.
+/// checkpoint: config.json's `quantization_config` and the weights' base
+/// file name.
 fn gptq_quantize_config(src: &Source) -> serde_json::Value {
-    json!({
-        "bits": src.bits,
-        "group_size": src.group_size,
-        "desc_act": false,
-        "sym": false,
-        "static_groups": false,
-        "true_sequential": true,
-        "lm_head": false,
-        "damp_percent": 0.01,
-        "quant_method": "gptq",
-        "checkpoint_format": "gptq",
-        "pack_dtype": "int32",
-        "model_file_base_name": "model",
-        "meta": {"quantizer": [format!("mbq:{}", env!("CARGO_PKG_VERSION"))], "mbq_method": src.method},
-    })
+    let mut qc = quantization_config(ExportFormat::Gptq, src);
+    qc["model_file_base_name"] = json!("model");
+    qc
 }
 
 /// Little-endian bytes of i32 values.
