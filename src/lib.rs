@@ -37,6 +37,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod serve;
 pub mod shapes;
+pub mod store;
 pub mod synth;
 pub mod tensor;
 pub mod verify;

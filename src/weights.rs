@@ -7,12 +7,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::store::Store;
 use crate::tensor::Tensor;
 
 struct Entry {
@@ -34,7 +36,7 @@ pub const MBQ_WEIGHTS_FILE: &str = "model.mbq.safetensors";
 /// All weight files of one model, mapped, with an index name -> location.
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     entries: HashMap<String, Entry>,
     /// `__metadata__` of the first file (the packed format keeps its
     /// description there).
@@ -187,7 +189,7 @@ impl WeightFiles {
             );
         }
         self.paths.push(path);
-        self.maps.push(map);
+        self.maps.push(Arc::new(map));
         Ok(())
     }
 
@@ -272,6 +274,53 @@ impl WeightFiles {
         self.get_any(name)
     }
 
+    /// A tensor's values where the file holds them (mapped, or copied
+    /// when the file does not align them), which must be `dtype` (any
+    /// shape; the caller checks it with [`WeightFiles::shape`]).
+    pub fn store<T: bytemuck::Pod>(&self, name: &str, dtype: Dtype) -> Result<Store<T>> {
+        let e = self.entry(name)?;
+        if e.dtype != dtype {
+            return Err(Error::Safetensors {
+                path: self.paths[e.file].clone(),
+                msg: format!(
+                    "tensor \"{name}\" has dtype {:?}; expected {dtype:?}",
+                    e.dtype
+                ),
+            });
+        }
+        Ok(Store::from_map(&self.maps[e.file], e.start, e.end))
+    }
+
+    /// A weight of `shape` as stored: f16 and bf16 stay in the mapped file
+    /// (a backend converts them as it reads them), f32 too.
+    pub fn stored(&self, name: &str, shape: &[usize]) -> Result<StoredWeight> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        let data = match e.dtype {
+            Dtype::F32 => StoredData::F32(self.store(name, Dtype::F32)?),
+            Dtype::F16 => StoredData::F16(self.store(name, Dtype::F16)?),
+            Dtype::BF16 => StoredData::BF16(self.store(name, Dtype::BF16)?),
+            other => {
+                return Err(Error::Safetensors {
+                    path: self.paths[e.file].clone(),
+                    msg: format!(
+                        "tensor \"{name}\" has dtype {other:?}; expected F32, F16 or BF16"
+                    ),
+                })
+            }
+        };
+        Ok(StoredWeight {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
     /// A view with a name prefix, e.g. `w.pp("model.layers.3")`.
     pub fn pp<'a>(&'a self, prefix: impl AsRef<str>) -> Prefixed<'a> {
         Prefixed {
@@ -329,6 +378,52 @@ impl<'a> Prefixed<'a> {
     }
     pub fn contains(&self, leaf: &str) -> bool {
         self.files.contains(&self.name(leaf))
+    }
+    pub fn stored(&self, leaf: &str, shape: &[usize]) -> Result<StoredWeight> {
+        self.files.stored(&self.name(leaf), shape)
+    }
+}
+
+/// A dense weight as its file stores it (see [`WeightFiles::stored`]).
+#[derive(Clone, Debug)]
+pub struct StoredWeight {
+    pub shape: Vec<usize>,
+    pub data: StoredData,
+}
+
+/// The values of a [`StoredWeight`] in their stored type.
+#[derive(Clone, Debug)]
+pub enum StoredData {
+    F32(Store<f32>),
+    F16(Store<f16>),
+    BF16(Store<bf16>),
+}
+
+impl StoredWeight {
+    /// An owned f16 weight (benchmarks and tests make them).
+    pub fn f16(shape: Vec<usize>, values: Vec<f16>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(Error::invalid(format!(
+                "weight of shape {shape:?} needs {n} values, got {}",
+                values.len()
+            )));
+        }
+        Ok(StoredWeight {
+            shape,
+            data: StoredData::F16(values.into()),
+        })
+    }
+
+    /// The weight converted to f32 (what a backend without a reader of the
+    /// stored type uploads from).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let data = match &self.data {
+            StoredData::F32(v) => v.to_vec(),
+            StoredData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            StoredData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        };
+        Tensor::new(self.shape.clone(), data)
     }
 }
 

@@ -211,12 +211,14 @@ fn shapes<B: Backend + ?Sized>(
     }
 }
 
-fn dense(w: &CpuWeight) -> Result<&Tensor> {
+/// The weight as f32 (converted from f16 / bf16 for the pass); packed
+/// weights have no backward.
+fn dense(w: &CpuWeight) -> Result<std::borrow::Cow<'_, Tensor>> {
     match w {
-        CpuWeight::Dense(t) => Ok(t),
         CpuWeight::Packed(_) => Err(Error::invalid(
-            "backward: needs an unquantized model (dense f32 weights), found packed weights",
+            "backward: needs an unquantized model (dense weights), found packed weights",
         )),
+        w => Ok(w.to_dense()),
     }
 }
 

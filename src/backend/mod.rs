@@ -25,6 +25,7 @@ use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
+use crate::weights::StoredWeight;
 
 pub use backward::Grad;
 
@@ -128,6 +129,12 @@ pub trait Backend {
     /// A linear weight in the packed format (`quant::format`), kept packed:
     /// its lengths are checked ([`PackedLinear::validate`]) before the
     /// backend's [`Backend::packed_weight_unchecked`] sees it.
+    /// A dense weight `[out, in]` as the checkpoint stores it (f32, f16 or
+    /// bf16). By default converted to f32 and given to [`Backend::weight`];
+    /// the CPU keeps f16 / bf16 as stored, in the mapped file.
+    fn stored_weight(&self, w: &StoredWeight) -> Result<Self::Weight> {
+        self.weight(&w.to_tensor()?)
+    }
     fn packed_weight(&self, w: &PackedLinear) -> Result<Self::Weight> {
         w.validate("packed weight")?;
         self.packed_weight_unchecked(w)

@@ -29,6 +29,7 @@ use crate::model::text::TextModel;
 use crate::model::Linear;
 use crate::quant::pseudo::quantize_linear;
 use crate::tensor::Tensor;
+use crate::weights::StoredWeight;
 
 mod machine;
 pub mod serve;
@@ -106,10 +107,16 @@ fn make_weight<B: Backend>(
     inp: usize,
 ) -> Result<B::Weight> {
     match kind {
-        WeightKind::F16 => be.weight(&Tensor::new(vec![out, inp], w.to_vec())?),
+        WeightKind::F16 => dense_f16(be, w, out, inp),
         WeightKind::W3 => be.packed_weight(&quantize_linear("bench", w, out, inp, 3, 128)?),
         WeightKind::W4 => be.packed_weight(&quantize_linear("bench", w, out, inp, 4, 128)?),
     }
+}
+
+/// A dense weight stored as f16, as a checkpoint's (the CPU keeps it f16).
+fn dense_f16<B: Backend>(be: &B, w: &[f32], out: usize, inp: usize) -> Result<B::Weight> {
+    let v = w.iter().map(|&x| f16::from_f32(x)).collect();
+    be.stored_weight(&StoredWeight::f16(vec![out, inp], v)?)
 }
 
 /// What a benchmark's times are.
@@ -312,10 +319,10 @@ pub fn synthetic_text_model<B: Backend>(
     Ok(TextModel {
         cfg: cfg.clone(),
         spec: DecoderSpec::new(cfg),
-        embed_tokens: be.weight(&Tensor::new(vec![cfg.vocab_size, h], embed)?)?,
+        embed_tokens: dense_f16(be, &embed, cfg.vocab_size, h)?,
         layers,
         norm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
-        lm_head: Some(be.weight(&Tensor::new(vec![cfg.vocab_size, h], head)?)?),
+        lm_head: Some(dense_f16(be, &head, cfg.vocab_size, h)?),
     })
 }
 

@@ -577,9 +577,7 @@ mod tests {
         assert!(err(&[true; 3], &m).contains("caption mask"));
         let gate = &mut m.text.layers[1].mlp.gate.w;
         let (out, inp) = gate.shape();
-        let CpuWeight::Dense(dense) = gate else {
-            panic!("the fixture is unquantized")
-        };
+        let dense = gate.to_dense();
         let packed =
             crate::quant::pseudo::quantize_linear("gate", &dense.data, out, inp, 4, 128).unwrap();
         *gate = CpuWeight::Packed(packed);

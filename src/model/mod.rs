@@ -39,7 +39,7 @@ impl<B: Backend> Linear<B> {
             let (p, act_bits) = crate::quant::import::read_linear(vb, out, inp)?;
             (be.packed_weight(&p)?, act_bits.is_some())
         } else {
-            (be.weight(&vb.get("weight", &[out, inp])?)?, false)
+            (be.stored_weight(&vb.stored("weight", &[out, inp])?)?, false)
         };
         let b = if bias {
             Some(be.upload(&vb.get("bias", &[out])?)?)

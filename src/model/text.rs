@@ -25,7 +25,7 @@ impl<B: Backend> TextModel<B> {
         let h = cfg.hidden_size;
         let embed = base
             .pp("embed_tokens")
-            .get("weight", &[cfg.vocab_size, h])?;
+            .stored("weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             layers.push(Layer::load_on(be, &base.pp(format!("layers.{i}")), cfg)?);
@@ -35,7 +35,7 @@ impl<B: Backend> TextModel<B> {
         Ok(TextModel {
             cfg: cfg.clone(),
             spec: DecoderSpec::new(cfg),
-            embed_tokens: be.weight(&embed)?,
+            embed_tokens: be.stored_weight(&embed)?,
             layers,
             norm,
             lm_head,
@@ -52,8 +52,8 @@ impl<B: Backend> TextModel<B> {
         if cfg.tie_word_embeddings {
             Ok(None)
         } else if head.contains("weight") {
-            Ok(Some(be.weight(
-                &head.get("weight", &[cfg.vocab_size, cfg.hidden_size])?,
+            Ok(Some(be.stored_weight(
+                &head.stored("weight", &[cfg.vocab_size, cfg.hidden_size])?,
             )?))
         } else {
             Err(Error::MissingTensor {

@@ -33,6 +33,7 @@
 use half::f16;
 
 use crate::error::{Error, Result};
+use crate::store::Store;
 
 pub const FORMAT_VERSION: u32 = 1;
 /// Metadata keys of a packed safetensors file.
@@ -95,10 +96,11 @@ pub struct PackedLinear {
     pub inp: usize,
     pub bits: u32,
     pub group_size: usize,
-    /// `[out, in * bits / 32]`.
-    pub qweight: Vec<u32>,
+    /// `[out, in * bits / 32]` (mapped from the weight file when read
+    /// from one, see [`Store`]).
+    pub qweight: Store<u32>,
     /// `[out, in / group_size, 2]`: (scale, zero) pairs.
-    pub scales_zeros: Vec<f16>,
+    pub scales_zeros: Store<f16>,
 }
 
 /// Checks that `(bits, group_size)` is a supported combination for a
@@ -192,8 +194,8 @@ impl PackedLinear {
             inp,
             bits,
             group_size,
-            qweight,
-            scales_zeros,
+            qweight: qweight.into(),
+            scales_zeros: scales_zeros.into(),
         })
     }
 
@@ -389,8 +391,8 @@ pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Res
     check_format_version(&vb.files.metadata, &vb.files.location())?;
     let qname = vb.name("qweight");
     let sname = vb.name("scales_zeros");
-    let (qd, qshape, qbytes) = vb.files.raw(&qname)?;
-    let (sd, sshape, sbytes) = vb.files.raw(&sname)?;
+    let (qd, qshape, _) = vb.files.raw(&qname)?;
+    let (sd, sshape, _) = vb.files.raw(&sname)?;
     let bad = |name: &str, msg: String| Error::invalid(format!("packed tensor \"{name}\": {msg}"));
     if qd != Dtype::U32 || qshape.len() != 2 || qshape[0] != out || (qshape[1] * 32) % inp != 0 {
         return Err(bad(
@@ -420,14 +422,9 @@ pub fn read_packed(vb: &crate::weights::Prefixed, out: usize, inp: usize) -> Res
         bits,
         group_size,
     )?;
-    let qweight = qbytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let scales_zeros = sbytes
-        .chunks_exact(2)
-        .map(|c| f16::from_le_bytes([c[0], c[1]]))
-        .collect();
+    // Used where the file holds them (mapped), not copied.
+    let qweight = vb.files.store(&qname, Dtype::U32)?;
+    let scales_zeros = vb.files.store(&sname, Dtype::F16)?;
     Ok(PackedLinear {
         out,
         inp,

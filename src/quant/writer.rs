@@ -588,19 +588,20 @@ pub fn quantize_rows(
             )));
         }
     }
-    let mut all = PackedLinear {
+    let mut qweight = Vec::with_capacity(out * inp * bits as usize / 32);
+    let mut scales_zeros = Vec::with_capacity(out * (inp / group_size) * 2);
+    for b in blocks {
+        qweight.extend_from_slice(&b.qweight);
+        scales_zeros.extend_from_slice(&b.scales_zeros);
+    }
+    Ok(PackedLinear {
         out,
         inp,
         bits,
         group_size,
-        qweight: Vec::with_capacity(out * inp * bits as usize / 32),
-        scales_zeros: Vec::with_capacity(out * (inp / group_size) * 2),
-    };
-    for b in blocks {
-        all.qweight.extend_from_slice(&b.qweight);
-        all.scales_zeros.extend_from_slice(&b.scales_zeros);
-    }
-    Ok(all)
+        qweight: qweight.into(),
+        scales_zeros: scales_zeros.into(),
+    })
 }
 
 #[cfg(test)]

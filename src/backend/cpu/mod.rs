@@ -1,7 +1,17 @@
-//! The CPU reference backend: plain f32 loops, multi-threaded with rayon.
-//! Every other backend is tested against these functions, so they favour
-//! clarity; the only optimisation is splitting work across threads and
-//! keeping the inner dot product vectorisable.
+//! The CPU backend: the reference every other backend is tested against,
+//! and the fallback on machines without a usable GPU. The elementwise ops,
+//! norms, RoPE and attention are plain f32 loops over threads (rayon);
+//! the linear layer (`linear.rs`) reads weights as the checkpoint stores
+//! them (f16 / bf16 from the mapped file, packed codes as packed) through
+//! SIMD row kernels (`kernels.rs`) for decode and a GEMM crate for many
+//! rows, and keeps a plain reference of itself for the tests.
+
+mod attention;
+mod kernels;
+mod linear;
+
+pub use kernels::Isa;
+pub use linear::{linear_with, reference_linear, CpuWeight, GEMM_ROWS, TILE};
 
 use rayon::prelude::*;
 
@@ -10,26 +20,10 @@ use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
+use crate::weights::{StoredData, StoredWeight};
 
 #[derive(Clone, Debug, Default)]
 pub struct Cpu;
-
-/// A linear weight on the CPU: dense f32, or packed (dequantized row by row
-/// inside the product, never expanded whole).
-#[derive(Clone, Debug)]
-pub enum CpuWeight {
-    Dense(Tensor),
-    Packed(PackedLinear),
-}
-
-impl CpuWeight {
-    pub fn shape(&self) -> (usize, usize) {
-        match self {
-            CpuWeight::Dense(t) => (t.shape[0], t.shape[1]),
-            CpuWeight::Packed(p) => (p.out, p.inp),
-        }
-    }
-}
 
 /// Key/value cache: per layer, `capacity x kv_dim` keys and values.
 pub struct CpuCache {
@@ -63,70 +57,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + s
 }
 
-/// y `[rows, out]` = x `[rows, in]` . w `[out, in]`^T (+ b).
-pub fn matmul_t(
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    out: usize,
-    inp: usize,
-    b: Option<&[f32]>,
-) -> Vec<f32> {
-    // Work in chunks of output features; each task writes a [chunk, rows]
-    // block of the transposed result.
-    const CHUNK: usize = 16;
-    let mut yt = vec![0.0f32; out * rows];
-    yt.par_chunks_mut(CHUNK * rows)
-        .enumerate()
-        .for_each(|(ci, block)| {
-            let o0 = ci * CHUNK;
-            let n_o = block.len() / rows.max(1);
-            for oo in 0..n_o {
-                let o = o0 + oo;
-                let wr = &w[o * inp..(o + 1) * inp];
-                let bias = b.map_or(0.0, |b| b[o]);
-                for r in 0..rows {
-                    block[oo * rows + r] = dot(&x[r * inp..(r + 1) * inp], wr) + bias;
-                }
-            }
-        });
-    transpose(&yt, out, rows)
-}
-
-/// y `[rows, out]` = x `[rows, in]` . dequant(w)^T (+ b): each output row of
-/// the packed weight is dequantized once into a scratch row, then dotted
-/// with every input row (the CPU reference of the fused dequant-GEMV).
-pub fn matmul_packed(x: &[f32], rows: usize, w: &PackedLinear, b: Option<&[f32]>) -> Vec<f32> {
-    const CHUNK: usize = 16;
-    let (out, inp) = (w.out, w.inp);
-    let mut yt = vec![0.0f32; out * rows];
-    yt.par_chunks_mut(CHUNK * rows)
-        .enumerate()
-        .for_each(|(ci, block)| {
-            let mut wr = vec![0.0f32; inp];
-            for oo in 0..block.len() / rows.max(1) {
-                let o = ci * CHUNK + oo;
-                w.dequantize_row(o, &mut wr);
-                let bias = b.map_or(0.0, |b| b[o]);
-                for r in 0..rows {
-                    block[oo * rows + r] = dot(&x[r * inp..(r + 1) * inp], &wr) + bias;
-                }
-            }
-        });
-    transpose(&yt, out, rows)
-}
-
-/// `[a, b]` -> `[b, a]`.
-fn transpose(m: &[f32], a: usize, b: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; a * b];
-    for i in 0..a {
-        for j in 0..b {
-            t[j * a + i] = m[i * b + j];
-        }
-    }
-    t
-}
-
 pub fn act_fn(x: f32, act: Act) -> f32 {
     match act {
         Act::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
@@ -138,77 +68,6 @@ pub fn act_fn(x: f32, act: Act) -> f32 {
         Act::Silu => x / (1.0 + (-x).exp()),
         Act::Relu => x.max(0.0),
     }
-}
-
-/// Softmax-weighted sum for one query row over keys `0..len` of one head.
-/// `k`, `v` are `[len, stride]` with the head's slice at `off..off+d`.
-#[allow(clippy::too_many_arguments)]
-fn attend_row(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stride: usize,
-    off: usize,
-    len: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let d = q.len();
-    let mut scores: Vec<f32> = (0..len)
-        .map(|j| dot(q, &k[j * stride + off..j * stride + off + d]) * scale)
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (j, s) in scores.iter().enumerate() {
-        let p = s / sum;
-        let vr = &v[j * stride + off..j * stride + off + d];
-        for (o, &x) in out.iter_mut().zip(vr) {
-            *o += p * x;
-        }
-    }
-}
-
-/// Attention of q `[n, heads*d]` over k, v `[len, kv_heads*d]`; query r sees
-/// keys `0..visible(r)`.
-fn attention_core(
-    q: &[f32],
-    n: usize,
-    k: &[f32],
-    v: &[f32],
-    shape: AttnShape,
-    visible: impl Fn(usize) -> usize + Sync,
-) -> Vec<f32> {
-    let AttnShape {
-        heads,
-        kv_heads,
-        head_dim: d,
-        scale,
-    } = shape;
-    let group = heads / kv_heads;
-    let qs = heads * d;
-    let kvs = kv_heads * d;
-    let mut out = vec![0.0f32; n * qs];
-    out.par_chunks_mut(qs).enumerate().for_each(|(r, orow)| {
-        for h in 0..heads {
-            let off = (h / group) * d;
-            attend_row(
-                &q[r * qs + h * d..r * qs + (h + 1) * d],
-                k,
-                v,
-                kvs,
-                off,
-                visible(r),
-                scale,
-                &mut orow[h * d..(h + 1) * d],
-            );
-        }
-    });
-    out
 }
 
 impl Backend for Cpu {
@@ -238,12 +97,38 @@ impl Backend for Cpu {
         Ok(CpuWeight::Dense(w.clone()))
     }
 
+    /// f16 and bf16 weights are kept as stored (mapped from the file),
+    /// not converted.
+    fn stored_weight(&self, w: &StoredWeight) -> Result<CpuWeight> {
+        let &[out, inp] = w.shape.as_slice() else {
+            return Err(shape_err(
+                "weight",
+                format!("expected [out, in], got {:?}", w.shape),
+            ));
+        };
+        Ok(match &w.data {
+            StoredData::F32(_) => CpuWeight::Dense(w.to_tensor()?),
+            StoredData::F16(d) => CpuWeight::F16 {
+                out,
+                inp,
+                data: d.clone(),
+            },
+            StoredData::BF16(d) => CpuWeight::BF16 {
+                out,
+                inp,
+                data: d.clone(),
+            },
+        })
+    }
+
     fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<CpuWeight> {
         Ok(CpuWeight::Packed(w.clone()))
     }
 
+    /// Dense weights of a checkpoint are used as stored: f16 (the
+    /// benchmarks' dense weights are f16).
     fn dense_weight_bytes(&self) -> f64 {
-        4.0
+        2.0
     }
 
     fn dims(&self, t: &Tensor) -> (usize, usize) {
@@ -275,23 +160,19 @@ impl Backend for Cpu {
         }
         let rows = x.rows();
         let b = b.map(|b| b.data.as_slice());
-        let y = match w {
-            CpuWeight::Dense(w) => matmul_t(&x.data, rows, &w.data, out, inp, b),
-            CpuWeight::Packed(p) => matmul_packed(&x.data, rows, p, b),
-        };
-        Tensor::new(vec![rows, out], y)
+        Tensor::new(vec![rows, out], linear::linear(&x.data, rows, w, b))
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<Tensor> {
         let (vocab, dim) = self.weight_shape(table);
-        let CpuWeight::Dense(table) = table else {
+        if let CpuWeight::Packed(_) = table {
             return Err(shape_err(
                 "embedding",
                 "the embedding table must be dense".into(),
             ));
-        };
-        let mut data = Vec::with_capacity(ids.len() * dim);
-        for &id in ids {
+        }
+        let mut data = vec![0.0f32; ids.len() * dim];
+        for (&id, row) in ids.iter().zip(data.chunks_exact_mut(dim.max(1))) {
             let id = id as usize;
             if id >= vocab {
                 return Err(shape_err(
@@ -299,7 +180,7 @@ impl Backend for Cpu {
                     format!("token id {id} >= vocabulary size {vocab}"),
                 ));
             }
-            data.extend_from_slice(&table.data[id * dim..(id + 1) * dim]);
+            table.row_f32(id, row);
         }
         Tensor::new(vec![ids.len(), dim], data)
     }
@@ -467,7 +348,7 @@ impl Backend for Cpu {
                 format!("q {:?}, k {:?}, v {:?}", q.shape, k.shape, v.shape),
             ));
         }
-        let out = attention_core(&q.data, n, &k.data, &v.data, shape, |_| m);
+        let out = attention::attention(&q.data, n, &k.data, &v.data, m, shape, |_| m);
         Tensor::new(vec![n, q.cols()], out)
     }
 
@@ -498,9 +379,16 @@ impl Backend for Cpu {
         let kvd = cache.kv_dim;
         cache.k[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&k.data);
         cache.v[layer][pos0 * kvd..(pos0 + n) * kvd].copy_from_slice(&v.data);
-        let out = attention_core(&q.data, n, &cache.k[layer], &cache.v[layer], shape, |r| {
-            pos0 + r + 1
-        });
+        let keys = pos0 + n;
+        let out = attention::attention(
+            &q.data,
+            n,
+            &cache.k[layer],
+            &cache.v[layer],
+            keys,
+            shape,
+            |r| pos0 + r + 1,
+        );
         Tensor::new(vec![n, q.cols()], out)
     }
 }
