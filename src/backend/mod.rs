@@ -1,5 +1,5 @@
 //! One op-by-op interface for every device. The model code in `model/` is
-//! written once against [`Backend`]; the CPU backend (`cpu.rs`) is the
+//! written once against [`Backend`]; the CPU backend (`cpu/`) is the
 //! readable reference every other backend is tested against.
 //!
 //! Shapes: activations are matrices `[rows, cols]` (tokens x features);
@@ -143,8 +143,9 @@ pub trait Backend {
     /// group size and the lengths of its codes and (scale, zero) pairs
     /// agree with `[out, in]`.
     fn packed_weight_unchecked(&self, w: &PackedLinear) -> Result<Self::Weight>;
-    /// Bytes a dense weight element takes on this device (2 for f16
-    /// storage; the CPU reference keeps f32). Used by benchmarks.
+    /// Bytes a dense weight element takes on this device (2: f16, as
+    /// checkpoints store them; the CPU reads them as stored). Used by
+    /// benchmarks.
     fn dense_weight_bytes(&self) -> f64 {
         2.0
     }

@@ -202,35 +202,54 @@ pub fn packed_rows(
     let n = y.len();
     scratch.resize(n * groups * 2, 0.0);
     w.scales_zeros[o0 * groups * 2..(o0 + n) * groups * 2].convert_to_f32_slice(scratch);
-    for (i, y) in y.iter_mut().enumerate() {
-        let r = o0 + i;
-        let words = &w.qweight[r * groups * wpg..(r + 1) * groups * wpg];
+    let row_words = groups * wpg;
+    // The zero points of row i: - sum_g s_g z_g sum(x_g).
+    let zero_term = |i: usize| -> f32 {
         let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
-        // The zero points: - sum_g s_g z_g sum(x_g).
-        let mut zero_term = 0.0f32;
-        for (p, s) in sz.chunks_exact(2).zip(&xin.sums) {
-            zero_term += p[0] * p[1] * s;
+        sz.chunks_exact(2)
+            .zip(&xin.sums)
+            .map(|(p, s)| p[0] * p[1] * s)
+            .sum()
+    };
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if xin.isa == Isa::Avx512 {
+        // Four rows at a time, then one.
+        while i < n {
+            let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
+            let sz = &scratch[i * groups * 2..];
+            // SAFETY: `Isa::Avx512` only when the CPU has AVX-512F (and AVX2,
+            // FMA, F16C); the layout was checked by `avx512_layout`; rows
+            // i..i + 4 (or i) lie inside the weight.
+            if i + 4 <= n {
+                let d = unsafe {
+                    avx512::rows::<4>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
+                };
+                for (k, d) in d.into_iter().enumerate() {
+                    y[i + k] = d - zero_term(i + k);
+                }
+                i += 4;
+            } else {
+                let [d] = unsafe {
+                    avx512::rows::<1>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
+                };
+                y[i] = d - zero_term(i);
+                i += 1;
+            }
         }
+    }
+    for i in i..n {
+        let r = o0 + i;
+        let words = &w.qweight[r * row_words..(r + 1) * row_words];
+        let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
         let codes_dot = match xin.isa {
-            Isa::Scalar => packed_row_scalar(words, sz, w.bits, w.group_size, &xin.x),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
             // and F16C; the layout was checked by `simd_layout`.
             Isa::Avx2 => unsafe { avx2::packed_row(words, sz, w.bits, wpg, &xin.x) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` only when the CPU has AVX-512F (and AVX2,
-            // FMA, F16C); the layout was checked by `avx512_layout`.
-            Isa::Avx512 => unsafe {
-                if w.bits == 3 {
-                    avx512::w3_row(words, sz, &xin.x, &xin.natural)
-                } else {
-                    avx512::packed_row(words, sz, w.bits, wpg, &xin.x)
-                }
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => unreachable!("only detected on x86-64"),
+            _ => packed_row_scalar(words, sz, w.bits, w.group_size, &xin.x),
         };
-        *y = codes_dot - zero_term;
+        y[i] = codes_dot - zero_term(i);
     }
 }
 
@@ -586,123 +605,155 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // rows index several arrays at once
 mod avx512 {
+    //! Sixteen-lane kernels over `R` output rows at once: each activation
+    //! vector is loaded once for the `R` rows (the activations, four
+    //! bytes a code, would otherwise be read from L1 once per row and
+    //! bound the kernel).
+
     use std::arch::x86_64::*;
 
-    /// `acc += float(v >> SHIFT & mask) * x[..16]`.
-    macro_rules! fma_codes {
-        ($acc:ident, $v:expr, $shift:literal, $mask:expr, $x:expr) => {
-            $acc = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32::<$shift>($v), $mask)),
-                _mm512_loadu_ps($x),
-                $acc,
-            );
-        };
-    }
-
-    /// W4 / W8 with blocks of sixteen words inside one group (`reorder`
-    /// at sixteen lanes).
+    /// `R` rows of W4 / W8 (`B` bits) with blocks of sixteen words inside
+    /// one group (`reorder` at sixteen lanes). Row `r`'s words start at
+    /// `wp + r * row_words`, its (scale, zero) pairs at `sz[r * 2 * groups..]`.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn packed_row(words: &[u32], sz: &[f32], bits: u32, wpg: usize, x: &[f32]) -> f32 {
-        let mut total = _mm512_setzero_ps();
-        let (wp, xp) = (words.as_ptr(), x.as_ptr());
-        let per = 32 / bits as usize;
-        for blk in 0..words.len() / 16 {
-            let v = _mm512_loadu_si512(wp.add(blk * 16) as *const __m512i);
+    pub unsafe fn packed_rows<const R: usize, const B: u32>(
+        wp: *const u32,
+        row_words: usize,
+        sz: &[f32],
+        wpg: usize,
+        x: &[f32],
+    ) -> [f32; R] {
+        let per = (32 / B) as usize;
+        let groups = row_words / wpg;
+        let m = _mm512_set1_epi32((1i32 << B) - 1);
+        let xp = x.as_ptr();
+        let mut total = [_mm512_setzero_ps(); R];
+        for blk in 0..row_words / 16 {
             let xb = xp.add(blk * 16 * per);
-            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            if bits == 4 {
-                let m = _mm512_set1_epi32(0xF);
-                fma_codes!(a0, v, 0, m, xb);
-                fma_codes!(a1, v, 4, m, xb.add(16));
-                fma_codes!(a0, v, 8, m, xb.add(32));
-                fma_codes!(a1, v, 12, m, xb.add(48));
-                fma_codes!(a0, v, 16, m, xb.add(64));
-                fma_codes!(a1, v, 20, m, xb.add(80));
-                fma_codes!(a0, v, 24, m, xb.add(96));
-                fma_codes!(a1, v, 28, m, xb.add(112));
-            } else {
-                let m = _mm512_set1_epi32(0xFF);
-                fma_codes!(a0, v, 0, m, xb);
-                fma_codes!(a1, v, 8, m, xb.add(16));
-                fma_codes!(a0, v, 16, m, xb.add(32));
-                fma_codes!(a1, v, 24, m, xb.add(48));
+            let mut v = [_mm512_setzero_si512(); R];
+            for (r, v) in v.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(wp.add(r * row_words + blk * 16) as *const __m512i);
             }
-            let s = _mm512_set1_ps(sz[2 * (blk * 16 / wpg)]);
-            total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, total);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for j in 0..per {
+                let xv = _mm512_loadu_ps(xb.add(16 * j));
+                let sh = _mm512_set1_epi32((B as usize * j) as i32);
+                for r in 0..R {
+                    let c = _mm512_and_si512(_mm512_srlv_epi32(v[r], sh), m);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
+                }
+            }
+            let g = blk * 16 / wpg;
+            for r in 0..R {
+                let s = _mm512_set1_ps(sz[r * 2 * groups + 2 * g]);
+                total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
+            }
         }
-        _mm512_reduce_add_ps(total)
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(total[r]);
+        }
+        out
     }
 
-    /// W3 g128, two groups a step: the low bit planes as codes 0-3 over
-    /// sixteen lanes (`x` in `reorder_w3_pairs` order), the high plane as
-    /// `4 * x` added where its bit is set (`natural`: the row as is).
+    /// `R` rows of W3 g128 (twelve words a group), two groups a step: the
+    /// low bit planes as codes 0-3 over sixteen lanes (`x` in
+    /// `reorder_w3_pairs` order), the high plane as `4 * x` added where its
+    /// bit is set (`natural`: the row as is).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn w3_row(words: &[u32], sz: &[f32], x: &[f32], natural: &[f32]) -> f32 {
-        let groups = sz.len() / 2;
-        let (wp, xp, np) = (words.as_ptr(), x.as_ptr(), natural.as_ptr());
+    pub unsafe fn w3_rows<const R: usize>(
+        wp: *const u32,
+        row_words: usize,
+        sz: &[f32],
+        x: &[f32],
+        natural: &[f32],
+    ) -> [f32; R] {
+        let groups = row_words / 12;
+        let (xp, np) = (x.as_ptr(), natural.as_ptr());
         let m3 = _mm512_set1_epi32(3);
-        let mut total = _mm512_setzero_ps();
+        let s_of = |r: usize, g: usize| {
+            if g < groups {
+                sz[r * 2 * groups + 2 * g]
+            } else {
+                0.0
+            }
+        };
+        let mut total = [_mm512_setzero_ps(); R];
         for pair in 0..groups.div_ceil(2) {
             let (ga, gb) = (2 * pair, 2 * pair + 1);
-            let lo_a = _mm256_loadu_si256(wp.add(ga * 12) as *const __m256i);
-            let lo_b = if gb < groups {
-                _mm256_loadu_si256(wp.add(gb * 12) as *const __m256i)
-            } else {
-                _mm256_setzero_si256()
-            };
-            let lo = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo_a), lo_b);
+            let mut lo = [_mm512_setzero_si512(); R];
+            for (r, lo) in lo.iter_mut().enumerate() {
+                let row = wp.add(r * row_words);
+                let a = _mm256_loadu_si256(row.add(ga * 12) as *const __m256i);
+                let b = if gb < groups {
+                    _mm256_loadu_si256(row.add(gb * 12) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                *lo = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+            }
             let xg = xp.add(pair * 256);
-            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            fma_codes!(a0, lo, 0, m3, xg);
-            fma_codes!(a1, lo, 2, m3, xg.add(16));
-            fma_codes!(a0, lo, 4, m3, xg.add(32));
-            fma_codes!(a1, lo, 6, m3, xg.add(48));
-            fma_codes!(a0, lo, 8, m3, xg.add(64));
-            fma_codes!(a1, lo, 10, m3, xg.add(80));
-            fma_codes!(a0, lo, 12, m3, xg.add(96));
-            fma_codes!(a1, lo, 14, m3, xg.add(112));
-            fma_codes!(a0, lo, 16, m3, xg.add(128));
-            fma_codes!(a1, lo, 18, m3, xg.add(144));
-            fma_codes!(a0, lo, 20, m3, xg.add(160));
-            fma_codes!(a1, lo, 22, m3, xg.add(176));
-            fma_codes!(a0, lo, 24, m3, xg.add(192));
-            fma_codes!(a1, lo, 26, m3, xg.add(208));
-            fma_codes!(a0, lo, 28, m3, xg.add(224));
-            fma_codes!(a1, lo, 30, m3, xg.add(240));
-            let sa = sz[2 * ga];
-            let sb = if gb < groups { sz[2 * gb] } else { 0.0 };
-            let s = _mm512_castsi512_ps(_mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(sa))),
-                _mm256_castps_si256(_mm256_set1_ps(sb)),
-            ));
-            total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), s, total);
-            // The high plane: bit k of a group's high words is code k's.
-            for (g, s) in [(ga, sa), (gb, sb)] {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for j in 0..16 {
+                let xv = _mm512_loadu_ps(xg.add(16 * j));
+                let sh = _mm512_set1_epi32(2 * j as i32);
+                for r in 0..R {
+                    let c = _mm512_and_si512(_mm512_srlv_epi32(lo[r], sh), m3);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
+                }
+            }
+            for r in 0..R {
+                let s = _mm512_castsi512_ps(_mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(s_of(r, ga)))),
+                    _mm256_castps_si256(_mm256_set1_ps(s_of(r, gb))),
+                ));
+                total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
+            }
+            // The high plane: bit k of a group's four high words is code k's.
+            for g in [ga, gb] {
                 if g >= groups {
                     break;
                 }
-                let hi = wp.add(g * 12 + 8);
                 let xn = np.add(g * 128);
-                let (mut h0, mut h1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                for i in 0..4 {
-                    let bits = *hi.add(i);
-                    h0 = _mm512_mask_add_ps(
-                        h0,
-                        bits as __mmask16,
-                        h0,
-                        _mm512_loadu_ps(xn.add(32 * i)),
-                    );
-                    h1 = _mm512_mask_add_ps(
-                        h1,
-                        (bits >> 16) as __mmask16,
-                        h1,
-                        _mm512_loadu_ps(xn.add(32 * i + 16)),
-                    );
+                let mut h = [_mm512_setzero_ps(); R];
+                for i in 0..8 {
+                    let xv = _mm512_loadu_ps(xn.add(16 * i));
+                    for r in 0..R {
+                        let word = *wp.add(r * row_words + g * 12 + 8 + i / 2);
+                        let k = (word >> (16 * (i % 2))) as __mmask16;
+                        h[r] = _mm512_mask_add_ps(h[r], k, h[r], xv);
+                    }
                 }
-                total = _mm512_fmadd_ps(_mm512_add_ps(h0, h1), _mm512_set1_ps(4.0 * s), total);
+                for r in 0..R {
+                    let s4 = _mm512_set1_ps(4.0 * s_of(r, g));
+                    total[r] = _mm512_fmadd_ps(h[r], s4, total[r]);
+                }
             }
         }
-        _mm512_reduce_add_ps(total)
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(total[r]);
+        }
+        out
+    }
+
+    /// `R` rows of any layout `avx512_layout` accepts.
+    #[inline(always)]
+    pub unsafe fn rows<const R: usize>(
+        wp: *const u32,
+        row_words: usize,
+        sz: &[f32],
+        bits: u32,
+        wpg: usize,
+        x: &[f32],
+        natural: &[f32],
+    ) -> [f32; R] {
+        match bits {
+            3 => w3_rows::<R>(wp, row_words, sz, x, natural),
+            4 => packed_rows::<R, 4>(wp, row_words, sz, wpg, x),
+            _ => packed_rows::<R, 8>(wp, row_words, sz, wpg, x),
+        }
     }
 }

@@ -125,12 +125,6 @@ impl Backend for Cpu {
         Ok(CpuWeight::Packed(w.clone()))
     }
 
-    /// Dense weights of a checkpoint are used as stored: f16 (the
-    /// benchmarks' dense weights are f16).
-    fn dense_weight_bytes(&self) -> f64 {
-        2.0
-    }
-
     fn dims(&self, t: &Tensor) -> (usize, usize) {
         (t.rows(), t.cols())
     }

@@ -1,5 +1,5 @@
 //! `Backend for Cuda`: every op on the device, with the semantics of the
-//! CPU reference (src/backend/cpu.rs); shape errors are `Error::Invalid`.
+//! CPU reference (src/backend/cpu/); shape errors are `Error::Invalid`.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
