@@ -238,7 +238,7 @@ mod device {
                     let x: Vec<f32> = (0..inp).map(|_| rng.f()).collect();
                     let bias: Vec<f32> = (0..out).map(|_| rng.f()).collect();
                     let dx = stream.clone_htod(&x).expect("x");
-                    let dq = stream.clone_htod(&p.qweight).expect("q");
+                    let dq = stream.clone_htod(&p.qweight[..]).expect("q");
                     let dsz = stream.clone_htod(&pairs).expect("sz");
                     let db = stream.clone_htod(&bias).expect("bias");
                     let mut dy = stream.alloc_zeros::<f32>(out).expect("y");

@@ -224,7 +224,7 @@ impl Backend for Cuda {
         Ok(CudaWeight::Packed {
             q: self
                 .stream()
-                .clone_htod(&w.qweight)
+                .clone_htod(&w.qweight[..])
                 .ctx("upload packed weight")?,
             sz: self
                 .stream()

@@ -1,0 +1,367 @@
+//! The CPU's row kernels for matrix-vector products (decode): one output
+//! row of a weight against one activation row, for each stored form of
+//! the weight: packed W3 / W4 / W8 codes, f16, bf16 and f32.
+//!
+//! Each kernel has a scalar version (any CPU), an AVX2 + FMA (+ F16C)
+//! version (`avx2.rs`) and, for packed rows, an AVX-512F one
+//! (`avx512.rs`), chosen at run time ([`Isa::detect`]); the tests run every
+//! version this CPU has against the plain reference of `linear.rs` on odd
+//! shapes and every group size. No NEON version yet: aarch64 runs the
+//! scalar loops (which the compiler vectorises where it can).
+//!
+//! Packed rows are never dequantized: a group's product is
+//! `s * (sum_k q_k x_k - z * sum_k x_k)`, so the kernels only turn codes
+//! into floats and multiply-add; the zero point is folded once per group
+//! with the group's `sum_k x_k`, which [`PackedInput`] computes once per
+//! activation row. To read eight codes with one shift and one mask, the
+//! AVX2 kernels read eight consecutive u32 words at a time (lane `w` holds
+//! word `w`), so the `j`-th code of every word is one vector; the
+//! activation row is reordered once per row to match
+//! ([`PackedInput::new`]): that is the layout trick of GPU W4 kernels,
+//! done on the activations instead of the weights.
+
+use half::{bf16, f16};
+
+use crate::quant::format::{words_per_group, PackedLinear};
+
+/// The instruction set a kernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust (what the compiler vectorises for the baseline target).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C, detected at run time.
+    Avx2,
+    /// x86-64 AVX-512F on top of AVX2: the packed kernels at sixteen lanes,
+    /// W3's high bit plane added under a mask (dense rows as AVX2).
+    Avx512,
+}
+
+impl Isa {
+    /// The best kernels this CPU runs. `MBQ_CPU_ISA=scalar` forces the
+    /// scalar ones (to compare, or to rule the SIMD code out).
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let all = Isa::available();
+            let best = all.last().copied().unwrap_or(Isa::Scalar);
+            match std::env::var("MBQ_CPU_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") if all.contains(&Isa::Avx2) => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Every kernel version this CPU can run, scalar first (the tests run
+    /// each).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            v.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma+f16c",
+            Isa::Avx512 => "avx512f",
+        }
+    }
+}
+
+/// Codes per u32 word and lanes of the AVX2 kernels.
+const LANES: usize = 8;
+
+/// Whether the AVX2 packed kernel reads this layout: rows of whole
+/// blocks of eight code words, each block inside one group or two groups
+/// of four words (W4 and W8 whenever a row is a multiple of eight words;
+/// W3 at group 128, where a group's eight low-plane words are one block).
+/// Other layouts (W3 g32 / g64, odd rows) use the scalar kernel.
+fn simd_layout(bits: u32, group_size: usize, inp: usize) -> bool {
+    match bits {
+        3 => group_size == 128,
+        4 | 8 => {
+            words_per_group(bits, group_size).is_multiple_of(4)
+                && (inp * bits as usize / 32).is_multiple_of(LANES)
+        }
+        _ => false,
+    }
+}
+
+/// The sixteen-lane layout: W4 / W8 rows of whole blocks of sixteen words
+/// inside one group; W3 at group 128 (two groups a step, the last one
+/// alone).
+fn avx512_layout(bits: u32, group_size: usize, inp: usize) -> bool {
+    match bits {
+        3 => group_size == 128,
+        4 | 8 => {
+            words_per_group(bits, group_size).is_multiple_of(16)
+                && (inp * bits as usize / 32).is_multiple_of(16)
+        }
+        _ => false,
+    }
+}
+
+/// One activation row prepared for the packed kernels of one weight
+/// layout: the row itself, reordered to the kernel's lanes, and its sum
+/// per group (for the zero points).
+pub struct PackedInput {
+    isa: Isa,
+    /// The activations in the kernel's order (the row as is for scalar).
+    x: Vec<f32>,
+    /// The row as is (AVX-512 W3 adds it under the high-bit masks).
+    natural: Vec<f32>,
+    /// `sum_k x_k` over each group.
+    sums: Vec<f32>,
+}
+
+impl PackedInput {
+    pub fn new(isa: Isa, w: &PackedLinear, x: &[f32]) -> PackedInput {
+        let g = w.group_size;
+        let sums = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
+        let isa = match isa {
+            Isa::Avx512 if avx512_layout(w.bits, g, w.inp) => Isa::Avx512,
+            Isa::Avx512 | Isa::Avx2 if simd_layout(w.bits, g, w.inp) => Isa::Avx2,
+            _ => Isa::Scalar,
+        };
+        let (xr, natural) = match isa {
+            Isa::Scalar => (x.to_vec(), Vec::new()),
+            Isa::Avx2 => (reorder(x, w.bits, LANES), Vec::new()),
+            Isa::Avx512 if w.bits == 3 => (reorder_w3_pairs(x), x.to_vec()),
+            Isa::Avx512 => (reorder(x, w.bits, 16), Vec::new()),
+        };
+        PackedInput {
+            isa,
+            x: xr,
+            natural,
+            sums,
+        }
+    }
+}
+
+/// The activation order of the AVX2 kernels. W4 / W8: per block of eight
+/// words (`8 * per` codes, `per` codes a word), position `j * 8 + w` holds
+/// code `j` of word `w`, i.e. input `w * per + j`. W3 g128: the block is
+/// the group, whose eight low-plane words hold 16 codes each: position
+/// `j * 8 + w` holds input `w * 16 + j`.
+fn reorder(x: &[f32], bits: u32, lanes: usize) -> Vec<f32> {
+    let per = match bits {
+        3 => 16,
+        b => 32 / b as usize,
+    };
+    let block = lanes * per;
+    let mut out = vec![0.0f32; x.len()];
+    for (src, dst) in x.chunks_exact(block).zip(out.chunks_exact_mut(block)) {
+        for w in 0..lanes {
+            for j in 0..per {
+                dst[j * lanes + w] = src[w * per + j];
+            }
+        }
+    }
+    out
+}
+
+/// The AVX-512 W3 g128 order: two groups a step, lanes 0-7 the first
+/// group's low-plane words, 8-15 the second's; position `j * 16 + w`
+/// holds code `j` of lane `w`. An odd last group is padded with zeros.
+fn reorder_w3_pairs(x: &[f32]) -> Vec<f32> {
+    let groups = x.len() / 128;
+    let mut out = vec![0.0f32; groups.div_ceil(2) * 256];
+    for (g, src) in x.chunks_exact(128).enumerate() {
+        let dst = &mut out[(g / 2) * 256..];
+        let half = (g % 2) * 8;
+        for w in 0..8 {
+            for j in 0..16 {
+                dst[j * 16 + half + w] = src[w * 16 + j];
+            }
+        }
+    }
+    out
+}
+
+/// Rows `o0..o0 + y.len()` of a packed weight times the prepared
+/// activations, into `y`; `scratch` takes the rows' scales and zeros as
+/// f32 (converted at once for all the rows, not one f16 at a time).
+pub fn packed_rows(
+    w: &PackedLinear,
+    o0: usize,
+    xin: &PackedInput,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    use half::slice::HalfFloatSliceExt;
+    let groups = w.groups();
+    let wpg = words_per_group(w.bits, w.group_size);
+    let n = y.len();
+    scratch.resize(n * groups * 2, 0.0);
+    w.scales_zeros[o0 * groups * 2..(o0 + n) * groups * 2].convert_to_f32_slice(scratch);
+    let row_words = groups * wpg;
+    // The zero points of row i: - sum_g s_g z_g sum(x_g).
+    let zero_term = |i: usize| -> f32 {
+        let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
+        sz.chunks_exact(2)
+            .zip(&xin.sums)
+            .map(|(p, s)| p[0] * p[1] * s)
+            .sum()
+    };
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if xin.isa == Isa::Avx512 {
+        // Four rows at a time (W4, W8), then one.
+        while i < n {
+            let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
+            let sz = &scratch[i * groups * 2..];
+            // SAFETY: `Isa::Avx512` only when the CPU has AVX-512F (and AVX2,
+            // FMA, F16C); the layout was checked by `avx512_layout`; rows
+            // i..i + 4 (or i) lie inside the weight.
+            // W3 keeps one row a step: four rows' high-plane masks and low
+            // planes measured slower on short rows (3,584 inputs) here.
+            if i + 4 <= n && w.bits != 3 {
+                let d = unsafe {
+                    avx512::rows::<4>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
+                };
+                for (k, d) in d.into_iter().enumerate() {
+                    y[i + k] = d - zero_term(i + k);
+                }
+                i += 4;
+            } else {
+                let [d] = unsafe {
+                    avx512::rows::<1>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
+                };
+                y[i] = d - zero_term(i);
+                i += 1;
+            }
+        }
+    }
+    for i in i..n {
+        let r = o0 + i;
+        let words = &w.qweight[r * row_words..(r + 1) * row_words];
+        let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
+        let codes_dot = match xin.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
+            // and F16C; the layout was checked by `simd_layout`.
+            Isa::Avx2 => unsafe { avx2::packed_row(words, sz, w.bits, wpg, &xin.x) },
+            _ => packed_row_scalar(words, sz, w.bits, w.group_size, &xin.x),
+        };
+        y[i] = codes_dot - zero_term(i);
+    }
+}
+
+/// Whether [`dequant_row`] writes rows in the eight-lane order of the
+/// AVX2 kernels (then the GEMM's activations go through [`gemm_order`]).
+pub fn dequant_reordered(isa: Isa, w: &PackedLinear) -> bool {
+    isa != Isa::Scalar && simd_layout(w.bits, w.group_size, w.inp)
+}
+
+/// An activation row in the order of [`dequant_row`]'s output.
+pub fn gemm_order(isa: Isa, w: &PackedLinear, x: &[f32]) -> Vec<f32> {
+    if dequant_reordered(isa, w) {
+        reorder(x, w.bits, LANES)
+    } else {
+        x.to_vec()
+    }
+}
+
+/// Row `r` of a packed weight as f32 `(q - z) s`, for a GEMM tile: in the
+/// input order of the eight-lane kernels where [`dequant_reordered`] (a
+/// GEMM only needs the weights and activations in the same order), else
+/// as is.
+pub fn dequant_row(isa: Isa, w: &PackedLinear, r: usize, dst: &mut [f32], scratch: &mut Vec<f32>) {
+    if !dequant_reordered(isa, w) {
+        return w.dequantize_row(r, dst);
+    }
+    use half::slice::HalfFloatSliceExt;
+    let groups = w.groups();
+    let wpg = words_per_group(w.bits, w.group_size);
+    let words = &w.qweight[r * groups * wpg..(r + 1) * groups * wpg];
+    scratch.resize(groups * 2, 0.0);
+    w.scales_zeros[r * groups * 2..(r + 1) * groups * 2].convert_to_f32_slice(scratch);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a SIMD `isa` is only detected with AVX2, FMA and F16C; the
+    // layout was checked by `simd_layout`.
+    unsafe {
+        avx2::dequant_row(words, scratch, w.bits, wpg, dst)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("only detected on x86-64")
+}
+
+/// `sum_g s_g sum_k q_k x_k` in plain Rust.
+fn packed_row_scalar(words: &[u32], sz: &[f32], bits: u32, g: usize, x: &[f32]) -> f32 {
+    let wpg = words_per_group(bits, g);
+    let mut total = 0.0f32;
+    for ((gw, p), xg) in words
+        .chunks_exact(wpg)
+        .zip(sz.chunks_exact(2))
+        .zip(x.chunks_exact(g))
+    {
+        let mut acc = [0.0f32; 8];
+        match bits {
+            3 => {
+                let hi = &gw[g / 16..];
+                for (k, &xv) in xg.iter().enumerate() {
+                    let lo = (gw[k / 16] >> (2 * (k % 16))) & 3;
+                    let h = (hi[k / 32] >> (k % 32)) & 1;
+                    acc[k % 8] += (lo | (h << 2)) as f32 * xv;
+                }
+            }
+            _ => {
+                let per = (32 / bits) as usize;
+                let mask = (1u32 << bits) - 1;
+                for (k, &xv) in xg.iter().enumerate() {
+                    let q = (gw[k / per] >> (bits as usize * (k % per))) & mask;
+                    acc[k % 8] += q as f32 * xv;
+                }
+            }
+        }
+        total += p[0] * acc.iter().sum::<f32>();
+    }
+    total
+}
+
+/// A dense row stored as f16, bf16 or f32, dotted with `x`.
+pub fn f16_row(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::f16_row(w, x) },
+        _ => {
+            let mut acc = [0.0f32; 8];
+            for (k, (a, b)) in w.iter().zip(x).enumerate() {
+                acc[k % 8] += a.to_f32() * b;
+            }
+            acc.iter().sum()
+        }
+    }
+}
+
+pub fn bf16_row(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when the CPU has AVX2 and FMA.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::bf16_row(w, x) },
+        _ => {
+            let mut acc = [0.0f32; 8];
+            for (k, (a, b)) in w.iter().zip(x).enumerate() {
+                acc[k % 8] += a.to_f32() * b;
+            }
+            acc.iter().sum()
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // rows index several arrays at once
+mod avx512;
