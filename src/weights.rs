@@ -261,8 +261,8 @@ impl WeightFiles {
         Tensor::new(e.shape.clone(), data)
     }
 
-    /// A tensor converted to f32 that must have `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// The entry of tensor `name`, which must have `shape`.
+    fn entry_shaped(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let e = self.entry(name)?;
         if e.shape != shape {
             return Err(Error::Shape {
@@ -271,6 +271,12 @@ impl WeightFiles {
                 found: e.shape.clone(),
             });
         }
+        Ok(e)
+    }
+
+    /// A tensor converted to f32 that must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.entry_shaped(name, shape)?;
         self.get_any(name)
     }
 
@@ -294,14 +300,7 @@ impl WeightFiles {
     /// A weight of `shape` as stored: f16 and bf16 stay in the mapped file
     /// (a backend converts them as it reads them), f32 too.
     pub fn stored(&self, name: &str, shape: &[usize]) -> Result<StoredWeight> {
-        let e = self.entry(name)?;
-        if e.shape != shape {
-            return Err(Error::Shape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: e.shape.clone(),
-            });
-        }
+        let e = self.entry_shaped(name, shape)?;
         let data = match e.dtype {
             Dtype::F32 => StoredData::F32(self.store(name, Dtype::F32)?),
             Dtype::F16 => StoredData::F16(self.store(name, Dtype::F16)?),

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::dot;
 use super::linear::GEMM_ROWS;
+use super::OutPtr;
 use crate::backend::AttnShape;
 
 /// Query rows per GEMM task.
@@ -34,21 +35,6 @@ pub fn attention(
         blocked_attention(q, n, k, v, keys, shape, visible)
     } else {
         rows_attention(q, n, k, v, shape, visible)
-    }
-}
-
-/// A pointer into the output that tasks writing disjoint parts share.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes its own (rows, head) block only.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `i` floats on (a method, so that closures capture the
-    /// whole `OutPtr`, which is `Send`, not its raw pointer field).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
     }
 }
 

@@ -18,6 +18,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa, PackedInput};
+use super::OutPtr;
 use crate::quant::format::PackedLinear;
 use crate::store::Store;
 use crate::tensor::Tensor;
@@ -178,21 +179,6 @@ fn rows_linear(isa: Isa, x: &[f32], rows: usize, w: &CpuWeight) -> Vec<f32> {
             },
         );
     transpose(&yt, out, rows)
-}
-
-/// A pointer to the output that tasks writing disjoint columns share.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only its own columns (output features).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `i` floats on (a method, so that closures capture the
-    /// whole `OutPtr`, which is `Send`, not its raw pointer field).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 /// `dst [m, n]` (row stride `dst_rs`) = `a [m, k]` . `bt [n, k]`^T, one

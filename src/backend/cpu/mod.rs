@@ -25,6 +25,23 @@ use crate::weights::{StoredData, StoredWeight};
 #[derive(Clone, Debug, Default)]
 pub struct Cpu;
 
+/// A pointer into an output that parallel tasks share, each writing its
+/// own disjoint part (columns of a GEMM's output, a head's block of an
+/// attention's).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks holding it write disjoint parts only.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `i` floats on (a method, so that closures capture the
+    /// whole `OutPtr`, which is `Send`, not its raw pointer field).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Key/value cache: per layer, `capacity x kv_dim` keys and values.
 pub struct CpuCache {
     pub k: Vec<Vec<f32>>,
