@@ -3,16 +3,17 @@
 //! own weights), f16 / bf16 as the checkpoint stores them (used from the
 //! mapped file, converted as they are read), and packed codes.
 //!
-//! - A few rows (decode): one row kernel of `kernels.rs` per (output, input
+//! - A few rows (decode): the row kernels of `kernels/` per (output, input
 //!   row), output rows split over threads. Packed rows are never expanded.
 //! - Many rows (prefill, the vision tower, calibration): the `gemm` crate's
-//!   f32 GEMM (runtime SIMD dispatch, AVX-512 where the CPU has it). f16,
-//!   bf16 and packed weights are converted to f32 a tile of [`TILE`] output
-//!   rows at a time, so no f32 copy of a whole matrix is made.
+//!   f32 GEMM (runtime SIMD dispatch; on a stable compiler its AVX2 + FMA
+//!   microkernels). f16, bf16 and packed weights are converted to f32 a
+//!   tile of [`TILE`] output rows at a time, so no f32 copy of a whole
+//!   matrix is made.
 //!
 //! [`reference_linear`] is the plain definition every path is tested
-//! against (and what `MBQ_CPU_ISA=scalar` does not change: the scalar row
-//! kernels are its own loops, reordered).
+//! against; `MBQ_CPU_ISA=scalar` runs the scalar row kernels, the same
+//! sums grouped differently.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -86,16 +87,6 @@ impl CpuWeight {
                     data,
                 })
             }
-        }
-    }
-
-    /// Bytes of the weight as held (codes and scales for packed).
-    pub fn nbytes(&self) -> usize {
-        match self {
-            CpuWeight::Dense(t) => t.data.len() * 4,
-            CpuWeight::F16 { data, .. } => data.len() * 2,
-            CpuWeight::BF16 { data, .. } => data.len() * 2,
-            CpuWeight::Packed(p) => p.nbytes(),
         }
     }
 }
