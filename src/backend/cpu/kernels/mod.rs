@@ -78,7 +78,7 @@ impl Isa {
     }
 }
 
-/// Codes per u32 word and lanes of the AVX2 kernels.
+/// Lanes of the AVX2 kernels: u32 code words (or f32 values) a vector.
 const LANES: usize = 8;
 
 /// Whether the AVX2 packed kernel reads this layout: rows of whole
