@@ -192,8 +192,9 @@ fn inspect_of_a_missing_model_is_an_error_not_a_panic() {
 }
 
 /// `mbq bench gemv` on the CPU at tiny shapes: min / median / max of the
-/// repetitions, the machine and commit in the header, f32 (not f16) for
-/// the CPU's dense weights, and the cache note (tiny weights always fit).
+/// repetitions, the machine and commit in the header, f16 (as stored, no
+/// longer an f32 copy) for the CPU's dense weights, and the cache note
+/// (tiny weights always fit).
 #[test]
 fn bench_gemv_reports_spread_machine_and_labels() {
     let args = [
@@ -220,7 +221,7 @@ fn bench_gemv_reports_spread_machine_and_labels() {
         "min (us)",
         "median",
         "max",
-        "     f32 ",
+        "     f16 ",
         "w3g128",
         "w4g128",
         "cpu: ",
@@ -228,8 +229,8 @@ fn bench_gemv_reports_spread_machine_and_labels() {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }
     assert!(
-        !stdout.contains(" f16 "),
-        "the CPU's dense GEMV is f32:\n{stdout}"
+        !stdout.contains(" f32 "),
+        "the CPU's dense GEMV reads f16 as stored:\n{stdout}"
     );
     if mbq::bench::l3_bytes().is_some() {
         assert!(stdout.contains("L3 cache"), "no cache note:\n{stdout}");
@@ -246,7 +247,7 @@ fn bench_gemv_reports_spread_machine_and_labels() {
     assert_eq!(b["backend"], "cpu");
     assert!(b["device"].as_str().unwrap().contains("cores"));
     let r = &b["gemv"][0];
-    assert_eq!(r["weights"], "f32");
+    assert_eq!(r["weights"], "f16");
     let (min, med, max) = (
         r["min_us"].as_f64().unwrap(),
         r["median_us"].as_f64().unwrap(),
