@@ -5,7 +5,7 @@
 //! W8 at every group size, f16, bf16 and f32, at odd shapes.
 
 use half::{bf16, f16};
-use mbq::backend::cpu::{linear_with, reference_linear, CpuWeight, Isa, GEMM_ROWS, TILE};
+use mbq::backend::cpu::{linear_with, q8, reference_linear, CpuWeight, Isa, GEMM_ROWS, TILE};
 use mbq::quant::format::PackedLinear;
 use mbq::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -16,15 +16,20 @@ use rand::{Rng, SeedableRng};
 /// subtracted per weight).
 const REL: f32 = 2e-6;
 
-fn check(label: &str, w: &CpuWeight, rows: usize, seed: u64) {
+/// Whether `isa` computes these rows with int8 activations (the integer
+/// kernels: packed rows of the layouts `q8::layout` accepts, a few rows).
+fn int8_activations(isa: Isa, w: &CpuWeight, rows: usize) -> bool {
+    match w {
+        CpuWeight::Packed(p) => {
+            isa == Isa::Avx512Vnni && rows < GEMM_ROWS && q8::layout(p.bits, p.group_size)
+        }
+        _ => false,
+    }
+}
+
+/// `sum |w| |x| + 1` of each output: the scale of its rounding error.
+fn magnitudes(w: &CpuWeight, x: &[f32], rows: usize) -> Vec<f32> {
     let (out, inp) = w.shape();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let x: Vec<f32> = (0..rows * inp)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-        .collect();
-    let b: Vec<f32> = (0..out).map(|_| rng.random::<f32>() - 0.5).collect();
-    let want = reference_linear(&x, rows, w, Some(&b));
-    // The scale of each output: sum |w| |x|.
     let mut wr = vec![0.0f32; inp];
     let mut mag = vec![0.0f32; rows * out];
     for o in 0..out {
@@ -38,10 +43,32 @@ fn check(label: &str, w: &CpuWeight, rows: usize, seed: u64) {
                 + 1.0;
         }
     }
+    mag
+}
+
+fn check(label: &str, w: &CpuWeight, rows: usize, seed: u64) {
+    let (out, inp) = w.shape();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..rows * inp)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..out).map(|_| rng.random::<f32>() - 0.5).collect();
+    let want = reference_linear(&x, rows, w, Some(&b));
+    let mag = magnitudes(w, &x, rows);
+    // The integer kernels compute with the activations rounded to int8
+    // blocks: the definition applied to that rounded row.
+    let x8: Vec<f32> = x.chunks_exact(inp).flat_map(q8::round_trip).collect();
+    let want8 = reference_linear(&x8, rows, w, Some(&b));
+    let mag8 = magnitudes(w, &x8, rows);
     for isa in Isa::available() {
         let got = linear_with(isa, &x, rows, w, Some(&b));
+        let (want, mag) = if int8_activations(isa, w, rows) {
+            (&want8, &mag8)
+        } else {
+            (&want, &mag)
+        };
         assert_eq!(got.len(), want.len());
-        for (i, ((g, e), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+        for (i, ((g, e), m)) in got.iter().zip(want).zip(mag).enumerate() {
             assert!(
                 (g - e).abs() <= REL * m,
                 "{label}, {} rows, {}: output {i}: {g} vs reference {e} (scale {m})",
@@ -151,6 +178,52 @@ fn dense_stored_weights_match_the_reference() {
     }
 }
 
+/// The int8 rounding's own error: each activation moves by at most half
+/// its block's step (`max |x| / 254`), so an output moves by at most
+/// `sum_k |w_k| max|x|_block(k) / 254` (plus f32 rounding). Checked on
+/// activations with an outlier channel, where a block's step is coarse.
+#[test]
+fn int8_activations_stay_within_half_a_step_of_the_f32_product() {
+    let Some(isa) = Isa::available().into_iter().find(|&i| i == Isa::Avx512Vnni) else {
+        eprintln!("no AVX-512 VNNI on this CPU: the int8 kernels are not built for it");
+        return;
+    };
+    for (bits, group) in [(3u32, 128usize), (4, 128), (8, 64), (8, 128)] {
+        let (out, inp) = (21, 128 * 5);
+        let w = CpuWeight::Packed(packed(bits as u64 + 40, out, inp, bits, group));
+        let mut rng = StdRng::seed_from_u64(bits as u64);
+        let mut x: Vec<f32> = (0..inp).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        x[37] = 60.0;
+        let got = linear_with(isa, &x, 1, &w, None);
+        let want = reference_linear(&x, 1, &w, None);
+        let mag = magnitudes(&w, &x, 1);
+        let steps: Vec<f32> = x
+            .chunks_exact(q8::BLOCK)
+            .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 254.0)
+            .collect();
+        let mut wr = vec![0.0f32; inp];
+        let mut worst = 0.0f32;
+        for o in 0..out {
+            w.row_f32(o, &mut wr);
+            let bound: f32 = wr
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v.abs() * steps[k / q8::BLOCK])
+                .sum();
+            let err = (got[o] - want[o]).abs();
+            assert!(
+                err <= bound * 1.0001 + REL * mag[o],
+                "W{bits} g{group} output {o}: {} vs f32 {} (bound {bound})",
+                got[o],
+                want[o]
+            );
+            worst = worst.max(err / bound);
+        }
+        // The rounding is real: the outputs are not the f32 ones.
+        assert!(worst > 0.0, "W{bits}: int8 activations gave the f32 result");
+    }
+}
+
 /// The kernels are not all the same code: on a CPU with AVX2 the fast
 /// path must be taken (else this file tests the scalar loops twice).
 #[test]
@@ -161,6 +234,10 @@ fn the_simd_kernels_run_where_the_cpu_has_them() {
         && is_x86_feature_detected!("f16c")
     {
         assert!(Isa::available().contains(&Isa::Avx2));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bitalg") {
+        assert!(Isa::available().contains(&Isa::Avx512Vnni));
     }
     assert_eq!(Isa::available()[0], Isa::Scalar);
 }

@@ -75,6 +75,9 @@ struct Args {
 fn main() -> ExitCode {
     mbq::runtime::quiet_headless_vulkan();
     let args = Args::parse();
+    // Packed rows with int8 activations where the CPU has the integer
+    // kernels (see `mbq::backend::cpu::Isa`); MBQ_CPU_ISA=avx512 keeps f32.
+    mbq::backend::cpu::set_int8_activations(true);
     match real_main(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

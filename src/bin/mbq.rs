@@ -443,6 +443,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_body_bytes,
             allow_local_files,
         } => {
+            // The runtime: packed rows with int8 activations where the CPU
+            // has the integer kernels (see `mbq::backend::cpu::Isa`).
+            mbq::backend::cpu::set_int8_activations(true);
             let dir = mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?;
             let model_id = model_id.unwrap_or_else(|| {
                 std::fs::canonicalize(&dir)
@@ -518,6 +521,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
+            mbq::backend::cpu::set_int8_activations(true);
             let levels = mbq::bench::serve::parse_levels(&concurrency)?;
             let model = mbq::runtime::resolve_model(model.as_deref(), |m| eprintln!("{m}"))?;
             let image = match image {
@@ -560,6 +564,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             vocab,
         } => synth(&like, &out, seed, layers, &dtype, vision_layers, vocab),
         Cmd::Bench { what } => {
+            mbq::backend::cpu::set_int8_activations(true);
             let backend = match &what {
                 BenchCmd::Gemv { backend, .. } | BenchCmd::Decode { backend, .. } => {
                     backend.clone()
@@ -756,7 +761,11 @@ impl mbq::backend::BackendJob for BenchJob<'_> {
         device: &str,
     ) -> mbq::error::Result<anyhow::Result<BenchOut>> {
         let name = match be.name() {
-            "cpu" => "cpu".to_string(),
+            "cpu" => {
+                let isa = mbq::backend::cpu::Isa::detect();
+                eprintln!("cpu kernels: {}", isa.name());
+                "cpu".to_string()
+            }
             kind => format!("{kind} ({device})"),
         };
         Ok(bench_on(be, &name, self))

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::dot;
 use super::linear::GEMM_ROWS;
+use super::math::softmax_in_place;
 use super::OutPtr;
 use crate::backend::AttnShape;
 
@@ -99,15 +100,7 @@ fn blocked_attention(
             }
             for (i, row) in scores.chunks_exact_mut(m).enumerate() {
                 let len = visible(r0 + i).min(m);
-                let max = row[..len].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in row[..len].iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for s in row[..len].iter_mut() {
-                    *s /= sum;
-                }
+                softmax_in_place(&mut row[..len]);
                 row[len..].iter_mut().for_each(|s| *s = 0.0);
             }
             // SAFETY: rows r0..r0 + rows, columns h*d..(h+1)*d of `out` are this
@@ -156,15 +149,9 @@ fn attend_row(
     let mut scores: Vec<f32> = (0..len)
         .map(|j| dot(q, &k[j * stride + off..j * stride + off + d]) * scale)
         .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
+    softmax_in_place(&mut scores);
     out.iter_mut().for_each(|o| *o = 0.0);
-    for (j, s) in scores.iter().enumerate() {
-        let p = s / sum;
+    for (j, &p) in scores.iter().enumerate() {
         let vr = &v[j * stride + off..j * stride + off + d];
         for (o, &x) in out.iter_mut().zip(vr) {
             *o += p * x;

@@ -147,19 +147,16 @@ fn rows_linear(isa: Isa, x: &[f32], rows: usize, w: &CpuWeight) -> Vec<f32> {
                         CpuWeight::Packed(p) => {
                             kernels::packed_rows(p, o0, &prepared[r], ys, scratch)
                         }
-                        w => {
+                        CpuWeight::F16 { data, .. } => {
+                            kernels::f16_rows(isa, data, inp, o0, xr[r], ys)
+                        }
+                        CpuWeight::BF16 { data, .. } => {
+                            kernels::bf16_rows(isa, data, inp, o0, xr[r], ys)
+                        }
+                        CpuWeight::Dense(t) => {
                             for (i, y) in ys.iter_mut().enumerate() {
                                 let span = (o0 + i) * inp..(o0 + i + 1) * inp;
-                                *y = match w {
-                                    CpuWeight::Dense(t) => super::dot(&t.data[span], xr[r]),
-                                    CpuWeight::F16 { data, .. } => {
-                                        kernels::f16_row(isa, &data[span], xr[r])
-                                    }
-                                    CpuWeight::BF16 { data, .. } => {
-                                        kernels::bf16_row(isa, &data[span], xr[r])
-                                    }
-                                    CpuWeight::Packed(_) => unreachable!("matched above"),
-                                };
+                                *y = super::dot(&t.data[span], xr[r]);
                             }
                         }
                     }

@@ -9,8 +9,9 @@
 mod attention;
 mod kernels;
 mod linear;
+mod math;
 
-pub use kernels::Isa;
+pub use kernels::{q8, set_int8_activations, Isa};
 pub use linear::{linear_with, reference_linear, CpuWeight, GEMM_ROWS, TILE};
 
 use rayon::prelude::*;
@@ -74,18 +75,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + s
 }
 
+/// One value through an activation (the definition the row loops of
+/// `math.rs` use, and the backward pass's).
 pub fn act_fn(x: f32, act: Act) -> f32 {
-    match act {
-        Act::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
-        Act::GeluTanh => {
-            let c = (2.0f32 / std::f32::consts::PI).sqrt();
-            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-        }
-        Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
-        Act::Silu => x / (1.0 + (-x).exp()),
-        Act::Relu => x.max(0.0),
-    }
+    math::act(x, act)
 }
+
+/// Values a task of the elementwise ops.
+const ELEMENTWISE_CHUNK: usize = 16 * 1024;
 
 impl Backend for Cpu {
     type Tensor = Tensor;
@@ -241,17 +238,17 @@ impl Backend for Cpu {
     }
 
     fn act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        let data = x.data.par_iter().map(|&v| act_fn(v, act)).collect();
+        let mut data = x.data.clone();
+        data.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .for_each(|c| math::act_in_place(c, act));
         Tensor::new(x.shape.clone(), data)
     }
 
     fn gated_unchecked(&self, gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
-        let data = gate
-            .data
-            .par_iter()
-            .zip(&up.data)
-            .map(|(&g, &u)| act_fn(g, act) * u)
-            .collect();
+        let mut data = gate.data.clone();
+        data.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(up.data.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(g, u)| math::gated_in_place(g, u, act));
         Tensor::new(gate.shape.clone(), data)
     }
 

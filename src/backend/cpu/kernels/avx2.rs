@@ -220,18 +220,18 @@ unsafe fn half_row(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn f16_row(w: &[f16], x: &[f32]) -> f32 {
+pub unsafe fn f16_row(w: &[u16], x: &[f32]) -> f32 {
     let n = w.len().min(x.len());
     let widen = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-    let (mut s, k) = half_row(n, w.as_ptr() as *const u16, x.as_ptr(), widen);
+    let (mut s, k) = half_row(n, w.as_ptr(), x.as_ptr(), widen);
     for i in k..n {
-        s += w[i].to_f32() * x[i];
+        s += f16::from_bits(w[i]).to_f32() * x[i];
     }
     s
 }
 
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn bf16_row(w: &[bf16], x: &[f32]) -> f32 {
+pub unsafe fn bf16_row(w: &[u16], x: &[f32]) -> f32 {
     let n = w.len().min(x.len());
     // bf16 is the high half of an f32: widen and shift.
     let widen = |p: *const u16| {
@@ -240,9 +240,9 @@ pub unsafe fn bf16_row(w: &[bf16], x: &[f32]) -> f32 {
             16,
         ))
     };
-    let (mut s, k) = half_row(n, w.as_ptr() as *const u16, x.as_ptr(), widen);
+    let (mut s, k) = half_row(n, w.as_ptr(), x.as_ptr(), widen);
     for i in k..n {
-        s += w[i].to_f32() * x[i];
+        s += bf16::from_bits(w[i]).to_f32() * x[i];
     }
     s
 }

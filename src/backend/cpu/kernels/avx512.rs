@@ -1,8 +1,8 @@
-//! The AVX-512F kernels (sixteen lanes) for packed rows, over `R` output
-//! rows at once (four for W4 / W8, one for W3): each activation vector is
-//! loaded once for the `R` rows (the activations, four
-//! bytes a code, would otherwise be read from L1 once per row and
-//! bound the kernel).
+//! The AVX-512F kernels (sixteen lanes) for packed and 16-bit float rows,
+//! over `R` output rows at once (four for W4 / W8 and f16 / bf16, one for
+//! W3): each activation vector is loaded once for the `R` rows (the
+//! activations, four bytes a weight, would otherwise be read once per row
+//! and bound the kernel; a long row's activations do not fit L1).
 
 use std::arch::x86_64::*;
 
@@ -147,4 +147,65 @@ pub unsafe fn rows<const R: usize>(
         4 => packed_rows::<R, 4>(wp, row_words, sz, wpg, x),
         _ => packed_rows::<R, 8>(wp, row_words, sz, wpg, x),
     }
+}
+
+/// `R` rows of 16-bit floats (`n` values each, row `r` at `wp + r *
+/// stride`) dotted with `x`; `widen` turns sixteen of them into f32. Two
+/// accumulators a row.
+#[inline(always)]
+unsafe fn half_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+    widen: impl Fn(*const u16) -> __m512,
+) -> [f32; R] {
+    let xp = x.as_ptr();
+    let mut a = [[_mm512_setzero_ps(); 2]; R];
+    let mut k = 0;
+    while k + 32 <= n {
+        let x0 = _mm512_loadu_ps(xp.add(k));
+        let x1 = _mm512_loadu_ps(xp.add(k + 16));
+        for r in 0..R {
+            let p = wp.add(r * stride + k);
+            a[r][0] = _mm512_fmadd_ps(widen(p), x0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(widen(p.add(16)), x1, a[r][1]);
+        }
+        k += 32;
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+    }
+    out
+}
+
+/// `R` f16 rows (the first `n - n % 32` values; the caller adds the rest).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub unsafe fn f16_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+) -> [f32; R] {
+    let widen = |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+    half_rows::<R>(wp, stride, n, x, widen)
+}
+
+/// `R` bf16 rows (the first `n - n % 32` values; the caller adds the rest).
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn bf16_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+) -> [f32; R] {
+    // bf16 is the high half of an f32: widen and shift.
+    let widen = |p: *const u16| {
+        _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+            16,
+        ))
+    };
+    half_rows::<R>(wp, stride, n, x, widen)
 }

@@ -3,11 +3,19 @@
 //! the weight: packed W3 / W4 / W8 codes, f16, bf16 and f32.
 //!
 //! Each kernel has a scalar version (any CPU), an AVX2 + FMA (+ F16C)
-//! version (`avx2.rs`) and, for packed rows, an AVX-512F one
-//! (`avx512.rs`), chosen at run time ([`Isa::detect`]); the tests run every
-//! version this CPU has against the plain reference of `linear.rs` on odd
-//! shapes and every group size. No NEON version yet: aarch64 runs the
-//! scalar loops (which the compiler vectorises where it can).
+//! version (`avx2.rs`) and an AVX-512F one (`avx512.rs`: packed rows,
+//! and f16 / bf16 rows four at a time), chosen at run time
+//! ([`Isa::detect`]); the tests run every version this CPU has against the
+//! plain reference of `linear.rs` on odd shapes and every group size. No
+//! NEON version yet: aarch64 runs the scalar loops (which the compiler
+//! vectorises where it can).
+//!
+//! The runtime (not the library's default) may also round a packed row's
+//! activations to int8 blocks (`q8.rs`) and take integer dot products
+//! (`vnni.rs`, AVX-512 VNNI): what llama.cpp does, three to four times
+//! fewer instructions a weight; tested against the plain reference
+//! applied to the rounded activations, and the rounding against its
+//! half-a-step bound.
 //!
 //! Packed rows are never dequantized: a group's product is
 //! `s * (sum_k q_k x_k - z * sum_k x_k)`, so the kernels only turn codes
@@ -19,6 +27,8 @@
 //! activation row is reordered once per row to match
 //! ([`PackedInput::new`]): that is the layout trick of GPU W4 kernels,
 //! done on the activations instead of the weights.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use half::{bf16, f16};
 
@@ -32,14 +42,31 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA + F16C, detected at run time.
     Avx2,
     /// x86-64 AVX-512F on top of AVX2: the packed kernels at sixteen lanes,
-    /// W3's high bit plane added under a mask (dense rows as AVX2).
+    /// W3's high bit plane added under a mask; f16 / bf16 rows four at a
+    /// time.
     Avx512,
+    /// AVX-512 with VNNI, BW, VL and BITALG: packed rows as integer dot
+    /// products with the activations rounded to int8 blocks (`q8.rs`), as
+    /// llama.cpp does; everything else as [`Isa::Avx512`].
+    Avx512Vnni,
 }
 
 impl Isa {
-    /// The best kernels this CPU runs. `MBQ_CPU_ISA=scalar` forces the
-    /// scalar ones (to compare, or to rule the SIMD code out).
+    /// The kernels linears use: the best this CPU runs, but the integer
+    /// kernels ([`Isa::Avx512Vnni`], int8 activations) only after
+    /// [`set_int8_activations`] (the runtime commands turn them on; the
+    /// library, calibration and the tests' references stay exact).
+    /// `MBQ_CPU_ISA=scalar|avx2|avx512` caps the choice (to compare, to
+    /// rule the SIMD code out, or to keep activations in f32: `avx512`).
     pub fn detect() -> Isa {
+        match Isa::best() {
+            Isa::Avx512Vnni if !INT8_ACTIVATIONS.load(Ordering::Relaxed) => Isa::Avx512,
+            isa => isa,
+        }
+    }
+
+    /// The best kernels this CPU runs, within `MBQ_CPU_ISA`.
+    fn best() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             let all = Isa::available();
@@ -47,6 +74,7 @@ impl Isa {
             match std::env::var("MBQ_CPU_ISA").as_deref() {
                 Ok("scalar") => Isa::Scalar,
                 Ok("avx2") if all.contains(&Isa::Avx2) => Isa::Avx2,
+                Ok("avx512") if all.contains(&Isa::Avx512) => Isa::Avx512,
                 _ => best,
             }
         })
@@ -64,6 +92,13 @@ impl Isa {
             v.push(Isa::Avx2);
             if is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
+                if is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512bitalg")
+                {
+                    v.push(Isa::Avx512Vnni);
+                }
             }
         }
         v
@@ -74,8 +109,20 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma+f16c",
             Isa::Avx512 => "avx512f",
+            Isa::Avx512Vnni => "avx512-vnni (int8 activations)",
         }
     }
+}
+
+static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
+
+/// Let packed rows (decode) round their activations to int8 blocks and
+/// use the integer kernels where the CPU has them (AVX-512 VNNI), as
+/// llama.cpp does: faster, within half an int8 step of the f32 product
+/// (`q8.rs`). Off by default; `mbq-run`, `mbq serve` and `mbq bench` turn
+/// it on.
+pub fn set_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
 }
 
 /// Lanes of the AVX2 kernels: u32 code words (or f32 values) a vector.
@@ -116,6 +163,8 @@ fn avx512_layout(bits: u32, group_size: usize, inp: usize) -> bool {
 /// per group (for the zero points).
 pub struct PackedInput {
     isa: Isa,
+    /// The row as int8 blocks (`Isa::Avx512Vnni` only).
+    q8: Option<q8::Q8Row>,
     /// The activations in the kernel's order (the row as is for scalar).
     x: Vec<f32>,
     /// The row as is (AVX-512 W3 adds it under the high-bit masks).
@@ -127,20 +176,31 @@ pub struct PackedInput {
 impl PackedInput {
     pub fn new(isa: Isa, w: &PackedLinear, x: &[f32]) -> PackedInput {
         let g = w.group_size;
+        if isa == Isa::Avx512Vnni && q8::layout(w.bits, g) {
+            let q8 = q8::Q8Row::new(w.bits, g, x);
+            return PackedInput {
+                isa,
+                x: Vec::new(),
+                natural: Vec::new(),
+                sums: q8.sums.clone(),
+                q8: Some(q8),
+            };
+        }
         let sums = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
         let isa = match isa {
-            Isa::Avx512 if avx512_layout(w.bits, g, w.inp) => Isa::Avx512,
-            Isa::Avx512 | Isa::Avx2 if simd_layout(w.bits, g, w.inp) => Isa::Avx2,
+            Isa::Avx512 | Isa::Avx512Vnni if avx512_layout(w.bits, g, w.inp) => Isa::Avx512,
+            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2 if simd_layout(w.bits, g, w.inp) => Isa::Avx2,
             _ => Isa::Scalar,
         };
         let (xr, natural) = match isa {
             Isa::Scalar => (x.to_vec(), Vec::new()),
             Isa::Avx2 => (reorder(x, w.bits, LANES), Vec::new()),
             Isa::Avx512 if w.bits == 3 => (reorder_w3_pairs(x), x.to_vec()),
-            Isa::Avx512 => (reorder(x, w.bits, 16), Vec::new()),
+            _ => (reorder(x, w.bits, 16), Vec::new()),
         };
         PackedInput {
             isa,
+            q8: None,
             x: xr,
             natural,
             sums,
@@ -214,6 +274,31 @@ pub fn packed_rows(
             .sum()
     };
     let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(q8) = &xin.q8 {
+        // Four rows at a time, then one.
+        while i < n {
+            let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
+            let sz = &scratch[i * groups * 2..];
+            // SAFETY: `q8` is only made under `Isa::Avx512Vnni` (AVX-512F,
+            // BW, VL, VNNI, BITALG, AVX2, FMA, F16C) for a layout
+            // `q8::layout` accepts; rows i..i + 4 (or i) lie inside the
+            // weight.
+            if i + 4 <= n {
+                let d =
+                    unsafe { vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, &q8.q, &q8.lane_d) };
+                for (k, d) in d.into_iter().enumerate() {
+                    y[i + k] = d - zero_term(i + k);
+                }
+                i += 4;
+            } else {
+                let [d] =
+                    unsafe { vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, &q8.q, &q8.lane_d) };
+                y[i] = d - zero_term(i);
+                i += 1;
+            }
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if xin.isa == Isa::Avx512 {
         // Four rows at a time (W4, W8), then one.
@@ -329,33 +414,105 @@ fn packed_row_scalar(words: &[u32], sz: &[f32], bits: u32, g: usize, x: &[f32]) 
     total
 }
 
-/// A dense row stored as f16, bf16 or f32, dotted with `x`.
-pub fn f16_row(isa: Isa, w: &[f16], x: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::f16_row(w, x) },
-        _ => {
-            let mut acc = [0.0f32; 8];
-            for (k, (a, b)) in w.iter().zip(x).enumerate() {
-                acc[k % 8] += a.to_f32() * b;
-            }
-            acc.iter().sum()
-        }
+/// Rows `o0..o0 + y.len()` of a dense `[out, inp]` weight stored as f16
+/// (`data`), dotted with `x`, into `y`.
+pub fn f16_rows(isa: Isa, data: &[f16], inp: usize, o0: usize, x: &[f32], y: &mut [f32]) {
+    half_rows(isa, data, inp, o0, x, y, Half::F16)
+}
+
+/// [`f16_rows`] for bf16.
+pub fn bf16_rows(isa: Isa, data: &[bf16], inp: usize, o0: usize, x: &[f32], y: &mut [f32]) {
+    // SAFETY: bf16 and u16 have the same size and alignment.
+    let bits = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u16, data.len()) };
+    half_rows(isa, bits, inp, o0, x, y, Half::BF16)
+}
+
+#[derive(Clone, Copy)]
+enum Half {
+    F16,
+    BF16,
+}
+
+fn half_to_f32(v: u16, kind: Half) -> f32 {
+    match kind {
+        Half::F16 => f16::from_bits(v).to_f32(),
+        Half::BF16 => bf16::from_bits(v).to_f32(),
     }
 }
 
-pub fn bf16_row(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
+fn half_rows<T: Copy>(
+    isa: Isa,
+    data: &[T],
+    inp: usize,
+    o0: usize,
+    x: &[f32],
+    y: &mut [f32],
+    kind: Half,
+) {
+    assert!(std::mem::size_of::<T>() == 2 && data.len() >= (o0 + y.len()) * inp);
+    // SAFETY: T is f16 or u16 (two bytes, checked above).
+    let bits = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u16, data.len()) };
+    let row = |i: usize| &bits[(o0 + i) * inp..(o0 + i + 1) * inp];
+    // The values a SIMD kernel left out at the end of a row.
+    let tail = |i: usize, from: usize| -> f32 {
+        row(i)[from..]
+            .iter()
+            .zip(&x[from..inp])
+            .map(|(&w, &xv)| half_to_f32(w, kind) * xv)
+            .sum()
+    };
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: chosen only when the CPU has AVX2 and FMA.
-        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::bf16_row(w, x) },
-        _ => {
-            let mut acc = [0.0f32; 8];
-            for (k, (a, b)) in w.iter().zip(x).enumerate() {
-                acc[k % 8] += a.to_f32() * b;
+        Isa::Avx512 | Isa::Avx512Vnni => {
+            let done = inp - inp % 32;
+            let mut i = 0;
+            while i < y.len() {
+                let wp = row(i).as_ptr();
+                // SAFETY: Avx512 is only detected with AVX-512F, AVX2, FMA
+                // and F16C; rows i..i + 4 (or i) lie inside `data` (asserted).
+                if i + 4 <= y.len() {
+                    let d = unsafe {
+                        match kind {
+                            Half::F16 => avx512::f16_rows::<4>(wp, inp, done, x),
+                            Half::BF16 => avx512::bf16_rows::<4>(wp, inp, done, x),
+                        }
+                    };
+                    for (k, d) in d.into_iter().enumerate() {
+                        y[i + k] = d + tail(i + k, done);
+                    }
+                    i += 4;
+                } else {
+                    let [d] = unsafe {
+                        match kind {
+                            Half::F16 => avx512::f16_rows::<1>(wp, inp, done, x),
+                            Half::BF16 => avx512::bf16_rows::<1>(wp, inp, done, x),
+                        }
+                    };
+                    y[i] = d + tail(i, done);
+                    i += 1;
+                }
             }
-            acc.iter().sum()
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
+        Isa::Avx2 => {
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = unsafe {
+                    match kind {
+                        Half::F16 => avx2::f16_row(row(i), x),
+                        Half::BF16 => avx2::bf16_row(row(i), x),
+                    }
+                };
+            }
+        }
+        _ => {
+            for (i, y) in y.iter_mut().enumerate() {
+                let mut acc = [0.0f32; 8];
+                for (k, (&w, &xv)) in row(i).iter().zip(x).enumerate() {
+                    acc[k % 8] += half_to_f32(w, kind) * xv;
+                }
+                *y = acc.iter().sum();
+            }
         }
     }
 }
@@ -365,3 +522,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // rows index several arrays at once
 mod avx512;
+pub mod q8;
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // rows index several arrays at once
+mod vnni;
