@@ -10,6 +10,7 @@
 //! [`backend::cpu`] is the reference; [`backend::open`] opens one) ->
 //! [`model`] (the network, defined once: vision tower, decoder layer with
 //! taps, LLaVA / OneVision composition) -> [`preprocess`], [`anyres`],
+//! [`preprocess_qwen`], [`preprocess_internvl`],
 //! [`processor`], [`chat_template`] (the HF processor) -> [`generate`]
 //! (prefill + decode), [`chat`] (multi-turn sessions reusing the cache) ->
 //! [`runtime`], [`eval`], [`bench`], [`calib`]
@@ -30,6 +31,8 @@ pub mod generate;
 pub mod inspect;
 pub mod model;
 pub mod preprocess;
+pub mod preprocess_internvl;
+pub mod preprocess_qwen;
 pub mod processor;
 pub mod progress;
 pub mod quant;

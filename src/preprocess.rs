@@ -78,8 +78,8 @@ pub struct ImageProcessorConfig {
     pub do_pad: bool,
 }
 
-const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 const IMAGENET_STANDARD: [f64; 3] = [0.5, 0.5, 0.5];
 
 impl ImageProcessorConfig {
@@ -144,33 +144,7 @@ impl ImageProcessorConfig {
     /// `processor_config.json`; in either, the settings nested under
     /// `"image_processor"` (transformers 5 layout) win over the top level.
     pub fn load(model_dir: &Path) -> Result<ImageProcessorConfig> {
-        let path = ["preprocessor_config.json", "processor_config.json"]
-            .iter()
-            .map(|name| model_dir.join(name))
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::Missing {
-                path: model_dir.join("preprocessor_config.json"),
-                what: "image processor config (preprocessor_config.json or processor_config.json)"
-                    .into(),
-            })?;
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&path, format!("invalid JSON: {e}")))?;
-        // processor_config.json of transformers 4 holds only the processor's
-        // own settings; without preprocessor_config.json beside it the image
-        // settings are missing, and that file is what to name.
-        let has_image_settings = json.get("image_processor").is_some()
-            || json.get("image_processor_type").is_some()
-            || json.get("feature_extractor_type").is_some();
-        if !has_image_settings && path.ends_with("processor_config.json") {
-            return Err(Error::Missing {
-                path: model_dir.join("preprocessor_config.json"),
-                what: format!(
-                    "image processor config; {} has no image processor settings (no \"image_processor\" or \"image_processor_type\")",
-                    path.display()
-                ),
-            });
-        }
+        let (path, json) = read_image_processor_json(model_dir)?;
         Self::from_json(&path, &json)
     }
 
@@ -182,14 +156,7 @@ impl ImageProcessorConfig {
                 format!("key \"{key}\": expected {expected}, found {found}"),
             )
         };
-        let root = json
-            .as_object()
-            .ok_or_else(|| bad("(top level)", "a JSON object", json))?;
-        let obj = match root.get("image_processor") {
-            Some(Value::Object(nested)) => nested,
-            Some(other) => return Err(bad("image_processor", "a JSON object", other)),
-            None => root,
-        };
+        let obj = image_settings(path, json)?;
         let type_key = if obj.contains_key("image_processor_type") {
             "image_processor_type"
         } else {
@@ -313,16 +280,171 @@ impl ImageProcessorConfig {
     }
 }
 
+/// The image processor config file of a model directory and its JSON:
+/// `preprocessor_config.json` if present, else `processor_config.json`
+/// (transformers 5 writes only the latter, with the settings nested under
+/// `"image_processor"`; see [`image_settings`]).
+pub fn read_image_processor_json(model_dir: &Path) -> Result<(PathBuf, Value)> {
+    let path = ["preprocessor_config.json", "processor_config.json"]
+        .iter()
+        .map(|name| model_dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::Missing {
+            path: model_dir.join("preprocessor_config.json"),
+            what: "image processor config (preprocessor_config.json or processor_config.json)"
+                .into(),
+        })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&path, format!("invalid JSON: {e}")))?;
+    // processor_config.json of transformers 4 holds only the processor's
+    // own settings; without preprocessor_config.json beside it the image
+    // settings are missing, and that file is what to name.
+    let has_image_settings = json.get("image_processor").is_some()
+        || json.get("image_processor_type").is_some()
+        || json.get("feature_extractor_type").is_some();
+    if !has_image_settings && path.ends_with("processor_config.json") {
+        return Err(Error::Missing {
+                path: model_dir.join("preprocessor_config.json"),
+                what: format!(
+                    "image processor config; {} has no image processor settings (no \"image_processor\" or \"image_processor_type\")",
+                    path.display()
+                ),
+            });
+    }
+    Ok((path, json))
+}
+
+/// The object holding the image processor settings: the one nested under
+/// `"image_processor"` when there is one (transformers 5 layout), else the top level.
+pub fn image_settings<'a>(path: &Path, json: &'a Value) -> Result<&'a Map<String, Value>> {
+    let bad = |key: &str, found: &Value| {
+        Error::config(
+            path,
+            format!("key \"{key}\": expected a JSON object, found {found}"),
+        )
+    };
+    let root = json.as_object().ok_or_else(|| bad("(top level)", json))?;
+    match root.get("image_processor") {
+        Some(Value::Object(nested)) => Ok(nested),
+        Some(other) => Err(bad("image_processor", other)),
+        None => Ok(root),
+    }
+}
+
+/// Typed reads of an image processor settings object, with errors that name
+/// the file, the key, what was expected and what was found. A `null` value
+/// counts as absent (transformers then uses its default).
+pub(crate) struct Settings<'a> {
+    pub path: &'a Path,
+    pub obj: &'a Map<String, Value>,
+}
+
+impl Settings<'_> {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn bad(&self, key: &str, expected: &str, found: &Value) -> Error {
+        Error::config(
+            self.path,
+            format!("key \"{key}\": expected {expected}, found {found}"),
+        )
+    }
+
+    /// `image_processor_type` (or the older `feature_extractor_type`) as written.
+    pub fn processor_type(&self) -> Result<(&'static str, String)> {
+        let key = if self.obj.contains_key("image_processor_type") {
+            "image_processor_type"
+        } else {
+            "feature_extractor_type"
+        };
+        match self.obj.get(key) {
+            Some(Value::String(s)) => Ok((key, s.clone())),
+            Some(other) => Err(self.bad(key, "a class name string", other)),
+            None => Err(Error::config(
+                self.path,
+                "key \"image_processor_type\" is missing",
+            )),
+        }
+    }
+
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            Some(v) => v.as_bool().ok_or_else(|| self.bad(key, "true or false", v)),
+            None => Ok(default),
+        }
+    }
+
+    /// A positive integer (`Ok(None)` when absent).
+    pub fn positive(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            Some(v) => positive(v)
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a positive integer", v)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn number(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number", v)),
+            None => Ok(default),
+        }
+    }
+
+    pub fn triple(&self, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+        match self.get(key) {
+            Some(v) => {
+                parse_triple(v).ok_or_else(|| self.bad(key, "a number or a list of 3 numbers", v))
+            }
+            None => Ok(default),
+        }
+    }
+
+    pub fn resample(&self, default: Filter) -> Result<Filter> {
+        match self.get("resample") {
+            Some(v) => v.as_i64().and_then(Filter::from_pil).ok_or_else(|| {
+                self.bad(
+                    "resample",
+                    "a PIL filter code this crate implements: 2 (bilinear) or 3 (bicubic)",
+                    v,
+                )
+            }),
+            None => Ok(default),
+        }
+    }
+
+    /// `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`.
+    pub fn pixel_norm(&self, mean: [f64; 3], std: [f64; 3]) -> Result<PixelNorm> {
+        let norm = PixelNorm {
+            do_rescale: self.bool("do_rescale", true)?,
+            rescale_factor: self.number("rescale_factor", 1.0 / 255.0)?,
+            do_normalize: self.bool("do_normalize", true)?,
+            image_mean: self.triple("image_mean", mean)?,
+            image_std: self.triple("image_std", std)?,
+        };
+        if norm.do_normalize && norm.image_std.contains(&0.0) {
+            return Err(self.bad(
+                "image_std",
+                "non-zero values",
+                self.get("image_std").unwrap_or(&Value::Null),
+            ));
+        }
+        Ok(norm)
+    }
+}
+
 /// Load the image processor settings of a model directory
 /// (see [`ImageProcessorConfig::load`]).
 pub fn load(model_dir: &Path) -> Result<ImageProcessorConfig> {
     ImageProcessorConfig::load(model_dir)
 }
 
-const SIZE_EXPECTED: &str =
+pub(crate) const SIZE_EXPECTED: &str =
     "{\"shortest_edge\": N}, {\"height\": H, \"width\": W}, [H, W] or a positive integer";
 
-enum ParsedSize {
+pub(crate) enum ParsedSize {
     Int(usize),
     Spec(SizeSpec),
 }
@@ -331,13 +453,13 @@ fn obj_get<'a>(obj: &'a Map<String, Value>, key: &str) -> &'a Value {
     obj.get(key).unwrap_or(&Value::Null)
 }
 
-fn positive(v: &Value) -> Option<usize> {
+pub(crate) fn positive(v: &Value) -> Option<usize> {
     v.as_u64()
         .filter(|&n| n > 0)
         .and_then(|n| usize::try_from(n).ok())
 }
 
-fn parse_size(v: &Value) -> Option<ParsedSize> {
+pub(crate) fn parse_size(v: &Value) -> Option<ParsedSize> {
     match v {
         Value::Number(_) => positive(v).map(ParsedSize::Int),
         Value::Array(a) if a.len() == 2 => Some(ParsedSize::Spec(SizeSpec::HeightWidth {
@@ -362,7 +484,7 @@ fn parse_size(v: &Value) -> Option<ParsedSize> {
     }
 }
 
-fn parse_triple(v: &Value) -> Option<[f64; 3]> {
+pub(crate) fn parse_triple(v: &Value) -> Option<[f64; 3]> {
     match v {
         Value::Number(n) => n.as_f64().map(|x| [x; 3]),
         Value::Array(a) if a.len() == 3 => Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?]),
@@ -685,28 +807,53 @@ pub fn tiles_to_pixel_values(cfg: &ImageProcessorConfig, tiles: &[RgbImage]) -> 
              that are not multiples of the tile size)",
         ));
     }
-    let mean = cfg.image_mean.map(|m| m as f32);
-    let std = cfg.image_std.map(|s| s as f32);
+    let norm = PixelNorm {
+        do_rescale: cfg.do_rescale,
+        rescale_factor: cfg.rescale_factor,
+        do_normalize: cfg.do_normalize,
+        image_mean: cfg.image_mean,
+        image_std: cfg.image_std,
+    };
     let mut out = Vec::with_capacity(tiles.len() * 3 * (w * h) as usize);
     for tile in tiles {
+        norm.push_chw(tile, &mut out);
+    }
+    Ok(out)
+}
+
+/// HF's `rescale` then `normalize` of a `u8` image, with its casts:
+/// `f32(f64(v) * rescale_factor)`, then `(x - f32(mean)) / f32(std)` in `f32`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PixelNorm {
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+}
+
+impl PixelNorm {
+    /// The `f32` value of a `u8` sample of channel `c` (0..3).
+    pub fn value(&self, v: u8, c: usize) -> f32 {
+        let mut f = if self.do_rescale {
+            (f64::from(v) * self.rescale_factor) as f32
+        } else {
+            f32::from(v)
+        };
+        if self.do_normalize {
+            f = (f - self.image_mean[c] as f32) / self.image_std[c] as f32;
+        }
+        f
+    }
+
+    /// Append `img` as `[3, h, w]` values (channel planes, rows top down).
+    pub fn push_chw(&self, img: &RgbImage, out: &mut Vec<f32>) {
         for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    let v = tile.get_pixel(x, y).0[c];
-                    let mut f = if cfg.do_rescale {
-                        (f64::from(v) * cfg.rescale_factor) as f32
-                    } else {
-                        f32::from(v)
-                    };
-                    if cfg.do_normalize {
-                        f = (f - mean[c]) / std[c];
-                    }
-                    out.push(f);
-                }
+            for p in img.pixels() {
+                out.push(self.value(p.0[c], c));
             }
         }
     }
-    Ok(out)
 }
 
 /// Run the configured processor on one RGB image (see [`load_image`]).
