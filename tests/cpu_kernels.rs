@@ -138,6 +138,8 @@ fn dense_stored_weights_match_the_reference() {
         (33, 40),
         (17, 250),
         (TILE + 3, 129),
+        // Long rows: four at a time under AVX-512 (8,192 inputs and more).
+        (6, 8192 + 40),
     ] {
         let vals: Vec<f32> = (0..out * inp).map(|_| rng.random::<f32>() - 0.5).collect();
         let ws = [

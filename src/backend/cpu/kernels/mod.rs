@@ -427,6 +427,13 @@ pub fn bf16_rows(isa: Isa, data: &[bf16], inp: usize, o0: usize, x: &[f32], y: &
     half_rows(isa, bits, inp, o0, x, y, Half::BF16)
 }
 
+/// From this many inputs on, f16 / bf16 rows go four at a time under
+/// AVX-512 (their f32 activations, 32 KiB and more, no longer fit L1, and
+/// one load serves four rows); shorter rows one at a time with AVX2,
+/// which measured faster on them (the 3,584-input LM head: 128 against
+/// 145-162 ms a decode step here).
+const LONG_ROW: usize = 8192;
+
 #[derive(Clone, Copy)]
 enum Half {
     F16,
@@ -463,7 +470,7 @@ fn half_rows<T: Copy>(
     };
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni => {
+        Isa::Avx512 | Isa::Avx512Vnni if inp >= LONG_ROW => {
             let done = inp - inp % 32;
             let mut i = 0;
             while i < y.len() {
@@ -495,7 +502,7 @@ fn half_rows<T: Copy>(
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
             for (i, y) in y.iter_mut().enumerate() {
                 *y = unsafe {
                     match kind {
