@@ -9,7 +9,7 @@ use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::config::VlmConfig;
 use mbq::generate::{build_prompt, prefill};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 

@@ -15,7 +15,7 @@ use crate::generate::{
     build_chat_prompt, decode, embed_prompt, ms, per_s, GenerateOptions, Generation, Prompt,
     Timings,
 };
-use crate::model::llava::Vlm;
+use crate::model::Vlm;
 use crate::preprocess::Preprocessed;
 use crate::processor::Processor;
 
@@ -207,7 +207,9 @@ impl<'a, B: Backend> ChatSession<'a, B> {
         } else {
             x
         };
-        let logits = be.download(&model.text.forward(be, x, cache, start)?)?.data;
+        let logits = be
+            .download(&model.text.forward_at(be, x, cache, start, prompt.rope_pos())?)?
+            .data;
         self.cached = slots;
         timings.prefill_ms = ms(t1);
         timings.prefill_tokens = n - start;
@@ -222,6 +224,7 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             model,
             self.proc,
             cache,
+            prompt.rope_pos(),
             logits,
             n,
             &turn_opts,

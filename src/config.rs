@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llava", "llava_onevision"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llava", "llava_onevision", "qwen2_vl"];
 pub const SUPPORTED_VISION_TYPES: &[&str] = &["clip_vision_model", "siglip_vision_model"];
 pub const SUPPORTED_TEXT_TYPES: &[&str] = &["llama", "qwen2"];
 
@@ -22,12 +22,17 @@ pub enum Arch {
     Llava,
     /// `LlavaOnevisionForConditionalGeneration` (anyres tiling).
     LlavaOnevision,
+    /// `Qwen2VLForConditionalGeneration` (native-resolution vision tower
+    /// with 2-D RoPE and a 2x2 merger, M-RoPE in the language model).
+    Qwen2Vl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VisionKind {
     Clip,
     Siglip,
+    /// `Qwen2VisionTransformerPretrainedModel`.
+    Qwen2Vl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +87,14 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub layer_norm_eps: f32,
     pub hidden_act: Act,
+    /// Qwen2-VL: the side of the block of patches the merger joins into one
+    /// token (1 for CLIP / SigLIP).
+    pub spatial_merge_size: usize,
+    /// Qwen2-VL: frames per patch (an image is one frame, duplicated).
+    pub temporal_patch_size: usize,
+    /// Qwen2-VL: the merger's output width (the language model's hidden
+    /// size); 0 where a separate projector follows the tower.
+    pub out_hidden_size: usize,
 }
 
 impl VisionConfig {
@@ -136,6 +149,9 @@ pub struct TextConfig {
     pub mlp_bias: bool,
     pub hidden_act: Act,
     pub tie_word_embeddings: bool,
+    /// M-RoPE (Qwen2-VL): how many of the `head_dim / 2` frequencies take
+    /// the temporal, height and width position, in that order.
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Debug)]
@@ -179,24 +195,24 @@ const SIZE_KEYS: &[&str] = &[
 ];
 
 /// Typed access to one JSON object with the file name for errors.
-struct Obj<'a> {
-    v: &'a Value,
-    path: &'a Path,
-    ctx: String,
+pub(crate) struct Obj<'a> {
+    pub v: &'a Value,
+    pub path: &'a Path,
+    pub ctx: String,
 }
 
 impl<'a> Obj<'a> {
-    fn key(&self, k: &str) -> String {
+    pub(crate) fn key(&self, k: &str) -> String {
         if self.ctx.is_empty() {
             k.to_string()
         } else {
             format!("{}.{}", self.ctx, k)
         }
     }
-    fn get(&self, k: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
         self.v.get(k).filter(|v| !v.is_null())
     }
-    fn usize(&self, k: &str, default: usize) -> Result<usize> {
+    pub(crate) fn usize(&self, k: &str, default: usize) -> Result<usize> {
         match self.get(k) {
             None => Ok(default),
             Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
@@ -210,13 +226,13 @@ impl<'a> Obj<'a> {
             }),
         }
     }
-    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
+    pub(crate) fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
             None => Ok(None),
             Some(_) => self.usize(k, 0).map(Some),
         }
     }
-    fn f32(&self, k: &str, default: f32) -> Result<f32> {
+    pub(crate) fn f32(&self, k: &str, default: f32) -> Result<f32> {
         match self.get(k) {
             None => Ok(default),
             Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
@@ -227,7 +243,7 @@ impl<'a> Obj<'a> {
             }),
         }
     }
-    fn bool(&self, k: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool(&self, k: &str, default: bool) -> Result<bool> {
         match self.get(k) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| {
@@ -238,7 +254,7 @@ impl<'a> Obj<'a> {
             }),
         }
     }
-    fn str(&self, k: &str, default: &str) -> Result<String> {
+    pub(crate) fn str(&self, k: &str, default: &str) -> Result<String> {
         match self.get(k) {
             None => Ok(default.to_string()),
             Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
@@ -249,10 +265,10 @@ impl<'a> Obj<'a> {
             }),
         }
     }
-    fn act(&self, k: &str, default: &str) -> Result<Act> {
+    pub(crate) fn act(&self, k: &str, default: &str) -> Result<Act> {
         Act::parse(&self.str(k, default)?, self.path, &self.key(k))
     }
-    fn sub(&self, k: &str) -> Option<Obj<'a>> {
+    pub(crate) fn sub(&self, k: &str) -> Option<Obj<'a>> {
         self.get(k).filter(|v| v.is_object()).map(|v| Obj {
             v,
             path: self.path,
@@ -299,6 +315,7 @@ impl VlmConfig {
         let arch = match model_type.as_str() {
             "llava" => Arch::Llava,
             "llava_onevision" => Arch::LlavaOnevision,
+            "qwen2_vl" => return crate::config_qwen::parse_qwen2vl(&top, path),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
@@ -316,7 +333,7 @@ impl VlmConfig {
 
         let (image_token_default, strategy_default, layer_default) = match arch {
             Arch::Llava => (32000, "default", -2),
-            Arch::LlavaOnevision => (151646, "full", -1),
+            Arch::LlavaOnevision | Arch::Qwen2Vl => (151646, "full", -1),
         };
         let image_token_index = top
             .get("image_token_index")
@@ -423,12 +440,12 @@ impl VlmConfig {
         Ok(cfg)
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let bad = |m: String| Err(Error::config(&self.path, m));
         let v = &self.vision;
         // A stride-`patch` convolution: trailing pixels past the last whole
         // patch are ignored (SigLIP 384 / 14 -> 27 x 27), as in PyTorch.
-        if v.patch_size == 0 || v.image_size < v.patch_size {
+        if v.patch_size == 0 || (v.kind != VisionKind::Qwen2Vl && v.image_size < v.patch_size) {
             return bad(format!(
                 "vision_config: image_size {} is smaller than patch_size {}",
                 v.image_size, v.patch_size
@@ -530,7 +547,7 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "clip_vision_model",
-        Arch::LlavaOnevision => "siglip_vision_model",
+        Arch::LlavaOnevision | Arch::Qwen2Vl => "siglip_vision_model",
     };
     let mt = o.str("model_type", default_type)?;
     // Class defaults: (hidden, intermediate, patch, image, layers, heads,
@@ -579,6 +596,9 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
         patch_size: o.usize("patch_size", p)?,
         layer_norm_eps: o.f32("layer_norm_eps", eps)?,
         hidden_act: o.act("hidden_act", act)?,
+        spatial_merge_size: 1,
+        temporal_patch_size: 1,
+        out_hidden_size: 0,
     })
 }
 
@@ -590,7 +610,7 @@ fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "llama",
-        Arch::LlavaOnevision => "qwen2",
+        Arch::LlavaOnevision | Arch::Qwen2Vl => "qwen2",
     };
     let mt = o.str("model_type", default_type)?;
     let kind = match mt.as_str() {
@@ -657,6 +677,7 @@ fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
         mlp_bias: kind == TextKind::Llama && o.bool("mlp_bias", false)?,
         hidden_act: o.act("hidden_act", "silu")?,
         tie_word_embeddings: o.bool("tie_word_embeddings", false)?,
+        mrope_section: None,
     })
 }
 

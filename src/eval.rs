@@ -17,8 +17,9 @@ use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{build_prompt, generate, nll, target_logits, GenerateOptions};
-use crate::model::llava::Vlm;
-use crate::preprocess::{load_image, preprocess, ImageProcessorConfig, Preprocessed};
+use crate::model::Vlm;
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::{load_image, Preprocessed};
 use crate::processor::Processor;
 
 /// The question type whose answers also get a perplexity.
@@ -204,7 +205,7 @@ fn evaluate<B: Backend>(
     let t0 = Instant::now();
     let cfg = VlmConfig::load(&req.model)?;
     let proc = Processor::load(&req.model, cfg.image_token_index)?;
-    let img_cfg = ImageProcessorConfig::load(&req.model)?;
+    let img_cfg = ImageProcessor::load(&req.model)?;
     let weights = crate::weights::WeightFiles::open(&req.model)?;
     let model = Vlm::from_weights(be, cfg, &weights)?;
     let opts = GenerateOptions {
@@ -221,7 +222,7 @@ fn evaluate<B: Backend>(
         if cached.as_ref().map(|c| c.0 != q.image).unwrap_or(true) {
             let path = req.image_folder.join(&q.image);
             let img = load_image(&path)?;
-            cached = Some((q.image.clone(), preprocess(&img_cfg, &img)?));
+            cached = Some((q.image.clone(), img_cfg.preprocess(&img)?));
         }
         let pre = cached.as_ref().map(|c| &c.1);
         let g = generate(be, &model, &proc, &q.prompt, pre, &opts, |_| {})?;

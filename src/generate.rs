@@ -6,7 +6,9 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::chat_template::user_message;
 use crate::error::{Error, Result};
-use crate::model::llava::Vlm;
+use crate::model::decoder::RopePos;
+use crate::model::rope::mrope_positions;
+use crate::model::Vlm;
 use crate::preprocess::Preprocessed;
 use crate::processor::Processor;
 pub use crate::sampling::{argmax, GenerateOptions, Sampler, SamplingDefaults};
@@ -55,9 +57,40 @@ pub struct Prompt {
     pub ids: Vec<u32>,
     /// Each image's first image-token position and count, in order.
     pub image_spans: Vec<(usize, usize)>,
+    /// M-RoPE models with images: the (t, h, w) position of each prompt
+    /// token and the delta of the positions after it.
+    pub mrope: Option<Mrope>,
+}
+
+/// [`RopePos::Multi`]'s data, owned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mrope {
+    pub thw: Vec<[usize; 3]>,
+    pub delta: i64,
 }
 
 impl Prompt {
+    /// Sets [`Prompt::mrope`] when `model` uses M-RoPE and the prompt holds
+    /// `images` (in the order of its image spans).
+    pub fn with_mrope<B: Backend>(mut self, model: &Vlm<B>, images: &[&Preprocessed]) -> Result<Self> {
+        if let Some(grids) = model.mrope_grids(images)?.filter(|g| !g.is_empty()) {
+            let (thw, delta) = mrope_positions(self.ids.len(), &self.image_spans, &grids)?;
+            self.mrope = Some(Mrope { thw, delta });
+        }
+        Ok(self)
+    }
+
+    /// Where the prompt's rows (and the tokens generated after it) sit for RoPE.
+    pub fn rope_pos(&self) -> RopePos<'_> {
+        match &self.mrope {
+            Some(m) => RopePos::Multi {
+                thw: &m.thw,
+                delta: m.delta,
+            },
+            None => RopePos::Sequential,
+        }
+    }
+
     /// The image spans of `ids`: runs of `image_token`, one per image, each
     /// `counts[i]` long. An error if the ids hold anything else.
     pub fn new(ids: Vec<u32>, image_token: u32, counts: &[usize]) -> Result<Prompt> {
@@ -88,6 +121,7 @@ impl Prompt {
         Ok(Prompt {
             ids,
             image_spans: spans,
+            mrope: None,
         })
     }
 }
@@ -116,7 +150,7 @@ pub fn build_chat_prompt<B: Backend>(
 ) -> Result<Prompt> {
     let counts = images
         .iter()
-        .map(|p| model.num_image_tokens(p.image_size))
+        .map(|p| model.num_image_tokens(p))
         .collect::<Result<Vec<_>>>()?;
     let text = proc.render_messages(messages, images.len())?;
     let ids = proc.encode_images(&text, &counts)?;
@@ -127,7 +161,7 @@ pub fn build_chat_prompt<B: Backend>(
             context: ctx,
         });
     }
-    Prompt::new(ids, model.cfg.image_token_index, &counts)
+    Prompt::new(ids, model.cfg.image_token_index, &counts)?.with_mrope(model, images)
 }
 
 /// The decoding loop's bookkeeping, shared by [`generate`] and the server's
@@ -292,7 +326,7 @@ pub fn prefill<B: Backend>(
     cache: &mut B::Cache,
 ) -> Result<Vec<f32>> {
     let x = embed_prompt(be, model, prompt, image_features.as_slice())?;
-    let logits = model.text.forward(be, x, cache, 0)?;
+    let logits = model.text.forward_at(be, x, cache, 0, prompt.rope_pos())?;
     Ok(be.download(&logits)?.data)
 }
 
@@ -323,11 +357,12 @@ pub fn target_logits<B: Backend>(
     let full = Prompt {
         ids,
         image_spans: prompt.image_spans.clone(),
+        mrope: None,
     };
     let x = embed_prompt(be, model, &full, image_features.as_slice())?;
     let ids = full.ids;
     let mut cache = be.new_cache(text.layers.len(), text.kv_dim(), ids.len())?;
-    let x = text.hidden(be, x, &mut cache, 0)?;
+    let x = text.hidden_at(be, x, &mut cache, 0, prompt.rope_pos())?;
     // Row p predicts token p + 1: the target's predictors start one row
     // before it.
     let from = prompt.ids.len() - 1;
@@ -394,7 +429,7 @@ pub fn generate_chat<B: Backend>(
     let features: Vec<&B::Tensor> = embeds.iter().map(|e| &e.features).collect();
     let x = embed_prompt(be, model, &prompt, &features)?;
     let logits = be
-        .download(&model.text.forward(be, x, &mut cache, 0)?)?
+        .download(&model.text.forward_at(be, x, &mut cache, 0, prompt.rope_pos())?)?
         .data;
     timings.prefill_ms = ms(t1);
     timings.prefill_tokens = prompt.ids.len();
@@ -405,6 +440,7 @@ pub fn generate_chat<B: Backend>(
         model,
         proc,
         &mut cache,
+        prompt.rope_pos(),
         logits,
         prompt.ids.len(),
         opts,
@@ -432,6 +468,7 @@ pub fn decode<B: Backend>(
     model: &Vlm<B>,
     proc: &Processor,
     cache: &mut B::Cache,
+    rope: RopePos<'_>,
     mut logits: Vec<f32>,
     pos: usize,
     opts: &GenerateOptions,
@@ -443,7 +480,9 @@ pub fn decode<B: Backend>(
     let t2 = Instant::now();
     while let Some((next, pos)) = steps.step(&logits, &mut on_text)? {
         let x = model.text.embed(be, &[next])?;
-        logits = be.download(&model.text.forward(be, x, cache, pos)?)?.data;
+        logits = be
+            .download(&model.text.forward_at(be, x, cache, pos, rope)?)?
+            .data;
     }
     timings.decode_ms = ms(t2);
     let (text, tokens, stop) = steps.finish(&mut on_text);

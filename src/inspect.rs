@@ -122,6 +122,7 @@ fn arch_name(a: Arch) -> (&'static str, &'static str) {
     match a {
         Arch::Llava => ("llava", "LlavaForConditionalGeneration"),
         Arch::LlavaOnevision => ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
+        Arch::Qwen2Vl => ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     }
 }
 
@@ -141,6 +142,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         kind: match v.kind {
             VisionKind::Clip => "clip",
             VisionKind::Siglip => "siglip",
+            VisionKind::Qwen2Vl => "qwen2_vl",
         }
         .into(),
         layers: v.num_hidden_layers,

@@ -652,6 +652,9 @@ pub struct Preprocessed {
     pub width: usize,
     /// The original (height, width), HF's `image_sizes` entry.
     pub image_size: (usize, usize),
+    /// Qwen2-VL: `image_grid_thw`; `pixel_values` is then
+    /// `[t * h * w, C * T * P * P]` and `height` x `width` the resized image.
+    pub grid_thw: Option<(usize, usize, usize)>,
 }
 
 /// A pixel count as the `u32` the image crate uses.
@@ -875,6 +878,7 @@ pub fn preprocess(cfg: &ImageProcessorConfig, img: &RgbImage) -> Result<Preproce
         height: height as usize,
         width: width as usize,
         image_size: (img.height() as usize, img.width() as usize),
+        grid_thw: None,
     })
 }
 

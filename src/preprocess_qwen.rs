@@ -63,7 +63,7 @@ pub struct QwenVlImageConfig {
 /// The class names (as `image_processor_type`) this module reads.
 pub const QWEN_VL_PROCESSOR_TYPES: &str = "Qwen2VLImageProcessor (and its Fast / Pil variants)";
 
-fn is_qwen_vl_type(name: &str) -> bool {
+pub fn is_qwen_vl_type(name: &str) -> bool {
     let base = name
         .strip_suffix("Fast")
         .or_else(|| name.strip_suffix("Pil"))

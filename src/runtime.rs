@@ -9,8 +9,9 @@ use crate::chat_template::{system_message, user_message};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate_chat, GenerateOptions, Generation};
-use crate::model::llava::Vlm;
-use crate::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use crate::model::Vlm;
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::load_image;
 use crate::processor::Processor;
 
 pub struct Request {
@@ -97,9 +98,9 @@ fn run_on<B: Backend>(
     let proc = Processor::load(&req.model, cfg.image_token_index)?;
     let pre = match &req.image {
         Some(path) => {
-            let img_cfg = ImageProcessorConfig::load(&req.model)?;
+            let img_cfg = ImageProcessor::load(&req.model)?;
             let img = load_image(path)?;
-            Some(preprocess(&img_cfg, &img)?)
+            Some(img_cfg.preprocess(&img)?)
         }
         None => None,
     };

@@ -501,7 +501,10 @@ pub const DECODER_LINEARS: [&str; 7] = [
 /// names (`language_model.model.*`, `language_model.lm_head.*`,
 /// `vision_tower.vision_model.*`); transformers 5 can write them nested under
 /// `model.` (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`
-/// without `vision_model.`), and a mix of both. Each part is found on its own.
+/// without `vision_model.`), and a mix of both. Qwen2-VL's Hub files use
+/// `model.*` for the language model and `visual.*` for the tower with its
+/// merger (`model.language_model.*` and `model.visual.*` from
+/// transformers 5). Each part is found on its own.
 pub struct Prefixes {
     pub text: String,
     pub lm_head: String,
@@ -533,23 +536,32 @@ impl Prefixes {
                 "language_model.model",
                 "model.language_model",
                 "language_model",
+                // Qwen2-VL as transformers 4 wrote it.
+                "model",
             ],
             "embed_tokens.weight",
         )?;
-        let vision = find(
-            &[
-                "vision_tower.vision_model",
-                "model.vision_tower.vision_model",
-                "model.vision_tower",
-                "vision_tower",
-            ],
-            "embeddings.patch_embedding.weight",
-        )?;
-        let projector = find(
-            &["multi_modal_projector", "model.multi_modal_projector"],
-            "linear_1.weight",
-        )?;
-        let lm_head = if text.starts_with("model.") {
+        // Qwen2-VL's tower (`visual`, `model.visual`) holds its merger.
+        let qwen = find(&["visual", "model.visual"], "patch_embed.proj.weight").ok();
+        let (vision, projector) = match qwen {
+            Some(v) => (v.clone(), format!("{v}.merger")),
+            None => (
+                find(
+                    &[
+                        "vision_tower.vision_model",
+                        "model.vision_tower.vision_model",
+                        "model.vision_tower",
+                        "vision_tower",
+                    ],
+                    "embeddings.patch_embedding.weight",
+                )?,
+                find(
+                    &["multi_modal_projector", "model.multi_modal_projector"],
+                    "linear_1.weight",
+                )?,
+            ),
+        };
+        let lm_head = if text == "model" || text.starts_with("model.") {
             "lm_head"
         } else {
             "language_model.lm_head"

@@ -15,7 +15,7 @@ use mbq::backend::Backend;
 use mbq::calib::search::GRID;
 use mbq::calib::{quantize_model, Method, QuantizeOptions};
 use mbq::generate::{generate, GenerateOptions};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use serde_json::Value;

@@ -15,7 +15,7 @@ use mbq::backend::cpu::Cpu;
 use mbq::chat::ChatSession;
 use mbq::chat_template::{system_message, user_message};
 use mbq::generate::{generate_chat, GenerateOptions};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig, Preprocessed};
 use mbq::processor::Processor;
 

@@ -14,7 +14,7 @@ use common::{fixtures, rel_err};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_chat_prompt, embed_prompt};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use mbq::weights::WeightFiles;

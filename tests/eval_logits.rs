@@ -6,7 +6,7 @@ mod common;
 
 use mbq::backend::cpu::Cpu;
 use mbq::generate::{argmax, build_prompt, nll, target_logits};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 

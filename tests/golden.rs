@@ -12,8 +12,9 @@ use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::config::VlmConfig;
 use mbq::generate::{argmax, build_prompt, prefill, Prompt};
-use mbq::model::llava::Vlm;
-use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig, Preprocessed};
+use mbq::model::Vlm;
+use mbq::image_processor::ImageProcessor;
+use mbq::preprocess::{load_image, Preprocessed};
 use mbq::processor::Processor;
 use mbq::tensor::Tensor;
 
@@ -38,9 +39,25 @@ fn load(case: &Case) -> Loaded {
     Loaded { cfg, model, proc }
 }
 
-/// HF's pixel values as a Preprocessed (to feed the vision tower).
-fn reference_pixels(case: &Case) -> Preprocessed {
+/// HF's pixel values as a Preprocessed (to feed the vision tower); `None`
+/// for a text-only case.
+fn reference_pixels(case: &Case) -> Option<Preprocessed> {
+    case.image.as_ref()?;
     let pv = case.f32("pixel_values");
+    if case.has("image_grid_thw") {
+        // Qwen2-VL: rows of patches, the grid says where they are.
+        let g = case.i64("image_grid_thw");
+        let (t, h, w) = (g[0] as usize, g[1] as usize, g[2] as usize);
+        let patch = 14;
+        return Some(Preprocessed {
+            pixel_values: pv.data,
+            num_tiles: 1,
+            height: h * patch,
+            width: w * patch,
+            image_size: (0, 0),
+            grid_thw: Some((t, h, w)),
+        });
+    }
     let (tiles, h, w) = match pv.shape.as_slice() {
         [3, h, w] => (1, *h, *w),
         [t, 3, h, w] => (*t, *h, *w),
@@ -52,37 +69,47 @@ fn reference_pixels(case: &Case) -> Preprocessed {
     } else {
         (h, w)
     };
-    Preprocessed {
+    Some(Preprocessed {
         pixel_values: pv.data,
         num_tiles: tiles,
         height: h,
         width: w,
         image_size,
-    }
+        grid_thw: None,
+    })
+}
+
+/// The cases with an image.
+fn image_cases() -> impl Iterator<Item = Case> {
+    cases().into_iter().filter(|c| c.image.is_some())
 }
 
 #[test]
 fn chat_template_renders_as_transformers() {
     for case in cases() {
         let l = load(&case);
-        let text = l.proc.render(&case.prompt, true).unwrap();
+        let text = l.proc.render(&case.prompt, case.image.is_some()).unwrap();
         assert_eq!(text, case.rendered_prompt, "{}: rendered prompt", case.name);
     }
 }
 
 #[test]
 fn pixel_values_match_hf_image_processor() {
-    for case in cases() {
-        let cfg = ImageProcessorConfig::load(&case.model).unwrap();
-        let img = load_image(&case.image).unwrap();
-        let ours = preprocess(&cfg, &img).unwrap();
-        let reference = reference_pixels(&case);
-        assert_eq!(
-            (ours.num_tiles, ours.height, ours.width),
-            (reference.num_tiles, reference.height, reference.width),
-            "{}: pixel_values shape",
-            case.name
-        );
+    for case in image_cases() {
+        let cfg = ImageProcessor::load(&case.model).unwrap();
+        let img = load_image(case.image.as_ref().unwrap()).unwrap();
+        let ours = cfg.preprocess(&img).unwrap();
+        let reference = reference_pixels(&case).unwrap();
+        if reference.grid_thw.is_some() {
+            assert_eq!(ours.grid_thw, reference.grid_thw, "{}: image_grid_thw", case.name);
+        } else {
+            assert_eq!(
+                (ours.num_tiles, ours.height, ours.width),
+                (reference.num_tiles, reference.height, reference.width),
+                "{}: pixel_values shape",
+                case.name
+            );
+        }
         if case.has("image_sizes") {
             assert_eq!(
                 ours.image_size, reference.image_size,
@@ -90,6 +117,12 @@ fn pixel_values_match_hf_image_processor() {
                 case.name
             );
         }
+        assert_eq!(
+            ours.pixel_values.len(),
+            reference.pixel_values.len(),
+            "{}: pixel_values size",
+            case.name
+        );
         let d = max_abs_diff(&ours.pixel_values, &reference.pixel_values);
         println!("{}: pixel_values max |diff| = {d:.2e}", case.name);
         assert!(d <= PIXEL_TOL, "{}: pixel_values differ by {d}", case.name);
@@ -101,20 +134,52 @@ fn prompt_ids_match_hf_processor() {
     for case in cases() {
         let l = load(&case);
         let pre = reference_pixels(&case);
-        let prompt = build_prompt(&l.model, &l.proc, &case.prompt, Some(&pre)).unwrap();
+        let prompt = build_prompt(&l.model, &l.proc, &case.prompt, pre.as_ref()).unwrap();
         let expected: Vec<u32> = case.i64("input_ids").iter().map(|&x| x as u32).collect();
         assert_eq!(prompt.ids, expected, "{}: input ids", case.name);
     }
 }
 
+/// M-RoPE models: the (t, h, w) position of every prompt token and the
+/// rope delta equal transformers' `get_rope_index`.
 #[test]
-fn vision_projector_and_image_features_match() {
-    for case in cases() {
+fn mrope_positions_match_hf_rope_index() {
+    let mut checked = 0;
+    for case in cases().into_iter().filter(|c| c.has("position_ids")) {
         let l = load(&case);
         let pre = reference_pixels(&case);
+        let prompt = build_prompt(&l.model, &l.proc, &case.prompt, pre.as_ref()).unwrap();
+        let golden = case.i64("position_ids");
+        let n = prompt.ids.len();
+        assert_eq!(golden.len(), 3 * n, "{}: position_ids size", case.name);
+        let (thw, delta) = match &prompt.mrope {
+            Some(m) => (m.thw.clone(), m.delta),
+            None => ((0..n).map(|p| [p; 3]).collect(), 0),
+        };
+        for (i, p) in thw.iter().enumerate() {
+            let want = [golden[i], golden[n + i], golden[2 * n + i]].map(|x| x as usize);
+            assert_eq!(*p, want, "{}: position of token {i}", case.name);
+        }
+        assert_eq!(delta, case.i64("rope_deltas")[0], "{}: rope delta", case.name);
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} cases with position_ids");
+}
+
+#[test]
+fn vision_projector_and_image_features_match() {
+    for case in image_cases() {
+        let l = load(&case);
+        let pre = reference_pixels(&case).unwrap();
         let emb = l.model.encode_image(&Cpu, &pre).unwrap();
         let flat = |ts: &[Tensor]| -> Vec<f32> {
             ts.iter().flat_map(|t| t.data.iter().copied()).collect()
+        };
+        // Qwen2-VL's merger is its projector: its output is image_features.
+        let projector = if case.has("projector_output") {
+            "projector_output"
+        } else {
+            "image_features"
         };
         for (stage, ours, reference) in [
             (
@@ -125,7 +190,7 @@ fn vision_projector_and_image_features_match() {
             (
                 "projector_output",
                 flat(&emb.projector_output),
-                case.f32("projector_output"),
+                case.f32(projector),
             ),
             (
                 "image_features",
@@ -146,7 +211,7 @@ fn vision_projector_and_image_features_match() {
         }
         assert_eq!(
             emb.num_tokens,
-            l.model.num_image_tokens(pre.image_size).unwrap(),
+            l.model.num_image_tokens(&pre).unwrap(),
             "{}: image token count",
             case.name
         );
@@ -160,14 +225,17 @@ fn logits_and_greedy_ids_match() {
         let l = load(&case);
         let ids: Vec<u32> = case.i64("input_ids").iter().map(|&x| x as u32).collect();
         let tok = l.cfg.image_token_index;
-        let first = ids.iter().position(|&t| t == tok);
         let count = ids.iter().filter(|&&t| t == tok).count();
-        let prompt = Prompt {
-            ids: ids.clone(),
-            image_spans: first.map(|f| (f, count)).into_iter().collect(),
-        };
-        let feats = Cpu.upload(&case.f32("image_features")).unwrap();
-        let feats = feats.reshape(vec![count, l.cfg.text.hidden_size]).unwrap();
+        let pre = reference_pixels(&case);
+        let counts: Vec<usize> = pre.iter().map(|_| count).collect();
+        let prompt = Prompt::new(ids.clone(), tok, &counts)
+            .unwrap()
+            .with_mrope(&l.model, &pre.iter().collect::<Vec<_>>())
+            .unwrap();
+        let feats = pre.as_ref().map(|_| {
+            let f = Cpu.upload(&case.f32("image_features")).unwrap();
+            f.reshape(vec![count, l.cfg.text.hidden_size]).unwrap()
+        });
         let greedy: Vec<u32> = case.i64("greedy_ids").iter().map(|&x| x as u32).collect();
         let mut cache = Cpu
             .new_cache(
@@ -176,7 +244,7 @@ fn logits_and_greedy_ids_match() {
                 ids.len() + greedy.len(),
             )
             .unwrap();
-        let logits = prefill(&Cpu, &l.model, &prompt, Some(&feats), &mut cache).unwrap();
+        let logits = prefill(&Cpu, &l.model, &prompt, feats.as_ref(), &mut cache).unwrap();
         let reference = case.f32("logits_last");
         let e = rel_err(&logits, &reference.data);
         println!("{}: logits rel err {e:.2e}", case.name);
@@ -187,7 +255,11 @@ fn logits_and_greedy_ids_match() {
         let mut pos = ids.len();
         while out.len() < greedy.len() {
             let x = l.model.text.embed(&Cpu, &[*out.last().unwrap()]).unwrap();
-            let lg = l.model.text.forward(&Cpu, x, &mut cache, pos).unwrap();
+            let lg = l
+                .model
+                .text
+                .forward_at(&Cpu, x, &mut cache, pos, prompt.rope_pos())
+                .unwrap();
             out.push(argmax(&lg.data));
             pos += 1;
         }

@@ -25,11 +25,13 @@ fn model_arg(p: &Path) -> String {
 fn mbq_run_reproduces_transformers_greedy_ids() {
     for case in cases() {
         let max = case.max_new_tokens.to_string();
-        let out = mbq_run(&[
-            "--model",
-            &model_arg(&case.model),
-            "--image",
-            &model_arg(&case.image),
+        let model = model_arg(&case.model);
+        let mut args = vec!["--model", &model];
+        let image = case.image.as_deref().map(model_arg);
+        if let Some(image) = &image {
+            args.extend(["--image", image]);
+        }
+        args.extend([
             "--prompt",
             &case.prompt,
             "--json",
@@ -39,6 +41,7 @@ fn mbq_run_reproduces_transformers_greedy_ids() {
             "--backend",
             "cpu",
         ]);
+        let out = mbq_run(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success(),

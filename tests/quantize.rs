@@ -14,7 +14,7 @@ use common::{fixtures, rel_err, scratch};
 use mbq::backend::cpu::{Cpu, CpuWeight};
 use mbq::backend::Backend;
 use mbq::generate::{prefill, Prompt};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::quant::format::{META_BITS, META_FORMAT, META_GROUP_SIZE, META_METHOD, META_PACKED};
 use mbq::weights::WeightFiles;
 
@@ -138,6 +138,7 @@ fn logits(out: &Path, c: &QuantCase) -> Vec<f32> {
             .into_iter()
             .collect(),
         ids: ids.clone(),
+        mrope: None,
     };
     let feats = Cpu
         .upload(&c.golden.get_any("image_features").unwrap())

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use common::{copy_dir, fixtures, scratch};
 use mbq::backend::cpu::Cpu;
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::quant::format::{MBQ_WEIGHTS_FILE, META_FORMAT};
 use mbq::quant::writer::{quantize_rtn_dir, Progress};
 use mbq::weights::WeightFiles;

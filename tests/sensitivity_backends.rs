@@ -16,7 +16,7 @@ use std::path::Path;
 use mbq::backend::cpu::Cpu;
 use mbq::backend::{Backend, Grad};
 use mbq::calib::sensitivity::{sample_sensitivity, SampleSensitivity};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -13,7 +13,7 @@ use std::process::Command;
 use mbq::backend::cpu::Cpu;
 use mbq::config::VlmConfig;
 use mbq::generate::{target_logits, Prompt};
-use mbq::model::llava::Vlm;
+use mbq::model::Vlm;
 use mbq::processor::Processor;
 use mbq::synth::{plan, Like, Plan, SynthDtype, SynthOptions, MAX_SHARD_BYTES};
 use mbq::weights::{Prefixes, WeightFiles};

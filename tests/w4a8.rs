@@ -19,7 +19,8 @@ use common::{copy_dir, fixtures, rel_err, scratch};
 use mbq::backend::cpu::{Cpu, CpuWeight};
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_prompt, prefill};
-use mbq::model::llava::Vlm;
+use mbq::model::vlm::ImageEncoder;
+use mbq::model::Vlm;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use mbq::quant::format::{
@@ -246,7 +247,10 @@ fn w4a8_cpu_logits_equal_the_fake_quant_reference() {
             assert!(lin.act_quant && matches!(lin.w, CpuWeight::Packed(_)));
         }
     }
-    assert!(!model.projector.linear_1.act_quant && !model.projector.linear_2.act_quant);
+    let ImageEncoder::Llava(enc) = &model.encoder else {
+        panic!("llava_qwen128 has a LLaVA image encoder");
+    };
+    assert!(!enc.projector.linear_1.act_quant && !enc.projector.linear_2.act_quant);
     let (logits, ids) = run(&Cpu, &model, &m.w4a8);
 
     // The packed weights are the official fake-quantized ones: dequantized

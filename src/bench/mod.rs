@@ -266,6 +266,7 @@ pub fn synthetic_config(name: &str) -> Result<TextConfig> {
         mlp_bias: false,
         hidden_act: Act::Silu,
         tie_word_embeddings: false,
+        mrope_section: None,
     })
 }
 
@@ -555,7 +556,7 @@ pub fn decode_model_dir<B: Backend>(
     tokens: usize,
     mut note: impl FnMut(&str),
 ) -> Result<Vec<DecodeResult>> {
-    use crate::model::llava::Vlm;
+    use crate::model::Vlm;
     let mut out = Vec::new();
     let fp = Vlm::load(be, dir)?;
     out.push(bench_decode(be, &fp.text, WeightKind::F16, prompt, tokens)?);

@@ -23,7 +23,8 @@ use crate::backend::{BackendKind, BackendOptions};
 use crate::chat_template::user_message;
 use crate::error::{Error, Result};
 use crate::generate::GenerateOptions;
-use crate::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::load_image;
 use crate::serve::engine::{Engine, EngineOptions, Event, Job};
 
 pub struct ServeBenchOptions {
@@ -135,8 +136,8 @@ pub fn bench_serve(
     if o.tokens == 0 || o.reps == 0 {
         return Err(Error::invalid("--tokens and --reps must be at least 1"));
     }
-    let cfg = ImageProcessorConfig::load(&o.model)?;
-    let pre = preprocess(&cfg, &load_image(&o.image)?)?;
+    let cfg = ImageProcessor::load(&o.model)?;
+    let pre = cfg.preprocess(&load_image(&o.image)?)?;
     let messages = serde_json::json!([user_message(&o.prompt, true)]);
     let job = || Job {
         messages: messages.clone(),

@@ -9,7 +9,8 @@ use clap::Parser;
 use mbq::backend::{Backend, BackendJob, BackendKind};
 use mbq::chat::ChatSession;
 use mbq::generate::{GenerateOptions, Generation, SamplingDefaults};
-use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig, Preprocessed};
+use mbq::image_processor::ImageProcessor;
+use mbq::preprocess::{load_image, Preprocessed};
 use mbq::runtime::{run, Request};
 
 /// Run a Hugging Face VLM directory (LLaVA, LLaVA-OneVision) on an image,
@@ -290,7 +291,7 @@ impl BackendJob for ChatJob {
 /// first image) and the images attached to the next message.
 struct Images<'a> {
     dir: &'a Path,
-    cfg: Option<ImageProcessorConfig>,
+    cfg: Option<ImageProcessor>,
     pending: Vec<Preprocessed>,
 }
 
@@ -298,9 +299,9 @@ impl Images<'_> {
     fn load(&mut self, path: &Path) -> mbq::Result<Preprocessed> {
         let cfg = match &mut self.cfg {
             Some(cfg) => cfg,
-            none => none.insert(ImageProcessorConfig::load(self.dir)?),
+            none => none.insert(ImageProcessor::load(self.dir)?),
         };
-        preprocess(cfg, &load_image(path)?)
+        cfg.preprocess(&load_image(path)?)
     }
 }
 

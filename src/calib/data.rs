@@ -40,8 +40,9 @@ use serde_json::Value;
 use crate::backend::Backend;
 use crate::chat_template::{assistant_message, user_message, ChatTemplate};
 use crate::error::{Error, Result};
-use crate::model::llava::Vlm;
-use crate::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use crate::model::Vlm;
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::load_image;
 use crate::processor::Processor;
 
 /// The LLaVA data format's image placeholder in a human turn.
@@ -251,7 +252,7 @@ fn build_sample<B: Backend>(
     model: &Vlm<B>,
     proc: &Processor,
     tmpl: &ChatTemplate,
-    img_cfg: &ImageProcessorConfig,
+    img_cfg: &ImageProcessor,
     item: &Item,
     image_path: Option<PathBuf>,
     fallback_id: String,
@@ -265,9 +266,9 @@ fn build_sample<B: Backend>(
             }
             let img = load_image(path).map_err(|e| e.to_string())?;
             let pre =
-                preprocess(img_cfg, &img).map_err(|e| format!("image {}: {e}", path.display()))?;
+                img_cfg.preprocess(&img).map_err(|e| format!("image {}: {e}", path.display()))?;
             model
-                .num_image_tokens(pre.image_size)
+                .num_image_tokens(&pre)
                 .map_err(|e| format!("image {}: {e}", path.display()))?
         }
         None => 0,
@@ -344,7 +345,7 @@ fn build_sample<B: Backend>(
 pub fn load_calib_set<B: Backend>(
     model: &Vlm<B>,
     proc: &Processor,
-    img_cfg: &ImageProcessorConfig,
+    img_cfg: &ImageProcessor,
     file: &Path,
     image_folder: Option<&Path>,
     n_samples: usize,
@@ -444,7 +445,7 @@ pub fn load_calib_set<B: Backend>(
 pub fn embed_sample<B: Backend>(
     be: &B,
     model: &Vlm<B>,
-    img_cfg: &ImageProcessorConfig,
+    img_cfg: &ImageProcessor,
     s: &CalibSample,
 ) -> Result<B::Tensor> {
     let mut x = model.text.embed(be, &s.ids)?;
@@ -457,7 +458,7 @@ pub fn embed_sample<B: Backend>(
                 )));
             }
             let img = load_image(path)?;
-            let pre = preprocess(img_cfg, &img)?;
+            let pre = img_cfg.preprocess(&img)?;
             let feats = model.encode_image(be, &pre)?.features;
             let (rows, _) = be.dims(&feats);
             if rows != n {
@@ -498,14 +499,14 @@ mod tests {
     struct Fx {
         model: Vlm<Cpu>,
         proc: Processor,
-        img_cfg: ImageProcessorConfig,
+        img_cfg: ImageProcessor,
     }
 
     fn tiny() -> Fx {
         let dir = root().join("models/tiny-shapes");
         let model = Vlm::load(&Cpu, &dir).unwrap();
         let proc = Processor::load(&dir, model.cfg.image_token_index).unwrap();
-        let img_cfg = ImageProcessorConfig::load(&dir).unwrap();
+        let img_cfg = ImageProcessor::load(&dir).unwrap();
         Fx {
             model,
             proc,
@@ -593,7 +594,8 @@ mod tests {
         assert!(set.skipped.is_empty(), "{:?}", set.skipped);
         assert_eq!(set.samples.len(), 3);
         let tok = fx.model.cfg.image_token_index;
-        let n_img = fx.model.num_image_tokens((64, 64)).unwrap();
+        let pre = fx.img_cfg.preprocess(&image::RgbImage::new(64, 64)).unwrap();
+        let n_img = fx.model.num_image_tokens(&pre).unwrap();
         for s in &set.samples {
             assert_eq!(s.ids.len(), s.vision.len());
             assert_eq!(s.ids.len(), s.caption.len());
@@ -829,7 +831,7 @@ mod tests {
             match s.vision_span() {
                 Some((at, n)) => {
                     let img = load_image(s.image.as_ref().unwrap()).unwrap();
-                    let pre = preprocess(&fx.img_cfg, &img).unwrap();
+                    let pre = fx.img_cfg.preprocess(&img).unwrap();
                     let f = fx.model.encode_image(&Cpu, &pre).unwrap().features;
                     assert_eq!(f.rows(), n);
                     assert_eq!(x.data[at * hidden..(at + n) * hidden], f.data[..]);

@@ -11,7 +11,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::decoder::{
-    Attention, DecoderLayer, DecoderSpec, HostLinear, Kv, LinearOp, Mlp, NoTap, Site,
+    Attention, DecoderLayer, DecoderSpec, HostLinear, Kv, LinearOp, Mlp, NoTap, RopePos, Site,
 };
 use crate::tensor::Tensor;
 
@@ -148,6 +148,7 @@ impl Group {
                     cache: &mut cache,
                     layer: 0,
                     pos0: 0,
+                    rope: RopePos::Sequential,
                 };
                 attn.forward(spec, be, x, kv, &mut NoTap)
             }

@@ -33,9 +33,10 @@ use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::model::decoder::DecoderSpec;
-use crate::model::llava::{check_config_against_weights, Vlm};
+use crate::model::llava::check_config_against_weights;
+use crate::model::Vlm;
 use crate::model::text::TextModel;
-use crate::preprocess::ImageProcessorConfig;
+use crate::image_processor::ImageProcessor;
 use crate::processor::Processor;
 use crate::quant::outdir::check_output;
 use crate::quant::writer::{self, QuantSpec, Replacements};
@@ -230,7 +231,7 @@ pub fn quantize_model(
 struct CalibSet {
     samples: Vec<CalibSample>,
     skipped: Vec<CalibItemError>,
-    img_cfg: ImageProcessorConfig,
+    img_cfg: ImageProcessor,
 }
 
 fn calibration_set(
@@ -240,7 +241,7 @@ fn calibration_set(
     progress: &mut impl FnMut(CalibProgress<'_>),
 ) -> Result<CalibSet> {
     let proc = Processor::load(&o.model, vlm.cfg.image_token_index)?;
-    let img_cfg = ImageProcessorConfig::load(&o.model)?;
+    let img_cfg = ImageProcessor::load(&o.model)?;
     let set = load_calib_set(
         vlm,
         &proc,

@@ -26,7 +26,9 @@ use super::group::{Group, HostLayer};
 use super::method::{LossKind, QuantKind, Weighting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderSpec, HostLinear, Kv, Layer, LinearOp, NoTap, Site, Tap};
+use crate::model::decoder::{
+    DecoderSpec, HostLinear, Kv, Layer, LinearOp, NoTap, RopePos, Site, Tap,
+};
 use crate::quant::{pseudo, w4a8};
 use crate::tensor::Tensor;
 
@@ -319,6 +321,7 @@ fn run_layer<B: Backend>(
         cache: &mut cache,
         layer: 0,
         pos0: 0,
+        rope: RopePos::Sequential,
     };
     layer.forward(spec, be, x, kv, tap)
 }

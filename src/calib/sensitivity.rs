@@ -31,7 +31,7 @@
 
 use crate::backend::{Backend, Grad};
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderLayer, Kv, NoTap, Site, Tap};
+use crate::model::decoder::{DecoderLayer, Kv, NoTap, RopePos, Site, Tap};
 use crate::model::text::TextModel;
 use crate::tensor::Tensor;
 
@@ -214,6 +214,7 @@ fn forward<B: Backend, T: Tap<B>>(
             cache: &mut cache,
             layer: i,
             pos0: 0,
+            rope: RopePos::Sequential,
         };
         let mut inner = tap(i);
         let mut keep = KeepMid {
@@ -292,7 +293,7 @@ fn loss_and_grads<B: Grad>(
         if i == 0 {
             break; // nothing below layer 0's attention output is captured
         }
-        dy = layer.attn_backward(&text.spec, be, &saved.x_in[i], &dm)?;
+        dy = layer.attn_backward(&text.spec, be, &saved.x_in[i], &dm, RopePos::Sequential)?;
     }
     Ok(loss)
 }
@@ -302,7 +303,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::{Cpu, CpuWeight};
     use crate::generate::{nll, target_logits, Prompt};
-    use crate::model::llava::Vlm;
+    use crate::model::Vlm;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use std::path::Path;
@@ -429,6 +430,7 @@ mod tests {
         let prompt = Prompt {
             ids: s.ids[..CAPTION.start].to_vec(),
             image_spans: vec![(VISION.start, VISION.len())],
+            mrope: None,
         };
         let target = &s.ids[CAPTION];
         let logits = target_logits(&Cpu, &m, &prompt, Some(&s.features), target).unwrap();

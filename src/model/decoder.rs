@@ -95,15 +95,23 @@ pub struct DecoderSpec {
     pub eps: f32,
     pub act: Act,
     pub rope: Rope,
+    /// M-RoPE (Qwen2-VL): `rope` split into its temporal, height and width
+    /// frequencies ([`super::rope::mrope_parts`]).
+    pub mrope: Option<[Rope; 3]>,
     pub attn: AttnShape,
 }
 
 impl DecoderSpec {
     pub fn new(cfg: &TextConfig) -> Self {
+        let rope = super::rope::rope_inv_freq(cfg);
         DecoderSpec {
             eps: cfg.rms_norm_eps,
             act: cfg.hidden_act,
-            rope: super::rope::rope_inv_freq(cfg),
+            mrope: cfg
+                .mrope_section
+                .as_ref()
+                .map(|s| super::rope::mrope_parts(&rope, s)),
+            rope,
             attn: AttnShape {
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
@@ -117,6 +125,97 @@ impl DecoderSpec {
     pub fn kv_dim(&self) -> usize {
         self.attn.kv_heads * self.attn.head_dim
     }
+
+    /// RoPE on `x` `[rows, heads * head_dim]` at `positions`.
+    pub fn rope<B: Backend>(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        heads: usize,
+        positions: &Positions,
+    ) -> Result<B::Tensor> {
+        match positions {
+            Positions::Same(p) => be.rope_at(x, heads, &self.rope, p),
+            Positions::Thw(axes) => {
+                let parts = self.mrope_parts()?;
+                let mut y = be.rope_at(x, heads, &parts[0], &axes[0])?;
+                for (part, p) in parts.iter().zip(axes).skip(1) {
+                    y = be.rope_at(&y, heads, part, p)?;
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    fn mrope_parts(&self) -> Result<&[Rope; 3]> {
+        self.mrope.as_ref().ok_or_else(|| {
+            Error::invalid("M-RoPE positions for a language model without mrope_section")
+        })
+    }
+}
+
+/// Where each row of a sequence sits for RoPE.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum RopePos<'a> {
+    /// The row at cache position `p` is at position `p`.
+    #[default]
+    Sequential,
+    /// M-RoPE: cache positions below `thw.len()` (the prompt) are at the
+    /// listed (t, h, w) positions; a later position `p` is at `p + delta` on
+    /// every axis ([`super::rope::mrope_positions`]).
+    Multi { thw: &'a [[usize; 3]], delta: i64 },
+}
+
+impl RopePos<'_> {
+    /// The positions of cache rows `pos0..pos0 + rows`.
+    pub fn rows(&self, pos0: usize, rows: usize) -> Result<Positions> {
+        let range = pos0..pos0 + rows;
+        match *self {
+            RopePos::Sequential => Ok(Positions::Same(range.collect())),
+            RopePos::Multi { thw, delta } => {
+                let at = |p: usize| -> Result<[usize; 3]> {
+                    match thw.get(p) {
+                        Some(&x) => Ok(x),
+                        None => usize::try_from(p as i64 + delta).map(|q| [q; 3]).map_err(|_| {
+                            Error::invalid(format!("M-RoPE: position {p} + delta {delta} is negative"))
+                        }),
+                    }
+                };
+                let all: Vec<[usize; 3]> = range.map(at).collect::<Result<_>>()?;
+                if all.iter().all(|p| p[0] == p[1] && p[1] == p[2]) {
+                    return Ok(Positions::Same(all.iter().map(|p| p[0]).collect()));
+                }
+                Ok(Positions::Thw([0, 1, 2].map(|a| all.iter().map(|p| p[a]).collect())))
+            }
+        }
+    }
+}
+
+/// The RoPE positions of a block of rows: one per row, or (M-RoPE) one per
+/// row and axis.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Positions {
+    Same(Vec<usize>),
+    Thw([Vec<usize>; 3]),
+}
+
+impl Positions {
+    fn append(&mut self, other: Positions) {
+        match (self, other) {
+            (Positions::Same(a), Positions::Same(b)) => a.extend(b),
+            (this, other) => {
+                let axes = |p: &Positions| match p {
+                    Positions::Same(v) => [v.clone(), v.clone(), v.clone()],
+                    Positions::Thw(a) => a.clone(),
+                };
+                let mut a = axes(this);
+                for (x, y) in a.iter_mut().zip(axes(&other)) {
+                    x.extend(y);
+                }
+                *this = Positions::Thw(a);
+            }
+        }
+    }
 }
 
 /// Where the attention reads and writes its keys and values: `layer` of
@@ -125,6 +224,7 @@ pub struct Kv<'a, B: Backend> {
     pub cache: &'a mut B::Cache,
     pub layer: usize,
     pub pos0: usize,
+    pub rope: RopePos<'a>,
 }
 
 /// One sequence of a batch: its rows of the batch's input are at positions
@@ -133,6 +233,7 @@ pub struct SeqKv<'a, B: Backend> {
     pub cache: &'a mut B::Cache,
     pub pos0: usize,
     pub rows: usize,
+    pub rope: RopePos<'a>,
 }
 
 /// Several sequences run together (the server's batched step): the batch's
@@ -146,7 +247,7 @@ pub struct KvBatch<'a, 'b, B: Backend> {
 /// What the attention runs over: [`Kv`] (one sequence) or [`KvBatch`].
 pub trait KvTarget<B: Backend> {
     /// The position of each of the `rows` new rows (RoPE's).
-    fn positions(&self, rows: usize) -> Result<Vec<usize>>;
+    fn positions(&self, rows: usize) -> Result<Positions>;
     /// Causal attention of the new rows (q, k, v after RoPE) over the
     /// cache(s), writing their keys and values there: o_proj's input.
     fn attend(
@@ -160,8 +261,8 @@ pub trait KvTarget<B: Backend> {
 }
 
 impl<B: Backend> KvTarget<B> for Kv<'_, B> {
-    fn positions(&self, rows: usize) -> Result<Vec<usize>> {
-        Ok((self.pos0..self.pos0 + rows).collect())
+    fn positions(&self, rows: usize) -> Result<Positions> {
+        self.rope.rows(self.pos0, rows)
     }
 
     fn attend(
@@ -177,18 +278,18 @@ impl<B: Backend> KvTarget<B> for Kv<'_, B> {
 }
 
 impl<B: Backend> KvTarget<B> for KvBatch<'_, '_, B> {
-    fn positions(&self, rows: usize) -> Result<Vec<usize>> {
+    fn positions(&self, rows: usize) -> Result<Positions> {
         let total: usize = self.seqs.iter().map(|s| s.rows).sum();
         if rows != total {
             return Err(Error::invalid(format!(
                 "batched attention: {rows} rows for sequences of {total} rows in all"
             )));
         }
-        Ok(self
-            .seqs
-            .iter()
-            .flat_map(|seq| seq.pos0..seq.pos0 + seq.rows)
-            .collect())
+        let mut all = Positions::Same(Vec::with_capacity(rows));
+        for seq in self.seqs.iter() {
+            all.append(seq.rope.rows(seq.pos0, seq.rows)?);
+        }
+        Ok(all)
     }
 
     fn attend(
@@ -277,9 +378,9 @@ impl<L> Attention<L> {
         let k = self.k.forward(be, h)?;
         let mut v = self.v.forward(be, h)?;
         let positions = kv.positions(be.dims(h).0)?;
-        let mut q = be.rope_at(&q, s.heads, &spec.rope, &positions)?;
+        let mut q = spec.rope(be, &q, s.heads, &positions)?;
         tap.at(Site::Q, &mut q)?;
-        let mut k = be.rope_at(&k, s.kv_heads, &spec.rope, &positions)?;
+        let mut k = spec.rope(be, &k, s.kv_heads, &positions)?;
         tap.at(Site::K, &mut k)?;
         tap.at(Site::V, &mut v)?;
         let mut a = kv.attend(be, &q, &k, &v, *s)?;
@@ -597,6 +698,7 @@ impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
         be: &B,
         x: &B::Tensor,
         dm: &B::Tensor,
+        rope: RopePos<'_>,
     ) -> Result<B::Tensor> {
         let n = be.dims(x).0;
         let h = be.rms_norm(x, &self.input_layernorm, spec.eps)?;
@@ -605,18 +707,50 @@ impl<B: Grad> DecoderLayer<Linear<B>, B::Tensor> {
             cache: &mut cache,
             layer: 0,
             pos0: 0,
+            rope,
         };
         let mut rec = Keep::new(&[Site::Q, Site::K, Site::V]);
         self.attn.forward(spec, be, &h, kv, &mut rec)?;
         let (q, k, v) = (rec.take(Site::Q)?, rec.take(Site::K)?, rec.take(Site::V)?);
         let da = be.linear_backward(dm, &self.attn.o.w)?;
         let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &da, spec.attn)?;
-        let dq = be.rope_backward(&dq, spec.attn.heads, &spec.rope, 0)?;
-        let dk = be.rope_backward(&dk, spec.attn.kv_heads, &spec.rope, 0)?;
+        let positions = rope.rows(0, n)?;
+        let dq = rope_backward(spec, be, &dq, spec.attn.heads, &positions)?;
+        let dk = rope_backward(spec, be, &dk, spec.attn.kv_heads, &positions)?;
         let mut dh = be.linear_backward(&dq, &self.attn.q.w)?;
         dh = be.add(&dh, &be.linear_backward(&dk, &self.attn.k.w)?)?;
         dh = be.add(&dh, &be.linear_backward(&dv, &self.attn.v.w)?)?;
         let dxa = be.rms_norm_backward(x, &self.input_layernorm, spec.eps, &dh)?;
         be.add(dm, &dxa)
+    }
+}
+
+/// The backward of [`DecoderSpec::rope`]: the rotation by minus the angle.
+/// Positions `0..n` use the backend's `rope_backward`; any others (M-RoPE)
+/// the forward op with negated frequencies (`cos` is even, `sin` odd).
+fn rope_backward<B: Grad>(
+    spec: &DecoderSpec,
+    be: &B,
+    dy: &B::Tensor,
+    heads: usize,
+    positions: &Positions,
+) -> Result<B::Tensor> {
+    let negated = |r: &Rope| Rope {
+        inv_freq: r.inv_freq.iter().map(|f| -f).collect(),
+        head_dim: r.head_dim,
+    };
+    match positions {
+        Positions::Same(p) if p.iter().enumerate().all(|(i, &q)| i == q) => {
+            be.rope_backward(dy, heads, &spec.rope, 0)
+        }
+        Positions::Same(p) => be.rope_at(dy, heads, &negated(&spec.rope), p),
+        Positions::Thw(axes) => {
+            let parts = spec.mrope_parts()?;
+            let mut d = be.rope_at(dy, heads, &negated(&parts[0]), &axes[0])?;
+            for (part, p) in parts.iter().zip(axes).skip(1) {
+                d = be.rope_at(&d, heads, &negated(part), p)?;
+            }
+            Ok(d)
+        }
     }
 }

@@ -3,10 +3,8 @@
 //! anyres packing with unpadding, downsampling and `image_newline`) -> rows
 //! that replace the expanded image tokens in the decoder's input embeddings.
 
-use std::path::Path;
-
-use super::text::TextModel;
 use super::vision::VisionTower;
+use super::vlm::ImageEmbeds;
 use super::Linear;
 use crate::anyres;
 use crate::backend::Backend;
@@ -30,39 +28,18 @@ impl<B: Backend> Projector<B> {
     }
 }
 
-pub struct Vlm<B: Backend> {
-    pub cfg: VlmConfig,
+/// LLaVA's image side: the tower, the projector and (OneVision) the
+/// `image_newline` row.
+pub struct LlavaEncoder<B: Backend> {
     pub vision: VisionTower<B>,
     pub projector: Projector<B>,
     /// OneVision's `image_newline` `[hidden]`, kept on the host for packing.
     pub image_newline: Option<Vec<f32>>,
-    pub text: TextModel<B>,
 }
 
-/// What an image becomes on its way into the decoder (stage by stage, for
-/// tests and inspection).
-pub struct ImageEmbeds<T> {
-    /// Per tile: the features entering the projector `[tokens, vdim]`.
-    pub vision_features: Vec<Tensor>,
-    /// Per tile: projector output `[tokens, hidden]`.
-    pub projector_output: Vec<Tensor>,
-    /// The rows that replace the image tokens `[num_image_tokens, hidden]`.
-    pub features: T,
-    pub num_tokens: usize,
-}
-
-impl<B: Backend> Vlm<B> {
-    /// Loads config.json and the weights of a model directory.
-    pub fn load(be: &B, dir: &Path) -> Result<Self> {
-        let cfg = VlmConfig::load(dir)?;
-        let w = WeightFiles::open(dir)?;
-        Self::from_weights(be, cfg, &w)
-    }
-
-    pub fn from_weights(be: &B, cfg: VlmConfig, w: &WeightFiles) -> Result<Self> {
-        let p = Prefixes::detect(w)?;
-        check_config_against_weights(&cfg, w, &p)?;
-        let vision = VisionTower::load(be, &w.pp(&p.vision), &cfg)?;
+impl<B: Backend> LlavaEncoder<B> {
+    pub fn load(be: &B, cfg: &VlmConfig, w: &WeightFiles, p: &Prefixes) -> Result<Self> {
+        let vision = VisionTower::load(be, &w.pp(&p.vision), cfg)?;
         let hidden = cfg.text.hidden_size;
         let vdim = cfg.vision_feature_dim();
         let pj = w.pp(&p.projector);
@@ -74,45 +51,47 @@ impl<B: Backend> Vlm<B> {
         };
         let image_newline = match cfg.arch {
             Arch::LlavaOnevision => Some(w.get(&p.image_newline, &[hidden])?.data),
-            Arch::Llava => None,
+            _ => None,
         };
-        let text = TextModel::load(be, &w.pp(&p.text), &w.pp(&p.lm_head), &cfg.text)?;
-        Ok(Vlm {
-            cfg,
+        Ok(LlavaEncoder {
             vision,
             projector,
             image_newline,
-            text,
         })
     }
 
     /// How many image tokens an image of `(height, width)` expands to: the
-    /// processor's count, equal to the rows [`Self::encode_image`] returns.
-    pub fn num_image_tokens(&self, image_size: (usize, usize)) -> Result<usize> {
-        match self.cfg.arch {
-            Arch::Llava => Ok(self.cfg.tokens_per_tile()),
+    /// processor's count, equal to the rows [`Self::encode`] returns.
+    pub fn num_image_tokens(&self, cfg: &VlmConfig, image_size: (usize, usize)) -> Result<usize> {
+        match cfg.arch {
             Arch::LlavaOnevision => anyres::onevision_num_image_tokens(
                 image_size,
-                &self.cfg.image_grid_pinpoints,
-                self.cfg.vision.image_size,
-                self.cfg.vision.patch_size,
-                &self.cfg.vision_aspect_ratio,
-                self.cfg.vision_feature_select_strategy == "full",
+                &cfg.image_grid_pinpoints,
+                cfg.vision.image_size,
+                cfg.vision.patch_size,
+                &cfg.vision_aspect_ratio,
+                cfg.vision_feature_select_strategy == "full",
             ),
+            _ => Ok(cfg.tokens_per_tile()),
         }
     }
 
     /// Vision tower, projector and (OneVision) packing for one image.
-    pub fn encode_image(&self, be: &B, pre: &Preprocessed) -> Result<ImageEmbeds<B::Tensor>> {
-        let vc = &self.cfg.vision;
-        if pre.height != vc.image_size || pre.width != vc.image_size {
+    pub fn encode(
+        &self,
+        be: &B,
+        cfg: &VlmConfig,
+        pre: &Preprocessed,
+    ) -> Result<ImageEmbeds<B::Tensor>> {
+        let vc = &cfg.vision;
+        if pre.grid_thw.is_some() || pre.height != vc.image_size || pre.width != vc.image_size {
             return Err(Error::invalid(format!(
                 "pixel values are {}x{}, the vision tower expects {}x{}",
                 pre.height, pre.width, vc.image_size, vc.image_size
             )));
         }
         let tile_len = vc.num_channels * pre.height * pre.width;
-        if self.cfg.arch == Arch::Llava && pre.num_tiles != 1 {
+        if cfg.arch == Arch::Llava && pre.num_tiles != 1 {
             return Err(Error::invalid(format!(
                 "llava takes one image tile, the image processor produced {}",
                 pre.num_tiles
@@ -128,51 +107,47 @@ impl<B: Backend> Vlm<B> {
             vision_features.push(f);
             projected.push(p);
         }
-        let hidden = self.cfg.text.hidden_size;
-        match self.cfg.arch {
-            Arch::Llava => {
-                let projector_output = vec![be.download(&projected[0])?];
-                let features = projected.swap_remove(0);
-                let (num_tokens, _) = be.dims(&features);
-                Ok(ImageEmbeds {
-                    vision_features,
-                    projector_output,
-                    features,
-                    num_tokens,
-                })
-            }
-            Arch::LlavaOnevision => {
-                let projector_output: Vec<Tensor> = projected
-                    .iter()
-                    .map(|p| be.download(p))
-                    .collect::<Result<_>>()?;
-                let tokens = projector_output[0].rows();
-                let flat: Vec<f32> = projector_output
-                    .iter()
-                    .flat_map(|t| t.data.iter().copied())
-                    .collect();
-                let newline = self.image_newline.as_deref().unwrap_or(&[]);
-                let (packed, rows) = anyres::pack_onevision_features(
-                    &flat,
-                    pre.num_tiles,
-                    tokens,
-                    hidden,
-                    pre.image_size,
-                    &self.cfg.image_grid_pinpoints,
-                    vc.image_size,
-                    vc.patch_size,
-                    &self.cfg.vision_aspect_ratio,
-                    newline,
-                )?;
-                let features = be.upload(&Tensor::new(vec![rows, hidden], packed)?)?;
-                Ok(ImageEmbeds {
-                    vision_features,
-                    projector_output,
-                    features,
-                    num_tokens: rows,
-                })
-            }
+        let hidden = cfg.text.hidden_size;
+        if cfg.arch != Arch::LlavaOnevision {
+            let projector_output = vec![be.download(&projected[0])?];
+            let features = projected.swap_remove(0);
+            let (num_tokens, _) = be.dims(&features);
+            return Ok(ImageEmbeds {
+                vision_features,
+                projector_output,
+                features,
+                num_tokens,
+            });
         }
+        let projector_output: Vec<Tensor> = projected
+            .iter()
+            .map(|p| be.download(p))
+            .collect::<Result<_>>()?;
+        let tokens = projector_output[0].rows();
+        let flat: Vec<f32> = projector_output
+            .iter()
+            .flat_map(|t| t.data.iter().copied())
+            .collect();
+        let newline = self.image_newline.as_deref().unwrap_or(&[]);
+        let (packed, rows) = anyres::pack_onevision_features(
+            &flat,
+            pre.num_tiles,
+            tokens,
+            hidden,
+            pre.image_size,
+            &cfg.image_grid_pinpoints,
+            vc.image_size,
+            vc.patch_size,
+            &cfg.vision_aspect_ratio,
+            newline,
+        )?;
+        let features = be.upload(&Tensor::new(vec![rows, hidden], packed)?)?;
+        Ok(ImageEmbeds {
+            vision_features,
+            projector_output,
+            features,
+            num_tokens: rows,
+        })
     }
 }
 
@@ -193,9 +168,20 @@ pub fn check_config_against_weights(cfg: &VlmConfig, w: &WeightFiles, p: &Prefix
             p.text
         ));
     }
+    if cfg.arch == Arch::Qwen2Vl {
+        let blocks = w.count_numbered(&format!("{}.blocks", p.vision));
+        if cfg.vision.num_hidden_layers > blocks {
+            return bad(format!(
+                "\"vision_config.depth\" is {}, but {} holds {blocks} vision blocks ({}.blocks.N)",
+                cfg.vision.num_hidden_layers,
+                loc.display(),
+                p.vision
+            ));
+        }
+    }
     let vision_layers = w.count_numbered(&format!("{}.encoder.layers", p.vision));
     let needed = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
-    if needed > vision_layers {
+    if cfg.arch != Arch::Qwen2Vl && needed > vision_layers {
         return bad(format!(
             "{} with vision_feature_layer {:?} needs {needed} vision layers, but {} holds {vision_layers} ({}.encoder.layers.N)",
             cfg.describe("vision_config.num_hidden_layers", cfg.vision.num_hidden_layers),

@@ -2,14 +2,19 @@
 //! (`vision.rs`), the decoder layer (`decoder.rs`: the one forward, with
 //! taps for calibration, and its backward), the language model around it
 //! (`text.rs`: embeddings, final norm, lm_head), RoPE frequencies from the
-//! config (`rope.rs`) and the LLaVA / LLaVA-OneVision composition with its
-//! projector (`llava.rs`).
+//! config (`rope.rs`), the LLaVA / LLaVA-OneVision image side with its
+//! projector (`llava.rs`), Qwen2-VL's tower and merger (`qwen2vl.rs`) and
+//! the whole model over them (`vlm.rs`).
 
 pub mod decoder;
 pub mod llava;
+pub mod qwen2vl;
 pub mod rope;
 pub mod text;
 pub mod vision;
+pub mod vlm;
+
+pub use vlm::Vlm;
 
 use crate::backend::Backend;
 use crate::error::Result;

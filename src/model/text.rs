@@ -2,7 +2,7 @@
 //! token embeddings, the decoder layers ([`super::decoder`]), the final
 //! RMSNorm and the output projection (tied or untied), each written once.
 
-use super::decoder::{DecoderSpec, Kv, KvBatch, Layer, NoTap, SeqKv};
+use super::decoder::{DecoderSpec, Kv, KvBatch, Layer, NoTap, RopePos, SeqKv};
 use crate::backend::{AttnShape, Backend, Rope};
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
@@ -98,11 +98,13 @@ impl<B: Backend> TextModel<B> {
         x: &B::Tensor,
         cache: &mut B::Cache,
         pos0: usize,
+        rope: RopePos<'_>,
     ) -> Result<B::Tensor> {
         let kv = Kv {
             cache,
             layer: i,
             pos0,
+            rope,
         };
         self.layers[i].forward(&self.spec, be, x, kv, &mut NoTap)
     }
@@ -116,9 +118,21 @@ impl<B: Backend> TextModel<B> {
         cache: &mut B::Cache,
         pos0: usize,
     ) -> Result<B::Tensor> {
+        self.hidden_at(be, x, cache, pos0, RopePos::Sequential)
+    }
+
+    /// [`Self::hidden`] with the sequence's RoPE positions (M-RoPE).
+    pub fn hidden_at(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        cache: &mut B::Cache,
+        pos0: usize,
+        rope: RopePos<'_>,
+    ) -> Result<B::Tensor> {
         let mut x = x;
         for i in 0..self.layers.len() {
-            x = self.layer_forward(be, i, &x, cache, pos0)?;
+            x = self.layer_forward(be, i, &x, cache, pos0, rope)?;
         }
         Ok(x)
     }
@@ -133,7 +147,19 @@ impl<B: Backend> TextModel<B> {
         cache: &mut B::Cache,
         pos0: usize,
     ) -> Result<B::Tensor> {
-        let x = self.hidden(be, x, cache, pos0)?;
+        self.forward_at(be, x, cache, pos0, RopePos::Sequential)
+    }
+
+    /// [`Self::forward`] with the sequence's RoPE positions (M-RoPE).
+    pub fn forward_at(
+        &self,
+        be: &B,
+        x: B::Tensor,
+        cache: &mut B::Cache,
+        pos0: usize,
+        rope: RopePos<'_>,
+    ) -> Result<B::Tensor> {
+        let x = self.hidden_at(be, x, cache, pos0, rope)?;
         let (n, _) = be.dims(&x);
         self.logits(be, &be.rows(&x, n - 1, 1)?)
     }

@@ -22,8 +22,8 @@ use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions, Gra
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{build_chat_prompt, embed_prompt, GenerateOptions, Stepper};
-use crate::model::decoder::SeqKv;
-use crate::model::llava::Vlm;
+use crate::model::decoder::{RopePos, SeqKv};
+use crate::model::Vlm;
 use crate::preprocess::Preprocessed;
 use crate::processor::Processor;
 use crate::weights::WeightFiles;
@@ -397,6 +397,7 @@ impl<'a, B: Backend> Scheduler<'a, B> {
                 cache: &mut r.cache,
                 pos0,
                 rows,
+                rope: RopePos::Sequential,
             })
             .collect();
         let logits = be.download(&text.forward_batch(be, x, &mut seqs)?)?;

@@ -33,7 +33,8 @@ use self::engine::{Engine, EngineOptions, Event, Job, Stats};
 use crate::backend::{BackendKind, BackendOptions};
 use crate::error::{Error, Result};
 use crate::generate::SamplingDefaults;
-use crate::preprocess::{preprocess, ImageProcessorConfig, Preprocessed};
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::Preprocessed;
 
 /// The largest request body accepted (413 above it): room for a few
 /// base64 images.
@@ -56,7 +57,7 @@ pub struct ServeOptions {
 struct AppState {
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     model_id: String,
-    image_config: Option<ImageProcessorConfig>,
+    image_config: Option<ImageProcessor>,
     /// generation_config.json's sampling, for what a request leaves out.
     sampling: SamplingDefaults,
     allow_local: Option<PathBuf>,
@@ -83,7 +84,7 @@ pub fn serve(
         }
     }
     // A model without an image processor still serves text.
-    let image_config = ImageProcessorConfig::load(&opts.model).ok();
+    let image_config = ImageProcessor::load(&opts.model).ok();
     let sampling = SamplingDefaults::load(&opts.model)?;
     let engine = Engine::start(
         EngineOptions {
@@ -377,7 +378,7 @@ async fn load_images(
             .iter()
             .map(|p| {
                 let img = images::load_part(p, allow.as_deref())?;
-                preprocess(&cfg, &img).map_err(|e| {
+                cfg.preprocess(&img).map_err(|e| {
                     ApiError::bad(
                         Some(format!("{}.image_url.url", p.at)),
                         format!("{}: {e}", p.at),

@@ -17,8 +17,9 @@ use crate::backend::wgpu::Wgpu;
 use crate::backend::{self, AnyBackend, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::error::{Error, Result};
 use crate::generate::{argmax, build_prompt, prefill};
-use crate::model::llava::Vlm;
-use crate::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use crate::model::Vlm;
+use crate::image_processor::ImageProcessor;
+use crate::preprocess::load_image;
 use crate::processor::Processor;
 use ops::{Checks, OpCheck};
 
@@ -187,8 +188,8 @@ impl BackendJob for ModelJob<'_> {
         let dir = &self.req.model;
         let model = Vlm::load(be, dir)?;
         let proc = Processor::load(dir, model.cfg.image_token_index)?;
-        let img_cfg = ImageProcessorConfig::load(dir)?;
-        let pre = preprocess(&img_cfg, &load_image(&self.req.image)?)?;
+        let img_cfg = ImageProcessor::load(dir)?;
+        let pre = img_cfg.preprocess(&load_image(&self.req.image)?)?;
         let prompt = build_prompt(&model, &proc, &self.req.prompt, Some(&pre))?;
         let emb = model.encode_image(be, &pre)?;
         let ctx = model.cfg.text.max_position_embeddings;

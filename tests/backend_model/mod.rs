@@ -15,8 +15,9 @@ use crate::common::{cases, fixtures, rel_err, scratch};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_prompt, embed_prompt, prefill, Prompt};
-use mbq::model::decoder::SeqKv;
-use mbq::model::llava::Vlm;
+use mbq::model::decoder::{RopePos, SeqKv};
+use mbq::model::Vlm;
+use mbq::image_processor::ImageProcessor;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use mbq::quant::writer::quantize_rtn_dir;
@@ -33,20 +34,25 @@ pub const LOGITS_REL_TOL: f32 = mbq::verify::LOGITS_REL_TOL as f32;
 pub const GREEDY_TOKENS: usize = mbq::verify::TOKENS;
 
 /// Image features, prefill logits and greedy ids of the model in `dir` on
-/// `image` and `text`, on backend `be`.
+/// `image` (if any) and `text`, on backend `be`.
 pub fn run<B: Backend>(
     be: &B,
     dir: &Path,
-    image: &Path,
+    image: Option<&Path>,
     text: &str,
 ) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
     let model = Vlm::load(be, dir).unwrap();
     let proc = Processor::load(dir, model.cfg.image_token_index).unwrap();
-    let img_cfg = ImageProcessorConfig::load(dir).unwrap();
-    let pre = preprocess(&img_cfg, &load_image(image).unwrap()).unwrap();
-    let prompt = build_prompt(&model, &proc, text, Some(&pre)).unwrap();
-    let emb = model.encode_image(be, &pre).unwrap();
-    let features = be.download(&emb.features).unwrap().data;
+    let pre = image.map(|image| {
+        let img_cfg = ImageProcessor::load(dir).unwrap();
+        img_cfg.preprocess(&load_image(image).unwrap()).unwrap()
+    });
+    let prompt = build_prompt(&model, &proc, text, pre.as_ref()).unwrap();
+    let emb = pre.as_ref().map(|pre| model.encode_image(be, pre).unwrap());
+    let features = match &emb {
+        Some(emb) => be.download(&emb.features).unwrap().data,
+        None => Vec::new(),
+    };
     let mut cache = be
         .new_cache(
             model.text.layers.len(),
@@ -54,12 +60,16 @@ pub fn run<B: Backend>(
             prompt.ids.len() + GREEDY_TOKENS,
         )
         .unwrap();
-    let logits = prefill(be, &model, &prompt, Some(&emb.features), &mut cache).unwrap();
+    let feats = emb.as_ref().map(|e| &e.features);
+    let logits = prefill(be, &model, &prompt, feats, &mut cache).unwrap();
     let mut ids = vec![argmax(&logits)];
     let mut pos = prompt.ids.len();
     while ids.len() < GREEDY_TOKENS {
         let x = model.text.embed(be, &[ids[ids.len() - 1]]).unwrap();
-        let lg = model.text.forward(be, x, &mut cache, pos).unwrap();
+        let lg = model
+            .text
+            .forward_at(be, x, &mut cache, pos, prompt.rope_pos())
+            .unwrap();
         ids.push(argmax(&be.download(&lg).unwrap().data));
         pos += 1;
     }
@@ -72,9 +82,10 @@ pub fn every_case_matches_cpu_and_transformers<B: Backend>(be: &B) {
     let label = be.name();
     for case in cases() {
         let t0 = std::time::Instant::now();
-        let (gf, gl, gids) = run(be, &case.model, &case.image, &case.prompt);
+        let image = case.image.as_deref();
+        let (gf, gl, gids) = run(be, &case.model, image, &case.prompt);
         let dev_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let (cf, cl, cids) = run(&Cpu, &case.model, &case.image, &case.prompt);
+        let (cf, cl, cids) = run(&Cpu, &case.model, image, &case.prompt);
         let fe = rel_err(&gf, &cf);
         let le = rel_err(&gl, &cl);
         println!(
@@ -127,8 +138,8 @@ pub fn packed_models_match_cpu_and_transformers<B: Backend>(be: &B) {
         let packed = scratch(&format!("{label}-{name}")).join("packed");
         quantize_rtn_dir(&fixtures().join(s("model")), &packed, bits, group, |_| {}).unwrap();
         let image = fixtures().join(s("image"));
-        let (_, gl, gids) = run(be, &packed, &image, &s("prompt"));
-        let (_, cl, cids) = run(&Cpu, &packed, &image, &s("prompt"));
+        let (_, gl, gids) = run(be, &packed, Some(&image), &s("prompt"));
+        let (_, cl, cids) = run(&Cpu, &packed, Some(&image), &s("prompt"));
         let le = rel_err(&gl, &cl);
         println!("{name}: packed W{bits} g{group}: logits rel err vs cpu {le:.2e}");
         assert!(le <= LOGITS_REL_TOL, "{name}: logits {le}");
@@ -226,7 +237,12 @@ pub fn batched_steps_match_one_sequence_at_a_time<B: Backend>(be: &B) {
             .enumerate()
             .filter(|(i, _)| active.contains(i))
             .zip(&shape)
-            .map(|((_, cache), &(pos0, rows))| SeqKv { cache, pos0, rows })
+            .map(|((_, cache), &(pos0, rows))| SeqKv {
+                cache,
+                pos0,
+                rows,
+                rope: RopePos::Sequential,
+            })
             .collect();
         let logits = text.forward_batch(be, x.unwrap(), &mut seqs).unwrap();
         let logits = be.download(&logits).unwrap().data;
@@ -276,15 +292,21 @@ pub fn mbq_run(args: &[&str]) -> std::process::Output {
         .expect("failed to start mbq-run")
 }
 
-/// `mbq-run --json --ignore-eos` on the first fixture case with each
-/// `(extra arguments, backend it must report)`: it succeeds, reports that
-/// backend and generates the transformers greedy ids. With `--backend
-/// auto` it must also say on stderr which backend it chose.
+/// `mbq-run --json --ignore-eos` on the first fixture case of each family
+/// (LLaVA, Qwen2-VL, Qwen2.5-VL) with each `(extra arguments, backend it
+/// must report)`: it succeeds, reports that backend and generates the
+/// transformers greedy ids. With `--backend auto` it must also say on
+/// stderr which backend it chose.
 pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
-    let case = &cases()[0];
+    for name in ["llava15_odd", "qwen2vl_odd2", "qwen25vl_big"] {
+        mbq_run_case_matches_golden(&crate::common::load_case(name), runs);
+    }
+}
+
+fn mbq_run_case_matches_golden(case: &crate::common::Case, runs: &[(Vec<&str>, &str)]) {
     let (model, image) = (
         case.model.to_string_lossy().into_owned(),
-        case.image.to_string_lossy().into_owned(),
+        case.image.as_ref().expect("an image case").to_string_lossy().into_owned(),
     );
     let tokens = GREEDY_TOKENS.to_string();
     let base = [
@@ -299,7 +321,7 @@ pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
         "--max-new-tokens",
         &tokens,
     ];
-    let golden: Vec<i64> = case.i64("greedy_ids");
+    let golden: Vec<i64> = case.i64("greedy_ids").into_iter().take(GREEDY_TOKENS).collect();
     for (extra, want) in runs {
         let out = mbq_run(&[&base[..], &extra[..]].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -312,7 +334,7 @@ pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
             .iter()
             .map(|t| t.as_i64().unwrap())
             .collect();
-        assert_eq!(tokens, golden, "{extra:?}: greedy ids");
+        assert_eq!(tokens, golden, "{}: {extra:?}: greedy ids", case.name);
         if extra.windows(2).any(|w| w == ["--backend", "auto"]) {
             assert!(stderr.contains("--backend auto: using"), "{stderr}");
         }

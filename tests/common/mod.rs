@@ -53,7 +53,8 @@ pub fn calib_options(
 pub struct Case {
     pub name: String,
     pub model: PathBuf,
-    pub image: PathBuf,
+    /// `None` for a text-only case.
+    pub image: Option<PathBuf>,
     pub prompt: String,
     pub rendered_prompt: String,
     pub max_new_tokens: usize,
@@ -111,7 +112,7 @@ pub fn load_case(name: &str) -> Case {
     Case {
         name: name.to_string(),
         model: fixtures().join(s("model")),
-        image: fixtures().join(s("image")),
+        image: j["image"].as_str().map(|i| fixtures().join(i)),
         prompt: s("prompt"),
         rendered_prompt: s("rendered_prompt"),
         max_new_tokens: j["max_new_tokens"].as_u64().unwrap_or(12) as usize,
