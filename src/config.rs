@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llava", "llava_onevision", "qwen2_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"];
 pub const SUPPORTED_VISION_TYPES: &[&str] = &["clip_vision_model", "siglip_vision_model"];
 pub const SUPPORTED_TEXT_TYPES: &[&str] = &["llama", "qwen2"];
 
@@ -25,6 +26,9 @@ pub enum Arch {
     /// `Qwen2VLForConditionalGeneration` (native-resolution vision tower
     /// with 2-D RoPE and a 2x2 merger, M-RoPE in the language model).
     Qwen2Vl,
+    /// `Qwen2_5_VLForConditionalGeneration` (Qwen2-VL with RMSNorm + SwiGLU
+    /// vision blocks and windowed attention).
+    Qwen25Vl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +37,8 @@ pub enum VisionKind {
     Siglip,
     /// `Qwen2VisionTransformerPretrainedModel`.
     Qwen2Vl,
+    /// `Qwen2_5_VisionTransformerPretrainedModel`.
+    Qwen25Vl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +101,11 @@ pub struct VisionConfig {
     /// Qwen2-VL: the merger's output width (the language model's hidden
     /// size); 0 where a separate projector follows the tower.
     pub out_hidden_size: usize,
+    /// Qwen2.5-VL: the side of an attention window in pixels (0: every
+    /// block attends over the whole image).
+    pub window_size: usize,
+    /// Qwen2.5-VL: the blocks that attend over the whole image.
+    pub fullatt_block_indexes: Vec<usize>,
 }
 
 impl VisionConfig {
@@ -315,7 +326,8 @@ impl VlmConfig {
         let arch = match model_type.as_str() {
             "llava" => Arch::Llava,
             "llava_onevision" => Arch::LlavaOnevision,
-            "qwen2_vl" => return crate::config_qwen::parse_qwen2vl(&top, path),
+            "qwen2_vl" => return crate::config_qwen::parse_qwen2vl(&top, path, Arch::Qwen2Vl),
+            "qwen2_5_vl" => return crate::config_qwen::parse_qwen2vl(&top, path, Arch::Qwen25Vl),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
@@ -333,7 +345,7 @@ impl VlmConfig {
 
         let (image_token_default, strategy_default, layer_default) = match arch {
             Arch::Llava => (32000, "default", -2),
-            Arch::LlavaOnevision | Arch::Qwen2Vl => (151646, "full", -1),
+            Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => (151646, "full", -1),
         };
         let image_token_index = top
             .get("image_token_index")
@@ -445,7 +457,8 @@ impl VlmConfig {
         let v = &self.vision;
         // A stride-`patch` convolution: trailing pixels past the last whole
         // patch are ignored (SigLIP 384 / 14 -> 27 x 27), as in PyTorch.
-        if v.patch_size == 0 || (v.kind != VisionKind::Qwen2Vl && v.image_size < v.patch_size) {
+        let native = matches!(v.kind, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl);
+        if v.patch_size == 0 || (!native && v.image_size < v.patch_size) {
             return bad(format!(
                 "vision_config: image_size {} is smaller than patch_size {}",
                 v.image_size, v.patch_size
@@ -547,7 +560,7 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "clip_vision_model",
-        Arch::LlavaOnevision | Arch::Qwen2Vl => "siglip_vision_model",
+        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => "siglip_vision_model",
     };
     let mt = o.str("model_type", default_type)?;
     // Class defaults: (hidden, intermediate, patch, image, layers, heads,
@@ -599,6 +612,8 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
         spatial_merge_size: 1,
         temporal_patch_size: 1,
         out_hidden_size: 0,
+        window_size: 0,
+        fullatt_block_indexes: Vec::new(),
     })
 }
 
@@ -610,7 +625,7 @@ fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "llama",
-        Arch::LlavaOnevision | Arch::Qwen2Vl => "qwen2",
+        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => "qwen2",
     };
     let mt = o.str("model_type", default_type)?;
     let kind = match mt.as_str() {

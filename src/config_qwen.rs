@@ -1,11 +1,15 @@
-//! config.json of `Qwen2VLForConditionalGeneration`, in both on-disk
+//! config.json of `Qwen2VLForConditionalGeneration` and
+//! `Qwen2_5_VLForConditionalGeneration`, in both on-disk
 //! generations: the Hub files written by transformers 4 keep the language
 //! model's keys at the top level with `rope_theta` and
 //! `rope_scaling: {"type": "mrope", "mrope_section": [...]}`; transformers 5
 //! nests them under `text_config` with
 //! `rope_parameters: {"rope_type": "default", "mrope_section", "rope_theta"}`.
 //! Keys left out take the defaults of `Qwen2VLConfig` / `Qwen2VLTextConfig` /
-//! `Qwen2VLVisionConfig`.
+//! `Qwen2VLVisionConfig` (and their Qwen2.5-VL counterparts). The two
+//! vision configs name sizes differently: Qwen2-VL's `embed_dim` is the
+//! tower's width and `hidden_size` the merger's output; Qwen2.5-VL's
+//! `hidden_size` is the tower's width and `out_hidden_size` the merger's.
 
 use std::path::Path;
 
@@ -20,13 +24,17 @@ const SIZE_KEYS: &[&str] = &[
     "vision_config.embed_dim",
     "vision_config.depth",
     "vision_config.hidden_size",
+    "vision_config.out_hidden_size",
     "vision_config.patch_size",
 ];
 
-pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path) -> Result<VlmConfig> {
+pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path, arch: Arch) -> Result<VlmConfig> {
     let null = Value::Null;
     let vision_v = top.get("vision_config").unwrap_or(&null);
-    let vision = parse_vision(vision_v, path)?;
+    let vision = match arch {
+        Arch::Qwen25Vl => parse_vision_25(vision_v, path)?,
+        _ => parse_vision(vision_v, path)?,
+    };
     // transformers 4 files (and `Qwen2VLConfig(text_config=None)`) take the
     // text settings from the top level.
     let text_o = top.sub("text_config").unwrap_or(Obj {
@@ -34,7 +42,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path) -> Result<VlmConfig> {
         path,
         ctx: String::new(),
     });
-    let text = parse_text(&text_o, top)?;
+    let text = parse_text(&text_o, top, arch)?;
     let image_token_index = match top.get("image_token_id") {
         None => 151655,
         Some(v) => v.as_u64().map(|x| x as u32).ok_or_else(|| {
@@ -55,7 +63,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path) -> Result<VlmConfig> {
         .collect();
     let cfg = VlmConfig {
         path: path.to_path_buf(),
-        arch: Arch::Qwen2Vl,
+        arch,
         vision,
         text,
         image_token_index,
@@ -73,7 +81,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path) -> Result<VlmConfig> {
         return Err(Error::config(
             path,
             format!(
-                "vision_config: spatial_merge_size {}, temporal_patch_size {} and hidden_size {} must be positive",
+                "vision_config: spatial_merge_size {}, temporal_patch_size {} and the merger's output size {} must be positive",
                 v.spatial_merge_size, v.temporal_patch_size, v.out_hidden_size
             ),
         ));
@@ -93,7 +101,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path) -> Result<VlmConfig> {
         return Err(Error::config(
             path,
             format!(
-                "vision_config.hidden_size {} (the merger's output) differs from the language model's hidden_size {}",
+                "vision_config: the merger's output size {} differs from the language model's hidden_size {}",
                 v.out_hidden_size, cfg.text.hidden_size
             ),
         ));
@@ -132,18 +140,89 @@ fn parse_vision(v: &Value, path: &Path) -> Result<VisionConfig> {
         spatial_merge_size: merge,
         temporal_patch_size: o.usize("temporal_patch_size", 2)?,
         out_hidden_size: o.usize("hidden_size", 3584)?,
+        window_size: 0,
+        fullatt_block_indexes: Vec::new(),
     })
 }
 
-fn parse_text(o: &Obj, top: &Obj) -> Result<TextConfig> {
+fn parse_vision_25(v: &Value, path: &Path) -> Result<VisionConfig> {
+    let o = Obj {
+        v,
+        path,
+        ctx: "vision_config".into(),
+    };
+    let channels = match o.get("in_channels") {
+        Some(_) => o.usize("in_channels", 3)?,
+        None => o.usize("in_chans", 3)?,
+    };
+    let patch = o.usize("patch_size", 14)?;
+    let merge = o.usize("spatial_merge_size", 2)?;
+    let depth = o.usize("depth", 32)?;
+    let key = o.key("fullatt_block_indexes");
+    let full = match o.get("fullatt_block_indexes") {
+        None => vec![7, 15, 23, 31],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::config(path, format!("\"{key}\": expected a list of block indices")))?,
+        Some(other) => {
+            return Err(Error::config(
+                path,
+                format!("\"{key}\": expected a list of block indices, found {other}"),
+            ))
+        }
+    };
+    if let Some(&b) = full.iter().find(|&&b| b >= depth) {
+        return Err(Error::config(
+            path,
+            format!("\"{key}\" names block {b}, but the tower has depth {depth}"),
+        ));
+    }
+    let window_size = o.usize("window_size", 112)?;
+    if window_size < patch * merge || !window_size.is_multiple_of(patch * merge) {
+        return Err(Error::config(
+            path,
+            format!(
+                "\"{}\" is {window_size}; expected a positive multiple of patch_size x spatial_merge_size = {}",
+                o.key("window_size"),
+                patch * merge
+            ),
+        ));
+    }
+    Ok(VisionConfig {
+        kind: VisionKind::Qwen25Vl,
+        hidden_size: o.usize("hidden_size", 3584)?,
+        intermediate_size: o.usize("intermediate_size", 3420)?,
+        num_hidden_layers: depth,
+        num_attention_heads: o.usize("num_heads", 16)?,
+        num_channels: channels,
+        image_size: patch * merge,
+        patch_size: patch,
+        layer_norm_eps: 1e-6,
+        hidden_act: o.act("hidden_act", "silu")?,
+        spatial_merge_size: merge,
+        temporal_patch_size: o.usize("temporal_patch_size", 2)?,
+        out_hidden_size: o.usize("out_hidden_size", 3584)?,
+        window_size,
+        fullatt_block_indexes: full,
+    })
+}
+
+fn parse_text(o: &Obj, top: &Obj, arch: Arch) -> Result<TextConfig> {
     let path = o.path;
-    let mt = o.str("model_type", "qwen2_vl_text")?;
-    if o.ctx == "text_config" && mt != "qwen2_vl_text" && mt != "qwen2_vl" {
+    let family = match arch {
+        Arch::Qwen25Vl => "qwen2_5_vl",
+        _ => "qwen2_vl",
+    };
+    let text_type = format!("{family}_text");
+    let mt = o.str("model_type", &text_type)?;
+    if o.ctx == "text_config" && mt != text_type && mt != family {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
             what: "text_config.model_type".into(),
             found: mt,
-            supported: "qwen2_vl_text".into(),
+            supported: text_type,
         });
     }
     let hidden_size = o.usize("hidden_size", 8192)?;

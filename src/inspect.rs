@@ -123,6 +123,7 @@ fn arch_name(a: Arch) -> (&'static str, &'static str) {
         Arch::Llava => ("llava", "LlavaForConditionalGeneration"),
         Arch::LlavaOnevision => ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
         Arch::Qwen2Vl => ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+        Arch::Qwen25Vl => ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     }
 }
 
@@ -143,6 +144,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
             VisionKind::Clip => "clip",
             VisionKind::Siglip => "siglip",
             VisionKind::Qwen2Vl => "qwen2_vl",
+            VisionKind::Qwen25Vl => "qwen2_5_vl",
         }
         .into(),
         layers: v.num_hidden_layers,

@@ -12,6 +12,7 @@ use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::config::VlmConfig;
 use mbq::generate::{argmax, build_prompt, prefill, Prompt};
+use mbq::model::qwen2vl::windows;
 use mbq::model::Vlm;
 use mbq::image_processor::ImageProcessor;
 use mbq::preprocess::{load_image, Preprocessed};
@@ -164,6 +165,31 @@ fn mrope_positions_match_hf_rope_index() {
         checked += 1;
     }
     assert!(checked >= 4, "only {checked} cases with position_ids");
+}
+
+/// Qwen2.5-VL: the window order of the merged tokens and the windows'
+/// extents equal transformers' `get_window_index` (after
+/// `unique_consecutive`, which drops the empty windows).
+#[test]
+fn qwen25_windows_match_hf_window_index() {
+    let mut checked = 0;
+    for case in cases().into_iter().filter(|c| c.has("window_index")) {
+        let l = load(&case);
+        let g = case.i64("image_grid_thw");
+        let m = l.cfg.vision.spatial_merge_size;
+        let side = l.cfg.vision.window_size / m / l.cfg.vision.patch_size;
+        let (order, sizes) = windows(g[1] as usize / m, g[2] as usize / m, side);
+        let want: Vec<usize> = case.i64("window_index").iter().map(|&x| x as usize).collect();
+        assert_eq!(order, want, "{}: window_index", case.name);
+        let mut cu = vec![0];
+        for s in sizes {
+            cu.push(cu.last().unwrap() + s * m * m);
+        }
+        let want: Vec<usize> = case.i64("cu_window_seqlens").iter().map(|&x| x as usize).collect();
+        assert_eq!(cu, want, "{}: cu_window_seqlens", case.name);
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "Qwen2.5-VL cases with window_index");
 }
 
 #[test]

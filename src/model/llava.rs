@@ -168,7 +168,8 @@ pub fn check_config_against_weights(cfg: &VlmConfig, w: &WeightFiles, p: &Prefix
             p.text
         ));
     }
-    if cfg.arch == Arch::Qwen2Vl {
+    let qwen = matches!(cfg.arch, Arch::Qwen2Vl | Arch::Qwen25Vl);
+    if qwen {
         let blocks = w.count_numbered(&format!("{}.blocks", p.vision));
         if cfg.vision.num_hidden_layers > blocks {
             return bad(format!(
@@ -181,7 +182,7 @@ pub fn check_config_against_weights(cfg: &VlmConfig, w: &WeightFiles, p: &Prefix
     }
     let vision_layers = w.count_numbered(&format!("{}.encoder.layers", p.vision));
     let needed = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
-    if cfg.arch != Arch::Qwen2Vl && needed > vision_layers {
+    if !qwen && needed > vision_layers {
         return bad(format!(
             "{} with vision_feature_layer {:?} needs {needed} vision layers, but {} holds {vision_layers} ({}.encoder.layers.N)",
             cfg.describe("vision_config.num_hidden_layers", cfg.vision.num_hidden_layers),

@@ -18,7 +18,7 @@ use crate::weights::{Prefixes, WeightFiles};
 pub enum ImageEncoder<B: Backend> {
     /// LLaVA and LLaVA-OneVision: CLIP / SigLIP tower and projector.
     Llava(LlavaEncoder<B>),
-    /// Qwen2-VL: native-resolution tower and 2x2 merger.
+    /// Qwen2-VL and Qwen2.5-VL: native-resolution tower and 2x2 merger.
     Qwen2Vl(Qwen2VlVision<B>),
 }
 
@@ -56,7 +56,9 @@ impl<B: Backend> Vlm<B> {
             Arch::Llava | Arch::LlavaOnevision => {
                 ImageEncoder::Llava(LlavaEncoder::load(be, &cfg, w, &p)?)
             }
-            Arch::Qwen2Vl => ImageEncoder::Qwen2Vl(Qwen2VlVision::load(be, &w.pp(&p.vision), &cfg)?),
+            Arch::Qwen2Vl | Arch::Qwen25Vl => {
+                ImageEncoder::Qwen2Vl(Qwen2VlVision::load(be, &w.pp(&p.vision), &cfg)?)
+            }
         };
         let text = TextModel::load(be, &w.pp(&p.text), &w.pp(&p.lm_head), &cfg.text)?;
         Ok(Vlm { cfg, encoder, text })
