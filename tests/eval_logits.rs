@@ -17,7 +17,7 @@ fn teacher_forced_rows_reproduce_greedy_ids() {
     let model = Vlm::load(&be, &case.model).unwrap();
     let proc = Processor::load(&case.model, model.cfg.image_token_index).unwrap();
     let img_cfg = ImageProcessorConfig::load(&case.model).unwrap();
-    let pre = preprocess(&img_cfg, &load_image(&case.image).unwrap()).unwrap();
+    let pre = preprocess(&img_cfg, &load_image(case.image.as_ref().unwrap()).unwrap()).unwrap();
     let prompt = build_prompt(&model, &proc, &case.prompt, Some(&pre)).unwrap();
     let feats = model.encode_image(&be, &pre).unwrap().features;
     let greedy: Vec<u32> = case.i64("greedy_ids").iter().map(|&t| t as u32).collect();
