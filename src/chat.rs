@@ -208,7 +208,11 @@ impl<'a, B: Backend> ChatSession<'a, B> {
             x
         };
         let logits = be
-            .download(&model.text.forward_at(be, x, cache, start, prompt.rope_pos())?)?
+            .download(
+                &model
+                    .text
+                    .forward_at(be, x, cache, start, prompt.rope_pos())?,
+            )?
             .data;
         self.cached = slots;
         timings.prefill_ms = ms(t1);

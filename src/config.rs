@@ -12,8 +12,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"];
 pub const SUPPORTED_VISION_TYPES: &[&str] = &["clip_vision_model", "siglip_vision_model"];
 pub const SUPPORTED_TEXT_TYPES: &[&str] = &["llama", "qwen2"];
 

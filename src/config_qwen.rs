@@ -15,7 +15,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::{Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig, VisionKind, VlmConfig};
+use crate::config::{
+    Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig, VisionKind, VlmConfig,
+};
 use crate::error::{Error, Result};
 
 /// The keys [`VlmConfig::absent`] reports on, as this layout names them.
@@ -165,7 +167,9 @@ fn parse_vision_25(v: &Value, path: &Path) -> Result<VisionConfig> {
             .iter()
             .map(|x| x.as_u64().map(|n| n as usize))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::config(path, format!("\"{key}\": expected a list of block indices")))?,
+            .ok_or_else(|| {
+                Error::config(path, format!("\"{key}\": expected a list of block indices"))
+            })?,
         Some(other) => {
             return Err(Error::config(
                 path,
@@ -228,7 +232,10 @@ fn parse_text(o: &Obj, top: &Obj, arch: Arch) -> Result<TextConfig> {
     let hidden_size = o.usize("hidden_size", 8192)?;
     let heads = o.usize("num_attention_heads", 64)?;
     if heads == 0 {
-        return Err(Error::config(path, format!("\"{}\" must be > 0", o.key("num_attention_heads"))));
+        return Err(Error::config(
+            path,
+            format!("\"{}\" must be > 0", o.key("num_attention_heads")),
+        ));
     }
     let head_dim = hidden_size / heads;
     let (rope_theta, mrope_section) = parse_mrope(o, head_dim)?;
@@ -303,7 +310,9 @@ fn parse_mrope(o: &Obj, head_dim: usize) -> Result<(f32, Vec<usize>)> {
             .iter()
             .map(|x| x.as_u64().map(|n| n as usize))
             .collect::<Option<_>>()
-            .ok_or_else(|| Error::config(path, format!("\"{key}\": expected a list of integers")))?,
+            .ok_or_else(|| {
+                Error::config(path, format!("\"{key}\": expected a list of integers"))
+            })?,
         Some(other) => {
             return Err(Error::config(
                 path,

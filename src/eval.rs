@@ -17,8 +17,8 @@ use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{build_prompt, generate, nll, target_logits, GenerateOptions};
-use crate::model::Vlm;
 use crate::image_processor::ImageProcessor;
+use crate::model::Vlm;
 use crate::preprocess::{load_image, Preprocessed};
 use crate::processor::Processor;
 

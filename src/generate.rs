@@ -6,8 +6,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::chat_template::user_message;
 use crate::error::{Error, Result};
-use crate::model::decoder::RopePos;
-use crate::model::rope::mrope_positions;
+use crate::model::rope::{rope_pos, Mrope, RopePos};
 use crate::model::Vlm;
 use crate::preprocess::Preprocessed;
 use crate::processor::Processor;
@@ -62,33 +61,23 @@ pub struct Prompt {
     pub mrope: Option<Mrope>,
 }
 
-/// [`RopePos::Multi`]'s data, owned.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Mrope {
-    pub thw: Vec<[usize; 3]>,
-    pub delta: i64,
-}
-
 impl Prompt {
     /// Sets [`Prompt::mrope`] when `model` uses M-RoPE and the prompt holds
     /// `images` (in the order of its image spans).
-    pub fn with_mrope<B: Backend>(mut self, model: &Vlm<B>, images: &[&Preprocessed]) -> Result<Self> {
+    pub fn with_mrope<B: Backend>(
+        mut self,
+        model: &Vlm<B>,
+        images: &[&Preprocessed],
+    ) -> Result<Self> {
         if let Some(grids) = model.mrope_grids(images)?.filter(|g| !g.is_empty()) {
-            let (thw, delta) = mrope_positions(self.ids.len(), &self.image_spans, &grids)?;
-            self.mrope = Some(Mrope { thw, delta });
+            self.mrope = Some(Mrope::new(self.ids.len(), &self.image_spans, &grids)?);
         }
         Ok(self)
     }
 
     /// Where the prompt's rows (and the tokens generated after it) sit for RoPE.
     pub fn rope_pos(&self) -> RopePos<'_> {
-        match &self.mrope {
-            Some(m) => RopePos::Multi {
-                thw: &m.thw,
-                delta: m.delta,
-            },
-            None => RopePos::Sequential,
-        }
+        rope_pos(self.mrope.as_ref())
     }
 
     /// The image spans of `ids`: runs of `image_token`, one per image, each
@@ -429,7 +418,11 @@ pub fn generate_chat<B: Backend>(
     let features: Vec<&B::Tensor> = embeds.iter().map(|e| &e.features).collect();
     let x = embed_prompt(be, model, &prompt, &features)?;
     let logits = be
-        .download(&model.text.forward_at(be, x, &mut cache, 0, prompt.rope_pos())?)?
+        .download(
+            &model
+                .text
+                .forward_at(be, x, &mut cache, 0, prompt.rope_pos())?,
+        )?
         .data;
     timings.prefill_ms = ms(t1);
     timings.prefill_tokens = prompt.ids.len();

@@ -9,7 +9,9 @@ use std::path::Path;
 use image::RgbImage;
 
 use crate::error::Result;
-use crate::preprocess::{self, image_settings, read_image_processor_json, ImageProcessorConfig, Preprocessed};
+use crate::preprocess::{
+    self, image_settings, read_image_processor_json, ImageProcessorConfig, Preprocessed,
+};
 use crate::preprocess_qwen::{self, is_qwen_vl_type, QwenVlImageConfig};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,9 +29,13 @@ impl ImageProcessor {
             .and_then(|v| v.as_str())
             .unwrap_or("");
         if is_qwen_vl_type(ty) {
-            Ok(ImageProcessor::QwenVl(QwenVlImageConfig::from_json(&path, &json)?))
+            Ok(ImageProcessor::QwenVl(QwenVlImageConfig::from_json(
+                &path, &json,
+            )?))
         } else {
-            Ok(ImageProcessor::Llava(ImageProcessorConfig::from_json(&path, &json)?))
+            Ok(ImageProcessor::Llava(ImageProcessorConfig::from_json(
+                &path, &json,
+            )?))
         }
     }
 

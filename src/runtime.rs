@@ -9,8 +9,8 @@ use crate::chat_template::{system_message, user_message};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate_chat, GenerateOptions, Generation};
-use crate::model::Vlm;
 use crate::image_processor::ImageProcessor;
+use crate::model::Vlm;
 use crate::preprocess::load_image;
 use crate::processor::Processor;
 

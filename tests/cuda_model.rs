@@ -26,6 +26,13 @@ fn packed_models_match_cpu_and_transformers() {
 }
 
 #[test]
+fn quantized_families_match_cpu() {
+    if let Some(g) = cuda("quantized_families_match_cpu") {
+        backend_model::quantized_families_match_cpu(g);
+    }
+}
+
+#[test]
 fn batched_steps_match_one_sequence_at_a_time() {
     if let Some(g) = cuda("batched_steps_match_one_sequence_at_a_time") {
         backend_model::batched_steps_match_one_sequence_at_a_time(g);

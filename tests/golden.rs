@@ -12,9 +12,9 @@ use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::config::VlmConfig;
 use mbq::generate::{argmax, build_prompt, prefill, Prompt};
+use mbq::image_processor::ImageProcessor;
 use mbq::model::qwen2vl::windows;
 use mbq::model::Vlm;
-use mbq::image_processor::ImageProcessor;
 use mbq::preprocess::{load_image, Preprocessed};
 use mbq::processor::Processor;
 use mbq::tensor::Tensor;
@@ -102,7 +102,11 @@ fn pixel_values_match_hf_image_processor() {
         let ours = cfg.preprocess(&img).unwrap();
         let reference = reference_pixels(&case).unwrap();
         if reference.grid_thw.is_some() {
-            assert_eq!(ours.grid_thw, reference.grid_thw, "{}: image_grid_thw", case.name);
+            assert_eq!(
+                ours.grid_thw, reference.grid_thw,
+                "{}: image_grid_thw",
+                case.name
+            );
         } else {
             assert_eq!(
                 (ours.num_tiles, ours.height, ours.width),
@@ -161,7 +165,12 @@ fn mrope_positions_match_hf_rope_index() {
             let want = [golden[i], golden[n + i], golden[2 * n + i]].map(|x| x as usize);
             assert_eq!(*p, want, "{}: position of token {i}", case.name);
         }
-        assert_eq!(delta, case.i64("rope_deltas")[0], "{}: rope delta", case.name);
+        assert_eq!(
+            delta,
+            case.i64("rope_deltas")[0],
+            "{}: rope delta",
+            case.name
+        );
         checked += 1;
     }
     assert!(checked >= 4, "only {checked} cases with position_ids");
@@ -179,13 +188,21 @@ fn qwen25_windows_match_hf_window_index() {
         let m = l.cfg.vision.spatial_merge_size;
         let side = l.cfg.vision.window_size / m / l.cfg.vision.patch_size;
         let (order, sizes) = windows(g[1] as usize / m, g[2] as usize / m, side);
-        let want: Vec<usize> = case.i64("window_index").iter().map(|&x| x as usize).collect();
+        let want: Vec<usize> = case
+            .i64("window_index")
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
         assert_eq!(order, want, "{}: window_index", case.name);
         let mut cu = vec![0];
         for s in sizes {
             cu.push(cu.last().unwrap() + s * m * m);
         }
-        let want: Vec<usize> = case.i64("cu_window_seqlens").iter().map(|&x| x as usize).collect();
+        let want: Vec<usize> = case
+            .i64("cu_window_seqlens")
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
         assert_eq!(cu, want, "{}: cu_window_seqlens", case.name);
         checked += 1;
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 use mbq::backend::cpu::Cpu;
 use mbq::backend::{Backend, Grad};
 use mbq::calib::sensitivity::{sample_sensitivity, SampleSensitivity};
+use mbq::model::rope::RopePos;
 use mbq::model::Vlm;
 use mbq::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -72,7 +73,16 @@ fn sample(m: &Vlm<Cpu>, seed: u64) -> Sample {
 
 fn run<B: Grad>(be: &B, s: &Sample) -> SampleSensitivity {
     let m = Vlm::load(be, &fixture_dir()).unwrap();
-    sample_sensitivity(be, &m.text, &s.x0, &s.ids, &s.vision, &s.caption).unwrap()
+    sample_sensitivity(
+        be,
+        &m.text,
+        &s.x0,
+        &s.ids,
+        &s.vision,
+        &s.caption,
+        RopePos::Sequential,
+    )
+    .unwrap()
 }
 
 /// Compares `be`'s pass with the CPU's on two samples; prints the errors.

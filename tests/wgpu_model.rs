@@ -20,6 +20,11 @@ fn packed_models_match_cpu_and_transformers() {
 }
 
 #[test]
+fn quantized_families_match_cpu() {
+    backend_model::quantized_families_match_cpu(gpu());
+}
+
+#[test]
 fn batched_steps_match_one_sequence_at_a_time() {
     backend_model::batched_steps_match_one_sequence_at_a_time(gpu());
 }

@@ -40,8 +40,9 @@ use serde_json::Value;
 use crate::backend::Backend;
 use crate::chat_template::{assistant_message, user_message, ChatTemplate};
 use crate::error::{Error, Result};
-use crate::model::Vlm;
 use crate::image_processor::ImageProcessor;
+use crate::model::rope::Mrope;
+use crate::model::Vlm;
 use crate::preprocess::load_image;
 use crate::processor::Processor;
 
@@ -85,6 +86,8 @@ pub struct CalibSample {
     pub caption: Vec<bool>,
     /// The resolved image path.
     pub image: Option<PathBuf>,
+    /// M-RoPE models with an image: the tokens' (t, h, w) positions.
+    pub mrope: Option<Mrope>,
 }
 
 impl CalibSample {
@@ -259,19 +262,22 @@ fn build_sample<B: Backend>(
 ) -> std::result::Result<CalibSample, String> {
     // The image: decoded and preprocessed here only to know it works and
     // how many tokens it expands to.
-    let n_img = match &image_path {
+    let (n_img, grids) = match &image_path {
         Some(path) => {
             if !path.is_file() {
                 return Err(format!("image not found: {}", path.display()));
             }
             let img = load_image(path).map_err(|e| e.to_string())?;
-            let pre =
-                img_cfg.preprocess(&img).map_err(|e| format!("image {}: {e}", path.display()))?;
-            model
-                .num_image_tokens(&pre)
-                .map_err(|e| format!("image {}: {e}", path.display()))?
+            let pre = img_cfg
+                .preprocess(&img)
+                .map_err(|e| format!("image {}: {e}", path.display()))?;
+            let at = |e: crate::Error| format!("image {}: {e}", path.display());
+            (
+                model.num_image_tokens(&pre).map_err(at)?,
+                model.mrope_grids(&[&pre]).map_err(at)?,
+            )
         }
-        None => 0,
+        None => (0, None),
     };
     let with_image = image_path.is_some();
     let user = user_message(&item.prompt, with_image);
@@ -326,12 +332,20 @@ fn build_sample<B: Backend>(
         }
     }
     let caption = (0..ids.len()).map(|i| i >= prefix_ids.len()).collect();
+    let mrope = match grids {
+        Some(grids) if count > 0 => {
+            let first = vision.iter().position(|&v| v).unwrap_or(0);
+            Some(Mrope::new(ids.len(), &[(first, count)], &grids).map_err(|e| e.to_string())?)
+        }
+        _ => None,
+    };
     Ok(CalibSample {
         id: item.id.clone().unwrap_or(fallback_id),
         ids,
         vision,
         caption,
         image: image_path,
+        mrope,
     })
 }
 
@@ -594,7 +608,10 @@ mod tests {
         assert!(set.skipped.is_empty(), "{:?}", set.skipped);
         assert_eq!(set.samples.len(), 3);
         let tok = fx.model.cfg.image_token_index;
-        let pre = fx.img_cfg.preprocess(&image::RgbImage::new(64, 64)).unwrap();
+        let pre = fx
+            .img_cfg
+            .preprocess(&image::RgbImage::new(64, 64))
+            .unwrap();
         let n_img = fx.model.num_image_tokens(&pre).unwrap();
         for s in &set.samples {
             assert_eq!(s.ids.len(), s.vision.len());

@@ -122,6 +122,7 @@ impl Group {
         fp: &DecoderLayer<L, B::Tensor>,
         q: &[Q],
         x: &B::Tensor,
+        rope: RopePos<'_>,
     ) -> Result<B::Tensor> {
         let want = match self {
             Group::AttnIn => 3,
@@ -148,7 +149,7 @@ impl Group {
                     cache: &mut cache,
                     layer: 0,
                     pos0: 0,
-                    rope: RopePos::Sequential,
+                    rope,
                 };
                 attn.forward(spec, be, x, kv, &mut NoTap)
             }

@@ -32,11 +32,12 @@ use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad};
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
+use crate::image_processor::ImageProcessor;
 use crate::model::decoder::DecoderSpec;
 use crate::model::llava::check_config_against_weights;
-use crate::model::Vlm;
+use crate::model::rope::rope_pos;
 use crate::model::text::TextModel;
-use crate::image_processor::ImageProcessor;
+use crate::model::Vlm;
 use crate::processor::Processor;
 use crate::quant::outdir::check_output;
 use crate::quant::writer::{self, QuantSpec, Replacements};
@@ -144,6 +145,7 @@ pub fn quantize_model(
         .map(|s| TokenMasks {
             vision: s.vision.clone(),
             caption: s.caption.clone(),
+            mrope: s.mrope.clone(),
         })
         .collect();
 
@@ -342,8 +344,16 @@ fn sensitivity<B: Grad>(
     let mut sum = vec![LayerGrad::default(); text.layers.len()];
     let (mut n_vis, mut n) = (0usize, 0usize);
     for (k, (s, x)) in samples.iter().zip(xs).enumerate() {
-        let r = sample_sensitivity(be, text, x, &s.ids, &s.vision, &s.caption)
-            .map_err(|e| Error::invalid(format!("sensitivity of sample {}: {e}", s.id)))?;
+        let r = sample_sensitivity(
+            be,
+            text,
+            x,
+            &s.ids,
+            &s.vision,
+            &s.caption,
+            rope_pos(s.mrope.as_ref()),
+        )
+        .map_err(|e| Error::invalid(format!("sensitivity of sample {}: {e}", s.id)))?;
         for (acc, g) in sum.iter_mut().zip(&r.layers) {
             if r.has_vision {
                 acc.attn.vision += g.attn.vision;
@@ -477,7 +487,7 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
             }
             if i + 1 < layers {
                 let folded = self.layers[i].upload(be)?;
-                xs = layer_outputs(be, &self.spec, &folded, &xs)?;
+                xs = layer_outputs(be, &self.spec, &folded, &xs, self.masks)?;
             }
         }
         Ok(())

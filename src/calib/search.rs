@@ -26,9 +26,8 @@ use super::group::{Group, HostLayer};
 use super::method::{LossKind, QuantKind, Weighting};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::decoder::{
-    DecoderSpec, HostLinear, Kv, Layer, LinearOp, NoTap, RopePos, Site, Tap,
-};
+use crate::model::decoder::{DecoderSpec, HostLinear, Kv, Layer, LinearOp, NoTap, Site, Tap};
+use crate::model::rope::{rope_pos, Mrope, RopePos};
 use crate::quant::{pseudo, w4a8};
 use crate::tensor::Tensor;
 
@@ -37,11 +36,19 @@ pub const GRID: usize = 20;
 /// SmoothQuant's migration strength.
 pub const SMOOTHQUANT_ALPHA: f64 = 0.5;
 
-/// Per-sample token masks.
+/// What the search knows of each sample's tokens: the loss masks and
+/// (M-RoPE models) the tokens' RoPE positions.
 #[derive(Clone, Debug)]
 pub struct TokenMasks {
     pub vision: Vec<bool>,
     pub caption: Vec<bool>,
+    pub mrope: Option<Mrope>,
+}
+
+impl TokenMasks {
+    pub fn rope(&self) -> RopePos<'_> {
+        rope_pos(self.mrope.as_ref())
+    }
 }
 
 /// The outcome of one group.
@@ -314,6 +321,7 @@ fn run_layer<B: Backend>(
     spec: &DecoderSpec,
     layer: &Layer<B>,
     x: &B::Tensor,
+    rope: RopePos<'_>,
     tap: &mut impl Tap<B>,
 ) -> Result<B::Tensor> {
     let mut cache = be.new_cache(1, spec.kv_dim(), be.dims(x).0)?;
@@ -321,18 +329,19 @@ fn run_layer<B: Backend>(
         cache: &mut cache,
         layer: 0,
         pos0: 0,
-        rope: RopePos::Sequential,
+        rope,
     };
     layer.forward(spec, be, x, kv, tap)
 }
 
 /// The FP forward of a layer on every sample (its inputs `xs` on the
-/// backend), keeping the search's features.
+/// backend, its tokens `masks`), keeping the search's features.
 pub fn layer_features<B: Backend>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
     xs: &[B::Tensor],
+    masks: &[TokenMasks],
 ) -> Result<LayerFeatures<B>> {
     let mut f = LayerFeatures {
         inputs: Default::default(),
@@ -341,8 +350,8 @@ pub fn layer_features<B: Backend>(
         out: vec![],
         stats: Default::default(),
     };
-    for x in xs {
-        let y = run_layer(be, spec, layer, x, &mut Record { be, f: &mut f })?;
+    for (x, m) in xs.iter().zip(masks) {
+        let y = run_layer(be, spec, layer, x, m.rope(), &mut Record { be, f: &mut f })?;
         f.out.push(y);
     }
     Ok(f)
@@ -354,9 +363,11 @@ pub fn layer_outputs<B: Backend>(
     spec: &DecoderSpec,
     layer: &Layer<B>,
     xs: &[B::Tensor],
+    masks: &[TokenMasks],
 ) -> Result<Vec<B::Tensor>> {
     xs.iter()
-        .map(|x| run_layer(be, spec, layer, x, &mut NoTap))
+        .zip(masks)
+        .map(|(x, m)| run_layer(be, spec, layer, x, m.rope(), &mut NoTap))
         .collect()
 }
 
@@ -391,7 +402,14 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
         masks: &'a [TokenMasks],
     ) -> Result<Self> {
         let fp = host.upload(be)?;
-        let features = layer_features(be, spec, &fp, xs)?;
+        if masks.len() != xs.len() {
+            return Err(Error::invalid(format!(
+                "layer {index}: {} samples but {} token masks",
+                xs.len(),
+                masks.len()
+            )));
+        }
+        let features = layer_features(be, spec, &fp, xs, masks)?;
         Ok(LayerSearch {
             index,
             be,
@@ -413,7 +431,7 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
         let mut acc = LossAcc::default();
         let want = self.features.outputs(group);
         for (n, x) in self.features.inputs(group).iter().enumerate() {
-            let y = group.forward(self.spec, self.be, &self.fp, &q, x)?;
+            let y = group.forward(self.spec, self.be, &self.fp, &q, x, self.masks[n].rope())?;
             acc.add(&want[n], &self.be.download(&y)?, &self.masks[n], set.loss);
         }
         Ok(acc.value(set.loss, w))
@@ -525,13 +543,22 @@ mod tests {
             .map(|&n| TokenMasks {
                 vision: (0..n).map(|t| (2..6).contains(&t)).collect(),
                 caption: (0..n).map(|t| t >= n - 3).collect(),
+                mrope: None,
             })
             .collect();
         (xs, masks)
     }
 
     fn features(spec: &DecoderSpec, l: &HostLayer, xs: &[Tensor]) -> LayerFeatures<Cpu> {
-        layer_features(&Cpu, spec, &l.upload(&Cpu).unwrap(), xs).unwrap()
+        let masks: Vec<TokenMasks> = xs
+            .iter()
+            .map(|x| TokenMasks {
+                vision: vec![false; x.rows()],
+                caption: vec![true; x.rows()],
+                mrope: None,
+            })
+            .collect();
+        layer_features(&Cpu, spec, &l.upload(&Cpu).unwrap(), xs, &masks).unwrap()
     }
 
     /// Folding any scales into any group leaves the FP layer's outputs as
@@ -666,6 +693,7 @@ mod tests {
         let m = TokenMasks {
             caption: vec![true, false, false],
             vision: vec![false, true, false],
+            mrope: None,
         };
         let mut mae = LossAcc::default();
         mae.add(&fp, &q, &m, LossKind::Mae);

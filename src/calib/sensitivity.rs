@@ -71,7 +71,8 @@ pub struct SampleSensitivity {
 }
 
 /// x0: the decoder's input embeddings [n, hidden] (image features already in place),
-/// ids: the n token ids, vision[t]/caption[t]: masks of length n.
+/// ids: the n token ids, vision[t]/caption[t]: masks of length n, rope:
+/// the tokens' RoPE positions (M-RoPE models: the sample's own).
 pub fn sample_sensitivity<B: Grad>(
     be: &B,
     text: &TextModel<B>,
@@ -79,6 +80,7 @@ pub fn sample_sensitivity<B: Grad>(
     ids: &[u32],
     vision: &[bool],
     caption: &[bool],
+    rope: RopePos<'_>,
 ) -> Result<SampleSensitivity> {
     if vision.len() != ids.len() {
         return Err(Error::invalid(format!(
@@ -104,7 +106,7 @@ pub fn sample_sensitivity<B: Grad>(
     };
     let mut layers = vec![LayerGrad::default(); text.layers.len()];
     let x0 = be.upload(x0)?;
-    let loss = loss_and_grads(be, text, &x0, &targets, |i, site, g| {
+    let loss = loss_and_grads(be, text, &x0, rope, &targets, |i, site, g| {
         let g = be.download(g)?;
         let l = &mut layers[i];
         let m = match site {
@@ -202,6 +204,7 @@ fn forward<B: Backend, T: Tap<B>>(
     be: &B,
     text: &TextModel<B>,
     x0: &B::Tensor,
+    rope: RopePos<'_>,
     mut tap: impl FnMut(usize) -> T,
 ) -> Result<Saved<B::Tensor>> {
     let n = be.dims(x0).0;
@@ -214,7 +217,7 @@ fn forward<B: Backend, T: Tap<B>>(
             cache: &mut cache,
             layer: i,
             pos0: 0,
-            rope: RopePos::Sequential,
+            rope,
         };
         let mut inner = tap(i);
         let mut keep = KeepMid {
@@ -280,10 +283,11 @@ fn loss_and_grads<B: Grad>(
     be: &B,
     text: &TextModel<B>,
     x0: &B::Tensor,
+    rope: RopePos<'_>,
     targets: &[(usize, u32)],
     mut on_grad: impl FnMut(usize, GradSite, &B::Tensor) -> Result<()>,
 ) -> Result<f64> {
-    let saved = forward(be, text, x0, |_| NoTap)?;
+    let saved = forward(be, text, x0, rope, |_| NoTap)?;
     let (loss, mut dy) = head_loss(be, text, &saved.out, targets)?;
     for i in (0..text.layers.len()).rev() {
         let layer = &text.layers[i];
@@ -293,7 +297,7 @@ fn loss_and_grads<B: Grad>(
         if i == 0 {
             break; // nothing below layer 0's attention output is captured
         }
-        dy = layer.attn_backward(&text.spec, be, &saved.x_in[i], &dm, RopePos::Sequential)?;
+        dy = layer.attn_backward(&text.spec, be, &saved.x_in[i], &dm, rope)?;
     }
     Ok(loss)
 }
@@ -303,6 +307,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::{Cpu, CpuWeight};
     use crate::generate::{nll, target_logits, Prompt};
+    use crate::model::rope::{rope_pos, Mrope};
     use crate::model::Vlm;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -352,15 +357,22 @@ mod tests {
     fn forward_loss(
         text: &TextModel<Cpu>,
         x0: &Tensor,
+        rope: RopePos<'_>,
         targets: &[(usize, u32)],
         p: Perturb,
     ) -> Result<f64> {
-        let saved = forward(&Cpu, text, x0, |at| PerturbTap { p, at })?;
+        let saved = forward(&Cpu, text, x0, rope, |at| PerturbTap { p, at })?;
         Ok(head_loss(&Cpu, text, &saved.out, targets)?.0)
     }
 
     fn fixture() -> Vlm<Cpu> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llava_qwen128");
+        model("llava_qwen128")
+    }
+
+    fn model(name: &str) -> Vlm<Cpu> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(name);
         Vlm::<Cpu>::load(&Cpu, &dir).unwrap()
     }
 
@@ -372,6 +384,14 @@ mod tests {
         features: Tensor,
         vision: Vec<bool>,
         caption: Vec<bool>,
+        /// M-RoPE models: the vision run is a 2 x 3 merged grid.
+        mrope: Option<Mrope>,
+    }
+
+    impl Sample {
+        fn rope(&self) -> RopePos<'_> {
+            rope_pos(self.mrope.as_ref())
+        }
     }
 
     const VISION: std::ops::Range<usize> = 3..9;
@@ -392,12 +412,19 @@ mod tests {
         )
         .unwrap();
         Cpu.set_rows(&mut x0, VISION.start, &features).unwrap();
+        let mrope = m
+            .cfg
+            .text
+            .mrope_section
+            .as_ref()
+            .map(|_| Mrope::new(N, &[(VISION.start, VISION.len())], &[(2, 3)]).unwrap());
         Sample {
             ids,
             x0,
             features,
             vision: (0..N).map(|t| VISION.contains(&t)).collect(),
             caption: (0..N).map(|t| CAPTION.contains(&t)).collect(),
+            mrope,
         }
     }
 
@@ -405,7 +432,7 @@ mod tests {
     fn all_grads(m: &Vlm<Cpu>, s: &Sample) -> (f64, Vec<[Vec<f32>; 2]>) {
         let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
         let mut g = vec![[Vec::new(), Vec::new()]; m.text.layers.len()];
-        let loss = loss_and_grads(&Cpu, &m.text, &s.x0, &targets, |i, site, gr| {
+        let loss = loss_and_grads(&Cpu, &m.text, &s.x0, s.rope(), &targets, |i, site, gr| {
             g[i][slot(site)] = gr.data.clone();
             Ok(())
         })
@@ -422,18 +449,39 @@ mod tests {
 
     #[test]
     fn fixture_loss_matches_target_logits() {
-        let m = fixture();
-        let s = sample(&m, 7);
-        let sens = sample_sensitivity(&Cpu, &m.text, &s.x0, &s.ids, &s.vision, &s.caption).unwrap();
+        loss_matches_target_logits(&fixture());
+    }
+
+    /// M-RoPE: the sample's own positions in the forward and the backward.
+    #[test]
+    fn mrope_loss_matches_target_logits() {
+        loss_matches_target_logits(&model("qwen2vl"));
+    }
+
+    fn loss_matches_target_logits(m: &Vlm<Cpu>) {
+        let s = sample(m, 7);
+        let sens = sample_sensitivity(
+            &Cpu,
+            &m.text,
+            &s.x0,
+            &s.ids,
+            &s.vision,
+            &s.caption,
+            s.rope(),
+        )
+        .unwrap();
         // The generate path: prompt = tokens before the caption with the
         // image features in place, target = the caption.
         let prompt = Prompt {
             ids: s.ids[..CAPTION.start].to_vec(),
             image_spans: vec![(VISION.start, VISION.len())],
-            mrope: None,
+            mrope: s.mrope.as_ref().map(|r| Mrope {
+                thw: r.thw[..CAPTION.start].to_vec(),
+                delta: r.delta,
+            }),
         };
         let target = &s.ids[CAPTION];
-        let logits = target_logits(&Cpu, &m, &prompt, Some(&s.features), target).unwrap();
+        let logits = target_logits(&Cpu, m, &prompt, Some(&s.features), target).unwrap();
         let want = logits
             .iter()
             .zip(target)
@@ -451,10 +499,20 @@ mod tests {
 
     #[test]
     fn fixture_gradients_match_fd() {
-        let m = fixture();
-        let s = sample(&m, 8);
+        gradients_match_fd(&fixture());
+    }
+
+    /// M-RoPE: the backward through the three rotation parts (negated
+    /// frequencies at the sample's own positions).
+    #[test]
+    fn mrope_gradients_match_fd() {
+        gradients_match_fd(&model("qwen2vl"));
+    }
+
+    fn gradients_match_fd(m: &Vlm<Cpu>) {
+        let s = sample(m, 8);
         let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
-        let (_, g) = all_grads(&m, &s);
+        let (_, g) = all_grads(m, &s);
         let hidden = m.cfg.text.hidden_size;
         let mut rng = StdRng::seed_from_u64(9);
         let eps = 1e-2f32;
@@ -478,7 +536,7 @@ mod tests {
                                 j,
                                 eps,
                             };
-                            forward_loss(&m.text, &s.x0, &targets, p).unwrap()
+                            forward_loss(&m.text, &s.x0, s.rope(), &targets, p).unwrap()
                         };
                         let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                         let an = row[j] as f64;
@@ -530,7 +588,16 @@ mod tests {
                 }
             }
         }
-        let sens = sample_sensitivity(&Cpu, &m.text, &s.x0, &s.ids, &s.vision, &s.caption).unwrap();
+        let sens = sample_sensitivity(
+            &Cpu,
+            &m.text,
+            &s.x0,
+            &s.ids,
+            &s.vision,
+            &s.caption,
+            RopePos::Sequential,
+        )
+        .unwrap();
         assert_eq!(sens.loss, loss);
         let mean = |gs: &[f32], rows: std::ops::Range<usize>| {
             let n = (rows.len() * hidden) as f64;
@@ -553,7 +620,16 @@ mod tests {
         assert!(sens.layers[0].attn.vision > 0.0 && sens.layers[0].mlp.vision > 0.0);
         // No vision positions: zero means, has_vision false.
         let none = vec![false; N];
-        let sens = sample_sensitivity(&Cpu, &m.text, &s.x0, &s.ids, &none, &s.caption).unwrap();
+        let sens = sample_sensitivity(
+            &Cpu,
+            &m.text,
+            &s.x0,
+            &s.ids,
+            &none,
+            &s.caption,
+            RopePos::Sequential,
+        )
+        .unwrap();
         assert!(!sens.has_vision);
         assert!(sens
             .layers
@@ -566,10 +642,18 @@ mod tests {
         let mut m = fixture();
         let s = sample(&m, 11);
         let err = |caption: &[bool], m: &Vlm<Cpu>| {
-            sample_sensitivity(&Cpu, &m.text, &s.x0, &s.ids, &s.vision, caption)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
+            sample_sensitivity(
+                &Cpu,
+                &m.text,
+                &s.x0,
+                &s.ids,
+                &s.vision,
+                caption,
+                RopePos::Sequential,
+            )
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
         };
         assert!(err(&[false; N], &m).contains("no caption token"));
         // A caption only at position 0 predicts nothing (HF shifts labels).

@@ -25,6 +25,7 @@
 //! backend it is `DecoderLayer<Linear<B>, B::Tensor>` ([`Layer`]);
 //! calibration keeps host copies, `DecoderLayer<HostLinear, Tensor>`.
 
+pub use super::rope::{Positions, RopePos};
 use super::Linear;
 use crate::backend::{AttnShape, Backend, Grad, Rope};
 use crate::config::{Act, TextConfig};
@@ -151,70 +152,6 @@ impl DecoderSpec {
         self.mrope.as_ref().ok_or_else(|| {
             Error::invalid("M-RoPE positions for a language model without mrope_section")
         })
-    }
-}
-
-/// Where each row of a sequence sits for RoPE.
-#[derive(Clone, Copy, Debug, Default)]
-pub enum RopePos<'a> {
-    /// The row at cache position `p` is at position `p`.
-    #[default]
-    Sequential,
-    /// M-RoPE: cache positions below `thw.len()` (the prompt) are at the
-    /// listed (t, h, w) positions; a later position `p` is at `p + delta` on
-    /// every axis ([`super::rope::mrope_positions`]).
-    Multi { thw: &'a [[usize; 3]], delta: i64 },
-}
-
-impl RopePos<'_> {
-    /// The positions of cache rows `pos0..pos0 + rows`.
-    pub fn rows(&self, pos0: usize, rows: usize) -> Result<Positions> {
-        let range = pos0..pos0 + rows;
-        match *self {
-            RopePos::Sequential => Ok(Positions::Same(range.collect())),
-            RopePos::Multi { thw, delta } => {
-                let at = |p: usize| -> Result<[usize; 3]> {
-                    match thw.get(p) {
-                        Some(&x) => Ok(x),
-                        None => usize::try_from(p as i64 + delta).map(|q| [q; 3]).map_err(|_| {
-                            Error::invalid(format!("M-RoPE: position {p} + delta {delta} is negative"))
-                        }),
-                    }
-                };
-                let all: Vec<[usize; 3]> = range.map(at).collect::<Result<_>>()?;
-                if all.iter().all(|p| p[0] == p[1] && p[1] == p[2]) {
-                    return Ok(Positions::Same(all.iter().map(|p| p[0]).collect()));
-                }
-                Ok(Positions::Thw([0, 1, 2].map(|a| all.iter().map(|p| p[a]).collect())))
-            }
-        }
-    }
-}
-
-/// The RoPE positions of a block of rows: one per row, or (M-RoPE) one per
-/// row and axis.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Positions {
-    Same(Vec<usize>),
-    Thw([Vec<usize>; 3]),
-}
-
-impl Positions {
-    fn append(&mut self, other: Positions) {
-        match (self, other) {
-            (Positions::Same(a), Positions::Same(b)) => a.extend(b),
-            (this, other) => {
-                let axes = |p: &Positions| match p {
-                    Positions::Same(v) => [v.clone(), v.clone(), v.clone()],
-                    Positions::Thw(a) => a.clone(),
-                };
-                let mut a = axes(this);
-                for (x, y) in a.iter_mut().zip(axes(&other)) {
-                    x.extend(y);
-                }
-                *this = Positions::Thw(a);
-            }
-        }
     }
 }
 

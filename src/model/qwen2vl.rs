@@ -59,8 +59,15 @@ impl<B: Backend> Norm<B> {
 
 /// `fc2(act(fc1 x))` (Qwen2-VL) or `down(act(gate x) * up x)` (Qwen2.5-VL).
 enum Mlp<B: Backend> {
-    Plain { fc1: Linear<B>, fc2: Linear<B> },
-    Gated { gate: Linear<B>, up: Linear<B>, down: Linear<B> },
+    Plain {
+        fc1: Linear<B>,
+        fc2: Linear<B>,
+    },
+    Gated {
+        gate: Linear<B>,
+        up: Linear<B>,
+        down: Linear<B>,
+    },
 }
 
 struct Block<B: Backend> {
@@ -115,7 +122,10 @@ fn third(t: &Tensor, part: usize) -> Result<Tensor> {
     let cols: usize = t.shape[1..].iter().product();
     let mut shape = t.shape.clone();
     shape[0] = rows;
-    Tensor::new(shape, t.data[part * rows * cols..(part + 1) * rows * cols].to_vec())
+    Tensor::new(
+        shape,
+        t.data[part * rows * cols..(part + 1) * rows * cols].to_vec(),
+    )
 }
 
 /// The 2-D rotary embedding as two [`Rope`]s over `head_dim / 2` rotation
@@ -278,10 +288,16 @@ impl<B: Backend> Qwen2VlVision<B> {
             None => data.to_vec(),
         };
         let (rows, cols) = match &order {
-            Some(o) => (permute_blocks(&rows, o, groups), permute_blocks(&cols, o, groups)),
+            Some(o) => (
+                permute_blocks(&rows, o, groups),
+                permute_blocks(&cols, o, groups),
+            ),
             None => (rows, cols),
         };
-        let pixels = Tensor::new(vec![n, self.row_len], permute(&pre.pixel_values, self.row_len))?;
+        let pixels = Tensor::new(
+            vec![n, self.row_len],
+            permute(&pre.pixel_values, self.row_len),
+        )?;
         let mut x = self.patch.forward(be, &be.upload(&pixels)?)?;
         let s = self.attn;
         let rope2d = |y: &B::Tensor| -> Result<B::Tensor> {
@@ -311,7 +327,9 @@ impl<B: Backend> Qwen2VlVision<B> {
             x = be.add(&x, &b.proj.forward(be, &a)?)?;
             let hn = b.norm2.forward(be, &x)?;
             let m = match &b.mlp {
-                Mlp::Plain { fc1, fc2 } => fc2.forward(be, &be.act(&fc1.forward(be, &hn)?, self.act)?)?,
+                Mlp::Plain { fc1, fc2 } => {
+                    fc2.forward(be, &be.act(&fc1.forward(be, &hn)?, self.act)?)?
+                }
                 Mlp::Gated { gate, up, down } => {
                     let g = be.gated(&gate.forward(be, &hn)?, &up.forward(be, &hn)?, self.act)?;
                     down.forward(be, &g)?
@@ -362,7 +380,10 @@ fn permute_blocks<T: Copy>(data: &[T], order: &[usize], block: usize) -> Vec<T> 
 /// dropped. Returns the merged-token order (`window_index`) and each
 /// window's token count.
 pub fn windows(gh: usize, gw: usize, side: usize) -> (Vec<usize>, Vec<usize>) {
-    let (nh, nw) = ((gh + side - gh % side) / side, (gw + side - gw % side) / side);
+    let (nh, nw) = (
+        (gh + side - gh % side) / side,
+        (gw + side - gw % side) / side,
+    );
     let mut order = Vec::with_capacity(gh * gw);
     let mut sizes = Vec::new();
     for wi in 0..nh {

@@ -3,6 +3,7 @@
 
 use crate::backend::Rope;
 use crate::config::{RopeScaling, TextConfig};
+use crate::error::{Error, Result};
 
 /// `head_dim / 2` inverse frequencies for `cfg`.
 pub fn rope_inv_freq(cfg: &TextConfig) -> Rope {
@@ -55,7 +56,13 @@ pub fn mrope_parts(rope: &Rope, section: &[usize]) -> [Rope; 3] {
     [0, 1, 2].map(|axis| {
         let end = start + section.get(axis).copied().unwrap_or(0);
         let inv_freq = (0..rope.inv_freq.len())
-            .map(|i| if (start..end).contains(&i) { rope.inv_freq[i] } else { 0.0 })
+            .map(|i| {
+                if (start..end).contains(&i) {
+                    rope.inv_freq[i]
+                } else {
+                    0.0
+                }
+            })
             .collect();
         start = end;
         Rope {
@@ -76,8 +83,7 @@ pub fn mrope_positions(
     len: usize,
     spans: &[(usize, usize)],
     grids: &[(usize, usize)],
-) -> crate::error::Result<(Vec<[usize; 3]>, i64)> {
-    use crate::error::Error;
+) -> Result<(Vec<[usize; 3]>, i64)> {
     if spans.len() != grids.len() {
         return Err(Error::invalid(format!(
             "M-RoPE: {} image span(s) for {} image grid(s)",
@@ -111,4 +117,103 @@ pub fn mrope_positions(
         next += 1;
     }
     Ok((out, next as i64 - len as i64))
+}
+
+/// Where each row of a sequence sits for RoPE.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum RopePos<'a> {
+    /// The row at cache position `p` is at position `p`.
+    #[default]
+    Sequential,
+    /// M-RoPE: cache positions below `thw.len()` (the prompt) are at the
+    /// listed (t, h, w) positions; a later position `p` is at `p + delta` on
+    /// every axis ([`mrope_positions`]).
+    Multi { thw: &'a [[usize; 3]], delta: i64 },
+}
+
+impl RopePos<'_> {
+    /// The positions of cache rows `pos0..pos0 + rows`.
+    pub fn rows(&self, pos0: usize, rows: usize) -> Result<Positions> {
+        let range = pos0..pos0 + rows;
+        match *self {
+            RopePos::Sequential => Ok(Positions::Same(range.collect())),
+            RopePos::Multi { thw, delta } => {
+                let at = |p: usize| -> Result<[usize; 3]> {
+                    match thw.get(p) {
+                        Some(&x) => Ok(x),
+                        None => usize::try_from(p as i64 + delta)
+                            .map(|q| [q; 3])
+                            .map_err(|_| {
+                                Error::invalid(format!(
+                                    "M-RoPE: position {p} + delta {delta} is negative"
+                                ))
+                            }),
+                    }
+                };
+                let all: Vec<[usize; 3]> = range.map(at).collect::<Result<_>>()?;
+                if all.iter().all(|p| p[0] == p[1] && p[1] == p[2]) {
+                    return Ok(Positions::Same(all.iter().map(|p| p[0]).collect()));
+                }
+                Ok(Positions::Thw(
+                    [0, 1, 2].map(|a| all.iter().map(|p| p[a]).collect()),
+                ))
+            }
+        }
+    }
+}
+
+/// The RoPE positions of a block of rows: one per row, or (M-RoPE) one per
+/// row and axis.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Positions {
+    Same(Vec<usize>),
+    Thw([Vec<usize>; 3]),
+}
+
+impl Positions {
+    /// `self` followed by `other` (M-RoPE when either is).
+    pub(crate) fn append(&mut self, other: Positions) {
+        match (self, other) {
+            (Positions::Same(a), Positions::Same(b)) => a.extend(b),
+            (this, other) => {
+                let axes = |p: &Positions| match p {
+                    Positions::Same(v) => [v.clone(), v.clone(), v.clone()],
+                    Positions::Thw(a) => a.clone(),
+                };
+                let mut a = axes(this);
+                for (x, y) in a.iter_mut().zip(axes(&other)) {
+                    x.extend(y);
+                }
+                *this = Positions::Thw(a);
+            }
+        }
+    }
+}
+
+/// [`RopePos::Multi`]'s data, owned: a prompt's (t, h, w) positions and
+/// the delta of the positions after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mrope {
+    pub thw: Vec<[usize; 3]>,
+    pub delta: i64,
+}
+
+impl Mrope {
+    /// [`mrope_positions`] of a prompt of `len` tokens.
+    pub fn new(len: usize, spans: &[(usize, usize)], grids: &[(usize, usize)]) -> Result<Mrope> {
+        let (thw, delta) = mrope_positions(len, spans, grids)?;
+        Ok(Mrope { thw, delta })
+    }
+
+    pub fn rope_pos(&self) -> RopePos<'_> {
+        RopePos::Multi {
+            thw: &self.thw,
+            delta: self.delta,
+        }
+    }
+}
+
+/// [`Mrope::rope_pos`] of an optional [`Mrope`]; sequential without one.
+pub fn rope_pos(m: Option<&Mrope>) -> RopePos<'_> {
+    m.map_or(RopePos::Sequential, Mrope::rope_pos)
 }

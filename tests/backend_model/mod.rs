@@ -15,9 +15,9 @@ use crate::common::{cases, fixtures, rel_err, scratch};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_prompt, embed_prompt, prefill, Prompt};
+use mbq::image_processor::ImageProcessor;
 use mbq::model::decoder::{RopePos, SeqKv};
 use mbq::model::Vlm;
-use mbq::image_processor::ImageProcessor;
 use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
 use mbq::processor::Processor;
 use mbq::quant::writer::quantize_rtn_dir;
@@ -152,6 +152,36 @@ pub fn packed_models_match_cpu_and_transformers<B: Backend>(be: &B) {
             .take(GREEDY_TOKENS)
             .collect();
         assert_eq!(gids, want, "{name}: {label} vs transformers greedy ids");
+    }
+}
+
+/// The Qwen2-VL and Qwen2.5-VL fixtures quantized here with RTN W3, MBQ W3
+/// and SmoothQuant W4A8 (g128; the calibrated ones on 4 samples of the
+/// committed set, on the CPU): on `be` the prefill logits are within the
+/// tolerance of the CPU's and the greedy ids equal.
+pub fn quantized_families_match_cpu<B: Backend>(be: &B) {
+    use mbq::calib::{quantize_model, Method};
+    let label = be.name();
+    for (model, case) in [("qwen2vl", "qwen2vl_odd2"), ("qwen25vl", "qwen25vl_big")] {
+        let case = crate::common::load_case(case);
+        for (method, w_bit, a_bit) in [
+            (Method::Rtn, 3, None),
+            (Method::Mbq, 3, None),
+            (Method::Smoothquant, 4, Some(8)),
+        ] {
+            let name = format!("{model}-{method:?}-w{w_bit}");
+            let out = scratch(&format!("{label}-{name}")).join("out");
+            let mut o = crate::common::calib_options(method, w_bit, a_bit, 4, out.clone());
+            o.model = fixtures().join("models").join(model);
+            quantize_model(&o, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let image = case.image.as_deref();
+            let (_, gl, gids) = run(be, &out, image, &case.prompt);
+            let (_, cl, cids) = run(&Cpu, &out, image, &case.prompt);
+            let le = rel_err(&gl, &cl);
+            println!("{name}: logits rel err vs cpu {le:.2e}, ids {cids:?}");
+            assert!(le <= LOGITS_REL_TOL, "{name}: logits {le}");
+            assert_eq!(gids, cids, "{name}: {label} vs cpu greedy ids");
+        }
     }
 }
 
@@ -306,7 +336,11 @@ pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
 fn mbq_run_case_matches_golden(case: &crate::common::Case, runs: &[(Vec<&str>, &str)]) {
     let (model, image) = (
         case.model.to_string_lossy().into_owned(),
-        case.image.as_ref().expect("an image case").to_string_lossy().into_owned(),
+        case.image
+            .as_ref()
+            .expect("an image case")
+            .to_string_lossy()
+            .into_owned(),
     );
     let tokens = GREEDY_TOKENS.to_string();
     let base = [
@@ -321,7 +355,11 @@ fn mbq_run_case_matches_golden(case: &crate::common::Case, runs: &[(Vec<&str>, &
         "--max-new-tokens",
         &tokens,
     ];
-    let golden: Vec<i64> = case.i64("greedy_ids").into_iter().take(GREEDY_TOKENS).collect();
+    let golden: Vec<i64> = case
+        .i64("greedy_ids")
+        .into_iter()
+        .take(GREEDY_TOKENS)
+        .collect();
     for (extra, want) in runs {
         let out = mbq_run(&[&base[..], &extra[..]].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
