@@ -186,6 +186,9 @@ pub struct VlmConfig {
     /// defaults), e.g. `text_config` or `vision_config.patch_size`: when a
     /// size does not match the weights, the message says the key is missing.
     pub absent: Vec<String>,
+    /// The text settings are at the top level (Qwen2-VL's transformers-4
+    /// files), not under `text_config`: messages name keys that way.
+    pub flat_text: bool,
 }
 
 /// The keys [`VlmConfig::absent`] reports on.
@@ -446,6 +449,7 @@ impl VlmConfig {
             image_grid_pinpoints,
             vision_aspect_ratio,
             absent,
+            flat_text: false,
         };
         cfg.check()?;
         Ok(cfg)
@@ -479,6 +483,7 @@ impl VlmConfig {
             ),
         ] {
             if value == 0 {
+                let key = self.key_name(key);
                 return bad(format!("\"{key}\" is 0; expected a positive size"));
             }
         }
@@ -487,8 +492,12 @@ impl VlmConfig {
             || !t.head_dim.is_multiple_of(2)
         {
             return bad(format!(
-                "text_config: num_attention_heads {} must be a multiple of num_key_value_heads {} and head_dim {} even",
-                t.num_attention_heads, t.num_key_value_heads, t.head_dim
+                "\"{}\" {} must be a multiple of \"{}\" {} and head_dim {} even",
+                self.key_name("text_config.num_attention_heads"),
+                t.num_attention_heads,
+                self.key_name("text_config.num_key_value_heads"),
+                t.num_key_value_heads,
+                t.head_dim
             ));
         }
         let n = v.num_hidden_layers as i64;
@@ -513,6 +522,15 @@ impl VlmConfig {
         self.absent.iter().any(|k| k == key || k == section)
     }
 
+    /// `key` (`text_config.*`) as this file spells it.
+    pub fn key_name<'k>(&self, key: &'k str) -> &'k str {
+        if self.flat_text {
+            key.strip_prefix("text_config.").unwrap_or(key)
+        } else {
+            key
+        }
+    }
+
     /// `"key" N`, or `"key" is missing (transformers' default N used)`.
     pub fn describe(&self, key: &str, value: usize) -> String {
         if self.is_absent(key) {
@@ -523,7 +541,7 @@ impl VlmConfig {
                 format!("\"{key}\" is missing (transformers' default {value} used)")
             }
         } else {
-            format!("\"{key}\" is {value}")
+            format!("\"{}\" is {value}", self.key_name(key))
         }
     }
 

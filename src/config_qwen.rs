@@ -39,7 +39,9 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path, arch: Arch) -> Result<VlmCon
     };
     // transformers 4 files (and `Qwen2VLConfig(text_config=None)`) take the
     // text settings from the top level.
-    let text_o = top.sub("text_config").unwrap_or(Obj {
+    let nested = top.sub("text_config");
+    let flat_text = nested.is_none();
+    let text_o = nested.unwrap_or(Obj {
         v: top.v,
         path,
         ctx: String::new(),
@@ -76,6 +78,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path, arch: Arch) -> Result<VlmCon
         image_grid_pinpoints: Vec::new(),
         vision_aspect_ratio: String::new(),
         absent,
+        flat_text,
     };
     cfg.check()?;
     let v = &cfg.vision;
@@ -292,14 +295,19 @@ fn parse_mrope(o: &Obj, head_dim: usize) -> Result<(f32, Vec<usize>)> {
             ),
         ));
     };
-    let ty = match p.get("rope_type").or_else(|| p.get("type")) {
+    let type_key = if p.get("rope_type").is_some() {
+        "rope_type"
+    } else {
+        "type"
+    };
+    let ty = match p.get(type_key) {
         Some(v) => v.as_str().unwrap_or("").to_string(),
         None => "default".into(),
     };
     if ty != "mrope" && ty != "default" {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
-            what: format!("{}.rope_type", p.ctx),
+            what: p.key(type_key),
             found: ty,
             supported: "mrope, default (with mrope_section)".into(),
         });

@@ -620,3 +620,132 @@ fn stale_quantize_temp_dir_is_removed() {
         &["removed", &format!(".q.tmp-{pid}"), "no longer running"],
     );
 }
+
+// ------------------------------------------------- Qwen2-VL / Qwen2.5-VL configs
+
+/// A writable copy of fixture model `fixture`.
+fn family_copy(fixture: &str, name: &str) -> PathBuf {
+    let d = scratch(&format!("bad_input_{name}")).join("model");
+    copy_dir(&fixtures().join("models").join(fixture), &d);
+    d
+}
+
+#[test]
+fn qwen2vl_unknown_rope_type_is_named() {
+    let m = family_copy("qwen2vl", "qwen_rope_type");
+    edit_json(&m.join("config.json"), |c| {
+        c["rope_scaling"]["type"] = "yarn".into()
+    });
+    let e = run_model(&m);
+    assert_has(&e, &["config.json", "rope_scaling.type", "yarn", "mrope"]);
+}
+
+#[test]
+fn qwen2vl_mrope_section_that_does_not_fit_head_dim() {
+    let m = family_copy("qwen2vl", "qwen_mrope_section");
+    edit_json(&m.join("config.json"), |c| {
+        c["rope_scaling"]["mrope_section"] = serde_json::json!([4, 6, 5])
+    });
+    let e = run_model(&m);
+    assert_has(
+        &e,
+        &[
+            "config.json",
+            "rope_scaling.mrope_section",
+            "[4, 6, 5]",
+            "head_dim / 2 = 16",
+        ],
+    );
+    edit_json(&m.join("config.json"), |c| {
+        c["rope_scaling"]
+            .as_object_mut()
+            .unwrap()
+            .remove("mrope_section");
+    });
+    assert_has(&run_model(&m), &["rope_scaling.mrope_section\" is missing"]);
+}
+
+#[test]
+fn qwen2vl_flat_text_keys_are_named_as_written() {
+    // Transformers 4 files keep the language model's keys at the top level.
+    let m = family_copy("qwen2vl", "qwen_flat_layers");
+    edit_json(&m.join("config.json"), |c| {
+        c["num_hidden_layers"] = 7.into()
+    });
+    let e = run_model(&m);
+    assert_has(
+        &e,
+        &[
+            "config.json",
+            "\"num_hidden_layers\" is 7",
+            "holds 2 decoder layers",
+        ],
+    );
+    assert!(!e.contains("text_config"), "{e}");
+}
+
+#[test]
+fn qwen25vl_bad_window_settings_are_named() {
+    let m = family_copy("qwen25vl", "qwen25_window");
+    edit_json(&m.join("config.json"), |c| {
+        c["vision_config"]["window_size"] = 50.into()
+    });
+    assert_has(
+        &run_model(&m),
+        &[
+            "config.json",
+            "vision_config.window_size",
+            "50",
+            "multiple of",
+        ],
+    );
+    edit_json(&m.join("config.json"), |c| {
+        c["vision_config"]["window_size"] = 56.into();
+        c["vision_config"]["fullatt_block_indexes"] = serde_json::json!([1, 9]);
+    });
+    assert_has(
+        &run_model(&m),
+        &["vision_config.fullatt_block_indexes", "block 9", "depth 4"],
+    );
+}
+
+#[test]
+fn qwen2vl_image_with_extreme_aspect_ratio() {
+    let d = scratch("bad_input_qwen_aspect");
+    let img = d.join("strip.png");
+    image::RgbImage::from_pixel(402, 2, image::Rgb([90, 120, 200]))
+        .save(&img)
+        .unwrap();
+    let e = expect_error(&[
+        "--model",
+        &s(&fixtures().join("models/qwen2vl")),
+        "--image",
+        &s(&img),
+        "--prompt",
+        "hi",
+        "--backend",
+        "cpu",
+    ]);
+    assert_has(&e, &["aspect ratio", "200"]);
+}
+
+#[test]
+fn qwen2vl_image_grid_beyond_the_context() {
+    // max_pixels allows 16 merged tokens: a context of 40 cannot hold the
+    // prompt with them.
+    let m = family_copy("qwen2vl", "qwen_context");
+    edit_json(&m.join("config.json"), |c| {
+        c["max_position_embeddings"] = 40.into()
+    });
+    let e = expect_error(&[
+        "--model",
+        &s(&m),
+        "--image",
+        &s(&fixtures().join("images/big.png")),
+        "--prompt",
+        "hi",
+        "--backend",
+        "cpu",
+    ]);
+    assert_has(&e, &["context", "40"]);
+}
