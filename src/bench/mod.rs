@@ -242,9 +242,14 @@ pub fn synthetic_config(name: &str) -> Result<TextConfig> {
         "llava-ov-7b" => (TextKind::Qwen2, 3584, 18944, 28, 28, 4, 152064, 1_000_000.0),
         // Vicuna-7B (Llama), the language model of LLaVA-1.5-7B.
         "llava-1.5-7b" => (TextKind::Llama, 4096, 11008, 32, 32, 32, 32064, 10_000.0),
+        // Qwen2-VL-7B-Instruct's language model (M-RoPE, below).
+        "qwen2-vl-7b" => (TextKind::Qwen2, 3584, 18944, 28, 28, 4, 152064, 1_000_000.0),
+        // InternVL3-8B-hf: Qwen2.5-7B.
+        "internvl3-8b" => (TextKind::Qwen2, 3584, 18944, 28, 28, 4, 151674, 1_000_000.0),
         other => {
             return Err(Error::invalid(format!(
-                "--synthetic: unknown model \"{other}\"; known: llava-ov-7b, llava-1.5-7b"
+                "--synthetic: unknown model \"{other}\"; known: {}",
+                SYNTHETIC_MODELS.join(", ")
             )))
         }
     };
@@ -266,9 +271,12 @@ pub fn synthetic_config(name: &str) -> Result<TextConfig> {
         mlp_bias: false,
         hidden_act: Act::Silu,
         tie_word_embeddings: false,
-        mrope_section: None,
+        mrope_section: (name == "qwen2-vl-7b").then(|| vec![16, 24, 24]),
     })
 }
+
+/// The names [`synthetic_config`] knows.
+pub const SYNTHETIC_MODELS: [&str; 4] = ["llava-ov-7b", "llava-1.5-7b", "qwen2-vl-7b", "internvl3-8b"];
 
 /// A decoder with random weights of `cfg`'s shape, its linears in `kind`.
 /// Embeddings and lm_head stay dense (as in a quantized model).

@@ -298,7 +298,8 @@ enum BenchCmd {
         /// A model directory (its language model is benchmarked).
         #[arg(long, conflicts_with = "synthetic")]
         model: Option<std::path::PathBuf>,
-        /// A synthetic model of a real shape: llava-ov-7b or llava-1.5-7b.
+        /// A synthetic model of a real shape: llava-ov-7b, llava-1.5-7b,
+        /// qwen2-vl-7b (Qwen2-VL-7B-Instruct) or internvl3-8b (InternVL3-8B-hf).
         #[arg(long)]
         synthetic: Option<String>,
         /// Synthetic models: build only this many decoder layers.
