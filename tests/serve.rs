@@ -526,3 +526,50 @@ async fn sigterm_finishes_running_requests_then_stops() {
     // Nothing listens any more.
     assert!(client().get(s.at("/health")).send().await.is_err());
 }
+
+/// A Qwen2-VL model served: two image requests batched together (M-RoPE:
+/// each sequence at its own (t, h, w) positions and rope delta) give
+/// transformers' greedy continuations of the golden cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qwen2vl_requests_batched_give_the_transformers_greedy_text() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let model = fixtures.join("models/qwen2vl");
+    let s = Server::start(&["--model", model.to_str().unwrap(), "--max-batch", "4"]);
+    let proc = mbq::processor::Processor::load(&model, 406).unwrap();
+    let mut tasks = Vec::new();
+    let mut want = Vec::new();
+    for case in ["qwen2vl_big", "qwen2vl_odd2", "qwen2vl_wide"] {
+        let dir = fixtures.join("cases").join(case);
+        let j: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let golden = mbq::weights::WeightFiles::open_file(&dir.join("golden.safetensors")).unwrap();
+        let (_, _, bytes) = golden.raw("greedy_ids").unwrap();
+        let ids: Vec<u32> = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        want.push(proc.decode(&ids).unwrap());
+        let png = std::fs::read(fixtures.join(j["image"].as_str().unwrap())).unwrap();
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        );
+        let body = json!({
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": j["prompt"]},
+            ]}],
+            "max_tokens": ids.len(), "ignore_eos": true, "temperature": 0,
+        });
+        let url = s.at("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let r = client().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    for (t, want) in tasks.into_iter().zip(&want) {
+        let (status, r) = t.await.unwrap();
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["choices"][0]["message"]["content"], *want, "{}", s.log());
+    }
+}

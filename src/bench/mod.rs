@@ -276,7 +276,8 @@ pub fn synthetic_config(name: &str) -> Result<TextConfig> {
 }
 
 /// The names [`synthetic_config`] knows.
-pub const SYNTHETIC_MODELS: [&str; 4] = ["llava-ov-7b", "llava-1.5-7b", "qwen2-vl-7b", "internvl3-8b"];
+pub const SYNTHETIC_MODELS: [&str; 4] =
+    ["llava-ov-7b", "llava-1.5-7b", "qwen2-vl-7b", "internvl3-8b"];
 
 /// A decoder with random weights of `cfg`'s shape, its linears in `kind`.
 /// Embeddings and lm_head stay dense (as in a quantized model).

@@ -22,7 +22,8 @@ use crate::backend::{self, Backend, BackendJob, BackendKind, BackendOptions, Gra
 use crate::config::VlmConfig;
 use crate::error::{Error, Result};
 use crate::generate::{build_chat_prompt, embed_prompt, GenerateOptions, Stepper};
-use crate::model::decoder::{RopePos, SeqKv};
+use crate::model::decoder::SeqKv;
+use crate::model::rope::{rope_pos, Mrope};
 use crate::model::Vlm;
 use crate::preprocess::Preprocessed;
 use crate::processor::Processor;
@@ -200,6 +201,8 @@ struct Running<'p, B: Backend> {
     events: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     cache: B::Cache,
+    /// M-RoPE models with images: the prompt's (t, h, w) positions.
+    mrope: Option<Mrope>,
     steps: Stepper<'p>,
     feed: Feed<B::Tensor>,
 }
@@ -326,7 +329,8 @@ impl<'a, B: Backend> Scheduler<'a, B> {
         &self,
         w: Waiting,
     ) -> std::result::Result<Running<'a, B>, (UnboundedSender<Event>, Error)> {
-        let Waiting { job, prompt } = w;
+        let Waiting { job, mut prompt } = w;
+        let mrope = prompt.mrope.take();
         let be = self.be;
         let ready = (|| {
             let mut features = Vec::with_capacity(job.images.len());
@@ -353,6 +357,7 @@ impl<'a, B: Backend> Scheduler<'a, B> {
                 events: job.events,
                 cancel: job.cancel,
                 cache,
+                mrope,
                 steps,
                 feed: Feed::Prompt(x),
             }),
@@ -397,7 +402,7 @@ impl<'a, B: Backend> Scheduler<'a, B> {
                 cache: &mut r.cache,
                 pos0,
                 rows,
-                rope: RopePos::Sequential,
+                rope: rope_pos(r.mrope.as_ref()),
             })
             .collect();
         let logits = be.download(&text.forward_batch(be, x, &mut seqs)?)?;
