@@ -218,7 +218,9 @@ impl BackendJob for ModelJob<'_> {
                     break;
                 }
                 let x = model.text.embed(be, &[feed(ids.len() - 1, id)])?;
-                let lg = model.text.forward(be, x, &mut cache, pos)?;
+                let lg = model
+                    .text
+                    .forward_at(be, x, &mut cache, pos, prompt.rope_pos())?;
                 logits = be.download(&lg)?.data;
                 pos += 1;
             }
