@@ -207,6 +207,18 @@ const SIZE_KEYS: &[&str] = &[
     "vision_config.patch_size",
 ];
 
+/// The dotted `keys` (`section.key`) that `v` leaves out or sets to null.
+pub(crate) fn absent_keys(v: &Value, keys: &[&str]) -> Vec<String> {
+    keys.iter()
+        .filter(|k| {
+            k.split('.')
+                .try_fold(v, |o, part| o.get(part).filter(|x| !x.is_null()))
+                .is_none()
+        })
+        .map(|k| k.to_string())
+        .collect()
+}
+
 /// Typed access to one JSON object with the file name for errors.
 pub(crate) struct Obj<'a> {
     pub v: &'a Value,
@@ -427,15 +439,7 @@ impl VlmConfig {
             None => Vec::new(),
         };
         let vision_aspect_ratio = top.str("vision_aspect_ratio", "anyres_max_9")?;
-        let absent = SIZE_KEYS
-            .iter()
-            .filter(|k| {
-                k.split('.')
-                    .try_fold(v, |o, part| o.get(part).filter(|x| !x.is_null()))
-                    .is_none()
-            })
-            .map(|k| k.to_string())
-            .collect();
+        let absent = absent_keys(v, SIZE_KEYS);
         let cfg = VlmConfig {
             path: path.to_path_buf(),
             arch,

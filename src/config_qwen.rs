@@ -16,7 +16,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{
-    Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig, VisionKind, VlmConfig,
+    absent_keys, Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig, VisionKind,
+    VlmConfig,
 };
 use crate::error::{Error, Result};
 
@@ -56,15 +57,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path, arch: Arch) -> Result<VlmCon
             )
         })?,
     };
-    let absent = SIZE_KEYS
-        .iter()
-        .filter(|k| {
-            k.split('.')
-                .try_fold(top.v, |o, part| o.get(part).filter(|x| !x.is_null()))
-                .is_none()
-        })
-        .map(|k| k.to_string())
-        .collect();
+    let absent = absent_keys(top.v, SIZE_KEYS);
     let cfg = VlmConfig {
         path: path.to_path_buf(),
         arch,

@@ -109,19 +109,9 @@ impl<B: Backend> TextModel<B> {
         self.layers[i].forward(&self.spec, be, x, kv, &mut NoTap)
     }
 
-    /// Every layer on `x` `[n, hidden]` at `pos0..pos0+n`, filling the cache:
-    /// the last layer's hidden states `[n, hidden]`.
-    pub fn hidden(
-        &self,
-        be: &B,
-        x: B::Tensor,
-        cache: &mut B::Cache,
-        pos0: usize,
-    ) -> Result<B::Tensor> {
-        self.hidden_at(be, x, cache, pos0, RopePos::Sequential)
-    }
-
-    /// [`Self::hidden`] with the sequence's RoPE positions (M-RoPE).
+    /// Every layer on `x` `[n, hidden]` at cache rows `pos0..pos0+n`
+    /// (RoPE positions from `rope`), filling the cache: the last layer's
+    /// hidden states `[n, hidden]`.
     pub fn hidden_at(
         &self,
         be: &B,
