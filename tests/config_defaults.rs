@@ -204,3 +204,88 @@ fn bad_values_name_the_key() {
         .to_string();
     assert!(e.contains("mistral") && e.contains("llama, qwen2"), "{e}");
 }
+
+/// Qwen2-VL / Qwen2.5-VL configs leaving out every key but the M-RoPE
+/// sections (and the text width), flat as the Hub's transformers-4 files
+/// and nested as transformers 5 writes them: transformers' defaults.
+#[test]
+fn qwen_left_out_keys_get_transformers_defaults() {
+    let r = reference();
+    let cases = r["qwen_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let given = &case["config"];
+        let e = &case["expected"];
+        let c = VlmConfig::from_json(given, Path::new("config.json")).unwrap();
+        let ctx = given.to_string();
+        assert_eq!(
+            c.image_token_index as u64,
+            e["image_token_id"].as_u64().unwrap(),
+            "{ctx}"
+        );
+        let t = &e["text_config"];
+        let u = |o: &Value, k: &str| o[k].as_u64().unwrap() as usize;
+        assert_eq!(c.text.vocab_size, u(t, "vocab_size"), "{ctx}");
+        assert_eq!(c.text.hidden_size, u(t, "hidden_size"), "{ctx}");
+        assert_eq!(c.text.intermediate_size, u(t, "intermediate_size"), "{ctx}");
+        assert_eq!(c.text.num_hidden_layers, u(t, "num_hidden_layers"), "{ctx}");
+        assert_eq!(
+            c.text.num_attention_heads,
+            u(t, "num_attention_heads"),
+            "{ctx}"
+        );
+        assert_eq!(
+            c.text.num_key_value_heads,
+            u(t, "num_key_value_heads"),
+            "{ctx}"
+        );
+        assert!(
+            close(c.text.rms_norm_eps as f64, &t["rms_norm_eps"]),
+            "{ctx}"
+        );
+        assert!(close(c.text.rope_theta as f64, &t["rope_theta"]), "{ctx}");
+        assert_eq!(
+            c.text.max_position_embeddings,
+            u(t, "max_position_embeddings"),
+            "{ctx}"
+        );
+        assert_eq!(act_name(c.text.hidden_act), t["hidden_act"], "{ctx}");
+        assert_eq!(
+            c.text.tie_word_embeddings,
+            t["tie_word_embeddings"].as_bool().unwrap(),
+            "{ctx}"
+        );
+        assert_eq!(c.text.mrope_section, Some(vec![16, 24, 24]), "{ctx}");
+        let v = &e["vision_config"];
+        let vc = &c.vision;
+        assert_eq!(vc.num_hidden_layers, u(v, "depth"), "{ctx}");
+        assert_eq!(vc.num_attention_heads, u(v, "num_heads"), "{ctx}");
+        assert_eq!(vc.patch_size, u(v, "patch_size"), "{ctx}");
+        assert_eq!(vc.spatial_merge_size, u(v, "spatial_merge_size"), "{ctx}");
+        assert_eq!(vc.temporal_patch_size, u(v, "temporal_patch_size"), "{ctx}");
+        assert_eq!(act_name(vc.hidden_act), v["hidden_act"], "{ctx}");
+        if given["model_type"] == "qwen2_vl" {
+            assert_eq!(vc.kind, VisionKind::Qwen2Vl);
+            assert_eq!(vc.hidden_size, u(v, "embed_dim"), "{ctx}");
+            assert_eq!(vc.out_hidden_size, u(v, "hidden_size"), "{ctx}");
+            assert_eq!(
+                vc.intermediate_size,
+                u(v, "embed_dim") * u(v, "mlp_ratio"),
+                "{ctx}"
+            );
+        } else {
+            assert_eq!(vc.kind, VisionKind::Qwen25Vl);
+            assert_eq!(vc.hidden_size, u(v, "hidden_size"), "{ctx}");
+            assert_eq!(vc.out_hidden_size, u(v, "out_hidden_size"), "{ctx}");
+            assert_eq!(vc.intermediate_size, u(v, "intermediate_size"), "{ctx}");
+            assert_eq!(vc.window_size, u(v, "window_size"), "{ctx}");
+            let full: Vec<usize> = v["fullatt_block_indexes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(vc.fullatt_block_indexes, full, "{ctx}");
+        }
+    }
+}
