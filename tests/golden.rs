@@ -206,7 +206,7 @@ fn qwen25_windows_match_hf_window_index() {
         assert_eq!(cu, want, "{}: cu_window_seqlens", case.name);
         checked += 1;
     }
-    assert_eq!(checked, 2, "Qwen2.5-VL cases with window_index");
+    assert_eq!(checked, 4, "Qwen2.5-VL cases with window_index");
 }
 
 #[test]
