@@ -1,7 +1,8 @@
 //! Conversations against transformers: several images in one request and
 //! several turns (a system turn, answers between), on the fixture models
-//! of LLaVA 1.5, LLaVA (SigLIP + Qwen2) and LLaVA-OneVision (anyres per
-//! image). Goldens by tests/fixtures/make_chat_fixtures.py: the processor's
+//! of LLaVA 1.5, LLaVA (SigLIP + Qwen2), LLaVA-OneVision (anyres per
+//! image) and, where the goldens have them, Qwen2-VL / Qwen2.5-VL (M-RoPE
+//! positions over the whole conversation). Goldens by tests/fixtures/make_chat_fixtures.py: the processor's
 //! input_ids (every image expanded), the last prompt position's logits and
 //! 12 greedy ids with the KV cache. mbq renders the same messages with
 //! `build_chat_prompt`, the path `mbq serve` and `mbq-run --chat` take.
@@ -14,8 +15,9 @@ use common::{fixtures, rel_err};
 use mbq::backend::cpu::Cpu;
 use mbq::backend::Backend;
 use mbq::generate::{argmax, build_chat_prompt, embed_prompt};
+use mbq::image_processor::ImageProcessor;
 use mbq::model::Vlm;
-use mbq::preprocess::{load_image, preprocess, ImageProcessorConfig};
+use mbq::preprocess::load_image;
 use mbq::processor::Processor;
 use mbq::weights::WeightFiles;
 
@@ -53,14 +55,14 @@ fn conversations_match_transformers() {
         let model_dir = fixtures().join(case["model"].as_str().unwrap());
         let model = Vlm::load(&Cpu, &model_dir).unwrap();
         let proc = Processor::load(&model_dir, model.cfg.image_token_index).unwrap();
-        let img_cfg = ImageProcessorConfig::load(&model_dir).unwrap();
+        let img_cfg = ImageProcessor::load(&model_dir).unwrap();
         let pres: Vec<_> = case["images"]
             .as_array()
             .unwrap()
             .iter()
             .map(|p| {
                 let img = load_image(&fixtures().join(p.as_str().unwrap())).unwrap();
-                preprocess(&img_cfg, &img).unwrap()
+                img_cfg.preprocess(&img).unwrap()
             })
             .collect();
         let refs: Vec<_> = pres.iter().collect();
@@ -90,7 +92,12 @@ fn conversations_match_transformers() {
             )
             .unwrap();
         let logits = Cpu
-            .download(&model.text.forward(&Cpu, x, &mut cache, 0).unwrap())
+            .download(
+                &model
+                    .text
+                    .forward_at(&Cpu, x, &mut cache, 0, prompt.rope_pos())
+                    .unwrap(),
+            )
             .unwrap();
         let want = golden.get_any("logits_last").unwrap();
         let e = rel_err(&logits.data, &want.data);
@@ -104,7 +111,10 @@ fn conversations_match_transformers() {
         let mut pos = prompt.ids.len();
         while ids.len() < steps {
             let x = model.text.embed(&Cpu, &[ids[ids.len() - 1]]).unwrap();
-            let l = model.text.forward(&Cpu, x, &mut cache, pos).unwrap();
+            let l = model
+                .text
+                .forward_at(&Cpu, x, &mut cache, pos, prompt.rope_pos())
+                .unwrap();
             ids.push(argmax(&Cpu.download(&l).unwrap().data));
             pos += 1;
         }
