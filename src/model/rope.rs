@@ -1,5 +1,8 @@
 //! RoPE inverse frequencies from the text config, as transformers computes
-//! them (`rope_init_fn`), including the linear and llama3 scalings.
+//! them (`rope_init_fn`), including the linear and llama3 scalings; where
+//! each row sits ([`RopePos`], [`Positions`]); and M-RoPE (Qwen2-VL): the
+//! frequency split by `mrope_section` and the (t, h, w) positions of a
+//! prompt with images ([`mrope_positions`], [`Mrope`]).
 
 use crate::backend::Rope;
 use crate::config::{RopeScaling, TextConfig};
