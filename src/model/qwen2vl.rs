@@ -254,9 +254,9 @@ impl<B: Backend> Qwen2VlVision<B> {
         };
         let (t, h, w) = grid;
         let n = t * h * w;
-        if t == 0 || !h.is_multiple_of(self.merge) || !w.is_multiple_of(self.merge) {
+        if t != 1 || !h.is_multiple_of(self.merge) || !w.is_multiple_of(self.merge) {
             return Err(Error::invalid(format!(
-                "image_grid_thw {grid:?}: rows and columns must be multiples of spatial_merge_size {}",
+                "image_grid_thw {grid:?}: one frame (images, not video) whose rows and columns are multiples of spatial_merge_size {}",
                 self.merge
             )));
         }
