@@ -68,7 +68,7 @@ pub fn diff_settings(a: &Map<String, Value>, b: &Map<String, Value>) -> String {
         .join("; ")
 }
 
-fn layer_file(ckpt: &Path, i: usize) -> PathBuf {
+pub fn layer_file(ckpt: &Path, i: usize) -> PathBuf {
     ckpt.join(format!("layer-{i}.safetensors"))
 }
 

@@ -30,7 +30,7 @@ use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad};
-use crate::config::VlmConfig;
+use crate::config::{TextConfig, VlmConfig};
 use crate::error::{Error, Result};
 use crate::image_processor::ImageProcessor;
 use crate::model::decoder::DecoderSpec;
@@ -42,7 +42,7 @@ use crate::processor::Processor;
 use crate::quant::outdir::check_output;
 use crate::quant::writer::{self, QuantSpec, Replacements};
 use crate::tensor::Tensor;
-use crate::weights::{Prefixes, WeightFiles};
+use crate::weights::{Prefixed, Prefixes, WeightFiles};
 
 /// What the run reports while it works.
 #[derive(Debug)]
@@ -176,12 +176,14 @@ pub fn quantize_model(
     let cfg = vlm.cfg.clone();
     drop(vlm);
 
-    // Stage 4: the scale search, layer by layer, on the host weights.
+    // Stage 4: the scale search, layer by layer, on the host weights (one
+    // layer in f32 at a time; each folded layer goes to the checkpoint).
     let text_prefix = prefixes.text;
-    let mut layers = load_host_layers(&weights, &text_prefix, &cfg)?;
+    let text_weights = weights.pp(&text_prefix);
     let mut search = Search {
         spec: DecoderSpec::new(&cfg.text),
-        layers: &mut layers,
+        weights: &text_weights,
+        text: &cfg.text,
         masks: &masks,
         o,
         settings: SearchSettings {
@@ -201,12 +203,15 @@ pub fn quantize_model(
 
     // Stage 5: the report, then the output directory.
     let calib_report = report(settings, &state, &sample_ids, &set.skipped);
+    // The folded layers are read back from the checkpoint as they are written.
     let mut repl = Replacements::default();
-    for (i, l) in layers.iter().enumerate() {
-        for (name, t) in l.host_tensors() {
-            repl.tensors
-                .insert(format!("{text_prefix}.layers.{i}.{name}"), t.data.clone());
-        }
+    for i in 0..cfg.text.num_hidden_layers {
+        let file = WeightFiles::open_file(&checkpoint::layer_file(&ckpt, i))?;
+        let (prefix, inner) = (
+            format!("{text_prefix}.layers.{i}."),
+            format!("model.layers.{i}."),
+        );
+        repl.sources.push((prefix, file, inner));
     }
     let json_text = serde_json::to_string_pretty(&calib_report)
         .map_err(|e| Error::invalid(format!("calibration report: {e}")))?;
@@ -448,7 +453,9 @@ fn report(
 /// one backend.
 struct Search<'a, P: FnMut(CalibProgress<'_>)> {
     spec: DecoderSpec,
-    layers: &'a mut [HostLayer],
+    /// The decoder's prefix (`<text>`: its `layers.N.*`).
+    weights: &'a Prefixed<'a>,
+    text: &'a TextConfig,
     masks: &'a [TokenMasks],
     o: &'a QuantizeOptions,
     settings: SearchSettings,
@@ -462,21 +469,23 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
     /// Searches layer after layer from the decoder inputs `xs` (host),
     /// checkpointing each; finished layers are restored instead.
     fn run<B: Backend>(&mut self, be: &B, xs: Vec<Tensor>) -> Result<()> {
-        let layers = self.layers.len();
+        let layers = self.text.num_hidden_layers;
         let mut xs = xs
             .iter()
             .map(|x| be.upload(x))
             .collect::<Result<Vec<_>>>()?;
         for i in 0..layers {
+            let mut host =
+                HostLayer::load_host(&self.weights.pp(format!("layers.{i}")), self.text)?;
             if i < self.state.layers_done {
-                checkpoint::restore_layer(self.ckpt, &mut self.layers[i], i)?;
+                checkpoint::restore_layer(self.ckpt, &mut host, i)?;
             } else {
                 let t0 = Instant::now();
-                let rep = self.layer(be, i, &xs)?;
+                let rep = self.layer(be, i, &mut host, &xs)?;
                 self.state.layers.push(rep);
                 self.state.layer_seconds.push(t0.elapsed().as_secs_f64());
                 self.state.layers_done = i + 1;
-                checkpoint::save_layer(self.ckpt, &self.layers[i], i)?;
+                checkpoint::save_layer(self.ckpt, &host, i)?;
                 checkpoint::write_state(self.ckpt, self.state)?;
                 if self.o.stop_after_layer == Some(i) {
                     return Err(Error::invalid(format!(
@@ -486,7 +495,7 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
                 }
             }
             if i + 1 < layers {
-                let folded = self.layers[i].upload(be)?;
+                let folded = host.upload(be)?;
                 xs = layer_outputs(be, &self.spec, &folded, &xs, self.masks)?;
             }
         }
@@ -495,10 +504,16 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
 
     /// Searches (or, for SmoothQuant, sets) the scales of layer `i`, folds
     /// them in, and returns the layer's report.
-    fn layer<B: Backend>(&mut self, be: &B, i: usize, xs: &[B::Tensor]) -> Result<LayerReport> {
+    fn layer<B: Backend>(
+        &mut self,
+        be: &B,
+        i: usize,
+        layer: &mut HostLayer,
+        xs: &[B::Tensor],
+    ) -> Result<LayerReport> {
         let method = self.o.method;
-        let layers = self.layers.len();
-        let host = &self.layers[i];
+        let layers = self.text.num_hidden_layers;
+        let host = &*layer;
         let groups: Vec<_> = method
             .groups(true)
             .into_iter()
@@ -541,7 +556,7 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
         }
         drop(search);
         for r in &results {
-            r.group.fold(&mut self.layers[i], &r.scales)?;
+            r.group.fold(layer, &r.scales)?;
         }
         let grads = self.state.grads.as_ref().map(|g| g[i]);
         Ok(LayerReport {

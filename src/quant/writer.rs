@@ -105,7 +105,31 @@ pub struct QuantSpec<'a> {
 #[derive(Default)]
 pub struct Replacements {
     pub tensors: std::collections::HashMap<String, Vec<f32>>,
+    /// Replacements read from files as the output is written (host memory
+    /// holds one at a time): `(prefix, file, inner)` replaces every tensor
+    /// `prefix + rest` for which `file` holds `inner + rest`.
+    pub sources: Vec<(String, WeightFiles, String)>,
     pub files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Replacements {
+    /// The replacement values of tensor `name`, if it has one.
+    pub fn get(&self, name: &str) -> Result<Option<std::borrow::Cow<'_, [f32]>>> {
+        if let Some(v) = self.tensors.get(name) {
+            return Ok(Some(std::borrow::Cow::Borrowed(v.as_slice())));
+        }
+        for (prefix, file, inner) in &self.sources {
+            if let Some(rest) = name.strip_prefix(prefix.as_str()) {
+                let inner_name = format!("{inner}{rest}");
+                if file.contains(&inner_name) {
+                    return Ok(Some(std::borrow::Cow::Owned(
+                        file.get_any(&inner_name)?.data,
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Quantizes the decoder linears of the model directory `input` with RTN
@@ -220,12 +244,12 @@ pub fn write_quantized_dir(
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     for n in w.names().filter(|n| !replaced.contains(*n)) {
         let (dtype, shape, bytes) = w.raw(n)?;
-        if let Some(vals) = repl.tensors.get(n) {
+        if let Some(vals) = repl.get(n)? {
             converted.push((
                 n.to_string(),
                 dtype,
                 shape.to_vec(),
-                to_dtype_bytes(n, dtype, shape, vals)?,
+                to_dtype_bytes(n, dtype, shape, &vals)?,
             ));
             continue;
         }
@@ -277,18 +301,17 @@ pub fn write_quantized_dir(
                 None => {
                     let wname = format!("{p}.weight");
                     let (_, _, raw) = w.raw(&wname)?;
-                    let t = w.get_any(&wname)?;
-                    let data = match repl.tensors.get(&wname) {
-                        Some(d) if d.len() == out * inp => d.as_slice(),
+                    let data = match repl.get(&wname)? {
+                        Some(d) if d.len() == out * inp => d,
                         Some(d) => {
                             return Err(Error::invalid(format!(
                                 "replacement for \"{wname}\" has {} values, expected {out} x {inp}",
                                 d.len()
                             )))
                         }
-                        None => &t.data,
+                        None => std::borrow::Cow::Owned(w.get_any(&wname)?.data),
                     };
-                    ((spec.quantize)(&wname, data, out, inp)?, raw.len())
+                    ((spec.quantize)(&wname, &data, out, inp)?, raw.len())
                 }
             };
             {
