@@ -76,6 +76,22 @@ fn conversations_match_transformers() {
         let prompt = build_chat_prompt(&model, &proc, &case["messages"], &refs).unwrap();
         assert_eq!(prompt.ids, i64s(&golden, "input_ids"), "{name}: input_ids");
         assert_eq!(prompt.image_spans.len(), pres.len(), "{name}: image spans");
+        if golden.contains("position_ids") {
+            // M-RoPE over the whole conversation: transformers' get_rope_index.
+            let want = i64s(&golden, "position_ids");
+            let m = prompt.mrope.as_ref().expect("M-RoPE positions");
+            let n = prompt.ids.len();
+            for (i, p) in m.thw.iter().enumerate() {
+                let w = [want[i], want[n + i], want[2 * n + i]].map(|x| x as usize);
+                assert_eq!(*p, w, "{name}: position of token {i}");
+            }
+            let (_, _, d) = golden.raw("rope_deltas").unwrap();
+            assert_eq!(
+                m.delta,
+                i64::from_le_bytes(d[..8].try_into().unwrap()),
+                "{name}: delta"
+            );
+        }
 
         let features: Vec<_> = pres
             .iter()
