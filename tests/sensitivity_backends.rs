@@ -3,7 +3,10 @@
 //! ops) on a GPU backend against the CPU reference, on the fixture
 //! tests/fixtures/models/llava_qwen128 with a 20-token sample built as the
 //! unit tests of src/calib/sensitivity.rs build theirs (text, random
-//! vision features in place, text, caption, text). wgpu runs on any
+//! vision features in place, text, caption, text), and on the Qwen2-VL
+//! fixture (models/qwen2vl) with the vision run as a 2 x 3 merged grid at
+//! its M-RoPE positions (the backward then rotates by negated frequencies
+//! at those positions). wgpu runs on any
 //! adapter (lavapipe here); CUDA is skipped with its reason where there is
 //! no device (a failure with `MBQ_REQUIRE_CUDA=1`).
 
@@ -16,7 +19,7 @@ use std::path::Path;
 use mbq::backend::cpu::Cpu;
 use mbq::backend::{Backend, Grad};
 use mbq::calib::sensitivity::{sample_sensitivity, SampleSensitivity};
-use mbq::model::rope::RopePos;
+use mbq::model::rope::{rope_pos, Mrope};
 use mbq::model::Vlm;
 use mbq::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -39,8 +42,13 @@ const VISION: std::ops::Range<usize> = 3..9;
 const CAPTION: std::ops::Range<usize> = 12..18;
 const N: usize = 20;
 
-fn fixture_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llava_qwen128")
+/// The fixtures: LLaVA (sequential positions) and Qwen2-VL (M-RoPE).
+const FIXTURES: [&str; 2] = ["llava_qwen128", "qwen2vl"];
+
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 struct Sample {
@@ -48,6 +56,7 @@ struct Sample {
     x0: Tensor,
     vision: Vec<bool>,
     caption: Vec<bool>,
+    mrope: Option<Mrope>,
 }
 
 /// Random ids; random features with the embeddings' scale at VISION.
@@ -68,11 +77,17 @@ fn sample(m: &Vlm<Cpu>, seed: u64) -> Sample {
         x0,
         vision: (0..N).map(|t| VISION.contains(&t)).collect(),
         caption: (0..N).map(|t| CAPTION.contains(&t)).collect(),
+        mrope: m
+            .cfg
+            .text
+            .mrope_section
+            .as_ref()
+            .map(|_| Mrope::new(N, &[(VISION.start, VISION.len())], &[(2, 3)]).unwrap()),
     }
 }
 
-fn run<B: Grad>(be: &B, s: &Sample) -> SampleSensitivity {
-    let m = Vlm::load(be, &fixture_dir()).unwrap();
+fn run<B: Grad>(be: &B, fixture: &str, s: &Sample) -> SampleSensitivity {
+    let m = Vlm::load(be, &fixture_dir(fixture)).unwrap();
     sample_sensitivity(
         be,
         &m.text,
@@ -80,21 +95,29 @@ fn run<B: Grad>(be: &B, s: &Sample) -> SampleSensitivity {
         &s.ids,
         &s.vision,
         &s.caption,
-        RopePos::Sequential,
+        rope_pos(s.mrope.as_ref()),
+        &mut || {},
     )
     .unwrap()
 }
 
 /// Compares `be`'s pass with the CPU's on two samples; prints the errors.
 fn matches_cpu<B: Grad>(be: &B) {
-    let cpu_model = Vlm::load(&Cpu, &fixture_dir()).unwrap();
+    for fixture in FIXTURES {
+        matches_cpu_on(be, fixture);
+    }
+}
+
+fn matches_cpu_on<B: Grad>(be: &B, fixture: &str) {
+    let cpu_model = Vlm::load(&Cpu, &fixture_dir(fixture)).unwrap();
     for seed in [7, 11] {
         let s = sample(&cpu_model, seed);
-        let want = run(&Cpu, &s);
-        let got = run(be, &s);
+        assert_eq!(s.mrope.is_some(), fixture == "qwen2vl");
+        let want = run(&Cpu, fixture, &s);
+        let got = run(be, fixture, &s);
         let loss_err = (got.loss - want.loss).abs() / want.loss.abs();
         println!(
-            "{} seed {seed}: loss {:.6} vs cpu {:.6} (rel {loss_err:.2e}, tol {LOSS_RTOL:.0e})",
+            "{} {fixture} seed {seed}: loss {:.6} vs cpu {:.6} (rel {loss_err:.2e}, tol {LOSS_RTOL:.0e})",
             be.name(),
             got.loss,
             want.loss

@@ -974,7 +974,11 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             bar.set(done);
         }
         CalibProgress::Sensitivity { done, total } => {
-            bar.stage("sensitivity (backward through the LM)", total, "samples");
+            bar.stage(
+                "sensitivity (forward and backward through the LM)",
+                total,
+                "layer passes",
+            );
             bar.set(done);
         }
         CalibProgress::Layer {

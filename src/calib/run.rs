@@ -51,7 +51,8 @@ pub enum CalibProgress<'a> {
     Note(String),
     /// Image encoding / embedding of the calibration samples.
     Loading { done: usize, total: usize },
-    /// MBQ's gradient pass, per sample.
+    /// MBQ's gradient pass, in layer passes (each sample's forward through
+    /// every layer, then its backward).
     Sensitivity { done: usize, total: usize },
     /// Search of one layer: `done` of `total` loss evaluations.
     Layer {
@@ -348,7 +349,15 @@ fn sensitivity<B: Grad>(
 ) -> Result<Vec<LayerGrad>> {
     let mut sum = vec![LayerGrad::default(); text.layers.len()];
     let (mut n_vis, mut n) = (0usize, 0usize);
+    // Progress in layer passes: each sample's forward, then its backward.
+    let per_sample = 2 * text.layers.len();
+    let total = samples.len() * per_sample;
     for (k, (s, x)) in samples.iter().zip(xs).enumerate() {
+        let mut done = k * per_sample;
+        let mut tick = || {
+            done += 1;
+            progress(CalibProgress::Sensitivity { done, total });
+        };
         let r = sample_sensitivity(
             be,
             text,
@@ -357,6 +366,7 @@ fn sensitivity<B: Grad>(
             &s.vision,
             &s.caption,
             rope_pos(s.mrope.as_ref()),
+            &mut tick,
         )
         .map_err(|e| Error::invalid(format!("sensitivity of sample {}: {e}", s.id)))?;
         for (acc, g) in sum.iter_mut().zip(&r.layers) {
@@ -370,8 +380,8 @@ fn sensitivity<B: Grad>(
         n_vis += r.has_vision as usize;
         n += 1;
         progress(CalibProgress::Sensitivity {
-            done: k + 1,
-            total: samples.len(),
+            done: (k + 1) * per_sample,
+            total,
         });
     }
     let vis = |x: f64| if n_vis == 0 { 0.0 } else { x / n_vis as f64 };

@@ -72,7 +72,9 @@ pub struct SampleSensitivity {
 
 /// x0: the decoder's input embeddings [n, hidden] (image features already in place),
 /// ids: the n token ids, vision[t]/caption[t]: masks of length n, rope:
-/// the tokens' RoPE positions (M-RoPE models: the sample's own).
+/// the tokens' RoPE positions (M-RoPE models: the sample's own); `tick` is
+/// called after each layer's forward and each layer's backward (progress).
+#[allow(clippy::too_many_arguments)]
 pub fn sample_sensitivity<B: Grad>(
     be: &B,
     text: &TextModel<B>,
@@ -81,6 +83,7 @@ pub fn sample_sensitivity<B: Grad>(
     vision: &[bool],
     caption: &[bool],
     rope: RopePos<'_>,
+    tick: &mut dyn FnMut(),
 ) -> Result<SampleSensitivity> {
     if vision.len() != ids.len() {
         return Err(Error::invalid(format!(
@@ -106,7 +109,7 @@ pub fn sample_sensitivity<B: Grad>(
     };
     let mut layers = vec![LayerGrad::default(); text.layers.len()];
     let x0 = be.upload(x0)?;
-    let loss = loss_and_grads(be, text, &x0, rope, &targets, |i, site, g| {
+    let loss = loss_and_grads(be, text, &x0, rope, tick, &targets, |i, site, g| {
         let g = be.download(g)?;
         let l = &mut layers[i];
         let m = match site {
@@ -205,6 +208,7 @@ fn forward<B: Backend, T: Tap<B>>(
     text: &TextModel<B>,
     x0: &B::Tensor,
     rope: RopePos<'_>,
+    tick: &mut dyn FnMut(),
     mut tap: impl FnMut(usize) -> T,
 ) -> Result<Saved<B::Tensor>> {
     let n = be.dims(x0).0;
@@ -230,6 +234,7 @@ fn forward<B: Backend, T: Tap<B>>(
             .ok_or_else(|| Error::invalid("sensitivity: the forward kept no residual"))?;
         x_in.push(std::mem::replace(&mut x, y));
         x_mid.push(m);
+        tick();
     }
     Ok(Saved {
         x_in,
@@ -284,16 +289,18 @@ fn loss_and_grads<B: Grad>(
     text: &TextModel<B>,
     x0: &B::Tensor,
     rope: RopePos<'_>,
+    tick: &mut dyn FnMut(),
     targets: &[(usize, u32)],
     mut on_grad: impl FnMut(usize, GradSite, &B::Tensor) -> Result<()>,
 ) -> Result<f64> {
-    let saved = forward(be, text, x0, rope, |_| NoTap)?;
+    let saved = forward(be, text, x0, rope, &mut *tick, |_| NoTap)?;
     let (loss, mut dy) = head_loss(be, text, &saved.out, targets)?;
     for i in (0..text.layers.len()).rev() {
         let layer = &text.layers[i];
         on_grad(i, GradSite::MlpOut, &dy)?;
         let dm = layer.mlp_backward(&text.spec, be, &saved.x_mid[i], &dy)?;
         on_grad(i, GradSite::AttnOut, &dm)?;
+        tick();
         if i == 0 {
             break; // nothing below layer 0's attention output is captured
         }
@@ -361,7 +368,7 @@ mod tests {
         targets: &[(usize, u32)],
         p: Perturb,
     ) -> Result<f64> {
-        let saved = forward(&Cpu, text, x0, rope, |at| PerturbTap { p, at })?;
+        let saved = forward(&Cpu, text, x0, rope, &mut || {}, |at| PerturbTap { p, at })?;
         Ok(head_loss(&Cpu, text, &saved.out, targets)?.0)
     }
 
@@ -432,10 +439,18 @@ mod tests {
     fn all_grads(m: &Vlm<Cpu>, s: &Sample) -> (f64, Vec<[Vec<f32>; 2]>) {
         let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
         let mut g = vec![[Vec::new(), Vec::new()]; m.text.layers.len()];
-        let loss = loss_and_grads(&Cpu, &m.text, &s.x0, s.rope(), &targets, |i, site, gr| {
-            g[i][slot(site)] = gr.data.clone();
-            Ok(())
-        })
+        let loss = loss_and_grads(
+            &Cpu,
+            &m.text,
+            &s.x0,
+            s.rope(),
+            &mut || {},
+            &targets,
+            |i, site, gr| {
+                g[i][slot(site)] = gr.data.clone();
+                Ok(())
+            },
+        )
         .unwrap();
         (loss, g)
     }
@@ -468,6 +483,7 @@ mod tests {
             &s.vision,
             &s.caption,
             s.rope(),
+            &mut || {},
         )
         .unwrap();
         // The generate path: prompt = tokens before the caption with the
@@ -596,6 +612,7 @@ mod tests {
             &s.vision,
             &s.caption,
             RopePos::Sequential,
+            &mut || {},
         )
         .unwrap();
         assert_eq!(sens.loss, loss);
@@ -628,6 +645,7 @@ mod tests {
             &none,
             &s.caption,
             RopePos::Sequential,
+            &mut || {},
         )
         .unwrap();
         assert!(!sens.has_vision);
@@ -650,6 +668,7 @@ mod tests {
                 &s.vision,
                 caption,
                 RopePos::Sequential,
+                &mut || {},
             )
             .err()
             .map(|e| e.to_string())
