@@ -39,6 +39,24 @@ fn v4_and_v5_configs_read_the_same() {
     }
 }
 
+/// `InternVLConfig()` / `InternVLVisionConfig()` / `Qwen2Config()` defaults
+/// (transformers 4.57's configuration_internvl.py) for an empty config.
+#[test]
+fn defaults_are_transformers_class_defaults() {
+    let c = parse(&serde_json::json!({"model_type": "internvl"})).unwrap();
+    let v = &c.vision;
+    assert_eq!(
+        (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads),
+        (1024, 4096, 24, 16)
+    );
+    assert_eq!((v.image_size, v.patch_size, v.layer_norm_eps), (448, 14, 1e-6));
+    assert_eq!(c.image_token_index, 151667);
+    assert_eq!(c.text.kind, mbq::config::TextKind::Qwen2);
+    let x = c.internvl.as_ref().unwrap();
+    assert!(!x.qkv_bias && !x.qk_norm && !x.rms_norm && !x.final_norm);
+    assert_eq!(x.image_seq_length, 256);
+}
+
 #[test]
 fn integer_image_and_patch_sizes() {
     let mut v = config_json("internvl");
