@@ -132,7 +132,10 @@ pub(crate) fn parse_internvl(top: &Obj, path: &Path) -> Result<VlmConfig> {
         ctx: "text_config".into(),
     });
     let text = parse_text(text_o.v, path, Arch::InternVl)?;
-    let image_token_index = match top.get("image_token_id").or_else(|| top.get("image_token_index")) {
+    let image_token_index = match top
+        .get("image_token_id")
+        .or_else(|| top.get("image_token_index"))
+    {
         None => 151667,
         Some(v) => v.as_u64().map(|x| x as u32).ok_or_else(|| {
             Error::config(
@@ -221,4 +224,3 @@ pub(crate) fn parse_internvl(top: &Obj, path: &Path) -> Result<VlmConfig> {
 pub fn tokens_per_tile(v: &VisionConfig) -> usize {
     v.num_patches() / 4
 }
-

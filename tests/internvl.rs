@@ -11,7 +11,8 @@ use mbq::processor::Processor;
 use serde_json::Value;
 
 fn config_json(model: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(format!("models/{model}/config.json"))).unwrap();
+    let text =
+        std::fs::read_to_string(fixtures().join(format!("models/{model}/config.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -46,10 +47,18 @@ fn defaults_are_transformers_class_defaults() {
     let c = parse(&serde_json::json!({"model_type": "internvl"})).unwrap();
     let v = &c.vision;
     assert_eq!(
-        (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads),
+        (
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_hidden_layers,
+            v.num_attention_heads
+        ),
         (1024, 4096, 24, 16)
     );
-    assert_eq!((v.image_size, v.patch_size, v.layer_norm_eps), (448, 14, 1e-6));
+    assert_eq!(
+        (v.image_size, v.patch_size, v.layer_norm_eps),
+        (448, 14, 1e-6)
+    );
     assert_eq!(c.image_token_index, 151667);
     assert_eq!(c.text.kind, mbq::config::TextKind::Qwen2);
     let x = c.internvl.as_ref().unwrap();
@@ -78,19 +87,34 @@ fn error_of(edit: impl FnOnce(&mut Value)) -> String {
 #[test]
 fn unsupported_settings_name_the_key_and_value() {
     let e = error_of(|v| v["vision_config"]["norm_type"] = "batch_norm".into());
-    assert!(e.contains("vision_config.norm_type") && e.contains("batch_norm"), "{e}");
+    assert!(
+        e.contains("vision_config.norm_type") && e.contains("batch_norm"),
+        "{e}"
+    );
     let e = error_of(|v| v["downsample_ratio"] = 0.25.into());
     assert!(e.contains("downsample_ratio") && e.contains("0.25"), "{e}");
     let e = error_of(|v| v["vision_feature_layer"] = (-2).into());
-    assert!(e.contains("vision_feature_layer") && e.contains("-2"), "{e}");
+    assert!(
+        e.contains("vision_feature_layer") && e.contains("-2"),
+        "{e}"
+    );
     let e = error_of(|v| v["vision_feature_select_strategy"] = "full".into());
-    assert!(e.contains("vision_feature_select_strategy") && e.contains("full"), "{e}");
+    assert!(
+        e.contains("vision_feature_select_strategy") && e.contains("full"),
+        "{e}"
+    );
     let e = error_of(|v| v["vision_config"]["image_size"] = serde_json::json!([28, 14]));
     assert!(e.contains("vision_config.image_size"), "{e}");
     let e = error_of(|v| v["vision_config"]["patch_size"] = 4.into());
-    assert!(e.contains("image_size 28") && e.contains("patch_size 4"), "{e}");
+    assert!(
+        e.contains("image_size 28") && e.contains("patch_size 4"),
+        "{e}"
+    );
     let e = error_of(|v| v["text_config"]["model_type"] = "gpt2".into());
-    assert!(e.contains("text_config.model_type") && e.contains("gpt2"), "{e}");
+    assert!(
+        e.contains("text_config.model_type") && e.contains("gpt2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -123,7 +147,11 @@ fn image_slot_expands_to_img_context_run() {
         );
         let ids = proc.encode_images(&text, &[3]).unwrap();
         let at = ids.iter().position(|&t| t == 403).unwrap();
-        assert_eq!(&ids[at..at + 5], &[403, 405, 405, 405, 404], "{model}: {ids:?}");
+        assert_eq!(
+            &ids[at..at + 5],
+            &[403, 405, 405, 405, 404],
+            "{model}: {ids:?}"
+        );
     }
     // Other families keep the bare run.
     let proc = Processor::load(&fixtures().join("models/qwen2vl"), 406).unwrap();

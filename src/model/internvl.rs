@@ -89,11 +89,19 @@ pub struct InternVlEncoder<B: Backend> {
 }
 
 /// `diag(scale) w` and `scale * b` as a dense linear: `w` `[out, in]`.
-fn scaled<B: Backend>(be: &B, vb: &Prefixed, scale: &Tensor, out: usize, inp: usize) -> Result<Linear<B>> {
+fn scaled<B: Backend>(
+    be: &B,
+    vb: &Prefixed,
+    scale: &Tensor,
+    out: usize,
+    inp: usize,
+) -> Result<Linear<B>> {
     let mut w = vb.get("weight", &[out, inp])?;
     let mut b = vb.get("bias", &[out])?;
     for (o, &s) in scale.data.iter().enumerate() {
-        w.data[o * inp..(o + 1) * inp].iter_mut().for_each(|x| *x *= s);
+        w.data[o * inp..(o + 1) * inp]
+            .iter_mut()
+            .for_each(|x| *x *= s);
         b.data[o] *= s;
     }
     Ok(Linear {
@@ -114,7 +122,9 @@ impl<B: Backend> InternVlEncoder<B> {
         let (h, p, ch) = (c.hidden_size, c.patch_size, c.num_channels);
         let emb = vm.pp("embeddings");
         let conv = emb.pp("patch_embeddings.projection");
-        let w = conv.get("weight", &[h, ch, p, p])?.reshape(vec![h, ch * p * p])?;
+        let w = conv
+            .get("weight", &[h, ch, p, p])?
+            .reshape(vec![h, ch * p * p])?;
         let patch = Linear {
             w: be.weight(&w)?,
             b: Some(be.upload(&conv.get("bias", &[h])?)?),
@@ -122,7 +132,9 @@ impl<B: Backend> InternVlEncoder<B> {
         };
         let cls = emb.get("cls_token", &[1, 1, h])?.reshape(vec![1, h])?;
         let n = c.num_positions();
-        let pos = emb.get("position_embeddings", &[1, n, h])?.reshape(vec![n, h])?;
+        let pos = emb
+            .get("position_embeddings", &[1, n, h])?
+            .reshape(vec![n, h])?;
         let (eps, inter, rms) = (c.layer_norm_eps, c.intermediate_size, extra.rms_norm);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -211,14 +223,20 @@ impl<B: Backend> InternVlEncoder<B> {
             let a = be.attention(&q, &k, &v, self.attn)?;
             x = be.add(&x, &l.proj.forward(be, &a)?)?;
             let n = l.norm2.forward(be, &x)?;
-            let m = l.fc2.forward(be, &be.act(&l.fc1.forward(be, &n)?, self.act)?)?;
+            let m = l
+                .fc2
+                .forward(be, &be.act(&l.fc1.forward(be, &n)?, self.act)?)?;
             x = be.add(&x, &m)?;
         }
         if let Some(ln) = &self.final_norm {
             x = ln.forward(be, &x)?;
         }
         let x = be.download(&x)?;
-        pixel_shuffle(&x.data[self.hidden..], self.image_size / self.patch_size, self.hidden)
+        pixel_shuffle(
+            &x.data[self.hidden..],
+            self.image_size / self.patch_size,
+            self.hidden,
+        )
     }
 
     /// The tower and projector on every tile of one image.
@@ -274,7 +292,12 @@ pub fn pixel_shuffle(x: &[f32], side: usize, dim: usize) -> Result<Tensor> {
     let mut out = Vec::with_capacity(x.len());
     for i in 0..half {
         for j in 0..half {
-            for (r, c) in [(2 * i, 2 * j), (2 * i, 2 * j + 1), (2 * i + 1, 2 * j), (2 * i + 1, 2 * j + 1)] {
+            for (r, c) in [
+                (2 * i, 2 * j),
+                (2 * i, 2 * j + 1),
+                (2 * i + 1, 2 * j),
+                (2 * i + 1, 2 * j + 1),
+            ] {
                 let at = (r * side + c) * dim;
                 out.extend_from_slice(&x[at..at + dim]);
             }
@@ -282,4 +305,3 @@ pub fn pixel_shuffle(x: &[f32], side: usize, dim: usize) -> Result<Tensor> {
     }
     Tensor::new(vec![half * half, 4 * dim], out)
 }
-
