@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"];
 pub const SUPPORTED_VISION_TYPES: &[&str] = &["clip_vision_model", "siglip_vision_model"];
 pub const SUPPORTED_TEXT_TYPES: &[&str] = &["llama", "qwen2"];
 
@@ -28,6 +29,9 @@ pub enum Arch {
     /// `Qwen2_5_VLForConditionalGeneration` (Qwen2-VL with RMSNorm + SwiGLU
     /// vision blocks and windowed attention).
     Qwen25Vl,
+    /// `InternVLForConditionalGeneration` (the "-hf" InternVL2.5 / InternVL3
+    /// checkpoints: InternViT, 0.5 pixel shuffle, MLP projector).
+    InternVl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub enum VisionKind {
     Qwen2Vl,
     /// `Qwen2_5_VisionTransformerPretrainedModel`.
     Qwen25Vl,
+    /// `InternVLVisionModel` (InternViT: CLS token, absolute position
+    /// embeddings, layer scales).
+    InternVit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +123,7 @@ impl VisionConfig {
     }
     /// Tokens the tower outputs per image: patches (+ CLS for CLIP).
     pub fn num_positions(&self) -> usize {
-        self.num_patches() + usize::from(self.kind == VisionKind::Clip)
+        self.num_patches() + usize::from(matches!(self.kind, VisionKind::Clip | VisionKind::InternVit))
     }
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
@@ -182,6 +189,8 @@ pub struct VlmConfig {
     pub image_grid_pinpoints: Vec<(usize, usize)>,
     /// OneVision: e.g. "anyres_max_9".
     pub vision_aspect_ratio: String,
+    /// InternVL: InternViT's own settings (`None` for other families).
+    pub internvl: Option<crate::config_internvl::InternVitExtra>,
     /// The size keys config.json leaves out (filled with transformers'
     /// defaults), e.g. `text_config` or `vision_config.patch_size`: when a
     /// size does not match the weights, the message says the key is missing.
@@ -342,6 +351,7 @@ impl VlmConfig {
             "llava_onevision" => Arch::LlavaOnevision,
             "qwen2_vl" => return crate::config_qwen::parse_qwen2vl(&top, path, Arch::Qwen2Vl),
             "qwen2_5_vl" => return crate::config_qwen::parse_qwen2vl(&top, path, Arch::Qwen25Vl),
+            "internvl" => return crate::config_internvl::parse_internvl(&top, path),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
@@ -359,7 +369,9 @@ impl VlmConfig {
 
         let (image_token_default, strategy_default, layer_default) = match arch {
             Arch::Llava => (32000, "default", -2),
-            Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => (151646, "full", -1),
+            Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl | Arch::InternVl => {
+                (151646, "full", -1)
+            }
         };
         let image_token_index = top
             .get("image_token_index")
@@ -454,6 +466,7 @@ impl VlmConfig {
             vision_aspect_ratio,
             absent,
             flat_text: false,
+            internvl: None,
         };
         cfg.check()?;
         Ok(cfg)
@@ -581,7 +594,9 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "clip_vision_model",
-        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => "siglip_vision_model",
+        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl | Arch::InternVl => {
+            "siglip_vision_model"
+        }
     };
     let mt = o.str("model_type", default_type)?;
     // Class defaults: (hidden, intermediate, patch, image, layers, heads,
@@ -638,7 +653,7 @@ fn parse_vision(v: &Value, path: &Path, arch: Arch) -> Result<VisionConfig> {
     })
 }
 
-fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
+pub(crate) fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
     let o = Obj {
         v,
         path,
@@ -646,7 +661,7 @@ fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfig> {
     };
     let default_type = match arch {
         Arch::Llava => "llama",
-        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl => "qwen2",
+        Arch::LlavaOnevision | Arch::Qwen2Vl | Arch::Qwen25Vl | Arch::InternVl => "qwen2",
     };
     let mt = o.str("model_type", default_type)?;
     let kind = match mt.as_str() {

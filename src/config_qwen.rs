@@ -72,6 +72,7 @@ pub(crate) fn parse_qwen2vl(top: &Obj, path: &Path, arch: Arch) -> Result<VlmCon
         vision_aspect_ratio: String::new(),
         absent,
         flat_text,
+        internvl: None,
     };
     cfg.check()?;
     let v = &cfg.vision;

@@ -1,8 +1,8 @@
 //! A model directory's image processor, whichever family it belongs to:
 //! the `image_processor_type` of preprocessor_config.json (or of
 //! processor_config.json's `"image_processor"`) picks LLaVA's CLIP / SigLIP /
-//! OneVision processors ([`crate::preprocess`]) or Qwen2-VL's
-//! ([`crate::preprocess_qwen`]).
+//! OneVision processors ([`crate::preprocess`]), Qwen2-VL's
+//! ([`crate::preprocess_qwen`]) or InternVL's ([`crate::preprocess_internvl`]).
 
 use std::path::Path;
 
@@ -12,12 +12,15 @@ use crate::error::Result;
 use crate::preprocess::{
     self, image_settings, read_image_processor_json, ImageProcessorConfig, Preprocessed,
 };
+use crate::preprocess_internvl::{self, is_internvl_type, InternVlImageConfig};
 use crate::preprocess_qwen::{self, is_qwen_vl_type, QwenVlImageConfig};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImageProcessor {
     Llava(ImageProcessorConfig),
     QwenVl(QwenVlImageConfig),
+    /// `GotOcr2ImageProcessor` with `crop_to_patches` (InternVL -hf).
+    InternVl(InternVlImageConfig),
 }
 
 impl ImageProcessor {
@@ -30,6 +33,10 @@ impl ImageProcessor {
             .unwrap_or("");
         if is_qwen_vl_type(ty) {
             Ok(ImageProcessor::QwenVl(QwenVlImageConfig::from_json(
+                &path, &json,
+            )?))
+        } else if is_internvl_type(ty) {
+            Ok(ImageProcessor::InternVl(InternVlImageConfig::from_json(
                 &path, &json,
             )?))
         } else {
@@ -52,6 +59,19 @@ impl ImageProcessor {
                     width: p.resized.1,
                     image_size: (img.height() as usize, img.width() as usize),
                     grid_thw: Some(p.grid_thw),
+                })
+            }
+            // Tiles `[num_tiles, 3, size, size]`: the grid row by row, then
+            // the thumbnail when there is more than one.
+            ImageProcessor::InternVl(c) => {
+                let p = preprocess_internvl::preprocess(c, img)?;
+                Ok(Preprocessed {
+                    pixel_values: p.pixel_values,
+                    num_tiles: p.num_tiles,
+                    height: p.height,
+                    width: p.width,
+                    image_size: (img.height() as usize, img.width() as usize),
+                    grid_thw: None,
                 })
             }
         }

@@ -124,6 +124,7 @@ fn arch_name(a: Arch) -> (&'static str, &'static str) {
         Arch::LlavaOnevision => ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
         Arch::Qwen2Vl => ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
         Arch::Qwen25Vl => ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+        Arch::InternVl => ("internvl", "InternVLForConditionalGeneration"),
     }
 }
 
@@ -145,6 +146,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
             VisionKind::Siglip => "siglip",
             VisionKind::Qwen2Vl => "qwen2_vl",
             VisionKind::Qwen25Vl => "qwen2_5_vl",
+            VisionKind::InternVit => "internvl_vision",
         }
         .into(),
         layers: v.num_hidden_layers,

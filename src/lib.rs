@@ -25,6 +25,7 @@ pub mod calib;
 pub mod chat;
 pub mod chat_template;
 pub mod config;
+pub mod config_internvl;
 pub mod config_qwen;
 pub mod error;
 pub mod eval;

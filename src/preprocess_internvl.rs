@@ -56,7 +56,9 @@ pub struct InternVlImageConfig {
     pub do_convert_rgb: bool,
 }
 
-fn is_internvl_type(name: &str) -> bool {
+/// Whether an `image_processor_type` names `GotOcr2ImageProcessor` (or its
+/// Fast / Pil variant).
+pub fn is_internvl_type(name: &str) -> bool {
     let base = name
         .strip_suffix("Fast")
         .or_else(|| name.strip_suffix("Pil"))

@@ -20,6 +20,25 @@ pub struct Processor {
     /// `image_token_index` of config.json.
     pub image_token_index: u32,
     pub eos_ids: Vec<u32>,
+    /// InternVL: the strings around each image's run of image tokens
+    /// (`<img>`, `</img>`), from the tokenizer's `start_image_token` /
+    /// `end_image_token` when its `context_image_token` is the image token.
+    pub image_wrap: Option<(String, String)>,
+}
+
+/// A tokenizer_config.json special-token name: top level (transformers 4
+/// and 5 both write it there), or in `extra_special_tokens` (4.x) /
+/// `model_specific_special_tokens` (5.x).
+fn named_token(tok_cfg: &Value, key: &str) -> Option<String> {
+    token_str(tok_cfg.get(key))
+        .or_else(|| token_str(tok_cfg.get("extra_special_tokens").and_then(|m| m.get(key))))
+        .or_else(|| {
+            token_str(
+                tok_cfg
+                    .get("model_specific_special_tokens")
+                    .and_then(|m| m.get(key)),
+            )
+        })
 }
 
 /// Reads `tokenizer.json` without letting the tokenizers crate panic on a
@@ -218,6 +237,17 @@ impl Processor {
             ));
         }
         let image_token = tokenizer.id_to_token(image_token_index);
+        // InternVLProcessor: `<img>` + context tokens + `</img>` per image.
+        let image_wrap = match (
+            named_token(&tok_cfg, "context_image_token"),
+            named_token(&tok_cfg, "start_image_token"),
+            named_token(&tok_cfg, "end_image_token"),
+        ) {
+            (Some(ctx), Some(start), Some(end)) if Some(&ctx) == image_token.as_ref() => {
+                Some((start, end))
+            }
+            _ => None,
+        };
 
         // EOS: generation_config.json, then config.json, then the tokenizer.
         let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
@@ -264,6 +294,7 @@ impl Processor {
             image_token,
             image_token_index,
             eos_ids,
+            image_wrap,
         })
     }
 
@@ -334,7 +365,7 @@ impl Processor {
                 let mut parts = text.split(tok.as_str());
                 out.push_str(parts.next().unwrap_or(""));
                 for (i, part) in parts.enumerate() {
-                    out.push_str(&tok.repeat(counts.get(i).copied().unwrap_or(1)));
+                    out.push_str(&self.expand(tok, counts.get(i).copied().unwrap_or(1)));
                     out.push_str(part);
                 }
                 out
@@ -348,10 +379,19 @@ impl Processor {
     /// `image_tokens` copies (as the HF processor does before tokenizing).
     pub fn encode(&self, text: &str, image_tokens: usize) -> Result<Vec<u32>> {
         let expanded = match (&self.image_token, image_tokens) {
-            (Some(tok), n) if n > 0 => text.replace(tok.as_str(), &tok.repeat(n)),
+            (Some(tok), n) if n > 0 => text.replace(tok.as_str(), &self.expand(tok, n)),
             _ => text.to_string(),
         };
         self.tokenize(expanded)
+    }
+
+    /// One image slot expanded: `n` image tokens, wrapped in `<img>` ...
+    /// `</img>` for InternVL.
+    fn expand(&self, tok: &str, n: usize) -> String {
+        match &self.image_wrap {
+            Some((start, end)) => format!("{start}{}{end}", tok.repeat(n)),
+            None => tok.repeat(n),
+        }
     }
 
     fn tokenize(&self, expanded: String) -> Result<Vec<u32>> {

@@ -543,9 +543,24 @@ impl Prefixes {
         )?;
         // Qwen2-VL's tower (`visual`, `model.visual`) holds its merger.
         let qwen = find(&["visual", "model.visual"], "patch_embed.proj.weight").ok();
-        let (vision, projector) = match qwen {
-            Some(v) => (v.clone(), format!("{v}.merger")),
-            None => (
+        // InternViT (`InternVLVisionModel`): transformers 4.57 and 5's
+        // default save write `vision_tower.*`, 5's native names
+        // `model.vision_tower.*`.
+        let intern = find(
+            &["vision_tower", "model.vision_tower"],
+            "embeddings.patch_embeddings.projection.weight",
+        )
+        .ok();
+        let (vision, projector) = match (qwen, intern) {
+            (Some(v), _) => (v.clone(), format!("{v}.merger")),
+            (None, Some(v)) => (
+                v,
+                find(
+                    &["multi_modal_projector", "model.multi_modal_projector"],
+                    "linear_1.weight",
+                )?,
+            ),
+            (None, None) => (
                 find(
                     &[
                         "vision_tower.vision_model",

@@ -130,6 +130,7 @@ fn left_out_keys_get_transformers_defaults() {
             VisionKind::Siglip => "siglip_vision_model",
             VisionKind::Qwen2Vl => "qwen2_vl",
             VisionKind::Qwen25Vl => "qwen2_5_vl",
+            VisionKind::InternVit => "internvl_vision",
         };
         assert_eq!(kind, v["model_type"], "{ctx}");
         let u = |k: &str| v[k].as_u64().unwrap() as usize;

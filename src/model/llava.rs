@@ -180,11 +180,17 @@ pub fn check_config_against_weights(cfg: &VlmConfig, w: &WeightFiles, p: &Prefix
             ));
         }
     }
-    let vision_layers = w.count_numbered(&format!("{}.encoder.layers", p.vision));
+    // InternViT names its layers `encoder.layer.N`.
+    let layers_key = if cfg.arch == Arch::InternVl {
+        "encoder.layer"
+    } else {
+        "encoder.layers"
+    };
+    let vision_layers = w.count_numbered(&format!("{}.{layers_key}", p.vision));
     let needed = cfg.feature_layer_indices().into_iter().max().unwrap_or(0);
     if !qwen && needed > vision_layers {
         return bad(format!(
-            "{} with vision_feature_layer {:?} needs {needed} vision layers, but {} holds {vision_layers} ({}.encoder.layers.N)",
+            "{} with vision_feature_layer {:?} needs {needed} vision layers, but {} holds {vision_layers} ({}.{layers_key}.N)",
             cfg.describe("vision_config.num_hidden_layers", cfg.vision.num_hidden_layers),
             cfg.vision_feature_layer,
             loc.display(),

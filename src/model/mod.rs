@@ -3,10 +3,12 @@
 //! taps for calibration, and its backward), the language model around it
 //! (`text.rs`: embeddings, final norm, lm_head), RoPE frequencies from the
 //! config (`rope.rs`), the LLaVA / LLaVA-OneVision image side with its
-//! projector (`llava.rs`), Qwen2-VL's tower and merger (`qwen2vl.rs`) and
+//! projector (`llava.rs`), Qwen2-VL's tower and merger (`qwen2vl.rs`),
+//! InternViT with its pixel shuffle and projector (`internvl.rs`) and
 //! the whole model over them (`vlm.rs`).
 
 pub mod decoder;
+pub mod internvl;
 pub mod llava;
 pub mod qwen2vl;
 pub mod rope;

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::internvl::InternVlEncoder;
 use super::llava::{check_config_against_weights, LlavaEncoder};
 use super::qwen2vl::Qwen2VlVision;
 use super::text::TextModel;
@@ -20,6 +21,8 @@ pub enum ImageEncoder<B: Backend> {
     Llava(LlavaEncoder<B>),
     /// Qwen2-VL and Qwen2.5-VL: native-resolution tower and 2x2 merger.
     Qwen2Vl(Qwen2VlVision<B>),
+    /// InternVL (-hf): InternViT per tile, pixel shuffle, MLP projector.
+    InternVl(InternVlEncoder<B>),
 }
 
 pub struct Vlm<B: Backend> {
@@ -59,6 +62,12 @@ impl<B: Backend> Vlm<B> {
             Arch::Qwen2Vl | Arch::Qwen25Vl => {
                 ImageEncoder::Qwen2Vl(Qwen2VlVision::load(be, &w.pp(&p.vision), &cfg)?)
             }
+            Arch::InternVl => ImageEncoder::InternVl(InternVlEncoder::load(
+                be,
+                &w.pp(&p.vision),
+                &w.pp(&p.projector),
+                &cfg,
+            )?),
         };
         let text = TextModel::load(be, &w.pp(&p.text), &w.pp(&p.lm_head), &cfg.text)?;
         Ok(Vlm { cfg, encoder, text })
@@ -73,6 +82,7 @@ impl<B: Backend> Vlm<B> {
                 Some(g) => Ok(e.num_tokens(g)),
                 None => Err(no_grid()),
             },
+            ImageEncoder::InternVl(e) => Ok(e.num_image_tokens(pre)),
         }
     }
 
@@ -100,6 +110,7 @@ impl<B: Backend> Vlm<B> {
     pub fn encode_image(&self, be: &B, pre: &Preprocessed) -> Result<ImageEmbeds<B::Tensor>> {
         match &self.encoder {
             ImageEncoder::Llava(e) => e.encode(be, &self.cfg, pre),
+            ImageEncoder::InternVl(e) => e.encode(be, pre),
             ImageEncoder::Qwen2Vl(e) => {
                 let img = e.encode(be, pre)?;
                 let (num_tokens, _) = be.dims(&img.features);

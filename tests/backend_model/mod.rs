@@ -323,12 +323,12 @@ pub fn mbq_run(args: &[&str]) -> std::process::Output {
 }
 
 /// `mbq-run --json --ignore-eos` on the first fixture case of each family
-/// (LLaVA, Qwen2-VL, Qwen2.5-VL) with each `(extra arguments, backend it
+/// (LLaVA, Qwen2-VL, Qwen2.5-VL, InternVL) with each `(extra arguments, backend it
 /// must report)`: it succeeds, reports that backend and generates the
 /// transformers greedy ids. With `--backend auto` it must also say on
 /// stderr which backend it chose.
 pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
-    for name in ["llava15_odd", "qwen2vl_odd2", "qwen25vl_big"] {
+    for name in ["llava15_odd", "qwen2vl_odd2", "qwen25vl_big", "internvl_wide"] {
         mbq_run_case_matches_golden(&crate::common::load_case(name), runs);
     }
 }
