@@ -155,14 +155,18 @@ pub fn packed_models_match_cpu_and_transformers<B: Backend>(be: &B) {
     }
 }
 
-/// The Qwen2-VL and Qwen2.5-VL fixtures quantized here with RTN W3, MBQ W3
+/// The Qwen2-VL, Qwen2.5-VL and InternVL fixtures quantized here with RTN W3, MBQ W3
 /// and SmoothQuant W4A8 (g128; the calibrated ones on 4 samples of the
 /// committed set, on the CPU): on `be` the prefill logits are within the
 /// tolerance of the CPU's and the greedy ids equal.
 pub fn quantized_families_match_cpu<B: Backend>(be: &B) {
     use mbq::calib::{quantize_model, Method};
     let label = be.name();
-    for (model, case) in [("qwen2vl", "qwen2vl_odd2"), ("qwen25vl", "qwen25vl_big")] {
+    for (model, case) in [
+        ("qwen2vl", "qwen2vl_odd2"),
+        ("qwen25vl", "qwen25vl_big"),
+        ("internvl", "internvl_wide"),
+    ] {
         let case = crate::common::load_case(case);
         for (method, w_bit, a_bit) in [
             (Method::Rtn, 3, None),
