@@ -12,8 +12,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llava",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "internvl",
+];
 pub const SUPPORTED_VISION_TYPES: &[&str] = &["clip_vision_model", "siglip_vision_model"];
 pub const SUPPORTED_TEXT_TYPES: &[&str] = &["llama", "qwen2"];
 
@@ -123,7 +128,11 @@ impl VisionConfig {
     }
     /// Tokens the tower outputs per image: patches (+ CLS for CLIP).
     pub fn num_positions(&self) -> usize {
-        self.num_patches() + usize::from(matches!(self.kind, VisionKind::Clip | VisionKind::InternVit))
+        self.num_patches()
+            + usize::from(matches!(
+                self.kind,
+                VisionKind::Clip | VisionKind::InternVit
+            ))
     }
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads

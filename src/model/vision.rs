@@ -61,7 +61,10 @@ impl<B: Backend> VisionTower<B> {
         let conv = conv.reshape(vec![h, cfg.num_channels * p * p])?;
         let patch_bias = match cfg.kind {
             VisionKind::Siglip => Some(be.upload(&conv_name.get("bias", &[h])?)?),
-            VisionKind::Clip | VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::InternVit => None,
+            VisionKind::Clip
+            | VisionKind::Qwen2Vl
+            | VisionKind::Qwen25Vl
+            | VisionKind::InternVit => None,
         };
         let patch = Linear {
             w: be.weight(&conv)?,
@@ -72,7 +75,10 @@ impl<B: Backend> VisionTower<B> {
             VisionKind::Clip => {
                 Some(be.upload(&emb.get("class_embedding", &[h])?.reshape(vec![1, h])?)?)
             }
-            VisionKind::Siglip | VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::InternVit => None,
+            VisionKind::Siglip
+            | VisionKind::Qwen2Vl
+            | VisionKind::Qwen25Vl
+            | VisionKind::InternVit => None,
         };
         let position_embedding = be.upload(
             &emb.pp("position_embedding")
@@ -85,7 +91,10 @@ impl<B: Backend> VisionTower<B> {
                 h,
                 cfg.layer_norm_eps,
             )?),
-            VisionKind::Siglip | VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::InternVit => None,
+            VisionKind::Siglip
+            | VisionKind::Qwen2Vl
+            | VisionKind::Qwen25Vl
+            | VisionKind::InternVit => None,
         };
         let feature_layers = vlm.feature_layer_indices();
         let needed = feature_layers.iter().copied().max().unwrap_or(0);

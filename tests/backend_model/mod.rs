@@ -332,7 +332,12 @@ pub fn mbq_run(args: &[&str]) -> std::process::Output {
 /// transformers greedy ids. With `--backend auto` it must also say on
 /// stderr which backend it chose.
 pub fn mbq_run_matches_golden(runs: &[(Vec<&str>, &str)]) {
-    for name in ["llava15_odd", "qwen2vl_odd2", "qwen25vl_big", "internvl_wide"] {
+    for name in [
+        "llava15_odd",
+        "qwen2vl_odd2",
+        "qwen25vl_big",
+        "internvl_wide",
+    ] {
         mbq_run_case_matches_golden(&crate::common::load_case(name), runs);
     }
 }
