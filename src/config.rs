@@ -210,7 +210,7 @@ pub struct VlmConfig {
 }
 
 /// The keys [`VlmConfig::absent`] reports on.
-const SIZE_KEYS: &[&str] = &[
+pub(crate) const SIZE_KEYS: &[&str] = &[
     "text_config",
     "vision_config",
     "text_config.vocab_size",

@@ -30,22 +30,6 @@ pub struct InternVitExtra {
     pub image_seq_length: usize,
 }
 
-/// The keys [`VlmConfig::absent`] reports on.
-const SIZE_KEYS: &[&str] = &[
-    "text_config",
-    "vision_config",
-    "text_config.vocab_size",
-    "text_config.hidden_size",
-    "text_config.intermediate_size",
-    "text_config.num_hidden_layers",
-    "vision_config.hidden_size",
-    "vision_config.intermediate_size",
-    "vision_config.num_hidden_layers",
-    "vision_config.num_channels",
-    "vision_config.image_size",
-    "vision_config.patch_size",
-];
-
 /// An integer or a square `[n, n]` pair (`image_size`, `patch_size`).
 fn square(o: &Obj, k: &str, default: usize) -> Result<usize> {
     let bad = |v: &Value| {
@@ -179,7 +163,7 @@ pub(crate) fn parse_internvl(top: &Obj, path: &Path) -> Result<VlmConfig> {
             supported: "default (the CLS token is dropped before the pixel shuffle)".into(),
         });
     }
-    let absent = absent_keys(top.v, SIZE_KEYS);
+    let absent = absent_keys(top.v, crate::config::SIZE_KEYS);
     let cfg = VlmConfig {
         path: path.to_path_buf(),
         arch: Arch::InternVl,

@@ -17,7 +17,7 @@
 //! goldens' 1e-4 relative tolerance, and no elementwise multiply is needed
 //! on the backend. The pixel shuffle runs on the host.
 
-use super::{LayerNorm, Linear};
+use super::{LayerNorm, Linear, Norm};
 use crate::backend::{AttnShape, Backend};
 use crate::config::{Act, VlmConfig};
 use crate::config_internvl::InternVitExtra;
@@ -32,28 +32,6 @@ use crate::weights::Prefixed;
 const QK_NORM_EPS: f32 = 1e-6;
 /// `InternVLMultiModalProjector`'s LayerNorm (`nn.LayerNorm` default).
 const PROJECTOR_EPS: f32 = 1e-5;
-
-enum Norm<B: Backend> {
-    Layer(LayerNorm<B>),
-    Rms(B::Tensor, f32),
-}
-
-impl<B: Backend> Norm<B> {
-    fn load(be: &B, vb: &Prefixed, dim: usize, eps: f32, rms: bool) -> Result<Self> {
-        Ok(if rms {
-            Norm::Rms(be.upload(&vb.get("weight", &[dim])?)?, eps)
-        } else {
-            Norm::Layer(LayerNorm::load(be, vb, dim, eps)?)
-        })
-    }
-
-    fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        match self {
-            Norm::Layer(n) => n.forward(be, x),
-            Norm::Rms(w, eps) => be.rms_norm(x, w, *eps),
-        }
-    }
-}
 
 struct Layer<B: Backend> {
     norm1: Norm<B>,

@@ -84,3 +84,28 @@ impl<B: Backend> LayerNorm<B> {
         be.layer_norm(x, &self.w, &self.b, self.eps)
     }
 }
+
+/// LayerNorm or RMSNorm, as a family's config chooses (the vision towers
+/// of Qwen2.5-VL and some InternViTs use RMSNorm).
+pub enum Norm<B: Backend> {
+    Layer(LayerNorm<B>),
+    Rms(B::Tensor, f32),
+}
+
+impl<B: Backend> Norm<B> {
+    /// `<prefix>.weight` (and, for LayerNorm, `<prefix>.bias`).
+    pub fn load(be: &B, vb: &Prefixed, dim: usize, eps: f32, rms: bool) -> Result<Self> {
+        Ok(if rms {
+            Norm::Rms(be.upload(&vb.get("weight", &[dim])?)?, eps)
+        } else {
+            Norm::Layer(LayerNorm::load(be, vb, dim, eps)?)
+        })
+    }
+
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        match self {
+            Norm::Layer(n) => n.forward(be, x),
+            Norm::Rms(w, eps) => be.rms_norm(x, w, *eps),
+        }
+    }
+}

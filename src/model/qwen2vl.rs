@@ -26,36 +26,13 @@
 //! image and the others within each window, and the merger's output is
 //! put back in the processor's order.
 
-use super::{LayerNorm, Linear};
+use super::{Linear, Norm};
 use crate::backend::{AttnShape, Backend, Rope};
 use crate::config::{Act, VisionKind, VlmConfig};
 use crate::error::{Error, Result};
 use crate::preprocess::Preprocessed;
 use crate::tensor::Tensor;
 use crate::weights::Prefixed;
-
-/// LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL).
-enum Norm<B: Backend> {
-    Layer(LayerNorm<B>),
-    Rms(B::Tensor, f32),
-}
-
-impl<B: Backend> Norm<B> {
-    fn load(be: &B, vb: &Prefixed, dim: usize, eps: f32, rms: bool) -> Result<Self> {
-        Ok(if rms {
-            Norm::Rms(be.upload(&vb.get("weight", &[dim])?)?, eps)
-        } else {
-            Norm::Layer(LayerNorm::load(be, vb, dim, eps)?)
-        })
-    }
-
-    fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        match self {
-            Norm::Layer(n) => n.forward(be, x),
-            Norm::Rms(w, eps) => be.rms_norm(x, w, *eps),
-        }
-    }
-}
 
 /// `fc2(act(fc1 x))` (Qwen2-VL) or `down(act(gate x) * up x)` (Qwen2.5-VL).
 enum Mlp<B: Backend> {
