@@ -741,15 +741,23 @@ pub(crate) fn parse_text(v: &Value, path: &Path, arch: Arch) -> Result<TextConfi
     })
 }
 
+/// The RoPE settings object (`rope_parameters` of transformers 5, else
+/// `rope_scaling` of transformers 4) and `rope_theta` (top level first,
+/// then inside that object, else `default_theta`).
+pub(crate) fn rope_params<'a>(o: &Obj<'a>, default_theta: f32) -> Result<(f32, Option<Obj<'a>>)> {
+    let params = o.sub("rope_parameters").or_else(|| o.sub("rope_scaling"));
+    let theta = match (&params, o.get("rope_theta")) {
+        (_, Some(_)) => o.f32("rope_theta", default_theta)?,
+        (Some(p), None) => p.f32("rope_theta", default_theta)?,
+        (None, None) => default_theta,
+    };
+    Ok((theta, params))
+}
+
 /// `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters`
 /// (transformers 5).
 fn parse_rope(o: &Obj) -> Result<(f32, RopeScaling)> {
-    let params = o.sub("rope_parameters").or_else(|| o.sub("rope_scaling"));
-    let theta = match (&params, o.get("rope_theta")) {
-        (_, Some(_)) => o.f32("rope_theta", 10000.0)?,
-        (Some(p), None) => p.f32("rope_theta", 10000.0)?,
-        (None, None) => 10000.0,
-    };
+    let (theta, params) = rope_params(o, 10000.0)?;
     let Some(p) = params else {
         return Ok((theta, RopeScaling::Default));
     };

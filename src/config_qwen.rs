@@ -16,8 +16,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{
-    absent_keys, Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig, VisionKind,
-    VlmConfig,
+    absent_keys, rope_params, Act, Arch, Obj, RopeScaling, TextConfig, TextKind, VisionConfig,
+    VisionKind, VlmConfig,
 };
 use crate::error::{Error, Result};
 
@@ -274,12 +274,7 @@ fn parse_text(o: &Obj, top: &Obj, arch: Arch) -> Result<TextConfig> {
 /// sections must add up to `head_dim / 2`.
 fn parse_mrope(o: &Obj, head_dim: usize) -> Result<(f32, Vec<usize>)> {
     let path = o.path;
-    let params = o.sub("rope_parameters").or_else(|| o.sub("rope_scaling"));
-    let theta = match (&params, o.get("rope_theta")) {
-        (_, Some(_)) => o.f32("rope_theta", 1e6)?,
-        (Some(p), None) => p.f32("rope_theta", 1e6)?,
-        (None, None) => 1e6,
-    };
+    let (theta, params) = rope_params(o, 1e6)?;
     let Some(p) = params else {
         return Err(Error::config(
             path,

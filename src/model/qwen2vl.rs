@@ -225,9 +225,7 @@ impl<B: Backend> Qwen2VlVision<B> {
     /// The tower and the merger on one preprocessed image.
     pub fn encode(&self, be: &B, pre: &Preprocessed) -> Result<QwenImage<B::Tensor>> {
         let Some(grid) = pre.grid_thw else {
-            return Err(Error::invalid(
-                "Qwen2-VL takes pixel values from its own image processor (Qwen2VLImageProcessor); these have no image_grid_thw",
-            ));
+            return Err(no_grid());
         };
         let (t, h, w) = grid;
         let n = t * h * w;
@@ -340,6 +338,13 @@ impl<B: Backend> Qwen2VlVision<B> {
             features,
         })
     }
+}
+
+/// Pixel values that did not come from Qwen2-VL's image processor.
+pub fn no_grid() -> Error {
+    Error::invalid(
+        "Qwen2-VL takes pixel values from its own image processor (Qwen2VLImageProcessor); these have no image_grid_thw",
+    )
 }
 
 /// Blocks of `block` values of `data` in `order`.

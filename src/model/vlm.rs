@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::internvl::InternVlEncoder;
 use super::llava::{check_config_against_weights, LlavaEncoder};
-use super::qwen2vl::Qwen2VlVision;
+use super::qwen2vl::{no_grid, Qwen2VlVision};
 use super::text::TextModel;
 use crate::backend::Backend;
 use crate::config::{Arch, VlmConfig};
@@ -123,10 +123,4 @@ impl<B: Backend> Vlm<B> {
             }
         }
     }
-}
-
-fn no_grid() -> Error {
-    Error::invalid(
-        "Qwen2-VL takes pixel values from its own image processor (Qwen2VLImageProcessor); these have no image_grid_thw",
-    )
 }
