@@ -17,6 +17,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
 mod open;
+pub mod search;
 pub mod wgpu;
 
 pub use open::{open, resolve, with_backend, AnyBackend, BackendJob, BackendOptions};
@@ -28,6 +29,7 @@ use crate::tensor::Tensor;
 use crate::weights::StoredWeight;
 
 pub use backward::Grad;
+pub use search::{Distance, Search};
 
 /// Precomputed RoPE inverse frequencies for one model (`head_dim / 2` values).
 #[derive(Clone, Debug)]

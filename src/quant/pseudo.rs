@@ -65,3 +65,52 @@ pub fn fake_quantize(
     let p = quantize_linear("weight", w, out, inp, bits, group_size)?;
     Ok(p.dequantize().into_iter().map(r).collect())
 }
+
+/// How the scale search fake-quantizes a weight whose input channels are
+/// scaled by `s` (docs/MBQ.md): the one definition the backends'
+/// `fake_quant` kernels are tested against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FakeQuant {
+    /// Weight-only, asymmetric min/max per group of `group_size` inputs
+    /// ([`fake_quantize`]): `Q(W s) / s`.
+    Group { bits: u32, group_size: usize },
+    /// W4A8's weights, symmetric INT4 per output channel
+    /// (`w4a8::fake_quantize_w4_per_channel`): `Q(W s)`; the input is
+    /// divided by `s` when the linear runs.
+    W4PerChannel,
+}
+
+/// The search's effective weight `[out, in]` of `w` with input channels
+/// scaled by `s` (`in` values), as [`FakeQuant`] says. Every value that
+/// passes through f16 is rounded as the reference rounds it; the final
+/// division by `s` is f32.
+pub fn fake_quant_scaled(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    s: &[f32],
+    q: FakeQuant,
+) -> Result<Vec<f32>> {
+    if s.len() != inp || w.len() != out * inp {
+        return Err(crate::error::Error::invalid(format!(
+            "fake_quant: a [{out}, {inp}] weight needs {} values and {inp} scales, got {} and {}",
+            out * inp,
+            w.len(),
+            s.len()
+        )));
+    }
+    let mut ws = w.to_vec();
+    for r in ws.chunks_exact_mut(inp.max(1)) {
+        r.iter_mut().zip(s).for_each(|(v, k)| *v *= k);
+    }
+    Ok(match q {
+        FakeQuant::Group { bits, group_size } => {
+            let mut d = fake_quantize(&ws, out, inp, bits, group_size)?;
+            for r in d.chunks_exact_mut(inp.max(1)) {
+                r.iter_mut().zip(s).for_each(|(v, k)| *v /= k);
+            }
+            d
+        }
+        FakeQuant::W4PerChannel => super::w4a8::fake_quantize_w4_per_channel(&ws, out, inp),
+    })
+}
