@@ -98,6 +98,15 @@ pub struct Tolerances {
     /// cross_entropy: the loss relative to the CPU's and the gradient
     /// relative to its scale (0 for a host fallback running the CPU code).
     pub grad_ce: f32,
+    /// fake_quant, the largest error of a row relative to the row's scale:
+    /// the codes, scales and zeros are the reference's exactly (its f16
+    /// roundings, done in integers where a device's f16 conversion or
+    /// division is not guaranteed to round to nearest even), so only the
+    /// final f32 division by `s` of weight-only quantization may differ.
+    pub fake_quant: f32,
+    /// loss_terms, each of the three sums relative to the CPU's (f64 on the
+    /// CPU, f32 partial sums in another order on a device).
+    pub loss_terms: f32,
 }
 
 impl Tolerances {
@@ -122,13 +131,16 @@ impl Tolerances {
         grad_linear: 1e-5,
         grad_attn: 1e-5,
         grad_ce: 1e-6,
+        fake_quant: 0.0,
+        loss_terms: 1e-5,
     };
 
     /// wgpu: Vulkan lets a device round a division to within 2.5 ulp, so
     /// div_cols may differ from the CPU's by that (relative to the output's
-    /// scale, 1e-6).
+    /// scale, 1e-6), and so may fake_quant's final division by `s`.
     pub const WGPU: Tolerances = Tolerances {
         div_cols: 1e-6,
+        fake_quant: 1e-6,
         ..Tolerances::DEFAULT
     };
 
@@ -228,6 +240,8 @@ pub const FAMILIES: &[&str] = &[
     "linear_backward",
     "attention_backward",
     "cross_entropy",
+    "fake_quant",
+    "loss_terms",
     "errors",
 ];
 
@@ -437,11 +451,13 @@ mod attention;
 mod backward;
 mod elementwise;
 mod linear;
+mod search;
 
 pub use attention::*;
 pub use backward::*;
 pub use elementwise::*;
 pub use linear::*;
+pub use search::*;
 
 /// Every op family on `paths` of one backend (each configuration named),
 /// then the split-binding products on `split` where the backend has one.
