@@ -256,3 +256,16 @@ fn reused_buffers_do_not_clobber_pending_reads() {
         );
     }
 }
+
+/// The search's fake-quantized weights: the reference's codes exactly, on
+/// both reduction paths and with the weights split across bindings.
+#[test]
+fn fake_quant_matches_cpu() {
+    backend_ops::fake_quant_matches_cpu(&both());
+    backend_ops::fake_quant_narrow_rows(&[("split", gpu_split())]);
+}
+
+#[test]
+fn loss_terms_match_cpu() {
+    backend_ops::loss_terms_match_cpu(&both());
+}

@@ -52,6 +52,11 @@ const SOURCES: &[(&str, &str)] = &[
         "act_quant.wgsl",
         include_str!("../../../shaders/act_quant.wgsl"),
     ),
+    (
+        "fake_quant.wgsl",
+        include_str!("../../../shaders/fake_quant.wgsl"),
+    ),
+    ("loss.wgsl", include_str!("../../../shaders/loss.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

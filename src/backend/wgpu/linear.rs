@@ -118,7 +118,7 @@ fn gemv_maxm(m: usize) -> u32 {
 }
 
 /// Rows per chunk for rows of `row_bytes` under a binding limit.
-fn rows_per_chunk(what: &str, row_bytes: u64, limit: u64) -> Result<usize> {
+pub(super) fn rows_per_chunk(what: &str, row_bytes: u64, limit: u64) -> Result<usize> {
     let n = limit / row_bytes.max(1);
     if n == 0 {
         return Err(err(format!(

@@ -21,6 +21,7 @@ mod encode;
 mod kernels;
 mod linear;
 mod ops;
+mod search;
 
 pub use device::{adapters, probe, AdapterReport, WgpuOptions};
 pub use linear::{WgpuWeight, SKINNY_MAX};

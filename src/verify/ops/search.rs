@@ -53,7 +53,6 @@ fn search_weight(out: usize, inp: usize, seed: u64) -> Tensor {
 /// `fake_quant` of f16-valued and f32-valued weights, every bit width and
 /// group size, and W4A8's per-channel INT4, against the CPU.
 pub fn fake_quant_matches_cpu<B: Device + Search>(c: &mut Checks, paths: &[(&str, &B)]) {
-    let tol = B::TOL.fake_quant as f64;
     let mut cases: Vec<(usize, usize, FakeQuant)> = Vec::new();
     for bits in [3, 4, 8] {
         for group_size in [32, 64, 128] {
@@ -70,6 +69,48 @@ pub fn fake_quant_matches_cpu<B: Device + Search>(c: &mut Checks, paths: &[(&str
     ));
     cases.push((37, 300, FakeQuant::W4PerChannel));
     cases.push((4, 1, FakeQuant::W4PerChannel));
+    fake_quant_cases(c, paths, &cases);
+}
+
+/// [`fake_quant_matches_cpu`] on rows narrow enough for a configuration
+/// that splits weights across bindings of a few rows (wgpu's "split").
+pub fn fake_quant_narrow_rows<B: Device + Search>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let cases = [
+        (
+            37,
+            128,
+            FakeQuant::Group {
+                bits: 3,
+                group_size: 32,
+            },
+        ),
+        (
+            37,
+            128,
+            FakeQuant::Group {
+                bits: 4,
+                group_size: 64,
+            },
+        ),
+        (
+            37,
+            128,
+            FakeQuant::Group {
+                bits: 8,
+                group_size: 128,
+            },
+        ),
+        (9, 96, FakeQuant::W4PerChannel),
+    ];
+    fake_quant_cases(c, paths, &cases);
+}
+
+fn fake_quant_cases<B: Device + Search>(
+    c: &mut Checks,
+    paths: &[(&str, &B)],
+    cases: &[(usize, usize, FakeQuant)],
+) {
+    let tol = B::TOL.fake_quant as f64;
     for (k, &(out, inp, q)) in cases.iter().enumerate() {
         let w32 = search_weight(out, inp, 40 + k as u64);
         let mut r = rng(90 + k as u64);
