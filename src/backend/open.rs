@@ -7,7 +7,7 @@
 use super::cpu::Cpu;
 use super::cuda::{self, Cuda, CudaOptions};
 use super::wgpu::{self, Wgpu, WgpuOptions};
-use super::{BackendKind, Grad};
+use super::{BackendKind, Grad, Search};
 use crate::error::{Error, Result};
 
 /// How to open a backend, besides its kind.
@@ -160,7 +160,7 @@ impl AnyBackend {
 pub trait BackendJob {
     type Output;
     /// Runs on `be`; `device` is [`AnyBackend::device`].
-    fn run<B: Grad>(self, be: &B, device: &str) -> Result<Self::Output>;
+    fn run<B: Grad + Search>(self, be: &B, device: &str) -> Result<Self::Output>;
 }
 
 /// Resolves `kind` ([`resolve`], notes through `note`) and opens it.

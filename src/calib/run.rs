@@ -29,7 +29,7 @@ use super::report_svg;
 use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad};
+use crate::backend::{BackendJob, BackendKind, BackendOptions, Grad, Search as SearchOps};
 use crate::config::{TextConfig, VlmConfig};
 use crate::error::{Error, Result};
 use crate::image_processor::ImageProcessor;
@@ -478,7 +478,7 @@ struct Search<'a, P: FnMut(CalibProgress<'_>)> {
 impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
     /// Searches layer after layer from the decoder inputs `xs` (host),
     /// checkpointing each; finished layers are restored instead.
-    fn run<B: Backend>(&mut self, be: &B, xs: Vec<Tensor>) -> Result<()> {
+    fn run<B: SearchOps>(&mut self, be: &B, xs: Vec<Tensor>) -> Result<()> {
         let layers = self.text.num_hidden_layers;
         let mut xs = xs
             .iter()
@@ -514,7 +514,7 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
 
     /// Searches (or, for SmoothQuant, sets) the scales of layer `i`, folds
     /// them in, and returns the layer's report.
-    fn layer<B: Backend>(
+    fn layer<B: SearchOps>(
         &mut self,
         be: &B,
         i: usize,
@@ -624,7 +624,7 @@ struct SearchJob<'s, 'a, P: FnMut(CalibProgress<'_>)> {
 
 impl<P: FnMut(CalibProgress<'_>)> BackendJob for SearchJob<'_, '_, P> {
     type Output = ();
-    fn run<B: Backend>(self, be: &B, device: &str) -> Result<()> {
+    fn run<B: SearchOps>(self, be: &B, device: &str) -> Result<()> {
         if be.name() != "cpu" {
             (self.search.progress)(CalibProgress::Note(format!(
                 "scale search on {}: {device}",

@@ -1,14 +1,17 @@
 //! The per-layer scale search of MBQ and AWQ, and SmoothQuant's fixed
-//! scales (docs/MBQ.md), on any [`Backend`]: the layer's f32 weights stay
-//! on the host ([`HostLayer`], where the chosen scales are folded in); the
-//! layer runs on the backend through the model's own forward
-//! ([`DecoderLayer::forward`] with a tap that keeps each group's input and
-//! output), each grid point's fake-quantized linears are uploaded and run
-//! through the same module forwards ([`Group::forward`]), and the outputs
-//! come back to the host for the loss (in f64). Every backend keeps f32
-//! weights that f16 cannot hold exactly, so the backends differ only by
-//! f32 summation order and the odd weight code or INT8 activation that
-//! this moves across a rounding boundary (tests/calibrate_backends.rs).
+//! scales (docs/MBQ.md), on any backend with the [`Search`] ops: the
+//! layer's f32 weights stay on the host ([`HostLayer`], where the chosen
+//! scales are folded in) and are uploaded once; the layer runs on the
+//! backend through the model's own forward ([`DecoderLayer::forward`] with
+//! a tap that keeps each group's input and output there). A grid point
+//! sends `s` (one value an input channel): the device makes each linear's
+//! fake-quantized weight from the uploaded one ([`Search::fake_quant`], the
+//! reference's codes exactly), runs the same module forwards
+//! ([`Group::forward`]) and reduces each sample's error there
+//! ([`Search::loss_terms`]); three numbers come back per grid point. The
+//! backends differ only by f32 summation order and the odd INT8
+//! activation that this moves across a rounding boundary
+//! (tests/calibrate_backends.rs).
 //!
 //! For `alpha` in `0, 0.05, ..., 0.95`: `s = mean_tokens(|X|)^alpha`,
 //! clamped to `>= 1e-4`, divided by `sqrt(max(s) min(s))`. The group's
@@ -24,11 +27,12 @@
 
 use super::group::{Group, HostLayer};
 use super::method::{LossKind, QuantKind, Weighting};
-use crate::backend::Backend;
+use crate::backend::{Backend, Distance, Search};
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderSpec, HostLinear, Kv, Layer, LinearOp, NoTap, Site, Tap};
+use crate::model::decoder::{DecoderSpec, Kv, Layer, LinearOp, NoTap, Site, Tap};
 use crate::model::rope::{rope_pos, Mrope, RopePos};
-use crate::quant::{pseudo, w4a8};
+use crate::model::Linear;
+use crate::quant::pseudo::FakeQuant;
 use crate::tensor::Tensor;
 
 /// Grid points of alpha: `k / GRID` for `k in 0..GRID`.
@@ -98,6 +102,22 @@ impl LossAcc {
                 self.vis += e;
                 self.n_vis += d;
             }
+        }
+    }
+
+    /// The sums of a whole grid point from the device's [`Search::loss_terms`]
+    /// (caption, vision, all) and the samples' token masks, for `cols`
+    /// outputs a token.
+    pub fn from_terms(t: &[f32], masks: &[TokenMasks], cols: usize) -> LossAcc {
+        let count = |f: &dyn Fn(&TokenMasks) -> usize| masks.iter().map(f).sum::<usize>() * cols;
+        let rows = |v: &[bool]| v.iter().filter(|&&b| b).count();
+        LossAcc {
+            cap: t[0] as f64,
+            vis: t[1] as f64,
+            all: t[2] as f64,
+            n_cap: count(&|m| rows(&m.caption)),
+            n_vis: count(&|m| rows(&m.vision)),
+            n_all: count(&|m| m.caption.len()),
         }
     }
 
@@ -197,56 +217,41 @@ pub fn smoothquant_scales(x_max: &[f32], ws: &[&Tensor], alpha: f64) -> Vec<f32>
         .collect()
 }
 
-/// A linear as the search runs it, on the backend: an effective weight,
-/// its bias, and (for W4A8) the per-channel scales the input is divided by
-/// before the per-token activation quantization.
-pub struct QLinear<B: Backend> {
+/// A linear as the search runs it, on the backend: the effective weight
+/// the device made from the layer's own, its bias, and (for W4A8) the
+/// per-channel scales the input is divided by before the per-token
+/// activation quantization.
+pub struct QLinear<'a, B: Backend> {
     w: B::Weight,
-    b: Option<B::Tensor>,
-    act_div: Option<B::Tensor>,
+    b: Option<&'a B::Tensor>,
+    act_div: Option<&'a B::Tensor>,
 }
 
-impl<B: Backend> QLinear<B> {
-    /// The quantized form of `l` with its input channels scaled by `s`.
-    pub fn new(be: &B, l: &HostLinear, s: &[f32], q: QuantKind) -> Result<Self> {
-        let (out, inp) = (l.w.rows(), l.w.cols());
-        let mut ws = l.w.data.clone();
-        for r in ws.chunks_exact_mut(inp) {
-            for (v, k) in r.iter_mut().zip(s) {
-                *v *= k;
-            }
-        }
-        let (data, act_div) = match q {
-            QuantKind::Weight { bits, group_size } => {
-                let mut d = pseudo::fake_quantize(&ws, out, inp, bits, group_size)?;
-                for r in d.chunks_exact_mut(inp) {
-                    for (v, k) in r.iter_mut().zip(s) {
-                        *v /= k;
-                    }
-                }
-                (d, None)
-            }
-            QuantKind::W4A8 => (w4a8::fake_quantize_w4_per_channel(&ws, out, inp), Some(s)),
+impl<'a, B: Search> QLinear<'a, B> {
+    /// The quantized form of `l` with its input channels scaled by `s`
+    /// (`[1, in]` on the device).
+    pub fn new(be: &B, l: &'a Linear<B>, s: &'a B::Tensor, q: QuantKind) -> Result<Self> {
+        let (fq, act_div) = match q {
+            QuantKind::Weight { bits, group_size } => (FakeQuant::Group { bits, group_size }, None),
+            QuantKind::W4A8 => (FakeQuant::W4PerChannel, Some(s)),
         };
         Ok(QLinear {
-            w: be.weight(&Tensor::new(vec![out, inp], data)?)?,
-            b: l.b.as_ref().map(|b| be.upload(b)).transpose()?,
-            act_div: act_div
-                .map(|s| be.upload(&Tensor::new(vec![s.len()], s.to_vec())?))
-                .transpose()?,
+            w: be.fake_quant(&l.w, s, fq)?,
+            b: l.b.as_ref(),
+            act_div,
         })
     }
 }
 
-impl<B: Backend> LinearOp<B> for QLinear<B> {
+impl<B: Backend> LinearOp<B> for QLinear<'_, B> {
     /// W4A8 divides the input by the scales and fake-quantizes it per token
     /// on the device (`div_cols`, `quant_act_int8`), then the float product.
     fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        match &self.act_div {
-            None => be.linear(x, &self.w, self.b.as_ref()),
+        match self.act_div {
+            None => be.linear(x, &self.w, self.b),
             Some(s) => {
                 let xq = be.quant_act_int8(&be.div_cols(x, s)?)?;
-                be.linear(&xq, &self.w, self.b.as_ref())
+                be.linear(&xq, &self.w, self.b)
             }
         }
     }
@@ -257,9 +262,9 @@ pub struct LayerFeatures<B: Backend> {
     /// Each group's input, per sample, on the backend (in [`Group::ALL`] order).
     pub inputs: [Vec<B::Tensor>; 4],
     /// FP outputs of the self-attention (= o_proj) and the MLP (= down_proj),
-    /// on the host (the loss is computed there).
-    pub attn_y: Vec<Tensor>,
-    pub mlp_y: Vec<Tensor>,
+    /// on the backend.
+    pub attn_y: Vec<B::Tensor>,
+    pub mlp_y: Vec<B::Tensor>,
     /// The layer's outputs, on the backend.
     pub out: Vec<B::Tensor>,
     /// |x| statistics of the groups' inputs, in [`Group::ALL`] order.
@@ -282,7 +287,7 @@ impl<B: Backend> LayerFeatures<B> {
     }
 
     /// The FP outputs the group's loss compares with.
-    pub fn outputs(&self, g: Group) -> &[Tensor] {
+    pub fn outputs(&self, g: Group) -> &[B::Tensor] {
         if g.is_attention() {
             &self.attn_y
         } else {
@@ -300,8 +305,8 @@ struct Record<'a, B: Backend> {
 impl<B: Backend> Tap<B> for Record<'_, B> {
     fn keep(&mut self, site: Site, t: B::Tensor) -> Result<()> {
         match site {
-            Site::AttnOut => self.f.attn_y.push(self.be.download(&t)?),
-            Site::MlpOut => self.f.mlp_y.push(self.be.download(&t)?),
+            Site::AttnOut => self.f.attn_y.push(t),
+            Site::MlpOut => self.f.mlp_y.push(t),
             _ => {
                 if let Some(g) = Group::ALL.into_iter().find(|g| g.input() == site) {
                     let k = LayerFeatures::<B>::slot(g);
@@ -389,9 +394,11 @@ pub struct LayerSearch<'a, B: Backend> {
     pub fp: Layer<B>,
     pub features: LayerFeatures<B>,
     pub masks: &'a [TokenMasks],
+    /// Each sample's masks on the device, `[rows, 2]` (caption, vision).
+    mask_t: Vec<B::Tensor>,
 }
 
-impl<'a, B: Backend> LayerSearch<'a, B> {
+impl<'a, B: Search> LayerSearch<'a, B> {
     /// Uploads `host` and runs it on the inputs `xs`.
     pub fn new(
         index: usize,
@@ -410,6 +417,18 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
             )));
         }
         let features = layer_features(be, spec, &fp, xs, masks)?;
+        let mask_t = masks
+            .iter()
+            .map(|m| {
+                let flags = m
+                    .caption
+                    .iter()
+                    .zip(&m.vision)
+                    .flat_map(|(&c, &v)| [c as u8 as f32, v as u8 as f32])
+                    .collect();
+                be.upload(&Tensor::new(vec![m.caption.len(), 2], flags)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(LayerSearch {
             index,
             be,
@@ -418,23 +437,41 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
             fp,
             features,
             masks,
+            mask_t,
         })
     }
 
-    /// The loss of `group` with scales `s`.
+    /// The loss of `group` with scales `s`: one upload of `s`, the
+    /// samples' error sums added on the device, three numbers back.
     pub fn loss(&self, group: Group, s: &[f32], set: SearchSettings, w: Weighting) -> Result<f64> {
+        let s_dev = self
+            .be
+            .upload(&Tensor::new(vec![1, s.len()], s.to_vec())?)?;
         let q = group
-            .linears(self.host)
+            .linears(&self.fp)
             .into_iter()
-            .map(|l| QLinear::new(self.be, l, s, set.quant))
+            .map(|l| QLinear::new(self.be, l, &s_dev, set.quant))
             .collect::<Result<Vec<_>>>()?;
-        let mut acc = LossAcc::default();
+        let dist = match set.loss {
+            LossKind::Mae => Distance::Abs,
+            LossKind::Mse => Distance::Squared,
+        };
         let want = self.features.outputs(group);
+        let mut total: Option<B::Tensor> = None;
         for (n, x) in self.features.inputs(group).iter().enumerate() {
             let y = group.forward(self.spec, self.be, &self.fp, &q, x, self.masks[n].rope())?;
-            acc.add(&want[n], &self.be.download(&y)?, &self.masks[n], set.loss);
+            let t = self.be.loss_terms(&want[n], &y, &self.mask_t[n], dist)?;
+            total = Some(match total {
+                None => t,
+                Some(acc) => self.be.add(&acc, &t)?,
+            });
         }
-        Ok(acc.value(set.loss, w))
+        let terms = match &total {
+            Some(t) => self.be.download(t)?.data,
+            None => vec![0.0; 3],
+        };
+        let cols = want.first().map_or(0, |y| self.be.dims(y).1);
+        Ok(LossAcc::from_terms(&terms, self.masks, cols).value(set.loss, w))
     }
 
     /// Searches alpha for one group (MBQ / AWQ): the grid point with the
@@ -506,6 +543,8 @@ impl<'a, B: Backend> LayerSearch<'a, B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
+    use crate::model::decoder::HostLinear;
+    use crate::quant::pseudo;
     use crate::calib::run::load_host_layers;
     use crate::config::VlmConfig;
     use crate::weights::{Prefixes, WeightFiles};
@@ -666,7 +705,9 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(r.losses[0], sum / n as f64);
+        // The backend's error sums come back as f32 (`Search::loss_terms`).
+        let want = sum / n as f64;
+        assert!((r.losses[0] - want).abs() <= 1e-6 * want, "{} vs {want}", r.losses[0]);
         assert_eq!(r.losses.len(), GRID);
     }
 
