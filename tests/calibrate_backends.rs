@@ -137,6 +137,31 @@ fn search_matches_cpu(backend: BackendKind, label: &str) {
             assert_eq!(cpu["sensitivity_backend"], "cpu", "{name}");
             assert_eq!(dev["sensitivity_backend"], label, "{name}");
         }
+        // Where each stage ran, and that it took some time.
+        let stage = |r: &Value, s: &str| {
+            r["stages"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["stage"] == s))
+                .cloned()
+                .unwrap_or_else(|| panic!("{name}: no stage {s} in {}", r["stages"]))
+        };
+        let mut stages = vec!["embed", "search"];
+        if method == Method::Mbq {
+            stages.push("sensitivity");
+        }
+        for s in stages {
+            let (c, d) = (stage(&cpu, s), stage(&dev, s));
+            let on = if s == "embed" { "cpu" } else { label };
+            assert!(
+                c["device"].as_str().unwrap().starts_with("cpu"),
+                "{name} {s}: {c}"
+            );
+            assert!(
+                d["device"].as_str().unwrap().starts_with(on),
+                "{name} {s}: {d}"
+            );
+            assert!(d["seconds"].as_f64().unwrap() > 0.0, "{name} {s}: {d}");
+        }
         let (worst, over, points) = compare(&name, &cpu, &dev);
         eprintln!(
             "{name}: {label} vs cpu: largest relative loss difference {worst:.2e}; \

@@ -30,6 +30,31 @@ pub struct State {
     pub layers: Vec<LayerReport>,
     pub layer_seconds: Vec<f64>,
     pub sensitivity_seconds: f64,
+    /// Where each stage ran and how long it took (the report's `stages`).
+    #[serde(default)]
+    pub stages: Vec<StageRecord>,
+}
+
+/// One stage of a calibration: its name (`embed`, `sensitivity`,
+/// `search`), the device it ran on as the backend describes it, and its
+/// wall-clock seconds (over every run of a resumed calibration).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub device: String,
+    pub seconds: f64,
+}
+
+impl State {
+    /// Records `stage` (replacing an earlier record of it).
+    pub fn record_stage(&mut self, stage: &str, device: &str, seconds: f64) {
+        self.stages.retain(|s| s.stage != stage);
+        self.stages.push(StageRecord {
+            stage: stage.into(),
+            device: device.into(),
+            seconds,
+        });
+    }
 }
 
 impl State {
@@ -42,6 +67,7 @@ impl State {
             layers: Vec::new(),
             layer_seconds: Vec::new(),
             sensitivity_seconds: 0.0,
+            stages: Vec::new(),
         }
     }
 }

@@ -132,6 +132,7 @@ pub fn quantize_model(
         vlm.text.layers.len(),
         &mut progress,
     )?;
+    let t_embed = Instant::now();
     let mut xs: Vec<Tensor> = Vec::with_capacity(set.samples.len());
     for (k, s) in set.samples.iter().enumerate() {
         xs.push(embed_sample(&Cpu, &vlm, &set.img_cfg, s)?);
@@ -149,11 +150,12 @@ pub fn quantize_model(
             mrope: s.mrope.clone(),
         })
         .collect();
+    state.record_stage("embed", "cpu", t_embed.elapsed().as_secs_f64());
 
     // Stage 3: MBQ's modality sensitivity of every layer.
     if o.method.needs_sensitivity() && state.grads.is_none() {
         let t0 = Instant::now();
-        let grads = match search_backend {
+        let (grads, device) = match search_backend {
             BackendKind::Wgpu | BackendKind::Cuda => crate::backend::with_backend(
                 search_backend,
                 &BackendOptions::default(),
@@ -167,10 +169,14 @@ pub fn quantize_model(
                     progress: &mut progress,
                 },
             )?,
-            _ => sensitivity(&Cpu, &vlm.text, &set.samples, &xs, &mut progress)?,
+            _ => (
+                sensitivity(&Cpu, &vlm.text, &set.samples, &xs, &mut progress)?,
+                "cpu".to_string(),
+            ),
         };
         state.grads = Some(grads);
         state.sensitivity_seconds = t0.elapsed().as_secs_f64();
+        state.record_stage("sensitivity", &device, state.sensitivity_seconds);
         checkpoint::write_state(&ckpt, &state)?;
     }
     let ratios = state.grads.as_ref().map(|g| ratios(g)).transpose()?;
@@ -200,7 +206,10 @@ pub fn quantize_model(
         search: &mut search,
         xs,
     };
-    crate::backend::with_backend(search_backend, &BackendOptions::default(), |_| {}, job)?;
+    let device =
+        crate::backend::with_backend(search_backend, &BackendOptions::default(), |_| {}, job)?;
+    let search_seconds = state.layer_seconds.iter().sum();
+    state.record_stage("search", &device, search_seconds);
 
     // Stage 5: the report, then the output directory.
     let calib_report = report(settings, &state, &sample_ids, &set.skipped);
@@ -443,6 +452,7 @@ fn report(
         json!(state.sensitivity_seconds),
     );
     top.insert("layer_seconds".into(), json!(state.layer_seconds));
+    top.insert("stages".into(), json!(state.stages));
     top.insert("samples".into(), json!(sample_ids));
     top.insert(
         "skipped".into(),
@@ -599,8 +609,9 @@ struct SensitivityJob<'a, P: FnMut(CalibProgress<'_>)> {
 }
 
 impl<P: FnMut(CalibProgress<'_>)> BackendJob for SensitivityJob<'_, P> {
-    type Output = Vec<LayerGrad>;
-    fn run<B: Grad>(self, be: &B, device: &str) -> Result<Vec<LayerGrad>> {
+    /// The gradients, and the device they were computed on.
+    type Output = (Vec<LayerGrad>, String);
+    fn run<B: Grad>(self, be: &B, device: &str) -> Result<(Vec<LayerGrad>, String)> {
         (self.progress)(CalibProgress::Note(format!(
             "sensitivity on {}: {device}",
             be.name()
@@ -611,7 +622,8 @@ impl<P: FnMut(CalibProgress<'_>)> BackendJob for SensitivityJob<'_, P> {
             &self.weights.pp(&self.prefixes.lm_head),
             &self.cfg.text,
         )?;
-        sensitivity(be, &text, self.samples, self.xs, self.progress)
+        let grads = sensitivity(be, &text, self.samples, self.xs, self.progress)?;
+        Ok((grads, format!("{}: {device}", be.name())))
     }
 }
 
@@ -623,15 +635,17 @@ struct SearchJob<'s, 'a, P: FnMut(CalibProgress<'_>)> {
 }
 
 impl<P: FnMut(CalibProgress<'_>)> BackendJob for SearchJob<'_, '_, P> {
-    type Output = ();
-    fn run<B: SearchOps>(self, be: &B, device: &str) -> Result<()> {
+    /// The device the search ran on.
+    type Output = String;
+    fn run<B: SearchOps>(self, be: &B, device: &str) -> Result<String> {
         if be.name() != "cpu" {
             (self.search.progress)(CalibProgress::Note(format!(
                 "scale search on {}: {device}",
                 be.name()
             )));
         }
-        self.search.run(be, self.xs)
+        self.search.run(be, self.xs)?;
+        Ok(format!("{}: {device}", be.name()))
     }
 }
 

@@ -543,10 +543,10 @@ impl<'a, B: Search> LayerSearch<'a, B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
-    use crate::model::decoder::HostLinear;
-    use crate::quant::pseudo;
     use crate::calib::run::load_host_layers;
     use crate::config::VlmConfig;
+    use crate::model::decoder::HostLinear;
+    use crate::quant::pseudo;
     use crate::weights::{Prefixes, WeightFiles};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -707,7 +707,11 @@ mod tests {
         }
         // The backend's error sums come back as f32 (`Search::loss_terms`).
         let want = sum / n as f64;
-        assert!((r.losses[0] - want).abs() <= 1e-6 * want, "{} vs {want}", r.losses[0]);
+        assert!(
+            (r.losses[0] - want).abs() <= 1e-6 * want,
+            "{} vs {want}",
+            r.losses[0]
+        );
         assert_eq!(r.losses.len(), GRID);
     }
 

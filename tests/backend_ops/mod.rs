@@ -174,14 +174,14 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
     c.assert_ok();
 }
 
-pub fn fake_quant_matches_cpu<B: Device + mbq::backend::Search>(paths: &[(&str, &B)]) {
+pub fn fake_quant_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::fake_quant_matches_cpu(c, paths))
 }
 
-pub fn fake_quant_narrow_rows<B: Device + mbq::backend::Search>(paths: &[(&str, &B)]) {
+pub fn fake_quant_narrow_rows<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::fake_quant_narrow_rows(c, paths))
 }
 
-pub fn loss_terms_match_cpu<B: Device + mbq::backend::Search>(paths: &[(&str, &B)]) {
+pub fn loss_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::loss_terms_match_cpu(c, paths))
 }

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::wgpu::{Wgpu, WgpuWeight};
-use crate::backend::{AttnShape, Backend, Grad, Rope};
+use crate::backend::{AttnShape, Backend, Grad, Rope, Search};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
@@ -151,7 +151,7 @@ impl Tolerances {
 }
 
 /// A backend under test: what the generic checks need beyond [`Backend`].
-pub trait Device: Grad {
+pub trait Device: Grad + Search {
     /// The backend's row of the tolerance table.
     const TOL: Tolerances;
     /// Most rows a product still runs as a GEMV (decode) before the GEMM:
@@ -482,8 +482,11 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) -> Chec
         shape_errors_are_errors(&mut c, path, g);
     }
     backward_ops(&mut c, paths, split);
+    fake_quant_matches_cpu(&mut c, paths);
+    loss_terms_match_cpu(&mut c, paths);
     if let Some((path, g)) = split {
         split_weights(&mut c, path, g, g.integer_a8());
+        fake_quant_narrow_rows(&mut c, &[(path, g)]);
     }
     c
 }

@@ -52,7 +52,7 @@ fn search_weight(out: usize, inp: usize, seed: u64) -> Tensor {
 
 /// `fake_quant` of f16-valued and f32-valued weights, every bit width and
 /// group size, and W4A8's per-channel INT4, against the CPU.
-pub fn fake_quant_matches_cpu<B: Device + Search>(c: &mut Checks, paths: &[(&str, &B)]) {
+pub fn fake_quant_matches_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
     let mut cases: Vec<(usize, usize, FakeQuant)> = Vec::new();
     for bits in [3, 4, 8] {
         for group_size in [32, 64, 128] {
@@ -74,7 +74,7 @@ pub fn fake_quant_matches_cpu<B: Device + Search>(c: &mut Checks, paths: &[(&str
 
 /// [`fake_quant_matches_cpu`] on rows narrow enough for a configuration
 /// that splits weights across bindings of a few rows (wgpu's "split").
-pub fn fake_quant_narrow_rows<B: Device + Search>(c: &mut Checks, paths: &[(&str, &B)]) {
+pub fn fake_quant_narrow_rows<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
     let cases = [
         (
             37,
@@ -105,7 +105,7 @@ pub fn fake_quant_narrow_rows<B: Device + Search>(c: &mut Checks, paths: &[(&str
     fake_quant_cases(c, paths, &cases);
 }
 
-fn fake_quant_cases<B: Device + Search>(
+fn fake_quant_cases<B: Device>(
     c: &mut Checks,
     paths: &[(&str, &B)],
     cases: &[(usize, usize, FakeQuant)],
@@ -142,7 +142,7 @@ fn fake_quant_cases<B: Device + Search>(
 
 /// `loss_terms` on odd shapes, with caption and vision rows that overlap
 /// and rows in neither, against the CPU's f64 sums.
-pub fn loss_terms_match_cpu<B: Device + Search>(c: &mut Checks, paths: &[(&str, &B)]) {
+pub fn loss_terms_match_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
     let tol = B::TOL.loss_terms as f64;
     let mut r = rng(7);
     for (rows, cols) in [(37, 129), (1, 3584), (300, 65), (2, 1)] {
