@@ -29,7 +29,7 @@ use super::report_svg;
 use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::cpu::Cpu;
-use crate::backend::{BackendJob, BackendKind, BackendOptions, Grad, Search as SearchOps};
+use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad, Search as SearchOps};
 use crate::config::{TextConfig, VlmConfig};
 use crate::error::{Error, Result};
 use crate::image_processor::ImageProcessor;
@@ -132,15 +132,24 @@ pub fn quantize_model(
         vlm.text.layers.len(),
         &mut progress,
     )?;
+    // The image encoding and embedding run on the search's device.
     let t_embed = Instant::now();
-    let mut xs: Vec<Tensor> = Vec::with_capacity(set.samples.len());
-    for (k, s) in set.samples.iter().enumerate() {
-        xs.push(embed_sample(&Cpu, &vlm, &set.img_cfg, s)?);
-        progress(CalibProgress::Loading {
-            done: k + 1,
-            total: set.samples.len(),
-        });
-    }
+    let (xs, embed_device) = match search_backend {
+        BackendKind::Wgpu | BackendKind::Cuda => crate::backend::with_backend(
+            search_backend,
+            &BackendOptions::default(),
+            |_| {},
+            EmbedJob {
+                model: &o.model,
+                set: &set,
+                progress: &mut progress,
+            },
+        )?,
+        _ => (
+            embed_all(&Cpu, &vlm, &set, &mut progress)?,
+            "cpu".to_string(),
+        ),
+    };
     let masks: Vec<TokenMasks> = set
         .samples
         .iter()
@@ -150,7 +159,7 @@ pub fn quantize_model(
             mrope: s.mrope.clone(),
         })
         .collect();
-    state.record_stage("embed", "cpu", t_embed.elapsed().as_secs_f64());
+    state.record_stage("embed", &embed_device, t_embed.elapsed().as_secs_f64());
 
     // Stage 3: MBQ's modality sensitivity of every layer.
     if o.method.needs_sensitivity() && state.grads.is_none() {
@@ -242,6 +251,47 @@ pub fn quantize_model(
         calibration: Some(calib_report),
         skipped: set.skipped,
     })
+}
+
+/// Every sample's decoder input (image features in place of its image
+/// tokens), on the host.
+fn embed_all<B: Backend>(
+    be: &B,
+    vlm: &Vlm<B>,
+    set: &CalibSet,
+    progress: &mut impl FnMut(CalibProgress<'_>),
+) -> Result<Vec<Tensor>> {
+    let mut xs = Vec::with_capacity(set.samples.len());
+    for (k, s) in set.samples.iter().enumerate() {
+        xs.push(be.download(&embed_sample(be, vlm, &set.img_cfg, s)?)?);
+        progress(CalibProgress::Loading {
+            done: k + 1,
+            total: set.samples.len(),
+        });
+    }
+    Ok(xs)
+}
+
+/// [`embed_all`] as a job for [`crate::backend::with_backend`]: the VLM
+/// loaded on the device (the vision tower runs there).
+struct EmbedJob<'a, P: FnMut(CalibProgress<'_>)> {
+    model: &'a Path,
+    set: &'a CalibSet,
+    progress: &'a mut P,
+}
+
+impl<P: FnMut(CalibProgress<'_>)> BackendJob for EmbedJob<'_, P> {
+    /// The inputs, and the device that encoded them.
+    type Output = (Vec<Tensor>, String);
+    fn run<B: Backend>(self, be: &B, device: &str) -> Result<(Vec<Tensor>, String)> {
+        (self.progress)(CalibProgress::Note(format!(
+            "image encoding on {}: {device}",
+            be.name()
+        )));
+        let vlm = Vlm::<B>::load(be, self.model)?;
+        let xs = embed_all(be, &vlm, self.set, self.progress)?;
+        Ok((xs, format!("{}: {device}", be.name())))
+    }
 }
 
 /// The calibration samples and the image processor that embeds them.
