@@ -21,19 +21,29 @@ fn row_rel_err(got: &Tensor, want: &Tensor, cols: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// `w`'s values as the backend holds them after `fake_quant`: the product
-/// with the identity (each output one weight times 1.0, exact), `[in, out]`.
+/// `w`'s values as the backend holds them after `fake_quant`, `[out, in]`:
+/// the product with the identity (each output one weight times 1.0,
+/// exact), transposed.
 fn read_weight<B: Backend>(g: &B, w: &B::Weight) -> Result<Tensor> {
-    let (_, inp) = g.weight_shape(w);
+    let (out, inp) = g.weight_shape(w);
     let mut eye = Tensor::zeros(vec![inp, inp]);
     for i in 0..inp {
         eye.data[i * inp + i] = 1.0;
     }
-    down(g, g.linear(&up(g, &eye)?, w, None))
+    let t = down(g, g.linear(&up(g, &eye)?, w, None))?;
+    let mut wt = Tensor::zeros(vec![out, inp]);
+    for i in 0..inp {
+        for o in 0..out {
+            wt.data[o * inp + i] = t.data[i * out + o];
+        }
+    }
+    Ok(wt)
 }
 
-/// A weight with the rows that reach each branch of the quantizer: a
-/// constant row (range 0: the 1e-5 clamp), a row of values about 1e-6
+/// A weight with the rows that reach each branch of the quantizer: two
+/// constant rows (with `s` = 1, range 0: the 1e-5 clamp, and at 1000 a
+/// quotient `x / scale` beyond f16, rounded to infinity), a row of values
+/// about 1e-6
 /// (scales and quotients that are f16 subnormals), a row with an outlier,
 /// then random rows of varied scale.
 fn search_weight(out: usize, inp: usize, seed: u64) -> Tensor {
@@ -42,6 +52,7 @@ fn search_weight(out: usize, inp: usize, seed: u64) -> Tensor {
     for (i, row) in w.data.chunks_exact_mut(inp).enumerate() {
         match i {
             0 => row.iter_mut().for_each(|v| *v = 0.0123),
+            3 => row.iter_mut().for_each(|v| *v = 1000.0),
             1 => row.iter_mut().for_each(|v| *v *= 2e-5),
             2 => row[inp / 3] = 900.0,
             _ => row.iter_mut().for_each(|v| *v *= 1.0 + (i % 7) as f32),
@@ -117,10 +128,15 @@ fn fake_quant_cases<B: Device>(
         let s_data = (0..inp)
             .map(|_| 0.25 + 3.75 * rand::Rng::random::<f32>(&mut r))
             .collect();
-        let s = Tensor::new(vec![1, inp], s_data).expect("inp scales");
-        for (kind, w) in [("f16", to_f16(&w32)), ("f32", w32.clone())] {
+        let random_s = Tensor::new(vec![1, inp], s_data).expect("inp scales");
+        let ones = Tensor::new(vec![1, inp], vec![1.0; inp]).expect("inp scales");
+        for (kind, w, s) in [
+            ("f16", to_f16(&w32), &random_s),
+            ("f32", w32.clone(), &random_s),
+            ("f16, s = 1", to_f16(&w32), &ones),
+        ] {
             let want = Cpu
-                .fake_quant(&Cpu.weight(&w).expect("a [out, in] weight"), &s, q)
+                .fake_quant(&Cpu.weight(&w).expect("a [out, in] weight"), s, q)
                 .and_then(|wq| read_weight(&Cpu, &wq));
             for &(path, g) in paths {
                 c.measure(
@@ -131,8 +147,8 @@ fn fake_quant_cases<B: Device>(
                         let want = want
                             .as_ref()
                             .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
-                        let wq = g.fake_quant(&g.weight(&w)?, &up(g, &s)?, q)?;
-                        Ok(row_rel_err(&read_weight(g, &wq)?, want, out))
+                        let wq = g.fake_quant(&g.weight(&w)?, &up(g, s)?, q)?;
+                        Ok(row_rel_err(&read_weight(g, &wq)?, want, inp))
                     },
                 );
             }
