@@ -6,10 +6,11 @@
 
 use std::convert::Infallible;
 
-use crate::backend::{AttnShape, Backend, Grad, Rope};
+use crate::backend::{AttnShape, Backend, Distance, Grad, Rope, Search};
 use crate::config::Act;
 use crate::error::{Error, Result};
 use crate::quant::format::PackedLinear;
+use crate::quant::pseudo::FakeQuant;
 use crate::tensor::Tensor;
 
 /// Why there is no CUDA device in this build.
@@ -233,6 +234,26 @@ impl Grad for Cuda {
         _logits: &Infallible,
         _labels: &[u32],
     ) -> Result<(f64, Infallible)> {
+        match self.0 {}
+    }
+}
+
+impl Search for Cuda {
+    fn fake_quant_unchecked(
+        &self,
+        _w: &CudaWeight,
+        _s: &Infallible,
+        _q: FakeQuant,
+    ) -> Result<CudaWeight> {
+        match self.0 {}
+    }
+    fn loss_terms_unchecked(
+        &self,
+        _want: &Infallible,
+        _got: &Infallible,
+        _masks: &Infallible,
+        _dist: Distance,
+    ) -> Result<Infallible> {
         match self.0 {}
     }
 }
