@@ -144,6 +144,20 @@ fn w4a8_matches_cpu() {
 }
 
 #[test]
+fn fake_quant_matches_cpu() {
+    if let Some(p) = one("fake_quant_matches_cpu") {
+        backend_ops::fake_quant_matches_cpu(&p);
+    }
+}
+
+#[test]
+fn loss_terms_match_cpu() {
+    if let Some(p) = one("loss_terms_match_cpu") {
+        backend_ops::loss_terms_match_cpu(&p);
+    }
+}
+
+#[test]
 fn timing_with_events() {
     let Some(g) = cuda("timing_with_events") else {
         return;

@@ -101,6 +101,18 @@ pub const SOURCES: &[KernelSource] = &[
         src: include_str!("../../kernels/rope.cu"),
         entries: &["rope_f32"],
     },
+    KernelSource {
+        file: "search.cu",
+        src: include_str!("../../kernels/search.cu"),
+        entries: &[
+            "fake_quant_group_f32",
+            "fake_quant_group_f16",
+            "fake_quant_w4_f32",
+            "fake_quant_w4_f16",
+            "loss_rows_f32",
+            "loss_terms_f32",
+        ],
+    },
 ];
 
 /// The name of the packed GEMV kernel for `bits` and `group_size` (see

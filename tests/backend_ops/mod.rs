@@ -10,6 +10,7 @@
 //! cuBLAS and gemm.cu prefill GEMMs).
 #![allow(dead_code)]
 
+use mbq::backend::Search;
 use mbq::quant::format::PackedLinear;
 use mbq::tensor::Tensor;
 use mbq::verify::ops::{self, Checks};
@@ -160,6 +161,16 @@ pub fn w4a8_matches_cpu<B: Device>(paths: &[(&str, &B, bool)]) {
 /// dense input gradient over split weights on `split`.
 pub fn backward_ops<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
     checked(|c| ops::backward_ops(c, paths, split))
+}
+
+/// The scale search's `fake_quant` (bit-exact codes) against the CPU.
+pub fn fake_quant_matches_cpu<B: Device + Search>(paths: &[(&str, &B)]) {
+    checked(|c| ops::fake_quant_matches_cpu(c, paths))
+}
+
+/// The scale search's `loss_terms` (masked error sums) against the CPU.
+pub fn loss_terms_match_cpu<B: Device + Search>(paths: &[(&str, &B)]) {
+    checked(|c| ops::loss_terms_match_cpu(c, paths))
 }
 
 /// The whole suite as `mbq verify --ops` runs it: every family appears.

@@ -4,6 +4,7 @@
 // below is transcribed from src/quant/format.rs), bias and tail handling and
 // the warp / block reductions, not performance or device alignment rules.
 // Prints one line per case and "N failed"; exits non-zero on a failure.
+// search.cu's cases are in search_cases.h.
 // Build and run: tests/cuda_host_emu/run.sh (called by scripts/test.sh).
 #include "prelude.h"
 #include <array>
@@ -76,6 +77,7 @@ static void check(const char *name, const std::vector<float> &y, const std::vect
 }
 static void new_kernels();
 static void backward_kernels();
+#include "search_cases.h"
 typedef void (*PK)(const float *, const uint32_t *, const uint32_t *, const float *, float *, int, int, int);
 // Each GEMV case at these token counts (x [m, in], y [m, out], one launch).
 static const int GEMV_MS[] = {1, 2, 3, 5, 8};
@@ -199,6 +201,7 @@ int main() {
     }
     new_kernels();
     backward_kernels();
+    search_kernels();
     printf("%d passed, %d failed\n", passes, fails);
     return fails != 0;
 }

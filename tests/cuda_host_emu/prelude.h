@@ -50,7 +50,27 @@ static float mbq_host_f16(unsigned short h) {
     else v = std::ldexp((float)(m | 1024), (int)e - 25);
     return s ? -v : v;
 }
+// f32 -> f16 bits, round to nearest even (PTX cvt.rn.f16.f32): overflow to
+// inf, f16 subnormals kept, NaN stays NaN.
+static unsigned short mbq_host_f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520: rounds past 65504
+    uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u;
+    if (e < 113) {  // below 2^-14: a multiple of 2^-24 (a subnormal or 0)
+        if (e < 102) return sign;  // below 2^-25: rounds to 0
+        uint32_t shift = 126 - e, q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return sign | q;
+    }
+    uint32_t h = ((e - 112) << 10) | ((ax & 0x7fffffu) >> 13), rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;  // a carry moves into the exponent
+    return sign | h;
+}
 // f32 arithmetic without contraction (the CUDA intrinsics of the same names).
+static inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }

@@ -22,6 +22,9 @@
 //!   (full f32, no TF32) when libcublas loads, else `gemm.cu`. Dense f32
 //!   weights always take the SGEMM. Every path computes in f32 from the
 //!   exact weight values, so it matches the CPU to f32 rounding.
+//! - The scale search's ops (`search.rs`, [`crate::backend::Search`]):
+//!   `fake_quant` and `loss_terms` in `search.cu`, bit-exact fake-quantized
+//!   weights and masked error sums without a host round trip.
 //! - KV cache ([`CudaCache`]): per layer, K and V buffers of
 //!   `capacity x kv_dim` f32 (the CPU cache's layout), written in place by
 //!   device copies; attention reads positions `0..pos0 + n` of them.
@@ -29,6 +32,7 @@
 mod backward;
 mod linear;
 mod ops;
+mod search;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,131 @@
+//! [`Search`] for CUDA: a grid point of the scale search stays on the
+//! device (`kernels/search.cu`).
+//!
+//! - `fake_quant`: the layer's dense weight (f32 or f16 on the device) with
+//!   its input channels scaled by `s`, fake-quantized with the reference's
+//!   f16 roundings (the same codes, bit-exact), into a new f32 weight. Weight
+//!   groups: one warp per (row, group); W4A8's per-channel INT4: one block
+//!   per row. A packed weight is an invalid-input error (the search runs on
+//!   the unquantized model).
+//! - `loss_terms`: one block per row sums `dist(want - got)` over the
+//!   columns into a row buffer, then one block sums the rows under the
+//!   caption and vision masks and over all rows: `[1, 3]`, no float atomics,
+//!   no host round trip.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{grid_stride, int, per_row, Ctx, Cuda, CudaTensor, CudaWeight};
+use crate::backend::{Distance, Search};
+use crate::error::{Error, Result};
+use crate::quant::pseudo::FakeQuant;
+
+/// search.cu: SEARCH_THREADS, the block of every kernel there (a multiple
+/// of 32: fake_quant_group runs one warp per group).
+const SEARCH_THREADS: u32 = 256;
+/// Threads of a warp: fake_quant_group's threads per weight group.
+const WARP: usize = 32;
+
+/// The buffer of a dense weight: what fake_quant reads.
+enum Dense<'a> {
+    F32(&'a CudaSlice<f32>),
+    /// f16 bits.
+    F16(&'a CudaSlice<u16>),
+}
+
+/// fake_quant of a packed weight: the search needs the unquantized values.
+fn packed_input() -> Error {
+    Error::invalid(
+        "cuda fake_quant: needs a dense weight (f32 or f16), found a packed one; the scale \
+         search runs on the unquantized model",
+    )
+}
+
+impl Search for Cuda {
+    fn fake_quant_unchecked(
+        &self,
+        w: &CudaWeight,
+        s: &CudaTensor,
+        q: FakeQuant,
+    ) -> Result<CudaWeight> {
+        let (out, inp) = w.shape();
+        let src = match w {
+            CudaWeight::F32 { w, .. } => Dense::F32(w),
+            CudaWeight::F16 { w, .. } => Dense::F16(w),
+            CudaWeight::Packed { .. } => return Err(packed_input()),
+        };
+        let mut y = self.zeros(out * inp)?;
+        if out == 0 || inp == 0 {
+            return Ok(CudaWeight::F32 { w: y, out, inp });
+        }
+        let (o_i, i_i) = (int(out, "fake_quant out")?, int(inp, "fake_quant in")?);
+        let kind = match src {
+            Dense::F32(_) => "f32",
+            Dense::F16(_) => "f16",
+        };
+        let (entry, cfg, group) = match q {
+            FakeQuant::Group { bits, group_size } => (
+                format!("fake_quant_group_{kind}"),
+                // One warp per group of group_size inputs (a multiple of 32
+                // dividing inp, checked by the trait).
+                grid_stride(out * (inp / group_size) * WARP, SEARCH_THREADS),
+                Some((bits as i32, int(group_size, "fake_quant group size")?)),
+            ),
+            FakeQuant::W4PerChannel => (
+                format!("fake_quant_w4_{kind}"),
+                per_row(out, SEARCH_THREADS),
+                None,
+            ),
+        };
+        let f = self.function(&entry)?;
+        let mut l = self.stream().launch_builder(&f);
+        match src {
+            Dense::F32(w) => l.arg(w),
+            Dense::F16(w) => l.arg(w),
+        };
+        l.arg(&s.data).arg(&mut y).arg(&o_i).arg(&i_i);
+        if let Some((bits, group)) = &group {
+            l.arg(bits).arg(group);
+        }
+        // SAFETY: search.cu fake_quant_{group,w4}_{f32,f16}: w [out, in]
+        // (f32 or f16 bits), s at least in values (the trait checked it),
+        // y [out, in] f32, a fresh buffer.
+        unsafe { l.launch(cfg) }.ctx(&entry)?;
+        Ok(CudaWeight::F32 { w: y, out, inp })
+    }
+
+    fn loss_terms_unchecked(
+        &self,
+        want: &CudaTensor,
+        got: &CudaTensor,
+        masks: &CudaTensor,
+        dist: Distance,
+    ) -> Result<CudaTensor> {
+        let (rows, cols) = (want.rows, want.cols);
+        let mut terms = self.tensor(1, 3)?;
+        if rows == 0 {
+            return Ok(terms);
+        }
+        let (r_i, c_i) = (int(rows, "loss_terms rows")?, int(cols, "loss_terms cols")?);
+        let code = dist.code() as i32;
+        let mut err = self.zeros(rows)?;
+        let f = self.function("loss_rows_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&want.data)
+            .arg(&got.data)
+            .arg(&mut err)
+            .arg(&r_i)
+            .arg(&c_i)
+            .arg(&code);
+        // SAFETY: search.cu loss_rows_f32: want, got [rows, cols] (the trait
+        // checked equal shapes), err [rows]; one block per row.
+        unsafe { l.launch(per_row(rows, SEARCH_THREADS)) }.ctx("loss_rows_f32")?;
+        let f = self.function("loss_terms_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&err).arg(&masks.data).arg(&mut terms.data).arg(&r_i);
+        // SAFETY: search.cu loss_terms_f32: err [rows] written by the launch
+        // above on the same stream, masks [rows, 2] (checked by the trait),
+        // terms 3 values; one block.
+        unsafe { l.launch(per_row(1, SEARCH_THREADS)) }.ctx("loss_terms_f32")?;
+        Ok(terms)
+    }
+}
