@@ -10,7 +10,6 @@
 //! cuBLAS and gemm.cu prefill GEMMs).
 #![allow(dead_code)]
 
-use mbq::backend::Search;
 use mbq::quant::format::PackedLinear;
 use mbq::tensor::Tensor;
 use mbq::verify::ops::{self, Checks};
@@ -163,16 +162,6 @@ pub fn backward_ops<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) 
     checked(|c| ops::backward_ops(c, paths, split))
 }
 
-/// The scale search's `fake_quant` (bit-exact codes) against the CPU.
-pub fn fake_quant_matches_cpu<B: Device + Search>(paths: &[(&str, &B)]) {
-    checked(|c| ops::fake_quant_matches_cpu(c, paths))
-}
-
-/// The scale search's `loss_terms` (masked error sums) against the CPU.
-pub fn loss_terms_match_cpu<B: Device + Search>(paths: &[(&str, &B)]) {
-    checked(|c| ops::loss_terms_match_cpu(c, paths))
-}
-
 /// The whole suite as `mbq verify --ops` runs it: every family appears.
 pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
     let c = ops::suite(paths, split);
@@ -185,14 +174,17 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) {
     c.assert_ok();
 }
 
+/// The scale search's `fake_quant` (bit-exact codes) against the CPU.
 pub fn fake_quant_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::fake_quant_matches_cpu(c, paths))
 }
 
+/// `fake_quant` on rows narrow enough for weights split across bindings.
 pub fn fake_quant_narrow_rows<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::fake_quant_narrow_rows(c, paths))
 }
 
+/// The scale search's `loss_terms` (masked error sums) against the CPU.
 pub fn loss_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::loss_terms_match_cpu(c, paths))
 }
