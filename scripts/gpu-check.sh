@@ -14,12 +14,15 @@
 # llava-ov-7b` (FP16 vs W3 vs W4) on CUDA and wgpu side by side, each with a
 # device-to-device copy as the bandwidth ceiling, `mbq bench serve` (the
 # bundled model at 1, 4, 8 concurrent requests, batched vs one at a time)
-# on both, writes every log to
+# on both, then MBQ W3 calibration of a real-size random-weight
+# LLaVA-OneVision-7B on CUDA and on wgpu (time per stage, GPU memory
+# peak), writes every log to
 # OUT_DIR (default gpu-check-out/) and prints one short table last.
 # Builds nothing. Exit status: non-zero when a test suite failed.
 #
 # Environment: DECODE_LAYERS (default 28, the whole model; fewer to save
-# time), SKIP_BENCH=1 (tests only), VK_DRIVER_FILES if the NVIDIA Vulkan ICD is not found, and a
+# time), SKIP_BENCH=1 (tests only), CALIB=0 (no calibration), CALIB_SAMPLES
+# (default 4), CALIB_TIMEOUT (seconds per backend, default 900), VK_DRIVER_FILES if the NVIDIA Vulkan ICD is not found, and a
 # Vulkan loader: if `.gl/*.deb` exist (libvulkan1 ...), they are unpacked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +132,48 @@ dist/mbq bench serve --backend "$BACKENDS" --reps 3 --tokens 64 \
   { FAILED=1; echo "bench serve failed: $(tail -3 "$OUT_DIR/bench_serve.err")" >>"$OUT_DIR/bench_serve.txt"; }
 fi
 
+# The real-size calibration (issue 13): MBQ W3 of a random-weight
+# LLaVA-OneVision-7B (`mbq synth`, 16 GB, written once to SYNTH_DIR) on
+# CALIB_SAMPLES shapes images, on CUDA and then on wgpu (the same GPU):
+# each stage's device and seconds (the report's `stages`), the search's
+# seconds per layer, and the GPU memory peak (nvidia-smi every 250 ms).
+# CALIB=0 skips it; CALIB_LIKE picks another `mbq synth --like` model.
+: >"$OUT_DIR/calib.txt"
+if [ "${CALIB:-1}" != 0 ] && [ -z "${SKIP_BENCH:-}" ]; then
+  SYNTH_DIR="${SYNTH_DIR:-/tmp/mbq-synth-${CALIB_LIKE:-llava-ov-7b}}"
+  if [ ! -d "$SYNTH_DIR" ]; then
+    dist/mbq synth --like "${CALIB_LIKE:-llava-ov-7b}" --out "$SYNTH_DIR" >"$OUT_DIR/synth.log" 2>&1 ||
+      { FAILED=1; echo "synth failed: $(tail -3 "$OUT_DIR/synth.log")" >>"$OUT_DIR/calib.txt"; }
+  fi
+  rm -rf "$OUT_DIR/calib-shapes"
+  dist/mbq shapes --seed 2000 --count "${CALIB_SAMPLES:-4}" --out "$OUT_DIR/calib-shapes" >/dev/null 2>&1
+  for b in cuda wgpu; do
+    [ -d "$SYNTH_DIR" ] || break
+    rm -rf "$OUT_DIR/calib-$b" "$OUT_DIR/.calib-$b.calib-checkpoint"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 \
+      >"$OUT_DIR/calib_$b.mem" 2>/dev/null &
+    mp=$!
+    t=$(date +%s)
+    timeout "${CALIB_TIMEOUT:-900}" dist/mbq quantize --method mbq --w-bit 3 --backend "$b" \
+      --model "$SYNTH_DIR" --out "$OUT_DIR/calib-$b" --calib "$OUT_DIR/calib-shapes/questions.jsonl" \
+      --n-samples "${CALIB_SAMPLES:-4}" >"$OUT_DIR/calib_$b.log" 2>&1
+    rc=$?
+    kill "$mp" 2>/dev/null
+    peak=$(sort -n "$OUT_DIR/calib_$b.mem" 2>/dev/null | tail -1)
+    if [ $rc -ne 0 ]; then FAILED=1; fi
+    {
+      echo "== mbq quantize --method mbq --w-bit 3 --backend $b ($(($(date +%s) - t)) s, exit $rc, GPU memory peak ${peak:-?} MiB)"
+      report="$OUT_DIR/calib-$b/calibration_report.json"
+      if [ -f "$report" ]; then
+        sed -n '/"stages"/,/^  \]/p' "$report" | grep -E '"(stage|device|seconds)"' | paste - - - | tr -s ' '
+        sed -n '/"layer_seconds"/,/^  \]/p' "$report" | tr -d ' \n' | sed 's/$/\n/'
+      else
+        tail -5 "$OUT_DIR/calib_$b.log"
+      fi
+    } >>"$OUT_DIR/calib.txt"
+  done
+fi
+
 echo
 echo "=== mbq GPU check: $(head -3 "$OUT_DIR/machine.txt" | tr '\n' ' ')($(($(date +%s) - T0)) s) ==="
 printf '%s\n' "${SUMMARY[@]}"
@@ -137,4 +182,5 @@ echo
 sed -n '/^device-to-device copy/,$p' "$OUT_DIR/bench_gemv.txt"
 sed -n '/^Decode: /,$p' "$OUT_DIR/bench_decode.txt"
 sed -n '/^serve on /,$p' "$OUT_DIR/bench_serve.txt"
+cat "$OUT_DIR/calib.txt"
 exit $FAILED
