@@ -5,10 +5,11 @@
 //! indicatif draws nothing, so plain lines are written instead: one when a
 //! stage starts, one when it ends, and in between at most one every
 //! [`PLAIN_INTERVAL`], each with the time since the start, the stage,
-//! done/total, the rate and the ETA:
+//! done/total, the rate (and in tokens/s where a unit covers a known
+//! number of tokens) and the ETA:
 //!
 //! ```text
-//! [    3.1 s] layer 2/4: 12/20 grid points (60%), 5.3/s, eta 1.5 s
+//! [    3.1 s] layer 2/4: 12/20 grid points (60%), 5.3/s (48.2k tok/s), eta 1.5 s
 //! ```
 
 use std::io::IsTerminal;
@@ -56,6 +57,8 @@ struct Stage {
     last_line: Instant,
     /// `done` when the last plain line was written.
     last_done: Option<usize>,
+    /// Tokens a unit covers (0: not a token stage).
+    tokens_per_unit: usize,
 }
 
 impl Default for Progress {
@@ -94,6 +97,7 @@ impl Progress {
             start: now,
             last_line: now,
             last_done: None,
+            tokens_per_unit: 0,
         });
         match self.mode {
             Mode::Bar => {
@@ -111,6 +115,14 @@ impl Progress {
         }
     }
 
+    /// Each unit of the current stage covers `tokens` tokens: its rate is
+    /// also shown in tokens/s.
+    pub fn tokens_per_unit(&mut self, tokens: usize) {
+        if let Some(s) = self.stage.as_mut() {
+            s.tokens_per_unit = tokens;
+        }
+    }
+
     /// `done` of the current stage's total are done.
     pub fn set(&mut self, done: usize) {
         let Some(s) = self.stage.as_mut() else {
@@ -118,7 +130,15 @@ impl Progress {
         };
         s.done = done;
         match self.mode {
-            Mode::Bar => self.bar.set_position(done as u64),
+            Mode::Bar => {
+                self.bar.set_position(done as u64);
+                let secs = s.start.elapsed().as_secs_f64();
+                if s.tokens_per_unit > 0 && done > 0 && secs > 0.0 {
+                    let tps = (done * s.tokens_per_unit) as f64 / secs;
+                    self.bar
+                        .set_message(format!("{} ({} tok/s)", s.name, tokens_text(tps)));
+                }
+            }
             Mode::Plain => {
                 let due = s.last_line.elapsed() >= PLAIN_INTERVAL;
                 if (due || done >= s.total) && s.last_done != Some(done) {
@@ -190,14 +210,30 @@ fn plain_text(s: &Stage) -> String {
         String::new()
     };
     let mut t = format!("{}: {}/{} {}{pct}", s.name, s.done, s.total, s.unit);
+    let rate = s.done as f64 / secs.max(1e-9);
+    let tokens = if s.tokens_per_unit > 0 {
+        format!(" ({} tok/s)", tokens_text(rate * s.tokens_per_unit as f64))
+    } else {
+        String::new()
+    };
     if s.done >= s.total && s.done > 0 {
-        t += &format!(", done in {}", duration(secs));
+        t += &format!(", done in {}{tokens}", duration(secs));
     } else if s.done > 0 && secs > 0.0 {
-        let rate = s.done as f64 / secs;
         let eta = (s.total - s.done) as f64 / rate;
-        t += &format!(", {}/s, eta {}", rate_text(rate), duration(eta));
+        t += &format!(", {}/s{tokens}, eta {}", rate_text(rate), duration(eta));
     }
     t
+}
+
+/// "950", "48.2k", "1.25M".
+fn tokens_text(t: f64) -> String {
+    if t >= 1e6 {
+        format!("{:.2}M", t / 1e6)
+    } else if t >= 1e3 {
+        format!("{:.1}k", t / 1e3)
+    } else {
+        format!("{t:.0}")
+    }
 }
 
 fn rate_text(r: f64) -> String {
@@ -244,6 +280,7 @@ mod tests {
             start: Instant::now() - Duration::from_secs(2),
             last_line: Instant::now(),
             last_done: None,
+            tokens_per_unit: 0,
         };
         assert_eq!(plain_text(&s), "layer 1/4: 0/20 grid points (0%)");
         s.done = 10;
@@ -253,7 +290,21 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("/s, eta 2.0 s"), "{t}");
+        // 10 grid points of 9,600 tokens in about 2 s: about 48k tokens/s.
+        s.tokens_per_unit = 9600;
+        let t = plain_text(&s);
+        assert!(
+            t.contains("/s (4") && t.contains("k tok/s), eta 2.0 s"),
+            "{t}"
+        );
         s.done = 20;
         assert!(plain_text(&s).contains("done in 2.0 s"));
+    }
+
+    #[test]
+    fn token_rates_read_well() {
+        assert_eq!(tokens_text(950.4), "950");
+        assert_eq!(tokens_text(48_213.0), "48.2k");
+        assert_eq!(tokens_text(1_254_000.0), "1.25M");
     }
 }

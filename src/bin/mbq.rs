@@ -973,12 +973,17 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             bar.stage("encoding calibration images", total, "samples");
             bar.set(done);
         }
-        CalibProgress::Sensitivity { done, total } => {
+        CalibProgress::Sensitivity {
+            done,
+            total,
+            tokens,
+        } => {
             bar.stage(
                 "sensitivity (forward and backward through the LM)",
                 total,
                 "layer passes",
             );
+            bar.tokens_per_unit(tokens);
             bar.set(done);
         }
         CalibProgress::Layer {
@@ -986,12 +991,14 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             layers,
             done,
             total,
+            tokens,
         } => {
             bar.stage(
                 &format!("layer {}/{layers} scale search", layer + 1),
                 total,
                 "grid points",
             );
+            bar.tokens_per_unit(tokens);
             bar.set(done);
         }
         CalibProgress::Write(Progress::Start { linears }) => {

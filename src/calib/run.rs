@@ -52,14 +52,21 @@ pub enum CalibProgress<'a> {
     /// Image encoding / embedding of the calibration samples.
     Loading { done: usize, total: usize },
     /// MBQ's gradient pass, in layer passes (each sample's forward through
-    /// every layer, then its backward).
-    Sensitivity { done: usize, total: usize },
-    /// Search of one layer: `done` of `total` loss evaluations.
+    /// every layer, then its backward); `tokens`: a pass's tokens on
+    /// average (for a rate in tokens/s).
+    Sensitivity {
+        done: usize,
+        total: usize,
+        tokens: usize,
+    },
+    /// Search of one layer: `done` of `total` loss evaluations, each over
+    /// `tokens` calibration tokens.
     Layer {
         layer: usize,
         layers: usize,
         done: usize,
         total: usize,
+        tokens: usize,
     },
     /// Packing and writing the output.
     Write(writer::Progress<'a>),
@@ -411,11 +418,16 @@ fn sensitivity<B: Grad>(
     // Progress in layer passes: each sample's forward, then its backward.
     let per_sample = 2 * text.layers.len();
     let total = samples.len() * per_sample;
+    let tokens = samples.iter().map(|s| s.ids.len()).sum::<usize>() / samples.len().max(1);
     for (k, (s, x)) in samples.iter().zip(xs).enumerate() {
         let mut done = k * per_sample;
         let mut tick = || {
             done += 1;
-            progress(CalibProgress::Sensitivity { done, total });
+            progress(CalibProgress::Sensitivity {
+                done,
+                total,
+                tokens,
+            });
         };
         let r = sample_sensitivity(
             be,
@@ -441,6 +453,7 @@ fn sensitivity<B: Grad>(
         progress(CalibProgress::Sensitivity {
             done: (k + 1) * per_sample,
             total,
+            tokens,
         });
     }
     let vis = |x: f64| if n_vis == 0 { 0.0 } else { x / n_vis as f64 };
@@ -599,12 +612,14 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
         let total = groups.len() * per_group;
         let progress = &mut *self.progress;
         let mut done = 0;
+        let tokens = self.masks.iter().map(|m| m.caption.len()).sum();
         let mut tick = |done: usize| {
             progress(CalibProgress::Layer {
                 layer: i,
                 layers,
                 done,
                 total,
+                tokens,
             })
         };
         tick(done);
