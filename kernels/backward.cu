@@ -46,6 +46,14 @@
 //       over the dims: dk[j, g d + c] = scale sum_{h in group g, r >= j}
 //       S[h, r, j] q_r[h d + c], dv likewise with P and dout.
 //     Launch (both): blockDim.x a multiple of 32, <= 1024 (BW_THREADS).
+//   cross_entropy_f32(const float *logits, const unsigned *labels, float *grad,
+//                     float *loss, int rows, int vocab)
+//       logits, grad [rows, vocab], labels, loss [rows] (each label < vocab,
+//       checked on the host). Per row r, label t, max and sum in f32:
+//       m = max_j l_j, s = sum_j exp(l_j - m), loss[r] = log(s) + m - l_t,
+//       grad[r, j] = (exp(l_j - m) / s - [j == t]) / rows. The host sums
+//       the per-row losses in f64 for the mean.
+//     Launch: one block per row (gridDim.x = rows), blockDim.x = BW_THREADS.
 
 #define BW_THREADS 256
 
@@ -317,5 +325,37 @@ extern "C" __global__ void __launch_bounds__(BW_THREADS)
         }
         dk[j * kvs + (long long)g * d + c] = scale * ak;
         dv[j * kvs + (long long)g * d + c] = av;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BW_THREADS)
+    cross_entropy_f32(const float *logits, const unsigned *labels, float *grad, float *loss,
+                      int rows, int vocab) {
+    const int r = blockIdx.x;
+    if (r >= rows) {
+        return;
+    }
+    const float *l = logits + (size_t)r * vocab;
+    float *g = grad + (size_t)r * vocab;
+    // The most negative finite f32: the identity of max for finite logits.
+    float m = -3.4028235e38f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        m = fmaxf(m, l[j]);
+    }
+    m = bw_block_max(m);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        s += expf(l[j] - m);
+    }
+    s = bw_block_sum2(make_float2(s, 0.0f)).x;
+    const float inv = 1.0f / s;
+    const float per = 1.0f / (float)rows;
+    const int t = (int)labels[r];
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float q = expf(l[j] - m) * inv;
+        g[j] = (j == t ? q - 1.0f : q) * per;
+    }
+    if (threadIdx.x == 0) {
+        loss[r] = logf(s) + m - l[t];
     }
 }

@@ -49,6 +49,7 @@ pub const SOURCES: &[KernelSource] = &[
             "linear_backward_f16",
             "attention_backward_rows_f32",
             "attention_backward_cols_f32",
+            "cross_entropy_f32",
         ],
     },
     KernelSource {

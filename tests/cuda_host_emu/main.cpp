@@ -585,4 +585,35 @@ static void backward_kernels() {
         snprintf(name, 96, "attn_backward dv n%d %d/%d d%d", n, heads, kvh, d);
         check(name, dv, wv, sv);
     }
+    // cross_entropy: one block per row; the f64 mean of the per-row losses
+    // relative to the f64 reference's, the gradient absolute (its values
+    // are within [-1, 1] / rows), both against f64 log-sum-exp; vocab
+    // below, at and above the block of 256 threads.
+    for (auto sh : std::vector<std::pair<int, int>>{{6, 301}, {3, 1000}, {1, 7}, {4, 256}}) {
+        int rows = sh.first, vocab = sh.second;
+        auto x = rvec(rows * vocab, 8.0f);
+        std::vector<unsigned> lab(rows);
+        for (int r = 0; r < rows; r++) lab[r] = (unsigned)((r * 97 + 5) % vocab);
+        std::vector<float> g(rows * vocab, -7.0f), loss(rows, -7.0f);
+        launch(rows, 256, [&] { bw::cross_entropy_f32(x.data(), lab.data(), g.data(), loss.data(), rows, vocab); });
+        std::vector<double> want(rows * vocab), sc(rows * vocab, 0.0);
+        double wl = 0, got = 0;
+        for (int r = 0; r < rows; r++) {
+            const float *l = &x[r * vocab];
+            double m = -INFINITY, s = 0;
+            for (int j = 0; j < vocab; j++) m = std::max(m, (double)l[j]);
+            for (int j = 0; j < vocab; j++) s += std::exp(l[j] - m);
+            double lse = m + std::log(s);
+            wl += lse - l[lab[r]];
+            got += loss[r];
+            for (int j = 0; j < vocab; j++)
+                want[r * vocab + j] = (std::exp(l[j] - lse) - (j == (int)lab[r] ? 1.0 : 0.0)) / rows;
+        }
+        wl /= rows;
+        got /= rows;
+        snprintf(name, 96, "cross_entropy grad %dx%d", rows, vocab);
+        check_tol(name, g, want, sc, 1e-6);
+        snprintf(name, 96, "cross_entropy loss %dx%d", rows, vocab);
+        check_tol(name, {(float)(got / wl - 1.0)}, {0.0}, {0.0}, 1e-6);
+    }
 }

@@ -10,9 +10,8 @@
 //! `[heads, n, n]` scratch (no float atomics), or the host fallback when
 //! that scratch would be over [`ATTN_BW_MAX_SCRATCH`] values.
 //!
-//! Host fallback (download, the CPU reference of `backend/backward.rs`,
-//! upload), documented as such: `cross_entropy` (O(rows x vocab) once per
-//! sample).
+//! `cross_entropy` runs `cross_entropy_f32` of backward.cu (one block per
+//! row, f32 reductions); only the per-row losses are downloaded.
 
 use cudarc::driver::PushKernelArg;
 
@@ -212,15 +211,35 @@ impl Grad for Cuda {
         Ok((dq, dk, dv))
     }
 
-    /// Host fallback: downloads the logits, runs the CPU reference (f64
-    /// log-sum-exp) and uploads the gradient; O(rows x vocab), once per
-    /// sample.
+    /// On the device (backward.cu `cross_entropy_f32`, one block per row,
+    /// f32 max and exp-sum): the gradient stays on the device and only the
+    /// `rows` per-row losses come back, summed in f64 for the mean.
     fn cross_entropy_unchecked(
         &self,
         logits: &CudaTensor,
         labels: &[u32],
     ) -> Result<(f64, CudaTensor)> {
-        let (loss, grad) = Cpu.cross_entropy(&self.download(logits)?, labels)?;
-        Ok((loss, self.upload(&grad)?))
+        let (rows, vocab) = (logits.rows, logits.cols);
+        let mut grad = self.tensor(rows, vocab)?;
+        let mut losses = self.tensor(rows, 1)?;
+        let dlabels = self
+            .stream()
+            .clone_htod(labels)
+            .ctx("upload cross_entropy labels")?;
+        let (r_i, v_i) = (int(rows, "rows")?, int(vocab, "vocab")?);
+        let f = self.function("cross_entropy_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&logits.data)
+            .arg(&dlabels)
+            .arg(&mut grad.data)
+            .arg(&mut losses.data)
+            .arg(&r_i)
+            .arg(&v_i);
+        // SAFETY: backward.cu cross_entropy_f32, one block per row: logits
+        // and grad hold rows x vocab values, labels and losses rows, every
+        // label < vocab (checked by `Grad::cross_entropy`).
+        unsafe { l.launch(per_row(rows, BW_THREADS)) }.ctx("cross_entropy_f32")?;
+        let sum: f64 = self.download(&losses)?.data.iter().map(|&v| v as f64).sum();
+        Ok((sum / rows as f64, grad))
     }
 }

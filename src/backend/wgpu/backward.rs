@@ -10,9 +10,8 @@
 //! so that dk / dv need no float atomics), or, when that scratch would not
 //! fit one storage binding, the host fallback below.
 //!
-//! Host fallback (download, the CPU reference of `backend/backward.rs`,
-//! upload), documented as such: `cross_entropy` (O(rows x vocab) once per
-//! sample).
+//! `cross_entropy` runs `shaders/cross_entropy.wgsl` (one workgroup per
+//! row, f32 reductions); only the per-row losses are downloaded.
 
 use super::linear::WgpuWeight;
 use super::{u32_of, Wgpu, WgpuTensor, WG};
@@ -201,15 +200,37 @@ impl Grad for Wgpu {
         Ok((dq, dk, dv))
     }
 
-    /// Host fallback: downloads the logits, runs the CPU reference (f64
-    /// log-sum-exp) and uploads the gradient; O(rows x vocab), once per
-    /// sample.
+    /// On the device (`shaders/cross_entropy.wgsl`, one workgroup per row,
+    /// f32 max and exp-sum): the gradient stays on the device and only the
+    /// `rows` per-row losses come back, summed in f64 for the mean.
     fn cross_entropy_unchecked(
         &self,
         logits: &WgpuTensor,
         labels: &[u32],
     ) -> Result<(f64, WgpuTensor)> {
-        let (loss, grad) = Cpu.cross_entropy(&self.download(logits)?, labels)?;
-        Ok((loss, self.upload(&grad)?))
+        let (rows, vocab) = (logits.rows, logits.cols);
+        let grad = self.tensor(rows, vocab, "cross_entropy gradient")?;
+        let losses = self.tensor(rows, 1, "cross_entropy losses")?;
+        let label_buf = self
+            .rec
+            .upload(bytemuck::cast_slice(labels), "cross_entropy labels")?;
+        let key = self.key("cross_entropy.wgsl", "cross_entropy", WG);
+        self.rec.dispatch(
+            &key,
+            &[
+                (0, logits.buf()),
+                (1, &label_buf),
+                (2, grad.buf()),
+                (3, losses.buf()),
+            ],
+            4,
+            &[
+                u32_of("cross_entropy", rows)?,
+                u32_of("cross_entropy", vocab)?,
+            ],
+            u32_of("cross_entropy", rows)?,
+        )?;
+        let sum: f64 = self.download(&losses)?.data.iter().map(|&v| v as f64).sum();
+        Ok((sum / rows as f64, grad))
     }
 }

@@ -49,6 +49,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/backward.wgsl"),
     ),
     (
+        "cross_entropy.wgsl",
+        include_str!("../../../shaders/cross_entropy.wgsl"),
+    ),
+    (
         "act_quant.wgsl",
         include_str!("../../../shaders/act_quant.wgsl"),
     ),
