@@ -126,6 +126,11 @@ pub trait Backend {
     fn upload(&self, t: &Tensor) -> Result<Self::Tensor>;
     /// Device -> host.
     fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
+    /// A `[rows, cols]` tensor of zeros. By default uploaded; the devices
+    /// make it in place (nothing crosses the bus).
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload(&Tensor::zeros(vec![rows, cols]))
+    }
     /// A linear weight from a host `[out, in]` tensor.
     fn weight(&self, w: &Tensor) -> Result<Self::Weight>;
     /// A linear weight in the packed format (`quant::format`), kept packed:

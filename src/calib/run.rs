@@ -2,15 +2,15 @@
 //! quantizes directly; MBQ, AWQ and SmoothQuant go through
 //!
 //! 1. the plan ([`Plan`]): the options checked once;
-//! 2. the calibration set ([`super::data`]): samples embedded by the VLM on
-//!    the CPU reference backend;
-//! 3. MBQ's sensitivity ([`super::sensitivity`]) on `--backend` (the text
-//!    model loaded there, the backward ops of `backend::Grad`): per layer
+//! 2. the calibration set ([`super::data`]): samples embedded by the VLM
+//!    loaded on `--backend` (CPU, wgpu or CUDA; the image encoding runs
+//!    there);
+//! 3. MBQ's sensitivity ([`super::sensitivity`]) on the same backend (the
+//!    VLM's language model, the backward ops of `backend::Grad`): per layer
 //!    the vision/caption gradient ratios;
-//! 4. the layer-by-layer scale search ([`super::search`]) on `--backend`
-//!    (CPU, wgpu or CUDA) with a checkpoint per layer
-//!    ([`super::checkpoint`]), the chosen scales folded into the host
-//!    weights;
+//! 4. the layer-by-layer scale search ([`super::search`]) there too, with
+//!    a checkpoint per layer ([`super::checkpoint`]), the chosen scales
+//!    folded into the host weights;
 //! 5. export: the folded weights quantized and written by
 //!    [`crate::quant::writer`], with the report (JSON and SVG).
 
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::checkpoint::{self, State};
 use super::data::{embed_sample, load_calib_set, CalibItemError, CalibSample};
 use super::group::HostLayer;
-use super::method::Scales;
+use super::method::{QuantKind, Scales};
 use super::plan::{settings, Plan, QuantizeOptions};
 use super::report::{CalibReport, GroupReport, LayerReport, Ratio};
 use super::report_svg;
@@ -126,109 +126,33 @@ pub fn quantize_model(
         )));
     }
 
-    // Stage 2: the calibration set, embedded by the VLM.
-    let vlm = Vlm::<Cpu>::load(&Cpu, &o.model)?;
-    let set = calibration_set(o, &vlm, calib, &mut progress)?;
-    let settings = settings(o, set.samples.len(), calib, search_backend);
-    let sample_ids: Vec<String> = set.samples.iter().map(|s| s.id.clone()).collect();
-    let mut state = open_state(
-        o,
-        &ckpt,
-        &settings,
-        &sample_ids,
-        vlm.text.layers.len(),
-        &mut progress,
-    )?;
-    // The image encoding and embedding run on the search's device.
-    let t_embed = Instant::now();
-    let (xs, embed_device) = match search_backend {
-        BackendKind::Wgpu | BackendKind::Cuda => crate::backend::with_backend(
-            search_backend,
-            &BackendOptions::default(),
-            |_| {},
-            EmbedJob {
-                model: &o.model,
-                set: &set,
-                progress: &mut progress,
-            },
-        )?,
-        _ => (
-            embed_all(&Cpu, &vlm, &set, &mut progress)?,
-            "cpu".to_string(),
-        ),
-    };
-    let masks: Vec<TokenMasks> = set
-        .samples
-        .iter()
-        .map(|s| TokenMasks {
-            vision: s.vision.clone(),
-            caption: s.caption.clone(),
-            mrope: s.mrope.clone(),
-        })
-        .collect();
-    state.record_stage("embed", &embed_device, t_embed.elapsed().as_secs_f64());
-
-    // Stage 3: MBQ's modality sensitivity of every layer.
-    if o.method.needs_sensitivity() && state.grads.is_none() {
-        let t0 = Instant::now();
-        let (grads, device) = match search_backend {
-            BackendKind::Wgpu | BackendKind::Cuda => crate::backend::with_backend(
-                search_backend,
-                &BackendOptions::default(),
-                |_| {},
-                SensitivityJob {
-                    weights: &weights,
-                    prefixes: &prefixes,
-                    cfg: &vlm.cfg,
-                    samples: &set.samples,
-                    xs: &xs,
-                    progress: &mut progress,
-                },
-            )?,
-            _ => (
-                sensitivity(&Cpu, &vlm.text, &set.samples, &xs, &mut progress)?,
-                "cpu".to_string(),
-            ),
-        };
-        state.grads = Some(grads);
-        state.sensitivity_seconds = t0.elapsed().as_secs_f64();
-        state.record_stage("sensitivity", &device, state.sensitivity_seconds);
-        checkpoint::write_state(&ckpt, &state)?;
-    }
-    let ratios = state.grads.as_ref().map(|g| ratios(g)).transpose()?;
-    let cfg = vlm.cfg.clone();
-    drop(vlm);
-
-    // Stage 4: the scale search, layer by layer, on the host weights (one
-    // layer in f32 at a time; each folded layer goes to the checkpoint).
-    let text_prefix = prefixes.text;
-    let text_weights = weights.pp(&text_prefix);
-    let mut search = Search {
-        spec: DecoderSpec::new(&cfg.text),
-        weights: &text_weights,
-        text: &cfg.text,
-        masks: &masks,
-        o,
-        settings: SearchSettings {
+    // Stages 2-4 in one job on `--backend`: the samples' embeddings stay
+    // there from the image encoding to the last layer's search.
+    let Calibrated {
+        state,
+        cfg,
+        sample_ids,
+        skipped,
+    } = crate::backend::with_backend(
+        search_backend,
+        &BackendOptions::default(),
+        |_| {},
+        CalibJob {
+            o,
+            calib,
             quant: plan.quant,
-            loss: o.loss,
+            weights: &weights,
+            prefixes: &prefixes,
+            ckpt: &ckpt,
+            backend: search_backend,
+            progress: &mut progress,
         },
-        state: &mut state,
-        ratios: ratios.as_deref(),
-        ckpt: &ckpt,
-        progress: &mut progress,
-    };
-    let job = SearchJob {
-        search: &mut search,
-        xs,
-    };
-    let device =
-        crate::backend::with_backend(search_backend, &BackendOptions::default(), |_| {}, job)?;
-    let search_seconds = state.layer_seconds.iter().sum();
-    state.record_stage("search", &device, search_seconds);
+    )?;
+    let settings = state.settings.clone();
+    let text_prefix = prefixes.text.clone();
 
     // Stage 5: the report, then the output directory.
-    let calib_report = report(settings, &state, &sample_ids, &set.skipped);
+    let calib_report = report(settings, &state, &sample_ids, &skipped);
     // The folded layers are read back from the checkpoint as they are written.
     let mut repl = Replacements::default();
     for i in 0..cfg.text.num_hidden_layers {
@@ -256,21 +180,21 @@ pub fn quantize_model(
     Ok(QuantizeOutcome {
         written,
         calibration: Some(calib_report),
-        skipped: set.skipped,
+        skipped,
     })
 }
 
 /// Every sample's decoder input (image features in place of its image
-/// tokens), on the host.
+/// tokens), on the backend.
 fn embed_all<B: Backend>(
     be: &B,
     vlm: &Vlm<B>,
     set: &CalibSet,
     progress: &mut impl FnMut(CalibProgress<'_>),
-) -> Result<Vec<Tensor>> {
+) -> Result<Vec<B::Tensor>> {
     let mut xs = Vec::with_capacity(set.samples.len());
     for (k, s) in set.samples.iter().enumerate() {
-        xs.push(be.download(&embed_sample(be, vlm, &set.img_cfg, s)?)?);
+        xs.push(embed_sample(be, vlm, &set.img_cfg, s)?);
         progress(CalibProgress::Loading {
             done: k + 1,
             total: set.samples.len(),
@@ -279,25 +203,113 @@ fn embed_all<B: Backend>(
     Ok(xs)
 }
 
-/// [`embed_all`] as a job for [`crate::backend::with_backend`]: the VLM
-/// loaded on the device (the vision tower runs there).
-struct EmbedJob<'a, P: FnMut(CalibProgress<'_>)> {
-    model: &'a Path,
-    set: &'a CalibSet,
+/// What the calibration job hands back for the report and the output.
+struct Calibrated {
+    state: State,
+    cfg: VlmConfig,
+    sample_ids: Vec<String>,
+    skipped: Vec<CalibItemError>,
+}
+
+/// Stages 2-4 as one job for [`crate::backend::with_backend`]: the VLM
+/// loaded on the backend encodes the images and embeds the samples, its
+/// language model runs MBQ's sensitivity pass, then the layer-by-layer
+/// search; the embeddings never leave the backend.
+struct CalibJob<'a, P: FnMut(CalibProgress<'_>)> {
+    o: &'a QuantizeOptions,
+    calib: &'a Path,
+    quant: QuantKind,
+    weights: &'a WeightFiles,
+    prefixes: &'a Prefixes,
+    ckpt: &'a Path,
+    /// `--backend` as resolved (recorded in the settings).
+    backend: BackendKind,
     progress: &'a mut P,
 }
 
-impl<P: FnMut(CalibProgress<'_>)> BackendJob for EmbedJob<'_, P> {
-    /// The inputs, and the device that encoded them.
-    type Output = (Vec<Tensor>, String);
-    fn run<B: Backend>(self, be: &B, device: &str) -> Result<(Vec<Tensor>, String)> {
-        (self.progress)(CalibProgress::Note(format!(
-            "image encoding on {}: {device}",
-            be.name()
-        )));
-        let vlm = Vlm::<B>::load(be, self.model)?;
-        let xs = embed_all(be, &vlm, self.set, self.progress)?;
-        Ok((xs, format!("{}: {device}", be.name())))
+impl<P: FnMut(CalibProgress<'_>)> BackendJob for CalibJob<'_, P> {
+    type Output = Calibrated;
+    fn run<B: Grad + SearchOps>(self, be: &B, device: &str) -> Result<Calibrated> {
+        let CalibJob {
+            o,
+            calib,
+            quant,
+            weights,
+            prefixes,
+            ckpt,
+            backend,
+            progress,
+        } = self;
+        let dev = format!("{}: {device}", be.name());
+        if be.name() != "cpu" {
+            progress(CalibProgress::Note(format!("calibration on {dev}")));
+        }
+        // Stage 2: the calibration set, embedded by the VLM.
+        let vlm = Vlm::<B>::load(be, &o.model)?;
+        let set = calibration_set(o, &vlm, calib, progress)?;
+        let settings = settings(o, set.samples.len(), calib, backend);
+        let sample_ids: Vec<String> = set.samples.iter().map(|s| s.id.clone()).collect();
+        let mut state = open_state(
+            o,
+            ckpt,
+            &settings,
+            &sample_ids,
+            vlm.text.layers.len(),
+            progress,
+        )?;
+        let t0 = Instant::now();
+        let xs = embed_all(be, &vlm, &set, progress)?;
+        state.record_stage("embed", &dev, t0.elapsed().as_secs_f64());
+        let masks: Vec<TokenMasks> = set
+            .samples
+            .iter()
+            .map(|s| TokenMasks {
+                vision: s.vision.clone(),
+                caption: s.caption.clone(),
+                mrope: s.mrope.clone(),
+            })
+            .collect();
+
+        // Stage 3: MBQ's modality sensitivity of every layer.
+        if o.method.needs_sensitivity() && state.grads.is_none() {
+            let t0 = Instant::now();
+            state.grads = Some(sensitivity(be, &vlm.text, &set.samples, &xs, progress)?);
+            state.sensitivity_seconds = t0.elapsed().as_secs_f64();
+            state.record_stage("sensitivity", &dev, state.sensitivity_seconds);
+            checkpoint::write_state(ckpt, &state)?;
+        }
+        let ratios = state.grads.as_ref().map(|g| ratios(g)).transpose()?;
+        let cfg = vlm.cfg.clone();
+        drop(vlm);
+
+        // Stage 4: the scale search, layer by layer, on the host weights
+        // (one layer in f32 at a time; each folded layer goes to the
+        // checkpoint).
+        let text_weights = weights.pp(&prefixes.text);
+        let mut search = Search {
+            spec: DecoderSpec::new(&cfg.text),
+            weights: &text_weights,
+            text: &cfg.text,
+            masks: &masks,
+            o,
+            settings: SearchSettings {
+                quant,
+                loss: o.loss,
+            },
+            state: &mut state,
+            ratios: ratios.as_deref(),
+            ckpt,
+            progress,
+        };
+        search.run(be, xs)?;
+        let search_seconds = state.layer_seconds.iter().sum();
+        state.record_stage("search", &dev, search_seconds);
+        Ok(Calibrated {
+            state,
+            cfg,
+            sample_ids,
+            skipped: set.skipped,
+        })
     }
 }
 
@@ -308,9 +320,9 @@ struct CalibSet {
     img_cfg: ImageProcessor,
 }
 
-fn calibration_set(
+fn calibration_set<B: Backend>(
     o: &QuantizeOptions,
-    vlm: &Vlm<Cpu>,
+    vlm: &Vlm<B>,
     calib: &Path,
     progress: &mut impl FnMut(CalibProgress<'_>),
 ) -> Result<CalibSet> {
@@ -406,11 +418,11 @@ pub fn load_host_layers(
 
 /// Mean |grad| per layer, averaged over samples. Vision means average over
 /// the samples that have vision tokens.
-fn sensitivity<B: Grad>(
+fn sensitivity<B: Grad + SearchOps>(
     be: &B,
     text: &TextModel<B>,
     samples: &[CalibSample],
-    xs: &[Tensor],
+    xs: &[B::Tensor],
     progress: &mut impl FnMut(CalibProgress<'_>),
 ) -> Result<Vec<LayerGrad>> {
     let mut sum = vec![LayerGrad::default(); text.layers.len()];
@@ -549,14 +561,10 @@ struct Search<'a, P: FnMut(CalibProgress<'_>)> {
 }
 
 impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
-    /// Searches layer after layer from the decoder inputs `xs` (host),
-    /// checkpointing each; finished layers are restored instead.
-    fn run<B: SearchOps>(&mut self, be: &B, xs: Vec<Tensor>) -> Result<()> {
+    /// Searches layer after layer from the decoder inputs `xs` (on the
+    /// backend), checkpointing each; finished layers are restored instead.
+    fn run<B: SearchOps>(&mut self, be: &B, mut xs: Vec<B::Tensor>) -> Result<()> {
         let layers = self.text.num_hidden_layers;
-        let mut xs = xs
-            .iter()
-            .map(|x| be.upload(x))
-            .collect::<Result<Vec<_>>>()?;
         for i in 0..layers {
             let mut host =
                 HostLayer::load_host(&self.weights.pp(format!("layers.{i}")), self.text)?;
@@ -658,59 +666,6 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
                 })
                 .collect(),
         })
-    }
-}
-
-/// The sensitivity pass on a device as a job for
-/// [`crate::backend::with_backend`]: the text model loaded on it (the
-/// samples' embeddings come from the CPU's VLM), named on stderr.
-struct SensitivityJob<'a, P: FnMut(CalibProgress<'_>)> {
-    weights: &'a WeightFiles,
-    prefixes: &'a Prefixes,
-    cfg: &'a VlmConfig,
-    samples: &'a [CalibSample],
-    xs: &'a [Tensor],
-    progress: &'a mut P,
-}
-
-impl<P: FnMut(CalibProgress<'_>)> BackendJob for SensitivityJob<'_, P> {
-    /// The gradients, and the device they were computed on.
-    type Output = (Vec<LayerGrad>, String);
-    fn run<B: Grad>(self, be: &B, device: &str) -> Result<(Vec<LayerGrad>, String)> {
-        (self.progress)(CalibProgress::Note(format!(
-            "sensitivity on {}: {device}",
-            be.name()
-        )));
-        let text = TextModel::load(
-            be,
-            &self.weights.pp(&self.prefixes.text),
-            &self.weights.pp(&self.prefixes.lm_head),
-            &self.cfg.text,
-        )?;
-        let grads = sensitivity(be, &text, self.samples, self.xs, self.progress)?;
-        Ok((grads, format!("{}: {device}", be.name())))
-    }
-}
-
-/// The search as a job for [`crate::backend::with_backend`]: the backend
-/// resolved for `--backend`, named on stderr when it is a device.
-struct SearchJob<'s, 'a, P: FnMut(CalibProgress<'_>)> {
-    search: &'s mut Search<'a, P>,
-    xs: Vec<Tensor>,
-}
-
-impl<P: FnMut(CalibProgress<'_>)> BackendJob for SearchJob<'_, '_, P> {
-    /// The device the search ran on.
-    type Output = String;
-    fn run<B: SearchOps>(self, be: &B, device: &str) -> Result<String> {
-        if be.name() != "cpu" {
-            (self.search.progress)(CalibProgress::Note(format!(
-                "scale search on {}: {device}",
-                be.name()
-            )));
-        }
-        self.search.run(be, self.xs)?;
-        Ok(format!("{}: {device}", be.name()))
     }
 }
 

@@ -19,17 +19,21 @@
 //!
 //! Per layer, [`LayerGrad`] holds the mean of `|g|` over all elements
 //! (tokens x hidden) of the vision positions and of the caption positions
-//! (f64 accumulation). Because attention is causal, a position after the
-//! last caption-predicting position (`last caption t - 1`) gets exactly
+//! (`Search::abs_terms` on the backend: f32 sums, per sample). Because
+//! attention is causal, a position after the last caption-predicting
+//! position (`last caption t - 1`) gets exactly
 //! zero gradient in every layer; in the last layer a position whose next
 //! token is not a caption token also gets exactly zero (nothing after the
 //! last layer mixes positions), which is why vision positions usually read
 //! 0 there.
 //!
 //! Memory: the forward keeps only each layer's input and its post-attention
-//! residual; the backward recomputes the rest of a layer from them.
+//! residual; the backward recomputes the rest of a layer from them. Nothing
+//! of the size of an activation crosses to the host: the caption rows are
+//! gathered for the head and the gradient scattered back on the backend,
+//! and a sample returns its loss and `2 x layers x 3` sums.
 
-use crate::backend::{Backend, Grad};
+use crate::backend::{Backend, Grad, Search};
 use crate::error::{Error, Result};
 use crate::model::decoder::{DecoderLayer, Kv, NoTap, RopePos, Site, Tap};
 use crate::model::text::TextModel;
@@ -70,15 +74,18 @@ pub struct SampleSensitivity {
     pub has_vision: bool,
 }
 
-/// x0: the decoder's input embeddings [n, hidden] (image features already in place),
-/// ids: the n token ids, vision[t]/caption[t]: masks of length n, rope:
-/// the tokens' RoPE positions (M-RoPE models: the sample's own); `tick` is
-/// called after each layer's forward and each layer's backward (progress).
+/// x0: the decoder's input embeddings [n, hidden] on the backend (image
+/// features already in place), ids: the n token ids, vision[t]/caption[t]:
+/// masks of length n, rope: the tokens' RoPE positions (M-RoPE models: the
+/// sample's own); `tick` is called after each layer's forward and each
+/// layer's backward (progress). Everything stays on the backend: each
+/// captured gradient is reduced there ([`Search::abs_terms`]) and the
+/// sample's sums come back once, `[2 layers, 3]`, with the loss.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_sensitivity<B: Grad>(
+pub fn sample_sensitivity<B: Grad + Search>(
     be: &B,
     text: &TextModel<B>,
-    x0: &Tensor,
+    x0: &B::Tensor,
     ids: &[u32],
     vision: &[bool],
     caption: &[bool],
@@ -92,36 +99,48 @@ pub fn sample_sensitivity<B: Grad>(
             ids.len()
         )));
     }
-    let targets = check_inputs(text, x0, ids, caption)?;
+    let targets = check_inputs(text, be.dims(x0), ids, caption)?;
     let hidden = text.cfg.hidden_size;
-    let mean_abs = |g: &[f32], mask: &[bool]| -> f64 {
-        let rows = mask.iter().filter(|&&m| m).count();
-        if rows == 0 {
-            return 0.0;
-        }
-        let sum: f64 = g
-            .chunks(hidden)
-            .zip(mask)
-            .filter(|(_, &m)| m)
-            .map(|(r, _)| r.iter().map(|&v| v.abs() as f64).sum::<f64>())
-            .sum();
-        sum / (rows * hidden) as f64
-    };
-    let mut layers = vec![LayerGrad::default(); text.layers.len()];
-    let x0 = be.upload(x0)?;
-    let loss = loss_and_grads(be, text, &x0, rope, tick, &targets, |i, site, g| {
-        let g = be.download(g)?;
-        let l = &mut layers[i];
-        let m = match site {
-            GradSite::AttnOut => &mut l.attn,
-            GradSite::MlpOut => &mut l.mlp,
-        };
-        *m = ModalityGrad {
-            vision: mean_abs(&g.data, vision),
-            caption: mean_abs(&g.data, caption),
-        };
+    let flags = caption
+        .iter()
+        .zip(vision)
+        .flat_map(|(&c, &v)| [c as u8 as f32, v as u8 as f32])
+        .collect();
+    let masks = be.upload(&Tensor::new(vec![ids.len(), 2], flags)?)?;
+    let layers = text.layers.len();
+    // Row 2 i + 0: layer i's attention-output sums, 2 i + 1: its MLP's.
+    let mut sums: Vec<Option<B::Tensor>> = (0..2 * layers).map(|_| None).collect();
+    let loss = loss_and_grads(be, text, x0, rope, tick, &targets, |i, site, g| {
+        let row = 2 * i + (site == GradSite::MlpOut) as usize;
+        sums[row] = Some(be.abs_terms(g, &masks)?);
         Ok(())
     })?;
+    // Layer 0's MLP and attention are captured like every other layer's.
+    let sums = sums
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::invalid("sensitivity: a layer's gradient was not captured"))?;
+    let sums = be.download(&be.concat_all(sums)?)?;
+    let mean = |sum: f32, mask: &[bool]| -> f64 {
+        let rows = mask.iter().filter(|&&m| m).count();
+        if rows == 0 {
+            0.0
+        } else {
+            sum as f64 / (rows * hidden) as f64
+        }
+    };
+    let grad = |r: &[f32]| ModalityGrad {
+        caption: mean(r[0], caption),
+        vision: mean(r[1], vision),
+    };
+    let layers = sums
+        .data
+        .chunks_exact(6)
+        .map(|l| LayerGrad {
+            attn: grad(&l[0..3]),
+            mlp: grad(&l[3..6]),
+        })
+        .collect();
     Ok(SampleSensitivity {
         loss,
         layers,
@@ -133,16 +152,16 @@ pub fn sample_sensitivity<B: Grad>(
 /// predicts `ids[t]` for each caption position `t >= 1`.
 fn check_inputs<B: Backend>(
     text: &TextModel<B>,
-    x0: &Tensor,
+    x0: (usize, usize),
     ids: &[u32],
     caption: &[bool],
 ) -> Result<Vec<(usize, u32)>> {
     let n = ids.len();
     let hidden = text.cfg.hidden_size;
-    if x0.shape != [n, hidden] {
+    if x0 != (n, hidden) {
         return Err(Error::invalid(format!(
-            "sensitivity: embeddings of shape {:?} for {n} tokens of hidden size {hidden}",
-            x0.shape
+            "sensitivity: embeddings of shape [{}, {}] for {n} tokens of hidden size {hidden}",
+            x0.0, x0.1
         )));
     }
     if caption.len() != n {
@@ -245,31 +264,46 @@ fn forward<B: Backend, T: Tap<B>>(
 
 /// Final norm + lm_head at the predicting rows + cross-entropy: the loss
 /// and its gradient w.r.t. the last layer's output `[n, hidden]`. The rows
-/// are gathered and scattered on the host.
+/// are gathered and scattered on the backend, one copy per run of
+/// consecutive positions (a caption is one run).
 fn head_loss<B: Grad>(
     be: &B,
     text: &TextModel<B>,
     y: &B::Tensor,
     targets: &[(usize, u32)],
 ) -> Result<(f64, B::Tensor)> {
-    let y = be.download(y)?;
-    let hidden = y.cols();
-    let mut rows = Vec::with_capacity(targets.len() * hidden);
-    for &(p, _) in targets {
-        rows.extend_from_slice(y.row(p));
-    }
-    let rows = be.upload(&Tensor::new(vec![targets.len(), hidden], rows)?)?;
+    let runs = runs(targets.iter().map(|&(p, _)| p));
+    let parts = runs
+        .iter()
+        .map(|&(p, n)| be.rows(y, p, n))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = be.concat_all(parts)?;
     let logits = text.logits(be, &rows)?;
     let labels: Vec<u32> = targets.iter().map(|&(_, l)| l).collect();
     let (loss, dlogits) = be.cross_entropy(&logits, &labels)?;
     let dz = be.linear_backward(&dlogits, text.lm_head_weight())?;
-    let drows = be.download(&be.rms_norm_backward(&rows, &text.norm, text.spec.eps, &dz)?)?;
-    let mut dy = vec![0.0f32; y.numel()];
-    for (k, &(p, _)) in targets.iter().enumerate() {
+    let drows = be.rms_norm_backward(&rows, &text.norm, text.spec.eps, &dz)?;
+    let (n, hidden) = be.dims(y);
+    let mut dy = be.zeros(n, hidden)?;
+    let mut k = 0;
+    for &(p, len) in &runs {
         // Rows are distinct (one per caption position), so no accumulation.
-        dy[p * hidden..(p + 1) * hidden].copy_from_slice(drows.row(k));
+        be.set_rows(&mut dy, p, &be.rows(&drows, k, len)?)?;
+        k += len;
     }
-    Ok((loss, be.upload(&Tensor::new(y.shape.clone(), dy)?)?))
+    Ok((loss, dy))
+}
+
+/// Ascending positions as `(start, length)` runs of consecutive ones.
+fn runs(positions: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for p in positions {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
 }
 
 /// Where a gradient is captured.
@@ -437,7 +471,7 @@ mod tests {
 
     /// Every captured gradient, `[layer][site]` (site 0: o_proj, 1: down_proj).
     fn all_grads(m: &Vlm<Cpu>, s: &Sample) -> (f64, Vec<[Vec<f32>; 2]>) {
-        let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
+        let targets = check_inputs(&m.text, Cpu.dims(&s.x0), &s.ids, &s.caption).unwrap();
         let mut g = vec![[Vec::new(), Vec::new()]; m.text.layers.len()];
         let loss = loss_and_grads(
             &Cpu,
@@ -460,6 +494,16 @@ mod tests {
             GradSite::AttnOut => 0,
             GradSite::MlpOut => 1,
         }
+    }
+
+    #[test]
+    fn runs_of_consecutive_positions() {
+        assert_eq!(runs([].into_iter()), vec![]);
+        assert_eq!(runs([4].into_iter()), vec![(4, 1)]);
+        assert_eq!(
+            runs([2, 3, 4, 7, 9, 10].into_iter()),
+            vec![(2, 3), (7, 1), (9, 2)]
+        );
     }
 
     #[test]
@@ -527,7 +571,7 @@ mod tests {
 
     fn gradients_match_fd(m: &Vlm<Cpu>) {
         let s = sample(m, 8);
-        let targets = check_inputs(&m.text, &s.x0, &s.ids, &s.caption).unwrap();
+        let targets = check_inputs(&m.text, Cpu.dims(&s.x0), &s.ids, &s.caption).unwrap();
         let (_, g) = all_grads(m, &s);
         let hidden = m.cfg.text.hidden_size;
         let mut rng = StdRng::seed_from_u64(9);
@@ -625,7 +669,9 @@ mod tests {
                 / n
         };
         for (i, lg) in sens.layers.iter().enumerate() {
-            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+            // The sums come back as f32 (`Search::abs_terms`; the CPU's
+            // are f64 sums rounded once): within f32's half ulp.
+            let close = |a: f64, b: f64| (a - b).abs() <= 6e-8 * b.abs();
             assert!(close(lg.attn.vision, mean(&g[i][0], VISION)), "layer {i}");
             assert!(close(lg.attn.caption, mean(&g[i][0], CAPTION)), "layer {i}");
             assert!(close(lg.mlp.vision, mean(&g[i][1], VISION)), "layer {i}");

@@ -153,6 +153,11 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        // Allocated zero-filled on the device.
+        self.tensor(rows, cols)
+    }
+
     fn upload(&self, t: &Tensor) -> Result<CudaTensor> {
         let data = if t.data.is_empty() {
             self.zeros(1)?

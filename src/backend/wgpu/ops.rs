@@ -141,6 +141,17 @@ impl Backend for Wgpu {
         })
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> Result<WgpuTensor> {
+        let bytes = self.activation_bytes(rows, cols, "zeros")?;
+        // A new buffer, not a pooled one: wgpu zero-fills new buffers.
+        let buf = self.rec.buffer(bytes, "zeros")?;
+        Ok(WgpuTensor {
+            mem: self.rec.pooled(buf),
+            rows,
+            cols,
+        })
+    }
+
     fn begin_timing(&self) -> Result<bool> {
         self.rec.begin_timing()
     }
