@@ -125,8 +125,8 @@ pub struct Tolerances {
     /// abs_terms, each of the three sums relative to the CPU's (f64 on the
     /// CPU, f32 partial sums in another order on a device: loss_terms'
     /// kernels, not compensated). Measured: lavapipe up to 1.9e-7, the CUDA
-    /// kernels on the host emulation 7e-8 (rows of 1e-3..2e4, up to 1000
-    /// rows); as loss_terms, 1e-5.
+    /// kernels on the host emulation up to 1.1e-7 (values of 1e-3..2e4, up
+    /// to 1000 rows); as loss_terms, 1e-5.
     pub abs_terms: f32,
 }
 
