@@ -1,6 +1,7 @@
 // search.cu: the scale search's device ops (src/backend/search.rs): the
 // fake-quantized weight Q(W s) of one grid point, made from the layer's
-// weight on the device, and the output error reduced to three sums.
+// weight on the device, the output error reduced to three sums, and the
+// activation statistics (per-column |x| sums and maxima, masked |x| sums).
 //
 // fake_quant reproduces the CPU reference (`quant::pseudo::fake_quant_scaled`
 // -> `quantize_group` / `fake_quantize`, and `quant::w4a8::quantize_row` /
@@ -48,7 +49,25 @@
 //       (caption), terms[1] likewise with masks[r, 1] (vision), terms[2]
 //       over every row; masks: [rows, 2]; terms: [3].
 //     Launch: one block (gridDim.x = 1), blockDim.x a multiple of 32,
-//     <= 1024; after loss_rows_f32 on the same stream.
+//     <= 1024; after loss_rows_f32 (or abs_rows_f32) on the same stream.
+//   abs_rows_f32(const float *x, float *err, int rows, int cols)
+//       err[r] = sum_c |x[r, c]| in f32: loss_rows_f32 with got = 0 and
+//       dist |d|. With loss_terms_f32 after it: Search::abs_terms.
+//     Launch: as loss_rows_f32.
+//   abs_col_stats_f32(const float *x, float *out, int rows, int cols)
+//   abs_col_stats_acc_f32(const float *x, const float *acc, float *out,
+//                         int rows, int cols)
+//       Per column c, over the rows in order:
+//         out[0, c] + out[1, c] = (acc[0, c] + acc[1, c]) + sum_r |x[r, c]|
+//         out[2, c]             = max(acc[2, c], max_r |x[r, c]|)
+//       (acc = 0 for abs_col_stats_f32). The sum is compensated in f32
+//       (Neumaier: the running sum s and the sum e of the rounding errors of
+//       every s + v), then normalized: hi = s + e, lo = e - (hi - s). Every
+//       operation is an IEEE-rounded intrinsic (__fadd_rn, __fsub_rn), which
+//       the compiler neither contracts nor reassociates. x: [rows, cols];
+//       acc, out: [3, cols] (hi, lo, max); out must not alias acc.
+//     Launch: any grid and block (a grid-stride loop over the columns, one
+//     thread per column: adjacent threads read adjacent columns of a row).
 
 #define SEARCH_THREADS 256
 
@@ -221,23 +240,72 @@ extern "C" __global__ void __launch_bounds__(1024)
     fake_quant_w4(w, s, y, out, inp);
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-    loss_rows_f32(const float *want, const float *got, float *err, int rows, int cols, int dist) {
+// loss_rows_f32 (Got) and abs_rows_f32 (got = 0, not read).
+template <bool Got>
+static __device__ __forceinline__ void sq_loss_rows(const float *want, const float *got, float *err,
+                                                    int rows, int cols, int dist) {
     const int row = blockIdx.x;
     if (row >= rows) {
         return;
     }
     const float *a = want + (long long)row * cols;
-    const float *b = got + (long long)row * cols;
     float acc = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float d = a[c] - b[c];
+        const float d = Got ? a[c] - got[(long long)row * cols + c] : a[c];
         acc += dist == 0 ? fabsf(d) : d * d;
     }
     acc = sq_block_sum(acc);
     if (threadIdx.x == 0) {
         err[row] = acc;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    loss_rows_f32(const float *want, const float *got, float *err, int rows, int cols, int dist) {
+    sq_loss_rows<true>(want, got, err, rows, cols, dist);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    abs_rows_f32(const float *x, float *err, int rows, int cols) {
+    sq_loss_rows<false>(x, nullptr, err, rows, cols, 0);
+}
+
+// abs_col_stats_f32 (acc = nullptr) and abs_col_stats_acc_f32.
+static __device__ __forceinline__ void sq_abs_col_stats(const float *x, const float *acc, float *out,
+                                                        int rows, int cols) {
+    const int stride = gridDim.x * blockDim.x;
+    for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < cols; col += stride) {
+        float s = 0.0f, e = 0.0f, m = 0.0f;
+        if (acc != nullptr) {
+            s = acc[col];
+            e = acc[cols + col];
+            m = acc[2 * cols + col];
+        }
+        for (int r = 0; r < rows; r++) {
+            const float v = fabsf(x[(long long)r * cols + col]);
+            const float t = __fadd_rn(s, v);
+            // The rounding error of s + v, exact: the smaller operand minus
+            // what of it the sum kept.
+            e = __fadd_rn(e, fabsf(s) >= v ? __fadd_rn(__fsub_rn(s, t), v)
+                                           : __fadd_rn(__fsub_rn(v, t), s));
+            s = t;
+            m = fmaxf(m, v);
+        }
+        const float hi = __fadd_rn(s, e);
+        out[col] = hi;
+        out[cols + col] = __fsub_rn(e, __fsub_rn(hi, s));
+        out[2 * cols + col] = m;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    abs_col_stats_f32(const float *x, float *out, int rows, int cols) {
+    sq_abs_col_stats(x, nullptr, out, rows, cols);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    abs_col_stats_acc_f32(const float *x, const float *acc, float *out, int rows, int cols) {
+    sq_abs_col_stats(x, acc, out, rows, cols);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)

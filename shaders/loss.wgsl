@@ -2,14 +2,15 @@
 // backend/search.rs; the CPU reference is `Search for Cpu` there).
 //
 // `loss_rows`, one workgroup per row:  e[r] = sum_c dist(a[r, c] - b[r, c])
-// (dist |d|, or d^2 with flag SQUARED).
+// (dist |d|, or d^2 with flag SQUARED); without flag GOT, b is 0 and not
+// bound (Search::abs_terms: the sums of |a|).
 // `loss_total`, one workgroup:         t = (sum of e over the rows whose
 // caption flag m[r, 0] is set, over those whose vision flag m[r, 1] is
 // set, over every row).
 //
 // Bindings of loss_rows:
 //   @binding(0) a: array<f32> [rows, cols]   want
-//   @binding(1) b: array<f32> [rows, cols]   got
+//   @binding(1) b: array<f32> [rows, cols]   got (flag GOT)
 //   @binding(2) e: array<f32> [rows]         output
 //   @binding(3) p: Params
 // Bindings of loss_total (flag TOTAL):
@@ -17,7 +18,7 @@
 //   @binding(1) m: array<f32> [rows, 2]      caption, vision flags
 //   @binding(2) t: array<f32> [3]            output
 //   @binding(3) p: Params
-// Constants: WG. Flags: SQUARED, TOTAL.
+// Constants: WG. Flags: SQUARED, GOT, TOTAL.
 
 #include "common.wgsl"
 
@@ -30,7 +31,9 @@ struct Params {
 
 #if !TOTAL
 @group(0) @binding(0) var<storage, read> a: array<f32>;
+#if GOT
 @group(0) @binding(1) var<storage, read> b: array<f32>;
+#endif
 @group(0) @binding(2) var<storage, read_write> e: array<f32>;
 
 @compute @workgroup_size(WG)
@@ -43,7 +46,11 @@ fn loss_rows(ids: Ids) {
     let base = row * p.cols;
     var acc = 0.0;
     for (var c = tid; c < p.cols; c += WG) {
+#if GOT
         let d = a[base + c] - b[base + c];
+#else
+        let d = a[base + c];
+#endif
 #if SQUARED
         acc += d * d;
 #else

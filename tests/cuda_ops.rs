@@ -158,6 +158,20 @@ fn loss_terms_match_cpu() {
 }
 
 #[test]
+fn abs_col_stats_matches_cpu() {
+    if let Some(p) = one("abs_col_stats_matches_cpu") {
+        backend_ops::abs_col_stats_matches_cpu(&p);
+    }
+}
+
+#[test]
+fn abs_terms_match_cpu() {
+    if let Some(p) = one("abs_terms_match_cpu") {
+        backend_ops::abs_terms_match_cpu(&p);
+    }
+}
+
+#[test]
 fn timing_with_events() {
     let Some(g) = cuda("timing_with_events") else {
         return;

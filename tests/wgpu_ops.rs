@@ -269,3 +269,13 @@ fn fake_quant_matches_cpu() {
 fn loss_terms_match_cpu() {
     backend_ops::loss_terms_match_cpu(&both());
 }
+
+#[test]
+fn abs_col_stats_matches_cpu() {
+    backend_ops::abs_col_stats_matches_cpu(&both());
+}
+
+#[test]
+fn abs_terms_match_cpu() {
+    backend_ops::abs_terms_match_cpu(&both());
+}

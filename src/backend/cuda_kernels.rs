@@ -112,6 +112,9 @@ pub const SOURCES: &[KernelSource] = &[
             "fake_quant_w4_f16",
             "loss_rows_f32",
             "loss_terms_f32",
+            "abs_rows_f32",
+            "abs_col_stats_f32",
+            "abs_col_stats_acc_f32",
         ],
     },
 ];

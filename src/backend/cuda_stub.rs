@@ -256,4 +256,14 @@ impl Search for Cuda {
     ) -> Result<Infallible> {
         match self.0 {}
     }
+    fn abs_col_stats_unchecked(
+        &self,
+        _x: &Infallible,
+        _acc: Option<&Infallible>,
+    ) -> Result<Infallible> {
+        match self.0 {}
+    }
+    fn abs_terms_unchecked(&self, _x: &Infallible, _masks: &Infallible) -> Result<Infallible> {
+        match self.0 {}
+    }
 }

@@ -2,10 +2,14 @@
 //! device: the fake-quantized weight `Q(W s)` made from the layer's own
 //! weight there, and the output error reduced there, so that a grid point
 //! sends `s` (one value an input channel) and brings back three numbers.
+//! Two reductions of activations stay there too: `abs_col_stats` (the
+//! per-input-channel mean and max of |x| the search's scales are made from,
+//! accumulated sample after sample) and `abs_terms` (the sensitivity pass's
+//! masked sums of |x|), so neither downloads the activations.
 //! The CPU functions are the reference (`quant::pseudo::fake_quant_scaled`
-//! and the sums below); wgpu (`shaders/search.wgsl`) and CUDA
-//! (`kernels/search.cu`) are tested against them by the op harness
-//! (`verify/ops/search.rs`).
+//! and the sums below); wgpu (`shaders/fake_quant.wgsl`, `loss.wgsl`,
+//! `stats.wgsl`) and CUDA (`kernels/search.cu`) are tested against them by
+//! the op harness (`verify/ops/search.rs`).
 
 use super::cpu::{Cpu, CpuWeight};
 use super::Backend;
@@ -92,6 +96,48 @@ pub trait Search: Backend {
         masks: &Self::Tensor,
         dist: Distance,
     ) -> Result<Self::Tensor>;
+
+    /// Per-column |x| statistics of `x` `[rows, cols]`, as `[3, cols]`:
+    /// rows 0 and 1 the sum of |x| over the rows as an unevaluated f32 pair
+    /// (sum = hi + lo; devices accumulate it compensated, e.g.
+    /// Neumaier/TwoSum in f32), row 2 the max of |x|. With `acc` (an earlier
+    /// result with the same cols) the sums and maxima continue from it, so
+    /// samples are added one after another on the device.
+    fn abs_col_stats(&self, x: &Self::Tensor, acc: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        let (rows, cols) = self.dims(x);
+        if let Some(a) = acc {
+            let a = self.dims(a);
+            if a != (3, cols) {
+                return Err(shape(
+                    self,
+                    "abs_col_stats",
+                    format!("x [{rows}, {cols}] and acc {a:?} (want [3, {cols}])"),
+                ));
+            }
+        }
+        self.abs_col_stats_unchecked(x, acc)
+    }
+    fn abs_col_stats_unchecked(
+        &self,
+        x: &Self::Tensor,
+        acc: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    /// `[1, 3]`: the sum of |x| over the rows `masks` (`[rows, 2]`) marks as
+    /// caption (column 0 nonzero), as vision (column 1 nonzero), and over
+    /// every row. (It is `loss_terms(x, 0, masks, Abs)`.)
+    fn abs_terms(&self, x: &Self::Tensor, masks: &Self::Tensor) -> Result<Self::Tensor> {
+        let (a, m) = (self.dims(x), self.dims(masks));
+        if m != (a.0, 2) {
+            return Err(shape(
+                self,
+                "abs_terms",
+                format!("x {a:?} and masks {m:?} (want [rows, 2])"),
+            ));
+        }
+        self.abs_terms_unchecked(x, masks)
+    }
+    fn abs_terms_unchecked(&self, x: &Self::Tensor, masks: &Self::Tensor) -> Result<Self::Tensor>;
 }
 
 fn shape<B: Backend + ?Sized>(be: &B, op: &str, msg: String) -> Error {
@@ -132,19 +178,114 @@ impl Search for Cpu {
         masks: &Tensor,
         dist: Distance,
     ) -> Result<Tensor> {
-        let mut t = [0.0f64; 3];
-        for (r, e) in row_errors(&want.data, &got.data, want.cols(), dist)
-            .into_iter()
-            .enumerate()
-        {
-            if masks.data[2 * r] != 0.0 {
-                t[0] += e;
+        masked_terms(&row_errors(&want.data, &got.data, want.cols(), dist), masks)
+    }
+
+    fn abs_col_stats_unchecked(&self, x: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
+        let cols = x.cols();
+        let (mut sum, mut max) = match acc {
+            Some(a) => (
+                (0..cols)
+                    .map(|c| a.data[c] as f64 + a.data[cols + c] as f64)
+                    .collect(),
+                a.data[2 * cols..3 * cols].to_vec(),
+            ),
+            None => (vec![0.0f64; cols], vec![0.0f32; cols]),
+        };
+        for row in x.data.chunks_exact(cols.max(1)).take(x.rows()) {
+            for ((s, m), &v) in sum.iter_mut().zip(max.iter_mut()).zip(row) {
+                *s += v.abs() as f64;
+                *m = m.max(v.abs());
             }
-            if masks.data[2 * r + 1] != 0.0 {
-                t[1] += e;
-            }
-            t[2] += e;
         }
-        Tensor::new(vec![1, 3], t.map(|v| v as f32).to_vec())
+        let hi: Vec<f32> = sum.iter().map(|&s| s as f32).collect();
+        let lo = sum.iter().zip(&hi).map(|(&s, &h)| (s - h as f64) as f32);
+        let data = hi.iter().copied().chain(lo).chain(max).collect();
+        Tensor::new(vec![3, cols], data)
+    }
+
+    fn abs_terms_unchecked(&self, x: &Tensor, masks: &Tensor) -> Result<Tensor> {
+        let rows: Vec<f64> = x
+            .data
+            .chunks_exact(x.cols().max(1))
+            .take(x.rows())
+            .map(|r| r.iter().map(|v| v.abs() as f64).sum())
+            .collect();
+        masked_terms(&rows, masks)
+    }
+}
+
+/// `[1, 3]`: the sums of `e` (one value a row) over the rows `masks` marks
+/// as caption, as vision, and over every row, in f64, cast to f32.
+fn masked_terms(e: &[f64], masks: &Tensor) -> Result<Tensor> {
+    let mut t = [0.0f64; 3];
+    for (r, &e) in e.iter().enumerate() {
+        if masks.data[2 * r] != 0.0 {
+            t[0] += e;
+        }
+        if masks.data[2 * r + 1] != 0.0 {
+            t[1] += e;
+        }
+        t[2] += e;
+    }
+    Tensor::new(vec![1, 3], t.map(|v| v as f32).to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(rows: usize, cols: usize, data: &[f32]) -> Tensor {
+        Tensor::new(vec![rows, cols], data.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn abs_col_stats_chains_and_keeps_the_f64_sum_as_a_pair() {
+        // 1 + 1e-8 + 1e-8 ...: every small value is lost in an f32 sum.
+        let mut a = vec![1.0f32, -2.0];
+        for _ in 0..999 {
+            a.extend([1e-8, -0.5]);
+        }
+        let x = t(1000, 2, &a);
+        let s = Cpu.abs_col_stats(&x, None).unwrap();
+        assert_eq!(s.shape, vec![3, 2]);
+        let small = 999.0 * 1e-8f32 as f64;
+        let sum0 = s.data[0] as f64 + s.data[2] as f64;
+        assert!((sum0 - (1.0 + small)).abs() < 1e-14, "{sum0}");
+        assert_eq!((s.data[4], s.data[5]), (1.0, 2.0));
+        // Two samples one after another: the sums and maxima continue.
+        let y = t(2, 2, &[-3.0, 0.25, 0.5, 0.125]);
+        let chained = Cpu.abs_col_stats(&y, Some(&s)).unwrap();
+        let sum1 = chained.data[1] as f64 + chained.data[3] as f64;
+        assert_eq!(sum1, 2.0 + 999.0 * 0.5 + 0.375);
+        assert_eq!((chained.data[4], chained.data[5]), (3.0, 2.0));
+        let sum0 = chained.data[0] as f64 + chained.data[2] as f64;
+        assert!((sum0 - (4.5 + small)).abs() < 1e-14, "{sum0}");
+    }
+
+    #[test]
+    fn abs_terms_is_loss_terms_against_zero() {
+        let x = t(3, 2, &[1.0, -2.0, 0.5, 0.25, -4.0, 8.0]);
+        let m = t(3, 2, &[1.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
+        let got = Cpu.abs_terms(&x, &m).unwrap();
+        assert_eq!(got.data, vec![15.0, 12.0, 15.75]);
+        let zero = Tensor::zeros(vec![3, 2]);
+        assert_eq!(
+            got.data,
+            Cpu.loss_terms(&x, &zero, &m, Distance::Abs).unwrap().data
+        );
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let x = t(2, 3, &[0.0; 6]);
+        let bad_acc = t(3, 2, &[0.0; 6]);
+        let e = Cpu.abs_col_stats(&x, Some(&bad_acc)).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)));
+        assert!(e.to_string().contains("abs_col_stats"), "{e}");
+        let bad_masks = t(3, 2, &[0.0; 6]);
+        let e = Cpu.abs_terms(&x, &bad_masks).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)));
+        assert!(e.to_string().contains("abs_terms"), "{e}");
     }
 }

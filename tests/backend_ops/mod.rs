@@ -188,3 +188,14 @@ pub fn fake_quant_narrow_rows<B: Device>(paths: &[(&str, &B)]) {
 pub fn loss_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::loss_terms_match_cpu(c, paths))
 }
+
+/// The search's per-column |x| statistics (compensated sums, maxima,
+/// chained over samples) against the CPU.
+pub fn abs_col_stats_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
+    checked(|c| ops::abs_col_stats_matches_cpu(c, paths))
+}
+
+/// The sensitivity pass's masked |x| sums against the CPU.
+pub fn abs_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
+    checked(|c| ops::abs_terms_match_cpu(c, paths))
+}

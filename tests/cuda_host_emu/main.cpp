@@ -5,7 +5,8 @@
 // the warp / block reductions, not performance or device alignment rules.
 // Prints one line per case and "N failed"; exits non-zero on a failure.
 // search.cu's cases are in search_cases.h.
-// Build and run: tests/cuda_host_emu/run.sh (called by scripts/test.sh).
+// Build and run: tests/cuda_host_emu/run.sh (called by scripts/test.sh);
+// `run.sh search` runs search.cu's cases alone.
 #include "prelude.h"
 #include <array>
 namespace packed {
@@ -94,7 +95,13 @@ static void check_rows_exact(const char *name, const std::vector<float> &y, int 
     }
     check_tol(name, y, want, sc, 0.0);
 }
-int main() {
+int main(int argc, char **argv) {
+    // `run.sh search`: search.cu's cases alone.
+    if (argc > 1 && std::strcmp(argv[1], "search") == 0) {
+        search_kernels();
+        printf("%d passed, %d failed\n", passes, fails);
+        return fails != 0;
+    }
     struct E { int bits, group; PK k; };
     E es[] = {{3, 32, packed::gemv_packed_w3_g32}, {3, 64, packed::gemv_packed_w3_g64}, {3, 128, packed::gemv_packed_w3_g128},
               {4, 32, packed::gemv_packed_w4_g32}, {4, 64, packed::gemv_packed_w4_g64}, {4, 128, packed::gemv_packed_w4_g128},

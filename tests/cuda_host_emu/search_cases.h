@@ -4,7 +4,9 @@
 // and `quant::w4a8::quantize_row` / `fake_quantize_w4_per_channel`),
 // compared bit for bit, with the reference's f16 rounding computed in f64
 // arithmetic (not the prelude's bit conversion that the kernels use here);
-// loss_rows + loss_terms against f64 sums, 1e-5 relative.
+// loss_rows + loss_terms against f64 sums, 1e-5 relative; abs_col_stats
+// (chained over samples) and abs_rows + loss_terms (abs_terms) against the
+// CPU reference's f64 sums (`Search for Cpu` in src/backend/search.rs).
 namespace sq {
 #include "../../kernels/search.cu"
 }
@@ -112,6 +114,100 @@ static std::vector<float> search_weight(int out, int inp) {
     return w;
 }
 
+// verify/ops/search.rs `varied`: in each column one value about 1e4 (at a
+// row that moves with the column) among values of 1e-3..1, either sign,
+// every 17th column zero.
+static std::vector<float> varied(int rows, int cols, int seed) {
+    std::vector<float> x((size_t)rows * cols);
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            float sign = rnd() & 1 ? 1.0f : -1.0f, u = std::fabs(rf());
+            float v = j % 17 == 5 ? 0.0f
+                      : (j * 7 + seed) % rows == i ? 1e4f * (1.0f + u)
+                                                   : std::pow(10.0f, -3.0f + 3.0f * u);
+            x[(size_t)i * cols + j] = sign * v;
+        }
+    return x;
+}
+
+// abs_col_stats: samples one after another (the first without acc), each
+// result against the reference: hi + lo (as f64) relative to the f64 sum
+// per column, the max exactly. tol: Tolerances::abs_col_stats.
+static void abs_col_stats_cases(double tol) {
+    char name[128];
+    struct C { int cols; std::vector<int> samples; };
+    std::vector<C> cases = {{1, {1}}, {129, {37}}, {65, {1000, 3, 517}}, {3000, {300, 211}},
+                            {1031, {999}}, {257, {1, 700, 64}}};
+    for (size_t k = 0; k < cases.size(); k++) {
+        const C &c = cases[k];
+        int cols = c.cols;
+        std::vector<double> sum(cols, 0.0);
+        std::vector<float> mx(cols, 0.0f), naive(cols, 0.0f), acc, out;
+        for (size_t i = 0; i < c.samples.size(); i++) {
+            int rows = c.samples[i];
+            auto x = varied(rows, cols, (int)(k + 3 * i));
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < cols; j++) {
+                    float v = std::fabs(x[(size_t)r * cols + j]);
+                    sum[j] += v;
+                    mx[j] = std::max(mx[j], v);
+                    naive[j] += v;
+                }
+            out.assign(3 * cols, -1.0f);
+            // Fewer threads than columns: the grid-stride loop runs.
+            if (i == 0)
+                launch(3, 64, [&] { sq::abs_col_stats_f32(x.data(), out.data(), rows, cols); });
+            else
+                launch(3, 64, [&] { sq::abs_col_stats_acc_f32(x.data(), acc.data(), out.data(), rows, cols); });
+            double err = 0, nerr = 0;
+            size_t max_bad = 0;
+            for (int j = 0; j < cols; j++) {
+                double got = (double)out[j] + (double)out[cols + j];
+                err = std::max(err, std::fabs(got - sum[j]) / std::max(sum[j], 1e-30));
+                nerr = std::max(nerr, std::fabs((double)naive[j] - sum[j]) / std::max(sum[j], 1e-30));
+                max_bad += std::memcmp(&out[2 * cols + j], &mx[j], 4) != 0;
+            }
+            bool ok = err <= tol && max_bad == 0;
+            if (!ok) fails++; else passes++;
+            snprintf(name, 128, "abs_col_stats [%d, %d] %zu/%zu", rows, cols, i + 1, c.samples.size());
+            printf("%-40s sum rel err %.2e (f32 without compensation %.1e), max %zu differ %s\n", name,
+                   err, nerr, max_bad, ok ? "OK" : "NOT OK");
+            acc = out;
+        }
+    }
+}
+
+// abs_rows then loss_terms (Search::abs_terms): masks that overlap, with
+// no caption rows, with no vision rows. tol: Tolerances::abs_terms.
+static void abs_terms_cases(double tol) {
+    char name[96];
+    struct C { int rows, cols, kind; };  // kind 0 overlapping, 1 no caption, 2 no vision
+    for (C c : std::vector<C>{{37, 129, 0}, {1, 3584, 0}, {300, 65, 1}, {2, 1, 2}, {1000, 17, 0}, {513, 700, 2}}) {
+        auto x = varied(c.rows, c.cols, c.rows);
+        std::vector<float> masks(2 * c.rows), err(c.rows, -1.0f), terms(3, -1.0f);
+        std::vector<double> want(3, 0.0);
+        for (int r = 0; r < c.rows; r++) {
+            masks[2 * r] = c.kind != 1 && r % 3 == 0;
+            masks[2 * r + 1] = c.kind != 2 && (r % 3 == 1 || r % 5 == 0);
+            double e = 0;
+            for (int j = 0; j < c.cols; j++) e += std::fabs((double)x[(size_t)r * c.cols + j]);
+            if (masks[2 * r] != 0) want[0] += e;
+            if (masks[2 * r + 1] != 0) want[1] += e;
+            want[2] += e;
+        }
+        // One warp a row (a block of 32: fewer host threads than 128).
+        launch(c.rows, 32, [&] { sq::abs_rows_f32(x.data(), err.data(), c.rows, c.cols); });
+        launch(1, 256, [&] { sq::loss_terms_f32(err.data(), masks.data(), terms.data(), c.rows); });
+        // Relative to each sum; absolute where the sum is 0 (no such rows:
+        // the kernel's must be 0 too). check_tol divides by scale + 1.
+        std::vector<double> sc(3);
+        for (int k = 0; k < 3; k++) sc[k] = want[k] == 0.0 ? 0.0 : std::fabs(want[k]) - 1.0;
+        snprintf(name, 96, "abs_terms %dx%d%s", c.rows, c.cols,
+                 c.kind == 1 ? " no caption" : c.kind == 2 ? " no vision" : "");
+        check_tol(name, terms, want, sc, tol);
+    }
+}
+
 static void search_kernels() {
     char name[96], extra[96];
     struct C { int out, inp, bits, group; bool unit_s; };  // bits 0: W4PerChannel
@@ -214,4 +310,6 @@ static void search_kernels() {
             check_tol(name, terms, want, sc, 1e-5);
         }
     }
+    abs_col_stats_cases(1e-9);
+    abs_terms_cases(1e-5);
 }

@@ -23,8 +23,9 @@
 //!   weights always take the SGEMM. Every path computes in f32 from the
 //!   exact weight values, so it matches the CPU to f32 rounding.
 //! - The scale search's ops (`search.rs`, [`crate::backend::Search`]):
-//!   `fake_quant` and `loss_terms` in `search.cu`, bit-exact fake-quantized
-//!   weights and masked error sums without a host round trip.
+//!   `fake_quant`, `loss_terms`, `abs_col_stats` and `abs_terms` in
+//!   `search.cu`, bit-exact fake-quantized weights, masked error sums and
+//!   activation statistics without a host round trip.
 //! - KV cache ([`CudaCache`]): per layer, K and V buffers of
 //!   `capacity x kv_dim` f32 (the CPU cache's layout), written in place by
 //!   device copies; attention reads positions `0..pos0 + n` of them.

@@ -10,7 +10,11 @@
 //! - `loss_terms`: one block per row sums `dist(want - got)` over the
 //!   columns into a row buffer, then one block sums the rows under the
 //!   caption and vision masks and over all rows: `[1, 3]`, no float atomics,
-//!   no host round trip.
+//!   no host round trip. `abs_terms` is the same with `got` = 0
+//!   (`abs_rows_f32`).
+//! - `abs_col_stats`: one thread per column adds the rows' |x| in order to
+//!   a compensated f32 sum (hi + lo) and a max, continuing from an earlier
+//!   result when there is one.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -24,6 +28,9 @@ use crate::quant::pseudo::FakeQuant;
 const SEARCH_THREADS: u32 = 256;
 /// Threads of a warp: fake_quant_group's threads per weight group.
 const WARP: usize = 32;
+/// Threads per block of abs_col_stats (one column each): small, so that a
+/// few thousand columns still spread over many blocks.
+const STATS_THREADS: u32 = 64;
 
 /// The buffer of a dense weight: what fake_quant reads.
 enum Dense<'a> {
@@ -119,13 +126,78 @@ impl Search for Cuda {
         // SAFETY: search.cu loss_rows_f32: want, got [rows, cols] (the trait
         // checked equal shapes), err [rows]; one block per row.
         unsafe { l.launch(per_row(rows, SEARCH_THREADS)) }.ctx("loss_rows_f32")?;
+        self.masked_terms(&err, masks, &mut terms)?;
+        Ok(terms)
+    }
+
+    fn abs_col_stats_unchecked(
+        &self,
+        x: &CudaTensor,
+        acc: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (rows, cols) = (x.rows, x.cols);
+        let mut out = self.tensor(3, cols)?;
+        if cols == 0 {
+            return Ok(out);
+        }
+        let (r_i, c_i) = (
+            int(rows, "abs_col_stats rows")?,
+            int(cols, "abs_col_stats cols")?,
+        );
+        let entry = match acc {
+            Some(_) => "abs_col_stats_acc_f32",
+            None => "abs_col_stats_f32",
+        };
+        let f = self.function(entry)?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&x.data);
+        if let Some(a) = acc {
+            l.arg(&a.data);
+        }
+        l.arg(&mut out.data).arg(&r_i).arg(&c_i);
+        // SAFETY: search.cu abs_col_stats{,_acc}_f32: x [rows, cols], acc
+        // [3, cols] (the trait checked it), out [3, cols], a fresh buffer;
+        // a grid-stride loop over the columns.
+        unsafe { l.launch(grid_stride(cols, STATS_THREADS)) }.ctx(entry)?;
+        Ok(out)
+    }
+
+    fn abs_terms_unchecked(&self, x: &CudaTensor, masks: &CudaTensor) -> Result<CudaTensor> {
+        let (rows, cols) = (x.rows, x.cols);
+        let mut terms = self.tensor(1, 3)?;
+        if rows == 0 {
+            return Ok(terms);
+        }
+        let (r_i, c_i) = (int(rows, "abs_terms rows")?, int(cols, "abs_terms cols")?);
+        let mut err = self.zeros(rows)?;
+        let f = self.function("abs_rows_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&x.data).arg(&mut err).arg(&r_i).arg(&c_i);
+        // SAFETY: search.cu abs_rows_f32: x [rows, cols], err [rows]; one
+        // block per row.
+        unsafe { l.launch(per_row(rows, SEARCH_THREADS)) }.ctx("abs_rows_f32")?;
+        self.masked_terms(&err, masks, &mut terms)?;
+        Ok(terms)
+    }
+}
+
+impl Cuda {
+    /// loss_terms_f32: `terms` (`[1, 3]`) from the per-row sums `err` (one
+    /// value a row of `masks`, written earlier on the same stream).
+    fn masked_terms(
+        &self,
+        err: &CudaSlice<f32>,
+        masks: &CudaTensor,
+        terms: &mut CudaTensor,
+    ) -> Result<()> {
+        let r_i = int(masks.rows, "loss_terms rows")?;
         let f = self.function("loss_terms_f32")?;
         let mut l = self.stream().launch_builder(&f);
-        l.arg(&err).arg(&masks.data).arg(&mut terms.data).arg(&r_i);
-        // SAFETY: search.cu loss_terms_f32: err [rows] written by the launch
-        // above on the same stream, masks [rows, 2] (checked by the trait),
+        l.arg(err).arg(&masks.data).arg(&mut terms.data).arg(&r_i);
+        // SAFETY: search.cu loss_terms_f32: err [rows] written by a launch
+        // before on the same stream, masks [rows, 2] (checked by the trait),
         // terms 3 values; one block.
         unsafe { l.launch(per_row(1, SEARCH_THREADS)) }.ctx("loss_terms_f32")?;
-        Ok(terms)
+        Ok(())
     }
 }

@@ -13,33 +13,26 @@
 //! `cross_entropy` runs `shaders/cross_entropy.wgsl` (one workgroup per
 //! row, f32 reductions); only the per-row losses are downloaded.
 
-use super::linear::WgpuWeight;
+use super::linear::{DenseParts, WgpuWeight};
 use super::{u32_of, Wgpu, WgpuTensor, WG};
 use crate::backend::backward::Grad;
 use crate::backend::cpu::Cpu;
 use crate::backend::{act_code, AttnShape, Backend};
 use crate::config::Act;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Threads of attention_backward.wgsl's workgroups (keys, then dims).
 const ATTN_BW_WG: u32 = 64;
 
 impl Grad for Wgpu {
     fn linear_backward_unchecked(&self, dy: &WgpuTensor, w: &WgpuWeight) -> Result<WgpuTensor> {
-        let WgpuWeight::Dense {
+        let DenseParts {
             out,
             inp,
             ld,
             f16,
             chunks,
-        } = w
-        else {
-            return Err(Error::invalid(
-                "wgpu linear_backward: needs an unquantized model (dense weights), found packed \
-                 weights",
-            ));
-        };
-        let (out, inp) = (*out, *inp);
+        } = w.dense_parts("linear_backward")?;
         let m = dy.rows;
         let dx = self.tensor(m, inp, "linear_backward")?;
         let total = u32_of("linear_backward", m * inp)?;
@@ -52,13 +45,13 @@ impl Grad for Wgpu {
         }
         let key = self
             .key("backward.wgsl", "linear_backward", WG)
-            .def("F16", *f16 as u32);
+            .def("F16", f16 as u32);
         for (i, c) in chunks.iter().enumerate() {
             let params = [
                 u32_of("linear_backward", m)?,
                 u32_of("linear_backward", inp)?,
                 u32_of("linear_backward", c.rows)?,
-                u32_of("linear_backward", *ld)?,
+                u32_of("linear_backward", ld)?,
                 u32_of("linear_backward", c.row0)?,
                 u32_of("linear_backward", out)?,
                 (i > 0) as u32,

@@ -61,6 +61,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/fake_quant.wgsl"),
     ),
     ("loss.wgsl", include_str!("../../../shaders/loss.wgsl")),
+    ("stats.wgsl", include_str!("../../../shaders/stats.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

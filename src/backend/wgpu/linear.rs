@@ -54,6 +54,15 @@ pub struct PackedChunk {
     sz: wgpu::Buffer,
 }
 
+/// The fields of a [`WgpuWeight::Dense`] ([`WgpuWeight::dense_parts`]).
+pub(super) struct DenseParts<'a> {
+    pub out: usize,
+    pub inp: usize,
+    pub ld: usize,
+    pub f16: bool,
+    pub chunks: &'a [DenseChunk],
+}
+
 /// A linear weight `[out, in]` on the device.
 pub enum WgpuWeight {
     Dense {
@@ -97,6 +106,31 @@ impl WgpuWeight {
     /// Whether a dense weight is stored as f16.
     pub fn is_f16(&self) -> bool {
         matches!(self, WgpuWeight::Dense { f16: true, .. })
+    }
+
+    /// A dense weight's parts, for the ops that read its values (the
+    /// search's fake_quant, the backward's dX): an invalid-input error
+    /// naming `op` for a packed one.
+    pub(super) fn dense_parts(&self, op: &str) -> Result<DenseParts<'_>> {
+        match self {
+            WgpuWeight::Dense {
+                out,
+                inp,
+                ld,
+                f16,
+                chunks,
+            } => Ok(DenseParts {
+                out: *out,
+                inp: *inp,
+                ld: *ld,
+                f16: *f16,
+                chunks,
+            }),
+            WgpuWeight::Packed { .. } => Err(shape_err(
+                op,
+                "needs a dense weight (an unquantized model), found a packed one".into(),
+            )),
+        }
     }
 }
 

@@ -1,13 +1,19 @@
 //! [`Search`] for wgpu: `fake_quant.wgsl` makes the search's effective
 //! weight from the layer's own dense weight on the device (one output
 //! chunk per binding-sized run of rows), and `loss.wgsl` reduces a
-//! sample's output error to three values.
+//! sample's output error to three values (and, with flag GOT off, a
+//! sample's |x| to `abs_terms`'s three sums). `stats.wgsl` adds a sample's
+//! per-column |x| sums (compensated) and maxima to the running statistics.
 
-use super::linear::{rows_per_chunk, DenseChunk};
-use super::{err, shape_err, u32_of, Wgpu, WgpuTensor, WgpuWeight, WG};
+use super::linear::{rows_per_chunk, DenseChunk, DenseParts};
+use super::{err, u32_of, Wgpu, WgpuTensor, WgpuWeight, WG};
 use crate::backend::search::{Distance, Search};
 use crate::error::Result;
 use crate::quant::pseudo::FakeQuant;
+
+/// Threads of stats.wgsl's workgroups (one column each): small, so that a
+/// few thousand columns still spread over many workgroups.
+const STATS_WG: u32 = 64;
 
 impl Search for Wgpu {
     fn fake_quant_unchecked(
@@ -16,20 +22,13 @@ impl Search for Wgpu {
         s: &WgpuTensor,
         q: FakeQuant,
     ) -> Result<WgpuWeight> {
-        let WgpuWeight::Dense {
+        let DenseParts {
             out,
             inp,
             ld,
             f16,
             chunks,
-        } = w
-        else {
-            return Err(shape_err(
-                "fake_quant",
-                "needs a dense weight (an unquantized model), found a packed one".into(),
-            ));
-        };
-        let (out, inp, ld) = (*out, *inp, *ld);
+        } = w.dense_parts("fake_quant")?;
         let (group, maxq, sym) = match q {
             FakeQuant::Group { bits, group_size } => (group_size, (1u32 << bits) - 1, false),
             FakeQuant::W4PerChannel => (inp, 7, true),
@@ -41,7 +40,7 @@ impl Search for Wgpu {
         }
         let key = self
             .key("fake_quant.wgsl", "fake_quant", WG)
-            .def("F16", *f16 as u32)
+            .def("F16", f16 as u32)
             .def("SYM", sym as u32);
         let per = rows_per_chunk(
             "fake_quant output",
@@ -105,6 +104,7 @@ impl Search for Wgpu {
         let key = self
             .key("loss.wgsl", "loss_rows", WG)
             .def("SQUARED", squared)
+            .def("GOT", 1)
             .def("TOTAL", 0);
         self.rec.dispatch(
             &key,
@@ -113,6 +113,61 @@ impl Search for Wgpu {
             &[rows, cols],
             rows,
         )?;
+        let key = self.key("loss.wgsl", "loss_total", WG).def("TOTAL", 1);
+        self.rec.dispatch(
+            &key,
+            &[(0, e.buf()), (1, masks.buf()), (2, t.buf())],
+            3,
+            &[rows, cols],
+            1,
+        )?;
+        Ok(t)
+    }
+
+    fn abs_col_stats_unchecked(
+        &self,
+        x: &WgpuTensor,
+        acc: Option<&WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        let rows = u32_of("abs_col_stats", x.rows)?;
+        let cols = u32_of("abs_col_stats", x.cols)?;
+        let out = self.tensor(3, x.cols, "abs_col_stats")?;
+        let key = self
+            .key("stats.wgsl", "abs_col_stats", STATS_WG)
+            .def("ACC", acc.is_some() as u32);
+        // p.one = 1.0, opaque to the compiler (see stats.wgsl).
+        let params = [rows, cols, 1.0f32.to_bits()];
+        match acc {
+            Some(a) => self.rec.dispatch(
+                &key,
+                &[(0, x.buf()), (1, a.buf()), (2, out.buf())],
+                3,
+                &params,
+                cols.div_ceil(STATS_WG),
+            )?,
+            None => self.rec.dispatch(
+                &key,
+                &[(0, x.buf()), (2, out.buf())],
+                3,
+                &params,
+                cols.div_ceil(STATS_WG),
+            )?,
+        }
+        Ok(out)
+    }
+
+    fn abs_terms_unchecked(&self, x: &WgpuTensor, masks: &WgpuTensor) -> Result<WgpuTensor> {
+        let rows = u32_of("abs_terms", x.rows)?;
+        let cols = u32_of("abs_terms", x.cols)?;
+        let e = self.tensor(x.rows, 1, "abs_terms rows")?;
+        let t = self.tensor(1, 3, "abs_terms")?;
+        let key = self
+            .key("loss.wgsl", "loss_rows", WG)
+            .def("SQUARED", 0)
+            .def("GOT", 0)
+            .def("TOTAL", 0);
+        self.rec
+            .dispatch(&key, &[(0, x.buf()), (2, e.buf())], 3, &[rows, cols], rows)?;
         let key = self.key("loss.wgsl", "loss_total", WG).def("TOTAL", 1);
         self.rec.dispatch(
             &key,

@@ -1,5 +1,6 @@
 //! The scale search's device ops ([`Search`]) against the CPU reference:
-//! `fake_quant` (the same codes as `quant::pseudo`) and `loss_terms`.
+//! `fake_quant` (the same codes as `quant::pseudo`), `loss_terms`, and the
+//! activation statistics `abs_col_stats` and `abs_terms`.
 
 use super::{down, random, rel_err, rng, to_f16, up, Checks, Device};
 use crate::backend::cpu::Cpu;
@@ -208,5 +209,222 @@ pub fn loss_terms_match_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
                 );
             }
         }
+    }
+}
+
+/// `[rows, cols]` of values whose magnitudes span 1e-3..1e4: in each
+/// column one big value (about 1e4, at a row that moves with the column)
+/// among values of 1e-3..1, either sign, so that an f32 sum that is not
+/// compensated loses the small ones (measurably: see the case names), and
+/// every 17th column zero.
+fn varied(r: &mut rand::rngs::StdRng, rows: usize, cols: usize, seed: usize) -> Tensor {
+    use rand::Rng;
+    let mut data = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        for j in 0..cols {
+            let sign = if r.random::<bool>() { 1.0 } else { -1.0 };
+            let v = if j % 17 == 5 {
+                0.0
+            } else if (j * 7 + seed) % rows.max(1) == i {
+                1e4 * (1.0 + r.random::<f32>())
+            } else {
+                10f32.powf(-3.0 + 3.0 * r.random::<f32>())
+            };
+            data.push(sign * v);
+        }
+    }
+    Tensor::new(vec![rows, cols], data).expect("rows * cols values")
+}
+
+/// The largest error of the sums (`hi + lo` as f64) of a `[3, cols]`
+/// result, each relative to the reference's column.
+fn col_sum_err(got: &Tensor, want: &Tensor, cols: usize) -> f64 {
+    if got.data.len() != 3 * cols || want.data.len() != 3 * cols {
+        return f64::INFINITY;
+    }
+    let sum = |t: &Tensor, c: usize| t.data[c] as f64 + t.data[cols + c] as f64;
+    (0..cols)
+        .map(|c| {
+            let (g, w) = (sum(got, c), sum(want, c));
+            (g - w).abs() / w.abs().max(1e-30)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The largest error of each column's plain f32 sum in row order (no
+/// compensation), relative to the f64 sum: what the cases would show
+/// without the compensation.
+fn naive_f32_err(samples: &[Tensor], cols: usize) -> f64 {
+    let mut s32 = vec![0.0f32; cols];
+    let mut s64 = vec![0.0f64; cols];
+    for x in samples {
+        for row in x.data.chunks_exact(cols) {
+            for c in 0..cols {
+                s32[c] += row[c].abs();
+                s64[c] += row[c].abs() as f64;
+            }
+        }
+    }
+    s32.iter()
+        .zip(&s64)
+        .map(|(&a, &b)| (a as f64 - b).abs() / b.max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// `abs_col_stats` on odd shapes (columns not a multiple of a workgroup,
+/// 1 to 1000 rows), values of widely varied magnitude, and samples
+/// chained through `acc` (each step compared): the sums (`hi + lo`)
+/// relative to the CPU's f64 per column, the maxima exactly.
+pub fn abs_col_stats_matches_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let tol = B::TOL.abs_col_stats as f64;
+    let mut r = rng(11);
+    // (cols, rows of each sample, one after another)
+    let cases: [(usize, &[usize]); 6] = [
+        (1, &[1]),
+        (129, &[37]),
+        (65, &[1000, 3, 517]),
+        (3000, &[300, 211]),
+        (1031, &[999]),
+        (257, &[1, 700, 64]),
+    ];
+    for (k, &(cols, samples)) in cases.iter().enumerate() {
+        let xs: Vec<Tensor> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| varied(&mut r, rows, cols, k + 3 * i))
+            .collect();
+        let naive = naive_f32_err(&xs, cols);
+        let mut cpu: Vec<Result<Tensor>> = Vec::new();
+        for x in &xs {
+            let acc = match cpu.last() {
+                Some(Ok(a)) => Some(a),
+                _ => None,
+            };
+            let next = Cpu.abs_col_stats(x, acc);
+            cpu.push(next);
+        }
+        for &(path, g) in paths {
+            let got: Result<Vec<Tensor>> = (|| {
+                let mut acc: Option<B::Tensor> = None;
+                let mut out = Vec::new();
+                for x in &xs {
+                    let t = g.abs_col_stats(&up(g, x)?, acc.as_ref())?;
+                    out.push(g.download(&t)?);
+                    acc = Some(t);
+                }
+                Ok(out)
+            })();
+            for (i, x) in xs.iter().enumerate() {
+                let name = format!(
+                    "{path} abs_col_stats [{}, {cols}] sample {} of {}",
+                    x.rows(),
+                    i + 1,
+                    xs.len()
+                );
+                let pair = |i: usize| -> Result<(&Tensor, &Tensor)> {
+                    let want = cpu[i]
+                        .as_ref()
+                        .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+                    let got = got
+                        .as_ref()
+                        .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+                    if got[i].shape != [3, cols] {
+                        return Err(crate::error::Error::invalid(format!(
+                            "shape {:?}, want [3, {cols}]",
+                            got[i].shape
+                        )));
+                    }
+                    Ok((&got[i], want))
+                };
+                c.measure(
+                    "abs_col_stats",
+                    format!(
+                        "{name} sum (col. rel. err. of hi + lo; f32 without compensation \
+                         {naive:.1e})"
+                    ),
+                    tol,
+                    || pair(i).map(|(g, w)| col_sum_err(g, w, cols)),
+                );
+                c.measure("abs_col_stats", format!("{name} max (exact)"), 0.0, || {
+                    pair(i).map(|(g, w)| rel_err(&g.data[2 * cols..], &w.data[2 * cols..]))
+                });
+            }
+        }
+    }
+    for &(path, g) in paths {
+        c.expect(
+            "abs_col_stats",
+            format!("{path} abs_col_stats [4, 5] with acc [3, 6]"),
+            || {
+                let x = up(g, &Tensor::zeros(vec![4, 5])).map_err(|e| e.to_string())?;
+                let a = up(g, &Tensor::zeros(vec![3, 6])).map_err(|e| e.to_string())?;
+                super::is_invalid(g.abs_col_stats(&x, Some(&a)))
+            },
+        );
+    }
+}
+
+/// `abs_terms` on odd shapes, values of widely varied magnitude, with
+/// caption and vision rows that overlap, rows in neither, and masks with
+/// no caption or no vision rows, against the CPU's f64 sums.
+pub fn abs_terms_match_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let tol = B::TOL.abs_terms as f64;
+    let mut r = rng(12);
+    // (rows, cols, masks: 0 overlapping, 1 no caption, 2 no vision)
+    let cases = [
+        (37, 129, 0),
+        (1, 3584, 0),
+        (300, 65, 1),
+        (2, 1, 2),
+        (1000, 17, 0),
+        (513, 700, 2),
+    ];
+    for (k, &(rows, cols, kind)) in cases.iter().enumerate() {
+        let x = varied(&mut r, rows, cols, k);
+        let masks: Vec<f32> = (0..rows)
+            .flat_map(|i| {
+                let cap = kind != 1 && i % 3 == 0;
+                let vis = kind != 2 && (i % 3 == 1 || i % 5 == 0);
+                [cap as u8 as f32, vis as u8 as f32]
+            })
+            .collect();
+        let masks = Tensor::new(vec![rows, 2], masks).expect("two flags a row");
+        let what = ["", ", no caption rows", ", no vision rows"][kind];
+        let cpu = Cpu.abs_terms(&x, &masks);
+        for &(path, g) in paths {
+            c.measure(
+                "abs_terms",
+                format!("{path} abs_terms [{rows}, {cols}]{what} (rel. err. of each sum)"),
+                tol,
+                || {
+                    let cpu = cpu
+                        .as_ref()
+                        .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+                    let t = down(g, g.abs_terms(&up(g, &x)?, &up(g, &masks)?))?;
+                    if t.shape != [1, 3] {
+                        return Err(crate::error::Error::invalid(format!(
+                            "shape {:?}, want [1, 3]",
+                            t.shape
+                        )));
+                    }
+                    Ok(t.data
+                        .iter()
+                        .zip(&cpu.data)
+                        .map(|(a, b)| ((a - b).abs() / b.abs().max(1e-30)) as f64)
+                        .fold(0.0, f64::max))
+                },
+            );
+        }
+    }
+    for &(path, g) in paths {
+        c.expect(
+            "abs_terms",
+            format!("{path} abs_terms [4, 5] with masks [3, 2]"),
+            || {
+                let x = up(g, &Tensor::zeros(vec![4, 5])).map_err(|e| e.to_string())?;
+                let m = up(g, &Tensor::zeros(vec![3, 2])).map_err(|e| e.to_string())?;
+                super::is_invalid(g.abs_terms(&x, &m))
+            },
+        );
     }
 }
