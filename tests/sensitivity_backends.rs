@@ -17,7 +17,7 @@ mod wgpu_common;
 use std::path::Path;
 
 use mbq::backend::cpu::Cpu;
-use mbq::backend::{Backend, Grad};
+use mbq::backend::{Backend, Grad, Search};
 use mbq::calib::sensitivity::{sample_sensitivity, SampleSensitivity};
 use mbq::model::rope::{rope_pos, Mrope};
 use mbq::model::Vlm;
@@ -86,12 +86,12 @@ fn sample(m: &Vlm<Cpu>, seed: u64) -> Sample {
     }
 }
 
-fn run<B: Grad>(be: &B, fixture: &str, s: &Sample) -> SampleSensitivity {
+fn run<B: Grad + Search>(be: &B, fixture: &str, s: &Sample) -> SampleSensitivity {
     let m = Vlm::load(be, &fixture_dir(fixture)).unwrap();
     sample_sensitivity(
         be,
         &m.text,
-        &s.x0,
+        &be.upload(&s.x0).unwrap(),
         &s.ids,
         &s.vision,
         &s.caption,
@@ -102,13 +102,13 @@ fn run<B: Grad>(be: &B, fixture: &str, s: &Sample) -> SampleSensitivity {
 }
 
 /// Compares `be`'s pass with the CPU's on two samples; prints the errors.
-fn matches_cpu<B: Grad>(be: &B) {
+fn matches_cpu<B: Grad + Search>(be: &B) {
     for fixture in FIXTURES {
         matches_cpu_on(be, fixture);
     }
 }
 
-fn matches_cpu_on<B: Grad>(be: &B, fixture: &str) {
+fn matches_cpu_on<B: Grad + Search>(be: &B, fixture: &str) {
     let cpu_model = Vlm::load(&Cpu, &fixture_dir(fixture)).unwrap();
     for seed in [7, 11] {
         let s = sample(&cpu_model, seed);

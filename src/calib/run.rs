@@ -28,7 +28,6 @@ use super::report::{CalibReport, GroupReport, LayerReport, Ratio};
 use super::report_svg;
 use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
-use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad, Search as SearchOps};
 use crate::config::{TextConfig, VlmConfig};
 use crate::error::{Error, Result};
@@ -41,7 +40,6 @@ use crate::model::Vlm;
 use crate::processor::Processor;
 use crate::quant::outdir::check_output;
 use crate::quant::writer::{self, QuantSpec, Replacements};
-use crate::tensor::Tensor;
 use crate::weights::{Prefixed, Prefixes, WeightFiles};
 
 /// What the run reports while it works.

@@ -170,6 +170,29 @@ impl ColStats {
     pub fn max(&self) -> Vec<f32> {
         self.max.clone()
     }
+
+    /// The statistics [`Search::abs_col_stats`] added up on a backend
+    /// (`[3, cols]`: the sum as `hi + lo`, then the max) over `rows` rows.
+    pub fn from_device(t: &Tensor, rows: usize) -> Result<ColStats> {
+        if t.rows() != 3 {
+            return Err(Error::invalid(format!(
+                "column statistics of shape {:?}, expected [3, cols]",
+                t.shape
+            )));
+        }
+        let d = t.cols();
+        let (hi, rest) = t.data.split_at(d);
+        let (lo, max) = rest.split_at(d);
+        Ok(ColStats {
+            sum: hi
+                .iter()
+                .zip(lo)
+                .map(|(&h, &l)| h as f64 + l as f64)
+                .collect(),
+            max: max.to_vec(),
+            rows,
+        })
+    }
 }
 
 /// Mean of |x| per column over every row of every sample.
@@ -296,13 +319,16 @@ impl<B: Backend> LayerFeatures<B> {
     }
 }
 
-/// The tap that fills [`LayerFeatures`] from the layer's forward.
+/// The tap that fills [`LayerFeatures`] from the layer's forward; the |x|
+/// statistics of each group's input are added up on the backend
+/// ([`Search::abs_col_stats`]), with their row counts.
 struct Record<'a, B: Backend> {
     be: &'a B,
     f: &'a mut LayerFeatures<B>,
+    stats: &'a mut [(Option<B::Tensor>, usize); 4],
 }
 
-impl<B: Backend> Tap<B> for Record<'_, B> {
+impl<B: Search> Tap<B> for Record<'_, B> {
     fn keep(&mut self, site: Site, t: B::Tensor) -> Result<()> {
         match site {
             Site::AttnOut => self.f.attn_y.push(t),
@@ -310,7 +336,9 @@ impl<B: Backend> Tap<B> for Record<'_, B> {
             _ => {
                 if let Some(g) = Group::ALL.into_iter().find(|g| g.input() == site) {
                     let k = LayerFeatures::<B>::slot(g);
-                    self.f.stats[k].add(&self.be.download(&t)?);
+                    let (acc, rows) = &mut self.stats[k];
+                    *acc = Some(self.be.abs_col_stats(&t, acc.as_ref())?);
+                    *rows += self.be.dims(&t).0;
                     self.f.inputs[k].push(t);
                 }
             }
@@ -340,8 +368,9 @@ fn run_layer<B: Backend>(
 }
 
 /// The FP forward of a layer on every sample (its inputs `xs` on the
-/// backend, its tokens `masks`), keeping the search's features.
-pub fn layer_features<B: Backend>(
+/// backend, its tokens `masks`), keeping the search's features; the |x|
+/// statistics come to the host once, `[3, cols]` a group.
+pub fn layer_features<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
@@ -355,9 +384,20 @@ pub fn layer_features<B: Backend>(
         out: vec![],
         stats: Default::default(),
     };
+    let mut stats: [(Option<B::Tensor>, usize); 4] = Default::default();
     for (x, m) in xs.iter().zip(masks) {
-        let y = run_layer(be, spec, layer, x, m.rope(), &mut Record { be, f: &mut f })?;
+        let mut tap = Record {
+            be,
+            f: &mut f,
+            stats: &mut stats,
+        };
+        let y = run_layer(be, spec, layer, x, m.rope(), &mut tap)?;
         f.out.push(y);
+    }
+    for (k, (acc, rows)) in stats.into_iter().enumerate() {
+        if let Some(t) = acc {
+            f.stats[k] = ColStats::from_device(&be.download(&t)?, rows)?;
+        }
     }
     Ok(f)
 }
