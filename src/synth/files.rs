@@ -55,11 +55,15 @@
 //! .. `</box>` 151673, so vocab_size 151674), model_max_length 8192, the
 //! GotOcr2 image processor (448 tiles, ImageNet mean / std), the chat
 //! template, and the parameter count 7,944,373,760 (the sum of the
-//! shapes; InternVL's documentation lists 7.9B and 15.9 GB of bf16). NOT
-//! confirmed (no copy of the Hub's files was available): the key set of
-//! config.json (written as transformers 4.57 writes it, with
-//! transformers_version "4.52.0.dev0"), the text config's
-//! sliding_window / max_window_layers, max_patches 12, and whether the
+//! shapes; InternVL's documentation lists 7.9B and 15.9 GB of bf16).
+//! Partly confirmed from the Hub config as quoted in vLLM issue #17634:
+//! downsample_ratio 0.5, image_seq_length 256, image_token_id 151667,
+//! text_config rope_theta 1e6 / sliding_window null / use_cache /
+//! use_sliding_window false / vocab_size 151674, torch_dtype bfloat16,
+//! transformers_version "4.52.0.dev0". NOT confirmed (no full copy of the
+//! Hub's files was available): the rest of config.json's key set (written
+//! as transformers 4.5x writes it), max_window_layers, generation_config,
+//! padding_side, max_patches 12, and whether the
 //! Hub's tokenizer has a `<video>` token (not written here: it would not
 //! fit the 151674 embedding rows).
 
