@@ -1,8 +1,8 @@
 //! `mbq synth`: the planned tensors of each model against facts of the real
 //! hub checkpoints (tensor and parameter counts, names, shapes, shards),
-//! and a shrunk llava-ov-0.5b written, loaded by mbq's loader and run on
-//! the CPU (finite, non-degenerate logits; the tokenizer's special ids and
-//! chat template).
+//! and a shrunk llava-ov-0.5b, Qwen2-VL-7B and InternVL3-8B written, loaded
+//! by mbq's loader and run on the CPU (finite, non-degenerate logits; the
+//! tokenizer's special ids and chat template).
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use mbq::backend::cpu::Cpu;
-use mbq::config::VlmConfig;
+use mbq::config::{Arch, VlmConfig};
 use mbq::generate::{target_logits, Prompt};
 use mbq::model::Vlm;
 use mbq::processor::Processor;
@@ -208,6 +208,303 @@ fn llava_15_7b_plan_matches_the_hub_checkpoint() {
         .all(|t| t.name != format!("{v}.embeddings.patch_embedding.bias")));
 }
 
+#[test]
+fn qwen2_vl_7b_plan_matches_the_hub_checkpoint() {
+    let p = real(Like::Qwen2Vl7b);
+    check_layout(&p);
+    // Qwen2-VL-7B-Instruct's 8,291,375,616 parameters (the Hub's 8.29B;
+    // also the sum of the shapes below: tower 675,759,104 + decoder
+    // 7,615,616,512). A transformers-4 save with the default 5 GB limit
+    // writes 4 shards; the Hub's upload has 5 (written with a smaller
+    // limit by Qwen).
+    assert_eq!(p.parameters(), 8_291_375_616);
+    assert_eq!(p.total_bytes(), 16_582_751_232);
+    assert_eq!(p.files.len(), 4);
+    // Tower: patch embed + 32 x 12 + merger 6; decoder: embed + 28 x 12 +
+    // norm + lm_head.
+    assert_eq!(p.tensors.len(), 1 + 32 * 12 + 6 + 1 + 28 * 12 + 2);
+    assert_eq!(p.tensors[0].name, "visual.patch_embed.proj.weight");
+    assert_eq!(p.tensors.last().unwrap().name, "lm_head.weight");
+    for (name, shape) in [
+        ("visual.patch_embed.proj.weight", vec![1280, 3, 2, 14, 14]),
+        ("visual.blocks.0.norm1.weight", vec![1280]),
+        ("visual.blocks.0.norm2.bias", vec![1280]),
+        ("visual.blocks.31.attn.qkv.weight", vec![3840, 1280]),
+        ("visual.blocks.31.attn.qkv.bias", vec![3840]),
+        ("visual.blocks.0.attn.proj.weight", vec![1280, 1280]),
+        ("visual.blocks.0.attn.proj.bias", vec![1280]),
+        ("visual.blocks.0.mlp.fc1.weight", vec![5120, 1280]),
+        ("visual.blocks.0.mlp.fc2.weight", vec![1280, 5120]),
+        ("visual.merger.ln_q.weight", vec![1280]),
+        ("visual.merger.ln_q.bias", vec![1280]),
+        ("visual.merger.mlp.0.weight", vec![5120, 5120]),
+        ("visual.merger.mlp.2.weight", vec![3584, 5120]),
+        ("visual.merger.mlp.2.bias", vec![3584]),
+        ("model.embed_tokens.weight", vec![152064, 3584]),
+        ("model.layers.27.self_attn.q_proj.bias", vec![3584]),
+        ("model.layers.0.self_attn.k_proj.weight", vec![512, 3584]),
+        ("model.layers.0.mlp.down_proj.weight", vec![3584, 18944]),
+        ("model.norm.weight", vec![3584]),
+        ("lm_head.weight", vec![152064, 3584]),
+    ] {
+        assert_eq!(find(&p, name).shape, shape, "{name}");
+    }
+    for absent in [
+        "visual.patch_embed.proj.bias",
+        "visual.blocks.32.norm1.weight",
+        "model.layers.28.input_layernorm.weight",
+        "model.layers.0.self_attn.o_proj.bias",
+    ] {
+        assert!(p.tensors.iter().all(|t| t.name != absent), "{absent}");
+    }
+    assert_eq!(find(&p, "visual.merger.mlp.2.bias").shard, 0);
+    assert_eq!(find(&p, "lm_head.weight").shard, 3);
+    assert!(p
+        .tensors
+        .iter()
+        .all(|t| !t.name.starts_with("language_model")));
+}
+
+#[test]
+fn internvl3_8b_plan_matches_the_hub_checkpoint() {
+    let p = real(Like::InternVl3_8b);
+    check_layout(&p);
+    // The sum of the shapes: InternViT-300M 304,012,288 (cls 1024 +
+    // positions 1025 x 1024 + patch conv 603,136 + 24 x 12,598,272) +
+    // projector 27,540,480 + Qwen2.5-7B with 151674 rows untied
+    // 7,612,820,992. InternVL's documentation lists InternVL3-8B as 7.9B
+    // parameters, 15.9 GB in bf16.
+    assert_eq!(p.parameters(), 7_944_373_760);
+    assert_eq!(p.total_bytes(), 15_888_747_520);
+    assert_eq!(p.files.len(), 4);
+    // Tower: 4 embedding tensors + 24 x 18; projector 6; decoder embed +
+    // 28 x 12 + norm + lm_head.
+    assert_eq!(p.tensors.len(), 4 + 24 * 18 + 6 + 1 + 28 * 12 + 2);
+    assert_eq!(p.tensors[0].name, "vision_tower.embeddings.cls_token");
+    assert_eq!(
+        p.tensors.last().unwrap().name,
+        "language_model.lm_head.weight"
+    );
+    let v = "vision_tower.encoder.layer";
+    for (name, shape) in [
+        (
+            "vision_tower.embeddings.cls_token".to_string(),
+            vec![1, 1, 1024],
+        ),
+        (
+            "vision_tower.embeddings.position_embeddings".into(),
+            vec![1, 1025, 1024],
+        ),
+        (
+            "vision_tower.embeddings.patch_embeddings.projection.weight".into(),
+            vec![1024, 3, 14, 14],
+        ),
+        (
+            "vision_tower.embeddings.patch_embeddings.projection.bias".into(),
+            vec![1024],
+        ),
+        (format!("{v}.0.lambda_1"), vec![1024]),
+        (format!("{v}.23.lambda_2"), vec![1024]),
+        (format!("{v}.0.attention.q_proj.weight"), vec![1024, 1024]),
+        (format!("{v}.0.attention.k_proj.bias"), vec![1024]),
+        (
+            format!("{v}.23.attention.projection_layer.weight"),
+            vec![1024, 1024],
+        ),
+        (format!("{v}.0.mlp.fc1.weight"), vec![4096, 1024]),
+        (format!("{v}.0.mlp.fc2.weight"), vec![1024, 4096]),
+        (format!("{v}.0.layernorm_before.bias"), vec![1024]),
+        (format!("{v}.0.layernorm_after.weight"), vec![1024]),
+        ("multi_modal_projector.layer_norm.weight".into(), vec![4096]),
+        (
+            "multi_modal_projector.linear_1.weight".into(),
+            vec![3584, 4096],
+        ),
+        (
+            "multi_modal_projector.linear_2.weight".into(),
+            vec![3584, 3584],
+        ),
+        (
+            "language_model.model.embed_tokens.weight".into(),
+            vec![151674, 3584],
+        ),
+        (
+            "language_model.model.layers.27.self_attn.v_proj.bias".into(),
+            vec![512],
+        ),
+        ("language_model.lm_head.weight".into(), vec![151674, 3584]),
+    ] {
+        assert_eq!(find(&p, &name).shape, shape, "{name}");
+    }
+    for absent in [
+        "vision_tower.layernorm.weight",
+        "vision_tower.embeddings.mask_token",
+        "vision_tower.encoder.layer.0.attention.q_norm.weight",
+        "vision_tower.encoder.layer.24.lambda_1",
+    ] {
+        assert!(p.tensors.iter().all(|t| t.name != absent), "{absent}");
+    }
+    assert_eq!(find(&p, "multi_modal_projector.linear_2.bias").shard, 0);
+    assert_eq!(find(&p, "language_model.lm_head.weight").shard, 3);
+}
+
+/// Writes a shrunk `like` (1 decoder layer, 1 vision layer, 1024 vocabulary
+/// rows, bf16 as on the Hub) with the CLI and checks every planned tensor
+/// is there; returns the directory.
+fn write_shrunk(like: Like, scratch: &str) -> std::path::PathBuf {
+    let dir = common::scratch(scratch);
+    let out = dir.join("m");
+    let o = mbq(&[
+        "synth",
+        "--like",
+        like.name(),
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "1",
+        "--vision-layers",
+        "1",
+        "--vocab",
+        "1024",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = plan(
+        like,
+        &SynthOptions {
+            layers: Some(1),
+            vision_layers: Some(1),
+            vocab: Some(1024),
+            dtype: SynthDtype::Bf16,
+        },
+    )
+    .unwrap();
+    let w = WeightFiles::open(&out).unwrap();
+    assert_eq!(w.names().count(), p.tensors.len());
+    for t in &p.tensors {
+        assert_eq!(w.shape(&t.name), Some(t.shape.as_slice()), "{}", t.name);
+    }
+    out
+}
+
+/// One text-only forward on the CPU: finite, non-degenerate logits.
+fn forward_is_sane(out: &Path, image_token: u32) {
+    let be = Cpu;
+    let model = Vlm::load(&be, out).unwrap();
+    let prompt = Prompt::new(vec![5, 80, 300, 17, 999], image_token, &[]).unwrap();
+    let rows = target_logits(&be, &model, &prompt, None, &[3, 4]).unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row.len(), 1024);
+        assert!(row.iter().all(|x| x.is_finite()));
+        let m = row.iter().sum::<f32>() / row.len() as f32;
+        let s = (row.iter().map(|x| (x - m).powi(2)).sum::<f32>() / row.len() as f32).sqrt();
+        assert!(s > 0.05 && s < 100.0, "logit std {s}");
+    }
+}
+
+#[test]
+fn written_qwen2_vl_loads_and_runs_on_the_cpu() {
+    let out = write_shrunk(Like::Qwen2Vl7b, "synth_qwen2vl");
+    let w = WeightFiles::open(&out).unwrap();
+    let pre = Prefixes::detect(&w).unwrap();
+    assert_eq!(pre.text, "model");
+    assert_eq!(pre.vision, "visual");
+    assert_eq!(pre.projector, "visual.merger");
+    assert_eq!(pre.lm_head, "lm_head");
+    let cfg = VlmConfig::load(&out).unwrap();
+    assert_eq!(cfg.arch, Arch::Qwen2Vl);
+    assert!(cfg.flat_text);
+    assert_eq!(cfg.text.hidden_size, 3584);
+    assert_eq!(cfg.text.num_hidden_layers, 1);
+    assert_eq!(cfg.text.num_key_value_heads, 4);
+    assert_eq!(cfg.text.vocab_size, 1024);
+    assert_eq!(cfg.text.rope_theta, 1e6);
+    assert_eq!(cfg.text.mrope_section, Some(vec![16, 24, 24]));
+    assert!(!cfg.text.tie_word_embeddings);
+    assert_eq!(cfg.vision.hidden_size, 1280);
+    assert_eq!(cfg.vision.intermediate_size, 5120);
+    assert_eq!(cfg.vision.num_hidden_layers, 1);
+    assert_eq!(cfg.vision.out_hidden_size, 3584);
+    assert_eq!(cfg.image_token_index, 151655);
+    // The full-size config parses to the real sizes too.
+    let dir = common::scratch("synth_qwen2vl_files");
+    mbq::synth::write_side_files(&real(Like::Qwen2Vl7b), &dir).unwrap();
+    let full = VlmConfig::load(&dir).unwrap();
+    assert_eq!(
+        (full.text.num_hidden_layers, full.vision.num_hidden_layers),
+        (28, 32)
+    );
+    assert_eq!(full.text.vocab_size, 152064);
+    assert!(mbq::preprocess_qwen::QwenVlImageConfig::load(&dir).is_ok());
+
+    // The Hub's chat template (default system turn) and special ids.
+    let proc = Processor::load(&out, cfg.image_token_index).unwrap();
+    let text = proc.render("hi", true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = proc.encode(&text, 3).unwrap();
+    assert_eq!(ids[0], 151644);
+    assert_eq!(ids.iter().filter(|&&t| t == 151655).count(), 3);
+    assert!(ids.contains(&151652) && ids.contains(&151653) && ids.contains(&151645));
+
+    forward_is_sane(&out, cfg.image_token_index);
+}
+
+#[test]
+fn written_internvl3_loads_and_runs_on_the_cpu() {
+    let out = write_shrunk(Like::InternVl3_8b, "synth_internvl3");
+    let w = WeightFiles::open(&out).unwrap();
+    let pre = Prefixes::detect(&w).unwrap();
+    assert_eq!(pre.text, "language_model.model");
+    assert_eq!(pre.vision, "vision_tower");
+    assert_eq!(pre.projector, "multi_modal_projector");
+    assert_eq!(pre.lm_head, "language_model.lm_head");
+    let cfg = VlmConfig::load(&out).unwrap();
+    assert_eq!(cfg.arch, Arch::InternVl);
+    assert_eq!(cfg.text.hidden_size, 3584);
+    assert_eq!(cfg.text.num_hidden_layers, 1);
+    assert_eq!(cfg.text.vocab_size, 1024);
+    assert_eq!(cfg.text.rope_theta, 1e6);
+    assert!(!cfg.text.tie_word_embeddings);
+    assert_eq!(cfg.vision.hidden_size, 1024);
+    assert_eq!(cfg.vision.image_size, 448);
+    assert_eq!(cfg.vision.patch_size, 14);
+    assert_eq!(cfg.vision.num_hidden_layers, 1);
+    let extra = cfg.internvl.as_ref().unwrap();
+    assert!(extra.qkv_bias && !extra.qk_norm && !extra.rms_norm && !extra.final_norm);
+    assert_eq!(cfg.image_token_index, 151667);
+    assert_eq!(mbq::config_internvl::tokens_per_tile(&cfg.vision), 256);
+    let dir = common::scratch("synth_internvl3_files");
+    mbq::synth::write_side_files(&real(Like::InternVl3_8b), &dir).unwrap();
+    let full = VlmConfig::load(&dir).unwrap();
+    assert_eq!(
+        (full.text.num_hidden_layers, full.vision.num_hidden_layers),
+        (28, 24)
+    );
+    assert_eq!(full.text.vocab_size, 151674);
+    let img = mbq::preprocess_internvl::InternVlImageConfig::load(&dir).unwrap();
+    assert_eq!(img.tile, (448, 448));
+
+    // The conversion script's template; `<img>` + context tokens + `</img>`.
+    let proc = Processor::load(&out, cfg.image_token_index).unwrap();
+    let text = proc.render("hi", true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\n<IMG_CONTEXT>\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = proc.encode(&text, 3).unwrap();
+    assert_eq!(ids[0], 151644);
+    assert_eq!(ids.iter().filter(|&&t| t == 151667).count(), 3);
+    assert!(ids.contains(&151665) && ids.contains(&151666));
+    assert!(ids.iter().all(|&t| t < 151674));
+
+    forward_is_sane(&out, cfg.image_token_index);
+}
+
 fn mbq(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_mbq"))
         .args(args)
@@ -385,4 +682,9 @@ fn bad_options_name_the_option() {
         Like::parse("llava-hf/llava-1.5-7b-hf").unwrap(),
         Like::Llava15_7b
     );
+    assert_eq!(
+        Like::parse("Qwen/Qwen2-VL-7B-Instruct").unwrap(),
+        Like::Qwen2Vl7b
+    );
+    assert_eq!(Like::parse("internvl3-8b").unwrap(), Like::InternVl3_8b);
 }

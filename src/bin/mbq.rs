@@ -214,8 +214,10 @@ enum Cmd {
     /// memory and time at real size.
     Synth {
         /// llava-ov-0.5b (llava-hf/llava-onevision-qwen2-0.5b-ov-hf),
-        /// llava-ov-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf) or
-        /// llava-1.5-7b (llava-hf/llava-1.5-7b-hf); the hub id works too.
+        /// llava-ov-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf),
+        /// llava-1.5-7b (llava-hf/llava-1.5-7b-hf), qwen2-vl-7b
+        /// (Qwen/Qwen2-VL-7B-Instruct) or internvl3-8b
+        /// (OpenGVLab/InternVL3-8B-hf); the hub id works too.
         #[arg(long, value_name = "NAME")]
         like: String,
         /// Output directory; must not exist.

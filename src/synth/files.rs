@@ -28,13 +28,51 @@
 //! with the real vocabulary size and special-token ids, whose other entries
 //! are pseudo-words and which has no merges (prompts tokenize to about one
 //! token per character).
+//!
+//! Qwen2-VL-7B-Instruct. Confirmed (transformers' Qwen2-VL configuration
+//! and modeling code, and the repository's Hub-layout fixture, whose chat
+//! template and preprocessor keys are the Hub's): the flat config.json of
+//! transformers 4 (text keys at the top level, `rope_theta` 1e6,
+//! `rope_scaling {"type": "mrope", "mrope_section": [16, 24, 24]}`,
+//! `vision_config` with `embed_dim`, `depth`, `mlp_ratio`, `in_chans`,
+//! `hidden_size` = the merger's output), the special token ids (151643 ..
+//! 151656, `<|image_pad|>` 151655), vocab_size 152064 and the parameter
+//! count (8,291,375,616). NOT confirmed: the exact optional keys of
+//! config.json (attention_dropout, initializer_range, max_window_layers 28,
+//! sliding_window 32768, use_sliding_window, transformers_version
+//! "4.41.2"), generation_config.json's sampling values,
+//! preprocessor_config.json's max_pixels (12845056), tokenizer_config.json's
+//! model_max_length and padding_side, and the Hub's 5 shards (a
+//! transformers-4 save with the default 5 GB limit writes 4: see `plan`).
+//!
+//! InternVL3-8B-hf. Confirmed (transformers' InternVL configuration,
+//! modeling and weight-conversion code, and the repository's fixture saved
+//! by transformers 4.57): the tensor names (4.57 reverses the model's
+//! `_checkpoint_conversion_mapping`, so `vision_tower.*`,
+//! `multi_modal_projector.*`, `language_model.model.*`,
+//! `language_model.lm_head.weight`), image_token_id 151667, eos 151645,
+//! the tokenizer's 9 added tokens after Qwen2.5's 151665 (`<img>` 151665
+//! .. `</box>` 151673, so vocab_size 151674), model_max_length 8192, the
+//! GotOcr2 image processor (448 tiles, ImageNet mean / std), the chat
+//! template, and the parameter count 7,944,373,760 (the sum of the
+//! shapes; InternVL's documentation lists 7.9B and 15.9 GB of bf16).
+//! Partly confirmed from the Hub config as quoted in vLLM issue #17634:
+//! downsample_ratio 0.5, image_seq_length 256, image_token_id 151667,
+//! text_config rope_theta 1e6 / sliding_window null / use_cache /
+//! use_sliding_window false / vocab_size 151674, torch_dtype bfloat16,
+//! transformers_version "4.52.0.dev0". NOT confirmed (no full copy of the
+//! Hub's files was available): the rest of config.json's key set (written
+//! as transformers 4.5x writes it), max_window_layers, generation_config,
+//! padding_side, max_patches 12, and whether the
+//! Hub's tokenizer has a `<video>` token (not written here: it would not
+//! fit the 151674 embedding rows).
 
 use std::fs;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::{Like, Plan};
+use super::{Family, Like, Plan, QWEN_MERGE, QWEN_TEMPORAL_PATCH};
 use crate::error::{Error, Result};
 
 /// Writes `model.safetensors.index.json`; returns its size.
@@ -59,25 +97,29 @@ pub(super) fn write_index(plan: &Plan, dir: &Path) -> Result<u64> {
 /// Writes every file but the weights and the index (configs, processor
 /// files, tokenizer) into `dir`; returns their size.
 pub fn write_side_files(plan: &Plan, dir: &Path) -> Result<u64> {
+    let like = plan.like;
+    let family = like.family();
     let mut files: Vec<(&str, Value)> = vec![
         ("config.json", config(plan)),
-        ("generation_config.json", generation_config(plan.like)),
-        ("preprocessor_config.json", preprocessor_config(plan.like)),
-        ("processor_config.json", processor_config(plan.like)),
+        ("generation_config.json", generation_config(like)),
+        ("preprocessor_config.json", preprocessor_config(like)),
         (
             "chat_template.json",
-            json!({ "chat_template": chat_template(plan.like) }),
+            json!({ "chat_template": chat_template(like) }),
         ),
-        ("tokenizer.json", tokenizer_json(plan.like)),
-        ("tokenizer_config.json", tokenizer_config(plan.like)),
-        ("special_tokens_map.json", special_tokens_map(plan.like)),
+        ("tokenizer.json", tokenizer_json(like)),
+        ("tokenizer_config.json", tokenizer_config(like)),
+        ("special_tokens_map.json", special_tokens_map(like)),
     ];
-    if onevision(plan.like) {
-        files.push((
-            "video_preprocessor_config.json",
-            video_preprocessor_config(),
-        ));
-        let added: Map<String, Value> = qwen_added()
+    if let Some(v) = processor_config(like) {
+        files.push(("processor_config.json", v));
+    }
+    if let Some(v) = video_preprocessor_config(like) {
+        files.push(("video_preprocessor_config.json", v));
+    }
+    let byte_level = family != Family::Llava;
+    if byte_level {
+        let added: Map<String, Value> = added_tokens(like)
             .iter()
             .map(|&(id, t)| (t.to_string(), json!(id)))
             .collect();
@@ -88,7 +130,7 @@ pub fn write_side_files(plan: &Plan, dir: &Path) -> Result<u64> {
     for (name, v) in &files {
         bytes += write_json(&dir.join(name), v)?;
     }
-    if onevision(plan.like) {
+    if byte_level {
         // The slow tokenizer's merges: none (see the module comment).
         let path = dir.join("merges.txt");
         let text = "#version: 0.2\n";
@@ -98,8 +140,18 @@ pub fn write_side_files(plan: &Plan, dir: &Path) -> Result<u64> {
     Ok(bytes)
 }
 
+/// The tokens after the BPE vocabulary (byte-level tokenizers), with ids.
+fn added_tokens(like: Like) -> Vec<(u32, &'static str)> {
+    match like.family() {
+        Family::Llava => llama_special().to_vec(),
+        Family::LlavaOnevision => qwen_added().to_vec(),
+        Family::Qwen2Vl => qwen2vl_added().to_vec(),
+        Family::InternVl => internvl_added(),
+    }
+}
+
 fn onevision(like: Like) -> bool {
-    like.spec().onevision
+    like.family() == Family::LlavaOnevision
 }
 
 /// `json.dumps(v, indent=2, sort_keys=True)` as transformers writes its
@@ -145,6 +197,8 @@ fn config(plan: &Plan) -> Value {
     let (v, x) = (&plan.spec.vision, &plan.spec.text);
     let dtype = plan.dtype.torch_name();
     match plan.like {
+        Like::Qwen2Vl7b => qwen2vl_config(plan),
+        Like::InternVl3_8b => internvl_config(plan),
         Like::LlavaOv05b | Like::LlavaOv7b => {
             let small = plan.like == Like::LlavaOv05b;
             let mut text = json!({
@@ -243,7 +297,149 @@ fn config(plan: &Plan) -> Value {
     }
 }
 
+/// Qwen2-VL-7B-Instruct's config.json: transformers 4's flat layout (the
+/// language model's keys at the top level).
+fn qwen2vl_config(plan: &Plan) -> Value {
+    let (v, x) = (&plan.spec.vision, &plan.spec.text);
+    json!({
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+        "hidden_size": x.hidden,
+        "image_token_id": 151655,
+        "initializer_range": 0.02,
+        "intermediate_size": x.intermediate,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "qwen2_vl",
+        "num_attention_heads": x.heads,
+        "num_hidden_layers": x.layers,
+        "num_key_value_heads": x.kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": { "mrope_section": [16, 24, 24], "type": "mrope" },
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": x.tied,
+        "torch_dtype": plan.dtype.torch_name(),
+        "transformers_version": "4.41.2",
+        "use_cache": true,
+        "use_sliding_window": false,
+        "video_token_id": 151656,
+        "vision_config": {
+            "depth": v.layers,
+            "embed_dim": v.hidden,
+            "hidden_size": x.hidden,
+            "in_chans": 3,
+            "mlp_ratio": v.intermediate / v.hidden,
+            "num_heads": v.heads,
+            "patch_size": v.patch,
+            "spatial_merge_size": QWEN_MERGE,
+            "spatial_patch_size": v.patch,
+            "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+        },
+        "vision_end_token_id": 151653,
+        "vision_start_token_id": 151652,
+        "vision_token_id": 151654,
+        "vocab_size": x.vocab,
+    })
+}
+
+/// InternVL3-8B-hf's config.json: InternVLConfig with a Qwen2 text config
+/// (Qwen2.5-7B) and InternViT-300M's vision config, every key written as
+/// transformers 4.5x writes them.
+fn internvl_config(plan: &Plan) -> Value {
+    let (v, x) = (&plan.spec.vision, &plan.spec.text);
+    json!({
+        "architectures": ["InternVLForConditionalGeneration"],
+        "downsample_ratio": 0.5,
+        "image_seq_length": 256,
+        "image_token_id": 151667,
+        "model_type": "internvl",
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "hidden_act": "silu",
+            "hidden_size": x.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": x.intermediate,
+            "max_position_embeddings": 32768,
+            "max_window_layers": 70,
+            "model_type": "qwen2",
+            "num_attention_heads": x.heads,
+            "num_hidden_layers": x.layers,
+            "num_key_value_heads": x.kv_heads,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": null,
+            "rope_theta": 1000000.0,
+            "sliding_window": null,
+            "torch_dtype": "bfloat16",
+            "use_cache": true,
+            "use_sliding_window": false,
+            "vocab_size": x.vocab,
+        },
+        "tie_word_embeddings": x.tied,
+        "torch_dtype": plan.dtype.torch_name(),
+        "transformers_version": "4.52.0.dev0",
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "attention_bias": true,
+            "attention_dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0,
+            "hidden_size": v.hidden,
+            "image_size": [v.image, v.image],
+            "initializer_range": 0.02,
+            "intermediate_size": v.intermediate,
+            "layer_norm_eps": 1e-06,
+            "layer_scale_init_value": 0.1,
+            "model_type": "internvl_vision",
+            "norm_type": "layer_norm",
+            "num_attention_heads": v.heads,
+            "num_channels": 3,
+            "num_hidden_layers": v.layers,
+            "patch_size": [v.patch, v.patch],
+            "projection_dropout": 0.0,
+            "torch_dtype": "bfloat16",
+            "use_absolute_position_embeddings": true,
+            "use_mask_token": false,
+            "use_mean_pooling": true,
+            "use_qk_norm": false,
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+    })
+}
+
 fn generation_config(like: Like) -> Value {
+    match like.family() {
+        Family::Qwen2Vl => {
+            return json!({
+                "bos_token_id": 151643,
+                "do_sample": true,
+                "eos_token_id": [151645, 151643],
+                "pad_token_id": 151643,
+                "repetition_penalty": 1.05,
+                "temperature": 0.1,
+                "top_k": 1,
+                "top_p": 0.001,
+                "transformers_version": "4.41.2",
+            })
+        }
+        Family::InternVl => {
+            return json!({
+                "bos_token_id": 151643,
+                "eos_token_id": 151645,
+                "pad_token_id": 151643,
+                "transformers_version": "4.52.0.dev0",
+            })
+        }
+        Family::Llava | Family::LlavaOnevision => {}
+    }
     if onevision(like) {
         json!({
             "bos_token_id": 151643,
@@ -261,6 +457,51 @@ fn generation_config(like: Like) -> Value {
 }
 
 fn preprocessor_config(like: Like) -> Value {
+    match like.family() {
+        // Qwen2VLImageProcessor as the Hub file has it.
+        Family::Qwen2Vl => {
+            return json!({
+                "image_mean": CLIP_MEAN,
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "image_std": CLIP_STD,
+                "max_pixels": 12845056,
+                "merge_size": QWEN_MERGE,
+                "min_pixels": 3136,
+                "patch_size": 14,
+                "processor_class": "Qwen2VLProcessor",
+                "temporal_patch_size": QWEN_TEMPORAL_PATCH,
+            })
+        }
+        // GotOcr2ImageProcessorFast as InternVLProcessor saves it (the
+        // processor asks for tiles; crop_to_patches is its call-time
+        // default).
+        Family::InternVl => {
+            return json!({
+                "crop_size": null,
+                "crop_to_patches": false,
+                "data_format": "channels_first",
+                "default_to_square": true,
+                "device": null,
+                "do_center_crop": null,
+                "do_convert_rgb": true,
+                "do_normalize": true,
+                "do_rescale": true,
+                "do_resize": true,
+                "image_mean": IMAGENET_MEAN,
+                "image_processor_type": "GotOcr2ImageProcessorFast",
+                "image_std": IMAGENET_STD,
+                "input_data_format": null,
+                "max_patches": 12,
+                "min_patches": 1,
+                "processor_class": "InternVLProcessor",
+                "resample": 3,
+                "rescale_factor": 0.00392156862745098,
+                "return_tensors": null,
+                "size": { "height": 448, "width": 448 },
+            })
+        }
+        Family::Llava | Family::LlavaOnevision => {}
+    }
     if onevision(like) {
         json!({
             "do_convert_rgb": true,
@@ -296,7 +537,43 @@ fn preprocessor_config(like: Like) -> Value {
     }
 }
 
-fn video_preprocessor_config() -> Value {
+fn video_preprocessor_config(like: Like) -> Option<Value> {
+    match like.family() {
+        Family::LlavaOnevision => Some(onevision_video_preprocessor_config()),
+        Family::InternVl => Some(json!({
+            "crop_size": null,
+            "data_format": "channels_first",
+            "default_to_square": true,
+            "device": null,
+            "do_center_crop": null,
+            "do_convert_rgb": true,
+            "do_normalize": true,
+            "do_rescale": true,
+            "do_resize": true,
+            "do_sample_frames": false,
+            "fps": null,
+            "image_mean": IMAGENET_MEAN,
+            "image_std": IMAGENET_STD,
+            "initial_shift": true,
+            "input_data_format": null,
+            "num_frames": null,
+            "processor_class": "InternVLProcessor",
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": { "height": 448, "width": 448 },
+            "video_metadata": null,
+            "video_processor_type": "InternVLVideoProcessor",
+        })),
+        Family::Llava | Family::Qwen2Vl => None,
+    }
+}
+
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+fn onevision_video_preprocessor_config() -> Value {
     json!({
         "do_convert_rgb": true,
         "do_normalize": true,
@@ -312,8 +589,20 @@ fn video_preprocessor_config() -> Value {
     })
 }
 
-fn processor_config(like: Like) -> Value {
-    if onevision(like) {
+fn processor_config(like: Like) -> Option<Value> {
+    match like.family() {
+        // Qwen2VLProcessor has no settings of its own: no file.
+        Family::Qwen2Vl => return None,
+        // 256 tokens per 448 tile (1024 patches, 2 x 2 pixel shuffle).
+        Family::InternVl => {
+            return Some(json!({
+                "image_seq_length": 256,
+                "processor_class": "InternVLProcessor",
+            }))
+        }
+        Family::Llava | Family::LlavaOnevision => {}
+    }
+    Some(if onevision(like) {
         json!({
             "image_token": "<image>",
             "num_image_tokens": 729,
@@ -329,16 +618,89 @@ fn processor_config(like: Like) -> Value {
             "processor_class": "LlavaProcessor",
             "vision_feature_select_strategy": "default",
         })
-    }
+    })
 }
 
-/// The llava-hf processors' chat templates.
+/// The chat templates: the Hub's (Qwen2-VL, with a default system turn),
+/// transformers' InternVL conversion script's (an image is
+/// `<IMG_CONTEXT>\n`), the llava-hf processors'.
 fn chat_template(like: Like) -> &'static str {
+    match like.family() {
+        Family::Qwen2Vl => return QWEN2VL_TEMPLATE,
+        Family::InternVl => return INTERNVL_TEMPLATE,
+        Family::Llava | Family::LlavaOnevision => {}
+    }
     if onevision(like) {
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     } else {
         "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     }
+}
+
+const QWEN2VL_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+const INTERNVL_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}";
+
+/// Qwen2-VL's added tokens (Qwen2's three, then the grounding and vision
+/// ones), with their ids.
+pub fn qwen2vl_added() -> [(u32, &'static str); 14] {
+    [
+        (151643, "<|endoftext|>"),
+        (151644, "<|im_start|>"),
+        (151645, "<|im_end|>"),
+        (151646, "<|object_ref_start|>"),
+        (151647, "<|object_ref_end|>"),
+        (151648, "<|box_start|>"),
+        (151649, "<|box_end|>"),
+        (151650, "<|quad_start|>"),
+        (151651, "<|quad_end|>"),
+        (151652, "<|vision_start|>"),
+        (151653, "<|vision_end|>"),
+        (151654, "<|vision_pad|>"),
+        (151655, "<|image_pad|>"),
+        (151656, "<|video_pad|>"),
+    ]
+}
+
+/// InternVL3's tokenizer: Qwen2.5-VL's added tokens (Qwen2-VL's, then
+/// tool-call and fill-in-the-middle ones, 151643 .. 151664) and the 9 of
+/// transformers' InternVL conversion (`<img>` 151665 .. `</box>` 151673).
+pub fn internvl_added() -> Vec<(u32, &'static str)> {
+    let mut t = qwen2vl_added().to_vec();
+    let more = [
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<quad>",
+        "</quad>",
+        "<ref>",
+        "</ref>",
+        "<box>",
+        "</box>",
+    ];
+    for (i, tok) in more.into_iter().enumerate() {
+        t.push((151657 + i as u32, tok));
+    }
+    t
+}
+
+/// The additional special tokens of tokenizer_config.json: every added
+/// token but `<|endoftext|>` and, for InternVL, the tool-call and
+/// fill-in-the-middle ones (not special in Qwen2.5's tokenizer).
+fn additional_special(like: Like) -> Vec<&'static str> {
+    added_tokens(like)
+        .into_iter()
+        .filter(|&(id, _)| id != 151643 && !(151657..=151664).contains(&id))
+        .map(|(_, t)| t)
+        .collect()
 }
 
 /// Qwen2's special tokens and llava-hf's two added ones, with their ids.
@@ -479,7 +841,7 @@ fn added_decoder(tokens: &[(u32, &str)]) -> Value {
 }
 
 fn tokenizer_json(like: Like) -> Value {
-    if onevision(like) {
+    if like.family() != Family::Llava {
         let byte_level = json!({
             "type": "ByteLevel",
             "add_prefix_space": false,
@@ -490,7 +852,7 @@ fn tokenizer_json(like: Like) -> Value {
             "version": "1.0",
             "truncation": null,
             "padding": null,
-            "added_tokens": qwen_added().iter().map(|&(id, t)| added_token(id, t)).collect::<Vec<_>>(),
+            "added_tokens": added_tokens(like).iter().map(|&(id, t)| added_token(id, t)).collect::<Vec<_>>(),
             "normalizer": { "type": "NFC" },
             "pre_tokenizer": {
                 "type": "Sequence",
@@ -580,6 +942,54 @@ fn tokenizer_json(like: Like) -> Value {
 }
 
 fn tokenizer_config(like: Like) -> Value {
+    match like.family() {
+        Family::Qwen2Vl => {
+            return json!({
+                "add_prefix_space": false,
+                "added_tokens_decoder": added_decoder(&qwen2vl_added()),
+                "additional_special_tokens": additional_special(like),
+                "bos_token": null,
+                "chat_template": QWEN2VL_TEMPLATE,
+                "clean_up_tokenization_spaces": false,
+                "eos_token": "<|im_end|>",
+                "errors": "replace",
+                "model_max_length": 32768,
+                "pad_token": "<|endoftext|>",
+                "padding_side": "left",
+                "processor_class": "Qwen2VLProcessor",
+                "split_special_tokens": false,
+                "tokenizer_class": "Qwen2Tokenizer",
+                "unk_token": null,
+            })
+        }
+        Family::InternVl => {
+            return json!({
+                "add_prefix_space": false,
+                "added_tokens_decoder": added_decoder(&internvl_added()),
+                "additional_special_tokens": additional_special(like),
+                "bos_token": null,
+                "clean_up_tokenization_spaces": false,
+                "context_image_token": "<IMG_CONTEXT>",
+                "end_image_token": "</img>",
+                "eos_token": "<|im_end|>",
+                "errors": "replace",
+                "extra_special_tokens": {
+                    "context_image_token": "<IMG_CONTEXT>",
+                    "end_image_token": "</img>",
+                    "start_image_token": "<img>",
+                },
+                "model_max_length": 8192,
+                "pad_token": "<|endoftext|>",
+                "padding_side": "left",
+                "processor_class": "InternVLProcessor",
+                "split_special_tokens": false,
+                "start_image_token": "<img>",
+                "tokenizer_class": "Qwen2Tokenizer",
+                "unk_token": null,
+            })
+        }
+        Family::Llava | Family::LlavaOnevision => {}
+    }
     if onevision(like) {
         json!({
             "add_prefix_space": false,
@@ -627,6 +1037,22 @@ fn special_tokens_map(like: Like) -> Value {
             "single_word": false,
         })
     };
+    match like.family() {
+        Family::Qwen2Vl | Family::InternVl => {
+            let mut m = json!({
+                "additional_special_tokens": additional_special(like),
+                "eos_token": tok("<|im_end|>"),
+                "pad_token": tok("<|endoftext|>"),
+            });
+            if like.family() == Family::InternVl {
+                m["context_image_token"] = json!("<IMG_CONTEXT>");
+                m["end_image_token"] = json!("</img>");
+                m["start_image_token"] = json!("<img>");
+            }
+            return m;
+        }
+        Family::Llava | Family::LlavaOnevision => {}
+    }
     if onevision(like) {
         json!({
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],

@@ -20,13 +20,19 @@
 mod files;
 mod write;
 
-pub use files::{llama_special, qwen_added, write_side_files};
+pub use files::{internvl_added, llama_special, qwen2vl_added, qwen_added, write_side_files};
 pub use write::{write, SynthProgress, SynthReport};
 
 use crate::error::{Error, Result};
 
 /// The models `mbq synth --like` knows.
-pub const LIKE_NAMES: [&str; 3] = ["llava-ov-0.5b", "llava-ov-7b", "llava-1.5-7b"];
+pub const LIKE_NAMES: [&str; 5] = [
+    "llava-ov-0.5b",
+    "llava-ov-7b",
+    "llava-1.5-7b",
+    "qwen2-vl-7b",
+    "internvl3-8b",
+];
 
 /// transformers' `save_pretrained` default `max_shard_size` ("5GB").
 pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -40,20 +46,47 @@ pub enum Like {
     LlavaOv7b,
     /// llava-hf/llava-1.5-7b-hf
     Llava15_7b,
+    /// Qwen/Qwen2-VL-7B-Instruct
+    Qwen2Vl7b,
+    /// OpenGVLab/InternVL3-8B-hf
+    InternVl3_8b,
+}
+
+/// The checkpoint layouts (tensor names, side files) the models share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// LlavaForConditionalGeneration: CLIP tower, `language_model.*`.
+    Llava,
+    /// LlavaOnevisionForConditionalGeneration: SigLIP tower,
+    /// `image_newline`, `language_model.*`.
+    LlavaOnevision,
+    /// Qwen2VLForConditionalGeneration as transformers 4 saves it:
+    /// `visual.*` (tower and merger), `model.*`, `lm_head`.
+    Qwen2Vl,
+    /// InternVLForConditionalGeneration as transformers 4 saves it (its
+    /// `_checkpoint_conversion_mapping` reversed): `vision_tower.*`
+    /// (InternViT), `multi_modal_projector.*`, `language_model.*`.
+    InternVl,
 }
 
 impl Like {
     /// A short name of [`LIKE_NAMES`] or the hub id.
     pub fn parse(name: &str) -> Result<Like> {
-        [Like::LlavaOv05b, Like::LlavaOv7b, Like::Llava15_7b]
-            .into_iter()
-            .find(|l| name == l.name() || name == l.hub_id())
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "--like: unknown model \"{name}\"; known: {}",
-                    LIKE_NAMES.join(", ")
-                ))
-            })
+        [
+            Like::LlavaOv05b,
+            Like::LlavaOv7b,
+            Like::Llava15_7b,
+            Like::Qwen2Vl7b,
+            Like::InternVl3_8b,
+        ]
+        .into_iter()
+        .find(|l| name == l.name() || name == l.hub_id())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "--like: unknown model \"{name}\"; known: {}",
+                LIKE_NAMES.join(", ")
+            ))
+        })
     }
 
     pub fn name(self) -> &'static str {
@@ -61,6 +94,8 @@ impl Like {
             Like::LlavaOv05b => LIKE_NAMES[0],
             Like::LlavaOv7b => LIKE_NAMES[1],
             Like::Llava15_7b => LIKE_NAMES[2],
+            Like::Qwen2Vl7b => LIKE_NAMES[3],
+            Like::InternVl3_8b => LIKE_NAMES[4],
         }
     }
 
@@ -70,7 +105,13 @@ impl Like {
             Like::LlavaOv05b => "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
             Like::LlavaOv7b => "llava-hf/llava-onevision-qwen2-7b-ov-hf",
             Like::Llava15_7b => "llava-hf/llava-1.5-7b-hf",
+            Like::Qwen2Vl7b => "Qwen/Qwen2-VL-7B-Instruct",
+            Like::InternVl3_8b => "OpenGVLab/InternVL3-8B-hf",
         }
+    }
+
+    pub fn family(self) -> Family {
+        self.spec().family
     }
 
     /// The real checkpoint's sizes (see `files.rs` for where they come from
@@ -89,7 +130,7 @@ impl Like {
         };
         match self {
             Like::LlavaOv05b => Spec {
-                onevision: true,
+                family: Family::LlavaOnevision,
                 vision: siglip,
                 // Qwen2-0.5B-Instruct; vocab 151936 + 2 (<image>, <video>)
                 // padded to a multiple of 64 by the conversion.
@@ -105,7 +146,7 @@ impl Like {
                 },
             },
             Like::LlavaOv7b => Spec {
-                onevision: true,
+                family: Family::LlavaOnevision,
                 vision: siglip,
                 // Qwen2-7B-Instruct; vocab 152064 + 2 padded to 64.
                 text: TextSpec {
@@ -120,7 +161,7 @@ impl Like {
                 },
             },
             Like::Llava15_7b => Spec {
-                onevision: false,
+                family: Family::Llava,
                 // CLIP ViT-L/14-336 (every layer is saved, the projector
                 // reads layer -2).
                 vision: VisionSpec {
@@ -145,28 +186,90 @@ impl Like {
                     tied: false,
                 },
             },
+            Like::Qwen2Vl7b => Spec {
+                family: Family::Qwen2Vl,
+                // Qwen2VisionTransformer: embed_dim 1280, depth 32, 16
+                // heads, mlp_ratio 4, patch 14 (temporal 2, merge 2: see
+                // QWEN_TEMPORAL_PATCH, QWEN_MERGE); native resolution, no
+                // fixed image size.
+                vision: VisionSpec {
+                    clip: false,
+                    hidden: 1280,
+                    intermediate: 5120,
+                    layers: 32,
+                    heads: 16,
+                    patch: 14,
+                    image: 0,
+                },
+                // Qwen2-7B widths; vocab 152064 (151657 tokens padded by
+                // Qwen), untied.
+                text: TextSpec {
+                    llama: false,
+                    hidden: 3584,
+                    intermediate: 18944,
+                    layers: 28,
+                    heads: 28,
+                    kv_heads: 4,
+                    vocab: 152064,
+                    tied: false,
+                },
+            },
+            Like::InternVl3_8b => Spec {
+                family: Family::InternVl,
+                // InternViT-300M-448px-V2_5: cls token and 1025 position
+                // embeddings, q/k/v biases, LayerNorm, no qk norm, layer
+                // scales, no final norm (use_mean_pooling).
+                vision: VisionSpec {
+                    clip: false,
+                    hidden: 1024,
+                    intermediate: 4096,
+                    layers: 24,
+                    heads: 16,
+                    patch: 14,
+                    image: 448,
+                },
+                // Qwen2.5-7B widths; vocab 151674 = Qwen2.5's 151665 tokens
+                // + InternVL's 9 added ones (no padding), untied.
+                text: TextSpec {
+                    llama: false,
+                    hidden: 3584,
+                    intermediate: 18944,
+                    layers: 28,
+                    heads: 28,
+                    kv_heads: 4,
+                    vocab: 151674,
+                    tied: false,
+                },
+            },
         }
     }
 }
 
+/// Qwen2-VL's `temporal_patch_size` (frames per patch; an image is
+/// repeated to fill them).
+pub const QWEN_TEMPORAL_PATCH: usize = 2;
+/// Qwen2-VL's `spatial_merge_size`: the merger joins 2 x 2 patches.
+pub const QWEN_MERGE: usize = 2;
+
 /// A model's sizes, as far as the weights are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spec {
-    /// LLaVA-OneVision (SigLIP + Qwen2, `image_newline`) or LLaVA-1.5.
-    pub onevision: bool,
+    pub family: Family,
     pub vision: VisionSpec,
     pub text: TextSpec,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VisionSpec {
-    /// CLIP (class embedding, pre-layernorm, no patch bias) or SigLIP.
+    /// LLaVA's tower: CLIP (class embedding, pre-layernorm, no patch bias)
+    /// or SigLIP. False for the other families.
     pub clip: bool,
     pub hidden: usize,
     pub intermediate: usize,
     pub layers: usize,
     pub heads: usize,
     pub patch: usize,
+    /// The tile size (0 for Qwen2-VL's native resolution).
     pub image: usize,
 }
 
@@ -344,146 +447,13 @@ pub fn plan(like: Like, opts: &SynthOptions) -> Result<Plan> {
     if let Some(v) = opts.vocab {
         spec.text.vocab = v;
     }
-    let mut t = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, init: Init| {
-        t.push(PlannedTensor {
-            name,
-            shape,
-            init,
-            shard: 0,
-        })
-    };
-    let (v, x) = (spec.vision, spec.text);
-    // LlavaOnevisionForConditionalGeneration's own parameter comes before
-    // its sub-modules in the state dict.
-    if spec.onevision {
-        let std = 1.0 / (x.hidden as f32).sqrt();
-        add(
-            "image_newline".into(),
-            vec![x.hidden],
-            Init { mean: 0.0, std },
-        );
+    let mut t = Tensors(Vec::new());
+    match spec.family {
+        Family::Llava | Family::LlavaOnevision => llava_tensors(&spec, &mut t),
+        Family::Qwen2Vl => qwen2vl_tensors(&spec, &mut t),
+        Family::InternVl => internvl_tensors(&spec, &mut t),
     }
-    let vp = "vision_tower.vision_model";
-    if v.clip {
-        add(
-            format!("{vp}.embeddings.class_embedding"),
-            vec![v.hidden],
-            LINEAR,
-        );
-    }
-    add(
-        format!("{vp}.embeddings.patch_embedding.weight"),
-        vec![v.hidden, 3, v.patch, v.patch],
-        LINEAR,
-    );
-    if !v.clip {
-        add(
-            format!("{vp}.embeddings.patch_embedding.bias"),
-            vec![v.hidden],
-            BIAS,
-        );
-    }
-    add(
-        format!("{vp}.embeddings.position_embedding.weight"),
-        vec![v.positions(), v.hidden],
-        LINEAR,
-    );
-    if v.clip {
-        // (sic: transformers' CLIP spells it so)
-        add(format!("{vp}.pre_layrnorm.weight"), vec![v.hidden], NORM);
-        add(format!("{vp}.pre_layrnorm.bias"), vec![v.hidden], BIAS);
-    }
-    for l in 0..v.layers {
-        let p = format!("{vp}.encoder.layers.{l}");
-        // CLIP/SigLIP attention registers k, v, q, out in that order.
-        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-            add(
-                format!("{p}.self_attn.{proj}.weight"),
-                vec![v.hidden, v.hidden],
-                LINEAR,
-            );
-            add(format!("{p}.self_attn.{proj}.bias"), vec![v.hidden], BIAS);
-        }
-        add(format!("{p}.layer_norm1.weight"), vec![v.hidden], NORM);
-        add(format!("{p}.layer_norm1.bias"), vec![v.hidden], BIAS);
-        add(
-            format!("{p}.mlp.fc1.weight"),
-            vec![v.intermediate, v.hidden],
-            LINEAR,
-        );
-        add(format!("{p}.mlp.fc1.bias"), vec![v.intermediate], BIAS);
-        add(
-            format!("{p}.mlp.fc2.weight"),
-            vec![v.hidden, v.intermediate],
-            LINEAR,
-        );
-        add(format!("{p}.mlp.fc2.bias"), vec![v.hidden], BIAS);
-        add(format!("{p}.layer_norm2.weight"), vec![v.hidden], NORM);
-        add(format!("{p}.layer_norm2.bias"), vec![v.hidden], BIAS);
-    }
-    add(format!("{vp}.post_layernorm.weight"), vec![v.hidden], NORM);
-    add(format!("{vp}.post_layernorm.bias"), vec![v.hidden], BIAS);
-    let mp = "multi_modal_projector";
-    add(
-        format!("{mp}.linear_1.weight"),
-        vec![x.hidden, v.hidden],
-        LINEAR,
-    );
-    add(format!("{mp}.linear_1.bias"), vec![x.hidden], BIAS);
-    add(
-        format!("{mp}.linear_2.weight"),
-        vec![x.hidden, x.hidden],
-        LINEAR,
-    );
-    add(format!("{mp}.linear_2.bias"), vec![x.hidden], BIAS);
-    let tp = "language_model.model";
-    add(
-        format!("{tp}.embed_tokens.weight"),
-        vec![x.vocab, x.hidden],
-        LINEAR,
-    );
-    let head_dim = x.hidden / x.heads;
-    let kv = x.kv_heads * head_dim;
-    for l in 0..x.layers {
-        let p = format!("{tp}.layers.{l}");
-        for (proj, out) in [("q_proj", x.hidden), ("k_proj", kv), ("v_proj", kv)] {
-            add(
-                format!("{p}.self_attn.{proj}.weight"),
-                vec![out, x.hidden],
-                LINEAR,
-            );
-            if !x.llama {
-                add(format!("{p}.self_attn.{proj}.bias"), vec![out], BIAS);
-            }
-        }
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![x.hidden, x.hidden],
-            LINEAR,
-        );
-        for (proj, shape) in [
-            ("gate_proj", [x.intermediate, x.hidden]),
-            ("up_proj", [x.intermediate, x.hidden]),
-            ("down_proj", [x.hidden, x.intermediate]),
-        ] {
-            add(format!("{p}.mlp.{proj}.weight"), shape.to_vec(), LINEAR);
-        }
-        add(format!("{p}.input_layernorm.weight"), vec![x.hidden], NORM);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![x.hidden],
-            NORM,
-        );
-    }
-    add(format!("{tp}.norm.weight"), vec![x.hidden], NORM);
-    if !x.tied {
-        add(
-            "language_model.lm_head.weight".into(),
-            vec![x.vocab, x.hidden],
-            LINEAR,
-        );
-    }
+    let mut t = t.0;
 
     // transformers' sharding: tensors in state-dict order, a new shard when
     // the next tensor would take the current one past the limit (and it is
@@ -516,4 +486,217 @@ pub fn plan(like: Like, opts: &SynthOptions) -> Result<Plan> {
         tensors: t,
         files,
     })
+}
+
+/// The planned tensors in state-dict order (shards not yet assigned).
+struct Tensors(Vec<PlannedTensor>);
+
+impl Tensors {
+    fn add(&mut self, name: impl Into<String>, shape: Vec<usize>, init: Init) {
+        self.0.push(PlannedTensor {
+            name: name.into(),
+            shape,
+            init,
+            shard: 0,
+        })
+    }
+
+    /// A linear layer's weight `[out, in]` and bias `[out]`.
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) {
+        self.add(format!("{prefix}.weight"), vec![out, inp], LINEAR);
+        self.add(format!("{prefix}.bias"), vec![out], BIAS);
+    }
+
+    /// A LayerNorm's weight and bias.
+    fn layer_norm(&mut self, prefix: &str, dim: usize) {
+        self.add(format!("{prefix}.weight"), vec![dim], NORM);
+        self.add(format!("{prefix}.bias"), vec![dim], BIAS);
+    }
+
+    /// The Llama / Qwen2 decoder under `tp` (embeddings, layers, final
+    /// norm) and the LM head `head` unless tied, in their state-dict order.
+    fn decoder(&mut self, x: &TextSpec, tp: &str, head: &str) {
+        self.add(
+            format!("{tp}.embed_tokens.weight"),
+            vec![x.vocab, x.hidden],
+            LINEAR,
+        );
+        let head_dim = x.hidden / x.heads;
+        let kv = x.kv_heads * head_dim;
+        for l in 0..x.layers {
+            let p = format!("{tp}.layers.{l}");
+            for (proj, out) in [("q_proj", x.hidden), ("k_proj", kv), ("v_proj", kv)] {
+                self.add(
+                    format!("{p}.self_attn.{proj}.weight"),
+                    vec![out, x.hidden],
+                    LINEAR,
+                );
+                if !x.llama {
+                    self.add(format!("{p}.self_attn.{proj}.bias"), vec![out], BIAS);
+                }
+            }
+            self.add(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![x.hidden, x.hidden],
+                LINEAR,
+            );
+            for (proj, shape) in [
+                ("gate_proj", [x.intermediate, x.hidden]),
+                ("up_proj", [x.intermediate, x.hidden]),
+                ("down_proj", [x.hidden, x.intermediate]),
+            ] {
+                self.add(format!("{p}.mlp.{proj}.weight"), shape.to_vec(), LINEAR);
+            }
+            self.add(format!("{p}.input_layernorm.weight"), vec![x.hidden], NORM);
+            self.add(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![x.hidden],
+                NORM,
+            );
+        }
+        self.add(format!("{tp}.norm.weight"), vec![x.hidden], NORM);
+        if !x.tied {
+            self.add(format!("{head}.weight"), vec![x.vocab, x.hidden], LINEAR);
+        }
+    }
+}
+
+/// LLaVA-1.5 and LLaVA-OneVision: CLIP / SigLIP tower, two-layer projector,
+/// `language_model.*`.
+fn llava_tensors(spec: &Spec, t: &mut Tensors) {
+    let (v, x) = (spec.vision, spec.text);
+    // LlavaOnevisionForConditionalGeneration's own parameter comes before
+    // its sub-modules in the state dict.
+    if spec.family == Family::LlavaOnevision {
+        let std = 1.0 / (x.hidden as f32).sqrt();
+        t.add("image_newline", vec![x.hidden], Init { mean: 0.0, std });
+    }
+    let vp = "vision_tower.vision_model";
+    if v.clip {
+        t.add(
+            format!("{vp}.embeddings.class_embedding"),
+            vec![v.hidden],
+            LINEAR,
+        );
+    }
+    t.add(
+        format!("{vp}.embeddings.patch_embedding.weight"),
+        vec![v.hidden, 3, v.patch, v.patch],
+        LINEAR,
+    );
+    if !v.clip {
+        t.add(
+            format!("{vp}.embeddings.patch_embedding.bias"),
+            vec![v.hidden],
+            BIAS,
+        );
+    }
+    t.add(
+        format!("{vp}.embeddings.position_embedding.weight"),
+        vec![v.positions(), v.hidden],
+        LINEAR,
+    );
+    if v.clip {
+        // (sic: transformers' CLIP spells it so)
+        t.layer_norm(&format!("{vp}.pre_layrnorm"), v.hidden);
+    }
+    for l in 0..v.layers {
+        let p = format!("{vp}.encoder.layers.{l}");
+        // CLIP/SigLIP attention registers k, v, q, out in that order.
+        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+            t.linear(&format!("{p}.self_attn.{proj}"), v.hidden, v.hidden);
+        }
+        t.layer_norm(&format!("{p}.layer_norm1"), v.hidden);
+        t.linear(&format!("{p}.mlp.fc1"), v.intermediate, v.hidden);
+        t.linear(&format!("{p}.mlp.fc2"), v.hidden, v.intermediate);
+        t.layer_norm(&format!("{p}.layer_norm2"), v.hidden);
+    }
+    t.layer_norm(&format!("{vp}.post_layernorm"), v.hidden);
+    let mp = "multi_modal_projector";
+    t.linear(&format!("{mp}.linear_1"), x.hidden, v.hidden);
+    t.linear(&format!("{mp}.linear_2"), x.hidden, x.hidden);
+    t.decoder(&x, "language_model.model", "language_model.lm_head");
+}
+
+/// Qwen2-VL as its hub checkpoint (transformers 4) names it: the tower and
+/// merger under `visual`, the decoder under `model`, then `lm_head`.
+/// `Qwen2VisionTransformerPretrainedModel` registers patch_embed (a Conv3d
+/// without bias; its rotary `inv_freq` buffer is not saved), blocks
+/// (norm1, norm2, attn.qkv, attn.proj, mlp.fc1, mlp.fc2; LayerNorms with
+/// bias) and the merger (ln_q over the tower width, then mlp.0 and mlp.2
+/// over the 2 x 2 merged width, GELU between).
+fn qwen2vl_tensors(spec: &Spec, t: &mut Tensors) {
+    let (v, x) = (spec.vision, spec.text);
+    t.add(
+        "visual.patch_embed.proj.weight",
+        vec![v.hidden, 3, QWEN_TEMPORAL_PATCH, v.patch, v.patch],
+        LINEAR,
+    );
+    for l in 0..v.layers {
+        let p = format!("visual.blocks.{l}");
+        t.layer_norm(&format!("{p}.norm1"), v.hidden);
+        t.layer_norm(&format!("{p}.norm2"), v.hidden);
+        t.linear(&format!("{p}.attn.qkv"), 3 * v.hidden, v.hidden);
+        t.linear(&format!("{p}.attn.proj"), v.hidden, v.hidden);
+        t.linear(&format!("{p}.mlp.fc1"), v.intermediate, v.hidden);
+        t.linear(&format!("{p}.mlp.fc2"), v.hidden, v.intermediate);
+    }
+    let merged = v.hidden * QWEN_MERGE * QWEN_MERGE;
+    t.layer_norm("visual.merger.ln_q", v.hidden);
+    t.linear("visual.merger.mlp.0", merged, merged);
+    t.linear("visual.merger.mlp.2", x.hidden, merged);
+    t.decoder(&x, "model", "lm_head");
+}
+
+/// InternVL (-hf) as transformers 4 saves it. In each module the state
+/// dict lists its own parameters before its sub-modules': the embeddings'
+/// cls_token and position_embeddings before the patch Conv2d, a layer's
+/// lambda_1 / lambda_2 before attention (q, k, v, projection_layer), mlp
+/// (fc1, fc2), layernorm_before, layernorm_after. No final LayerNorm
+/// (use_mean_pooling). The projector: LayerNorm over the 2 x 2 pixel
+/// shuffled width, linear_1 to the text width, GELU, linear_2.
+fn internvl_tensors(spec: &Spec, t: &mut Tensors) {
+    let (v, x) = (spec.vision, spec.text);
+    let side = v.image / v.patch;
+    let e = "vision_tower.embeddings";
+    t.add(format!("{e}.cls_token"), vec![1, 1, v.hidden], LINEAR);
+    t.add(
+        format!("{e}.position_embeddings"),
+        vec![1, side * side + 1, v.hidden],
+        LINEAR,
+    );
+    t.add(
+        format!("{e}.patch_embeddings.projection.weight"),
+        vec![v.hidden, 3, v.patch, v.patch],
+        LINEAR,
+    );
+    t.add(
+        format!("{e}.patch_embeddings.projection.bias"),
+        vec![v.hidden],
+        BIAS,
+    );
+    // The layer scales: real checkpoints hold small learned values; 0.1 is
+    // InternVLVisionConfig's layer_scale_init_value.
+    let scale = Init {
+        mean: 0.1,
+        std: 0.02,
+    };
+    for l in 0..v.layers {
+        let p = format!("vision_tower.encoder.layer.{l}");
+        t.add(format!("{p}.lambda_1"), vec![v.hidden], scale);
+        t.add(format!("{p}.lambda_2"), vec![v.hidden], scale);
+        for proj in ["q_proj", "k_proj", "v_proj", "projection_layer"] {
+            t.linear(&format!("{p}.attention.{proj}"), v.hidden, v.hidden);
+        }
+        t.linear(&format!("{p}.mlp.fc1"), v.intermediate, v.hidden);
+        t.linear(&format!("{p}.mlp.fc2"), v.hidden, v.intermediate);
+        t.layer_norm(&format!("{p}.layernorm_before"), v.hidden);
+        t.layer_norm(&format!("{p}.layernorm_after"), v.hidden);
+    }
+    let shuffled = v.hidden * 4;
+    let mp = "multi_modal_projector";
+    t.layer_norm(&format!("{mp}.layer_norm"), shuffled);
+    t.linear(&format!("{mp}.linear_1"), x.hidden, shuffled);
+    t.linear(&format!("{mp}.linear_2"), x.hidden, x.hidden);
+    t.decoder(&x, "language_model.model", "language_model.lm_head");
 }
