@@ -99,7 +99,6 @@ impl Search for Wgpu {
         let rows = u32_of("loss_terms", want.rows)?;
         let cols = u32_of("loss_terms", want.cols)?;
         let e = self.tensor(want.rows, 1, "loss_terms rows")?;
-        let t = self.tensor(1, 3, "loss_terms")?;
         let squared = (dist == Distance::Squared) as u32;
         let key = self
             .key("loss.wgsl", "loss_rows", WG)
@@ -113,15 +112,7 @@ impl Search for Wgpu {
             &[rows, cols],
             rows,
         )?;
-        let key = self.key("loss.wgsl", "loss_total", WG).def("TOTAL", 1);
-        self.rec.dispatch(
-            &key,
-            &[(0, e.buf()), (1, masks.buf()), (2, t.buf())],
-            3,
-            &[rows, cols],
-            1,
-        )?;
-        Ok(t)
+        self.masked_total(&e, masks, rows, cols, "loss_terms")
     }
 
     fn abs_col_stats_unchecked(
@@ -160,7 +151,6 @@ impl Search for Wgpu {
         let rows = u32_of("abs_terms", x.rows)?;
         let cols = u32_of("abs_terms", x.cols)?;
         let e = self.tensor(x.rows, 1, "abs_terms rows")?;
-        let t = self.tensor(1, 3, "abs_terms")?;
         let key = self
             .key("loss.wgsl", "loss_rows", WG)
             .def("SQUARED", 0)
@@ -168,6 +158,23 @@ impl Search for Wgpu {
             .def("TOTAL", 0);
         self.rec
             .dispatch(&key, &[(0, x.buf()), (2, e.buf())], 3, &[rows, cols], rows)?;
+        self.masked_total(&e, masks, rows, cols, "abs_terms")
+    }
+}
+
+impl Wgpu {
+    /// The caption, vision and all-row sums `[1, 3]` of the per-row
+    /// values `e` (`[rows, 1]`, `loss.wgsl`'s `loss_rows`) under the
+    /// `[rows, 2]` masks: the last step of `loss_terms` and `abs_terms`.
+    fn masked_total(
+        &self,
+        e: &WgpuTensor,
+        masks: &WgpuTensor,
+        rows: u32,
+        cols: u32,
+        what: &str,
+    ) -> Result<WgpuTensor> {
+        let t = self.tensor(1, 3, what)?;
         let key = self.key("loss.wgsl", "loss_total", WG).def("TOTAL", 1);
         self.rec.dispatch(
             &key,
