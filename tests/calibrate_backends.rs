@@ -16,7 +16,7 @@ use std::path::Path;
 
 use common::{calib_options, scratch};
 use mbq::backend::BackendKind;
-use mbq::calib::{quantize_model, Method, QuantizeOptions};
+use mbq::calib::{quantize_model, CalibProgress, Method, QuantizeOptions};
 use serde_json::Value;
 
 /// Sensitivity ratios (the criterion). Each run computes them on
@@ -122,11 +122,23 @@ fn search_matches_cpu(backend: BackendKind, label: &str) {
         let run = |b: BackendKind, tag: &str| {
             let out = tmp.join(format!("{name}-{tag}"));
             let w_bit = if a_bit.is_some() { 4 } else { 3 };
+            // The device makes its features a few samples at a time (at
+            // least two chunks of these samples), the CPU all at once.
+            let chunk = if b == BackendKind::Cpu { 8192 } else { 400 };
             let o = QuantizeOptions {
                 backend: b,
+                search_chunk_tokens: chunk,
                 ..calib_options(method, w_bit, a_bit, N_SAMPLES, out.clone())
             };
-            quantize_model(&o, |_| {}).unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
+            let mut chunks = 0;
+            quantize_model(&o, |p| {
+                if let CalibProgress::Layer { chunks: c, .. } = p {
+                    chunks = chunks.max(c)
+                }
+            })
+            .unwrap_or_else(|e| panic!("{name} on {tag}: {e}"));
+            let want = if b == BackendKind::Cpu { 1 } else { 2 };
+            assert!(chunks >= want, "{name} on {tag}: {chunks} chunks");
             report(&out)
         };
         let cpu = run(BackendKind::Cpu, "cpu");

@@ -92,3 +92,20 @@ fn quantized_outputs_are_byte_identical_to_the_recorded_ones() {
     }
     assert!(wrong.is_empty(), "outputs changed:\n{}", wrong.join("\n"));
 }
+
+/// The scale search with its features made one sample at a time
+/// (`--search-chunk-tokens 1`) writes the very bytes of the recorded
+/// all-at-once MBQ W3 run.
+#[test]
+fn chunked_search_features_write_the_same_bytes() {
+    let tmp = scratch("quantize_identity_chunked");
+    let (method, w_bit, a_bit, want) = RECORDED[2];
+    assert_eq!((method, w_bit, a_bit), (Method::Mbq, 3, None));
+    let out = tmp.join("mbq-w3-chunked");
+    let o = mbq::calib::QuantizeOptions {
+        search_chunk_tokens: 1,
+        ..calib_options(method, w_bit, a_bit, N_SAMPLES, out.clone())
+    };
+    quantize_model(&o, |_| {}).unwrap();
+    assert_eq!(sha256_hex(&out.join("model.mbq.safetensors")), want);
+}

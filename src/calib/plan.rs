@@ -35,6 +35,11 @@ pub struct QuantizeOptions {
     /// Testing aid: stop with [`Error::Invalid`] right after layer `k`'s
     /// checkpoint, as a kill would.
     pub stop_after_layer: Option<usize>,
+    /// The scale search makes its FP features for at most this many
+    /// calibration tokens at a time (whole samples): it bounds the search's
+    /// memory (at 7B about 150 KB a token in f32); the result does not
+    /// depend on it.
+    pub search_chunk_tokens: usize,
 }
 
 /// The checked options.
@@ -96,6 +101,11 @@ impl Plan {
                 "--method {}: --w-bit 3 or 4 (8-bit weights need no search; use rtn)",
                 o.method.name()
             )));
+        }
+        if o.search_chunk_tokens == 0 {
+            return Err(Error::invalid(
+                "--search-chunk-tokens 0: give at least 1 (calibration tokens per feature chunk)",
+            ));
         }
         let Some(calib) = o.calib.clone() else {
             return Err(Error::invalid(format!(

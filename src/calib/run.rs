@@ -21,12 +21,13 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{self, State};
 use super::data::{embed_sample, load_calib_set, CalibItemError, CalibSample};
+use super::features::layer_outputs;
 use super::group::HostLayer;
 use super::method::{QuantKind, Scales};
 use super::plan::{settings, Plan, QuantizeOptions};
 use super::report::{CalibReport, GroupReport, LayerReport, Ratio};
 use super::report_svg;
-use super::search::{layer_outputs, LayerSearch, SearchSettings, TokenMasks, GRID};
+use super::search::{LayerSearch, SearchSettings, TokenMasks, GRID};
 use super::sensitivity::{sample_sensitivity, LayerGrad, ModalityGrad};
 use crate::backend::{Backend, BackendJob, BackendKind, BackendOptions, Grad, Search as SearchOps};
 use crate::config::{TextConfig, VlmConfig};
@@ -57,14 +58,16 @@ pub enum CalibProgress<'a> {
         total: usize,
         tokens: usize,
     },
-    /// Search of one layer: `done` of `total` loss evaluations, each over
-    /// `tokens` calibration tokens.
+    /// Search of one layer: `done` of `total` loss evaluations (a
+    /// candidate's scales on a chunk of samples), each over `tokens`
+    /// calibration tokens (on average); the samples are in `chunks` chunks.
     Layer {
         layer: usize,
         layers: usize,
         done: usize,
         total: usize,
         tokens: usize,
+        chunks: usize,
     },
     /// Packing and writing the output.
     Write(writer::Progress<'a>),
@@ -609,42 +612,46 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
             .filter(|g| g.applies(host))
             .collect();
         let ratios = self.ratios.map(|r| r[i]);
-        let search = LayerSearch::new(i, be, &self.spec, host, xs, self.masks)?;
+        let chunk_tokens = self.o.search_chunk_tokens;
+        let search = LayerSearch::new(i, be, &self.spec, host, xs, self.masks, chunk_tokens)?;
         let per_group = if method.scales() == Scales::Fixed {
             1
         } else {
             GRID
         };
-        let total = groups.len() * per_group;
+        let total = groups.len() * per_group * search.chunk_count();
         let progress = &mut *self.progress;
         let mut done = 0;
-        let tokens = self.masks.iter().map(|m| m.caption.len()).sum();
-        let mut tick = |done: usize| {
+        let chunks = search.chunk_count();
+        let tokens = self.masks.iter().map(|m| m.caption.len()).sum::<usize>() / chunks.max(1);
+        progress(CalibProgress::Layer {
+            layer: i,
+            layers,
+            done,
+            total,
+            tokens,
+            chunks,
+        });
+        let tick = || {
+            done += 1;
             progress(CalibProgress::Layer {
                 layer: i,
                 layers,
                 done,
                 total,
                 tokens,
+                chunks,
             })
         };
-        tick(done);
-        let mut results = Vec::new();
-        for g in groups {
-            let r = if method.scales() == Scales::Fixed {
-                let r = search.smoothquant(g, self.o.loss)?;
-                done += 1;
-                tick(done);
-                r
-            } else {
-                let w = method.weighting(g, ratios);
-                search.search(g, self.settings, w, || {
-                    done += 1;
-                    tick(done)
-                })?
-            };
-            results.push(r);
-        }
+        let results = if method.scales() == Scales::Fixed {
+            search.smoothquant(&groups, self.o.loss, tick)?
+        } else {
+            let weighted: Vec<_> = groups
+                .iter()
+                .map(|&g| (g, method.weighting(g, ratios)))
+                .collect();
+            search.search(&weighted, self.settings, tick)?
+        };
         drop(search);
         for r in &results {
             r.group.fold(layer, &r.scales)?;

@@ -25,11 +25,16 @@
 //! All groups are searched on the FP layer's own features; then every
 //! chosen scale is folded in (the layer's FP output is unchanged).
 
+use std::ops::Range;
+
+use super::features::{
+    self, chunk_features, layer_features, layer_stats, slot, ColStats, GroupStats, LayerFeatures,
+};
 use super::group::{Group, HostLayer};
 use super::method::{LossKind, QuantKind, Weighting};
 use crate::backend::{Backend, Distance, Search};
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderSpec, Kv, Layer, LinearOp, NoTap, Site, Tap};
+use crate::model::decoder::{DecoderSpec, Layer, LinearOp};
 use crate::model::rope::{rope_pos, Mrope, RopePos};
 use crate::model::Linear;
 use crate::quant::pseudo::FakeQuant;
@@ -135,80 +140,6 @@ impl LossAcc {
     }
 }
 
-/// Per-column mean and max of |x| over every row of every sample, added
-/// one sample at a time.
-#[derive(Clone, Debug, Default)]
-pub struct ColStats {
-    sum: Vec<f64>,
-    max: Vec<f32>,
-    rows: usize,
-}
-
-impl ColStats {
-    pub fn add(&mut self, x: &Tensor) {
-        let d = x.cols();
-        if self.sum.is_empty() {
-            self.sum = vec![0.0; d];
-            self.max = vec![0.0; d];
-        }
-        for r in x.data.chunks_exact(d) {
-            for ((s, m), v) in self.sum.iter_mut().zip(self.max.iter_mut()).zip(r) {
-                *s += v.abs() as f64;
-                *m = m.max(v.abs());
-            }
-        }
-        self.rows += x.rows();
-    }
-
-    /// Mean of |x| per column.
-    pub fn mean(&self) -> Vec<f32> {
-        let n = self.rows.max(1) as f64;
-        self.sum.iter().map(|v| (v / n) as f32).collect()
-    }
-
-    /// Max of |x| per column.
-    pub fn max(&self) -> Vec<f32> {
-        self.max.clone()
-    }
-
-    /// The statistics [`Search::abs_col_stats`] added up on a backend
-    /// (`[3, cols]`: the sum as `hi + lo`, then the max) over `rows` rows.
-    pub fn from_device(t: &Tensor, rows: usize) -> Result<ColStats> {
-        if t.rows() != 3 {
-            return Err(Error::invalid(format!(
-                "column statistics of shape {:?}, expected [3, cols]",
-                t.shape
-            )));
-        }
-        let d = t.cols();
-        let (hi, rest) = t.data.split_at(d);
-        let (lo, max) = rest.split_at(d);
-        Ok(ColStats {
-            sum: hi
-                .iter()
-                .zip(lo)
-                .map(|(&h, &l)| h as f64 + l as f64)
-                .collect(),
-            max: max.to_vec(),
-            rows,
-        })
-    }
-}
-
-/// Mean of |x| per column over every row of every sample.
-pub fn mean_abs(xs: &[Tensor]) -> Vec<f32> {
-    let mut s = ColStats::default();
-    xs.iter().for_each(|x| s.add(x));
-    s.mean()
-}
-
-/// Max of |x| per column over every row of every sample.
-pub fn max_abs(xs: &[Tensor]) -> Vec<f32> {
-    let mut s = ColStats::default();
-    xs.iter().for_each(|x| s.add(x));
-    s.max()
-}
-
 /// The grid point's scales: `x_mean^alpha`, clamped, normalised.
 pub fn grid_scales(x_mean: &[f32], alpha: f64) -> Vec<f32> {
     let s: Vec<f32> = x_mean
@@ -280,142 +211,6 @@ impl<B: Backend> LinearOp<B> for QLinear<'_, B> {
     }
 }
 
-/// Everything a layer's search needs from its FP forward, per sample.
-pub struct LayerFeatures<B: Backend> {
-    /// Each group's input, per sample, on the backend (in [`Group::ALL`] order).
-    pub inputs: [Vec<B::Tensor>; 4],
-    /// FP outputs of the self-attention (= o_proj) and the MLP (= down_proj),
-    /// on the backend.
-    pub attn_y: Vec<B::Tensor>,
-    pub mlp_y: Vec<B::Tensor>,
-    /// The layer's outputs, on the backend.
-    pub out: Vec<B::Tensor>,
-    /// |x| statistics of the groups' inputs, in [`Group::ALL`] order.
-    pub stats: [ColStats; 4],
-}
-
-impl<B: Backend> LayerFeatures<B> {
-    fn slot(g: Group) -> usize {
-        Group::ALL.iter().position(|x| *x == g).unwrap_or(0)
-    }
-
-    /// The group's input features.
-    pub fn inputs(&self, g: Group) -> &[B::Tensor] {
-        &self.inputs[Self::slot(g)]
-    }
-
-    /// The |x| statistics of a group's input.
-    pub fn stats(&self, g: Group) -> &ColStats {
-        &self.stats[Self::slot(g)]
-    }
-
-    /// The FP outputs the group's loss compares with.
-    pub fn outputs(&self, g: Group) -> &[B::Tensor] {
-        if g.is_attention() {
-            &self.attn_y
-        } else {
-            &self.mlp_y
-        }
-    }
-}
-
-/// The tap that fills [`LayerFeatures`] from the layer's forward; the |x|
-/// statistics of each group's input are added up on the backend
-/// ([`Search::abs_col_stats`]), with their row counts.
-struct Record<'a, B: Backend> {
-    be: &'a B,
-    f: &'a mut LayerFeatures<B>,
-    stats: &'a mut [(Option<B::Tensor>, usize); 4],
-}
-
-impl<B: Search> Tap<B> for Record<'_, B> {
-    fn keep(&mut self, site: Site, t: B::Tensor) -> Result<()> {
-        match site {
-            Site::AttnOut => self.f.attn_y.push(t),
-            Site::MlpOut => self.f.mlp_y.push(t),
-            _ => {
-                if let Some(g) = Group::ALL.into_iter().find(|g| g.input() == site) {
-                    let k = LayerFeatures::<B>::slot(g);
-                    let (acc, rows) = &mut self.stats[k];
-                    *acc = Some(self.be.abs_col_stats(&t, acc.as_ref())?);
-                    *rows += self.be.dims(&t).0;
-                    self.f.inputs[k].push(t);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Layer `layer` at positions `0..n` of one sample (a one-layer cache of
-/// exactly `n` positions).
-fn run_layer<B: Backend>(
-    be: &B,
-    spec: &DecoderSpec,
-    layer: &Layer<B>,
-    x: &B::Tensor,
-    rope: RopePos<'_>,
-    tap: &mut impl Tap<B>,
-) -> Result<B::Tensor> {
-    let mut cache = be.new_cache(1, spec.kv_dim(), be.dims(x).0)?;
-    let kv = Kv {
-        cache: &mut cache,
-        layer: 0,
-        pos0: 0,
-        rope,
-    };
-    layer.forward(spec, be, x, kv, tap)
-}
-
-/// The FP forward of a layer on every sample (its inputs `xs` on the
-/// backend, its tokens `masks`), keeping the search's features; the |x|
-/// statistics come to the host once, `[3, cols]` a group.
-pub fn layer_features<B: Search>(
-    be: &B,
-    spec: &DecoderSpec,
-    layer: &Layer<B>,
-    xs: &[B::Tensor],
-    masks: &[TokenMasks],
-) -> Result<LayerFeatures<B>> {
-    let mut f = LayerFeatures {
-        inputs: Default::default(),
-        attn_y: vec![],
-        mlp_y: vec![],
-        out: vec![],
-        stats: Default::default(),
-    };
-    let mut stats: [(Option<B::Tensor>, usize); 4] = Default::default();
-    for (x, m) in xs.iter().zip(masks) {
-        let mut tap = Record {
-            be,
-            f: &mut f,
-            stats: &mut stats,
-        };
-        let y = run_layer(be, spec, layer, x, m.rope(), &mut tap)?;
-        f.out.push(y);
-    }
-    for (k, (acc, rows)) in stats.into_iter().enumerate() {
-        if let Some(t) = acc {
-            f.stats[k] = ColStats::from_device(&be.download(&t)?, rows)?;
-        }
-    }
-    Ok(f)
-}
-
-/// The layer's outputs on every sample (the next layer's inputs).
-pub fn layer_outputs<B: Backend>(
-    be: &B,
-    spec: &DecoderSpec,
-    layer: &Layer<B>,
-    xs: &[B::Tensor],
-    masks: &[TokenMasks],
-) -> Result<Vec<B::Tensor>> {
-    xs.iter()
-        .zip(masks)
-        .map(|(x, m)| run_layer(be, spec, layer, x, m.rope(), &mut NoTap))
-        .collect()
-}
-
 /// How the search quantizes and compares.
 #[derive(Clone, Copy, Debug)]
 pub struct SearchSettings {
@@ -423,8 +218,21 @@ pub struct SearchSettings {
     pub loss: LossKind,
 }
 
+/// One group's candidates: the scales tried, and how their loss is taken.
+pub struct Trial {
+    pub group: Group,
+    pub set: SearchSettings,
+    pub weighting: Weighting,
+    /// One scale vector (a value an input channel) per candidate.
+    pub scales: Vec<Vec<f32>>,
+}
+
 /// One layer's search: its host weights, the same layer on the backend,
-/// and its FP features on the calibration samples.
+/// the samples' inputs and the |x| statistics of its groups' inputs. The
+/// FP features are made a chunk of samples at a time
+/// ([`features::chunks`]): with one chunk once, and kept; with more, again
+/// for each chunk of each evaluation, so that no step holds more than one
+/// chunk's features.
 pub struct LayerSearch<'a, B: Backend> {
     /// The layer's index (for messages).
     pub index: usize,
@@ -432,21 +240,27 @@ pub struct LayerSearch<'a, B: Backend> {
     pub spec: &'a DecoderSpec,
     pub host: &'a HostLayer,
     pub fp: Layer<B>,
-    pub features: LayerFeatures<B>,
+    xs: &'a [B::Tensor],
     pub masks: &'a [TokenMasks],
     /// Each sample's masks on the device, `[rows, 2]` (caption, vision).
     mask_t: Vec<B::Tensor>,
+    stats: GroupStats,
+    chunks: Vec<Range<usize>>,
+    /// The features of the only chunk, when all samples are one.
+    resident: Option<LayerFeatures<B>>,
 }
 
 impl<'a, B: Search> LayerSearch<'a, B> {
-    /// Uploads `host` and runs it on the inputs `xs`.
+    /// Uploads `host` and runs it on the inputs `xs` (the statistics, and
+    /// the features when the samples fit in one chunk of `chunk_tokens`).
     pub fn new(
         index: usize,
         be: &'a B,
         spec: &'a DecoderSpec,
         host: &'a HostLayer,
-        xs: &[B::Tensor],
+        xs: &'a [B::Tensor],
         masks: &'a [TokenMasks],
+        chunk_tokens: usize,
     ) -> Result<Self> {
         let fp = host.upload(be)?;
         if masks.len() != xs.len() {
@@ -456,7 +270,13 @@ impl<'a, B: Search> LayerSearch<'a, B> {
                 masks.len()
             )));
         }
-        let features = layer_features(be, spec, &fp, xs, masks)?;
+        let chunks = features::chunks(masks, chunk_tokens);
+        let (resident, stats) = if chunks.len() <= 1 {
+            let (f, stats) = layer_features(be, spec, &fp, xs, masks)?;
+            (Some(f), stats)
+        } else {
+            (None, layer_stats(be, spec, &fp, xs, masks)?)
+        };
         let mask_t = masks
             .iter()
             .map(|m| {
@@ -475,106 +295,200 @@ impl<'a, B: Search> LayerSearch<'a, B> {
             spec,
             host,
             fp,
-            features,
+            xs,
             masks,
             mask_t,
+            stats,
+            chunks,
+            resident,
         })
     }
 
-    /// The loss of `group` with scales `s`: one upload of `s`, the
-    /// samples' error sums added on the device, three numbers back.
-    pub fn loss(&self, group: Group, s: &[f32], set: SearchSettings, w: Weighting) -> Result<f64> {
-        let s_dev = self
-            .be
-            .upload(&Tensor::new(vec![1, s.len()], s.to_vec())?)?;
-        let q = group
-            .linears(&self.fp)
-            .into_iter()
-            .map(|l| QLinear::new(self.be, l, &s_dev, set.quant))
-            .collect::<Result<Vec<_>>>()?;
-        let dist = match set.loss {
-            LossKind::Mae => Distance::Abs,
-            LossKind::Mse => Distance::Squared,
-        };
-        let want = self.features.outputs(group);
-        let mut total: Option<B::Tensor> = None;
-        for (n, x) in self.features.inputs(group).iter().enumerate() {
-            let y = group.forward(self.spec, self.be, &self.fp, &q, x, self.masks[n].rope())?;
-            let t = self.be.loss_terms(&want[n], &y, &self.mask_t[n], dist)?;
-            total = Some(match total {
-                None => t,
-                Some(acc) => self.be.add(&acc, &t)?,
-            });
-        }
-        let terms = match &total {
-            Some(t) => self.be.download(t)?.data,
-            None => vec![0.0; 3],
-        };
-        let cols = want.first().map_or(0, |y| self.be.dims(y).1);
-        Ok(LossAcc::from_terms(&terms, self.masks, cols).value(set.loss, w))
+    /// The |x| statistics of a group's input over every sample.
+    pub fn stats(&self, g: Group) -> &ColStats {
+        &self.stats[slot(g)]
     }
 
-    /// Searches alpha for one group (MBQ / AWQ): the grid point with the
-    /// lowest loss (the first on ties, as the official `<` comparison).
+    /// How many chunks of samples each evaluation goes through.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The loss of every candidate of every trial, `[trial][candidate]`.
+    /// For each chunk of samples (its features made once), each candidate:
+    /// one upload of `s`, the quantized modules run on the chunk's samples,
+    /// their error sums added on the device into the candidate's running
+    /// `[1, 3]`; three numbers a candidate come back at the end.
+    /// `on_point` is called after each candidate on each chunk.
+    pub fn evaluate(&self, trials: &[Trial], mut on_point: impl FnMut()) -> Result<Vec<Vec<f64>>> {
+        let be = self.be;
+        let mut totals: Vec<Vec<Option<B::Tensor>>> = trials
+            .iter()
+            .map(|t| t.scales.iter().map(|_| None).collect())
+            .collect();
+        let mut cols = vec![0; trials.len()];
+        for chunk in &self.chunks {
+            let made;
+            let f = match &self.resident {
+                Some(f) => f,
+                None => {
+                    made = chunk_features(
+                        be,
+                        self.spec,
+                        &self.fp,
+                        &self.xs[chunk.clone()],
+                        &self.masks[chunk.clone()],
+                    )?;
+                    &made
+                }
+            };
+            for ((trial, acc), cols) in trials.iter().zip(&mut totals).zip(&mut cols) {
+                let (group, set) = (trial.group, trial.set);
+                let dist = match set.loss {
+                    LossKind::Mae => Distance::Abs,
+                    LossKind::Mse => Distance::Squared,
+                };
+                let want = f.outputs(group);
+                *cols = want.first().map_or(*cols, |y| be.dims(y).1);
+                for (s, total) in trial.scales.iter().zip(acc.iter_mut()) {
+                    let s_dev = be.upload(&Tensor::new(vec![1, s.len()], s.to_vec())?)?;
+                    let q = group
+                        .linears(&self.fp)
+                        .into_iter()
+                        .map(|l| QLinear::new(be, l, &s_dev, set.quant))
+                        .collect::<Result<Vec<_>>>()?;
+                    for (k, x) in f.inputs(group).iter().enumerate() {
+                        let n = chunk.start + k;
+                        let rope = self.masks[n].rope();
+                        let y = group.forward(self.spec, be, &self.fp, &q, x, rope)?;
+                        let t = be.loss_terms(&want[k], &y, &self.mask_t[n], dist)?;
+                        *total = Some(match total.take() {
+                            None => t,
+                            Some(a) => be.add(&a, &t)?,
+                        });
+                    }
+                    on_point();
+                }
+            }
+        }
+        trials
+            .iter()
+            .zip(totals)
+            .zip(cols)
+            .map(|((trial, acc), cols)| {
+                acc.into_iter()
+                    .map(|total| {
+                        let terms = match &total {
+                            Some(t) => be.download(t)?.data,
+                            None => vec![0.0; 3],
+                        };
+                        let sums = LossAcc::from_terms(&terms, self.masks, cols);
+                        Ok(sums.value(trial.set.loss, trial.weighting))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Searches alpha for each group (MBQ / AWQ) with its weighting: the
+    /// grid point with the lowest loss (the first on ties, as the official
+    /// `<` comparison).
     pub fn search(
         &self,
-        group: Group,
+        groups: &[(Group, Weighting)],
         set: SearchSettings,
-        w: Weighting,
-        mut on_point: impl FnMut(),
-    ) -> Result<GroupResult> {
-        let x_mean = self.features.stats(group).mean();
-        let mut best: Option<(usize, f64, Vec<f32>)> = None;
-        let mut losses = Vec::with_capacity(GRID);
-        for k in 0..GRID {
-            let alpha = k as f64 / GRID as f64;
-            let s = grid_scales(&x_mean, alpha);
-            let loss = self.loss(group, &s, set, w)?;
-            if !loss.is_finite() {
-                return Err(Error::invalid(format!(
-                    "layer {} {}: the loss at alpha {alpha} is not finite ({loss})",
-                    self.index,
-                    group.name()
-                )));
-            }
-            if best.as_ref().is_none_or(|b| loss < b.1) {
-                best = Some((k, loss, s));
-            }
-            losses.push(loss);
-            on_point();
-        }
-        let (k, loss, scales) = best.ok_or_else(|| {
-            Error::invalid(format!(
-                "layer {} {}: empty alpha grid",
-                self.index,
-                group.name()
-            ))
-        })?;
-        Ok(GroupResult {
-            group,
-            alpha: k as f64 / GRID as f64,
-            loss,
-            losses,
-            scales,
-        })
+        on_point: impl FnMut(),
+    ) -> Result<Vec<GroupResult>> {
+        let trials: Vec<Trial> = groups
+            .iter()
+            .map(|&(group, weighting)| {
+                let x_mean = self.stats(group).mean();
+                Trial {
+                    group,
+                    set,
+                    weighting,
+                    scales: (0..GRID)
+                        .map(|k| grid_scales(&x_mean, k as f64 / GRID as f64))
+                        .collect(),
+                }
+            })
+            .collect();
+        let losses = self.evaluate(&trials, on_point)?;
+        trials
+            .into_iter()
+            .zip(losses)
+            .map(|(trial, losses)| self.pick(trial, losses, |k| k as f64 / GRID as f64))
+            .collect()
     }
 
-    /// SmoothQuant's fixed scales for a group, with their (plain, W4A8) loss
-    /// for the report.
-    pub fn smoothquant(&self, group: Group, loss: LossKind) -> Result<GroupResult> {
-        let ws: Vec<&Tensor> = group.linears(self.host).iter().map(|l| &l.w).collect();
-        let s = smoothquant_scales(&self.features.stats(group).max(), &ws, SMOOTHQUANT_ALPHA);
+    /// SmoothQuant's fixed scales for each group, with their (plain, W4A8)
+    /// loss for the report.
+    pub fn smoothquant(
+        &self,
+        groups: &[Group],
+        loss: LossKind,
+        on_point: impl FnMut(),
+    ) -> Result<Vec<GroupResult>> {
         let set = SearchSettings {
             quant: QuantKind::W4A8,
             loss,
         };
-        let loss = self.loss(group, &s, set, Weighting::Plain)?;
+        let trials: Vec<Trial> = groups
+            .iter()
+            .map(|&group| {
+                let ws: Vec<&Tensor> = group.linears(self.host).iter().map(|l| &l.w).collect();
+                Trial {
+                    group,
+                    set,
+                    weighting: Weighting::Plain,
+                    scales: vec![smoothquant_scales(
+                        &self.stats(group).max(),
+                        &ws,
+                        SMOOTHQUANT_ALPHA,
+                    )],
+                }
+            })
+            .collect();
+        let losses = self.evaluate(&trials, on_point)?;
+        trials
+            .into_iter()
+            .zip(losses)
+            .map(|(trial, losses)| self.pick(trial, losses, |_| SMOOTHQUANT_ALPHA))
+            .collect()
+    }
+
+    /// The candidate of `trial` with the lowest loss (the first on ties);
+    /// `alpha(k)` is candidate `k`'s alpha for the report.
+    fn pick(
+        &self,
+        trial: Trial,
+        losses: Vec<f64>,
+        alpha: impl Fn(usize) -> f64,
+    ) -> Result<GroupResult> {
+        let name = trial.group.name();
+        let mut best: Option<(usize, f64)> = None;
+        for (k, &loss) in losses.iter().enumerate() {
+            if !loss.is_finite() {
+                return Err(Error::invalid(format!(
+                    "layer {} {name}: the loss at alpha {} is not finite ({loss})",
+                    self.index,
+                    alpha(k)
+                )));
+            }
+            if best.is_none_or(|b| loss < b.1) {
+                best = Some((k, loss));
+            }
+        }
+        let (k, loss) = best.ok_or_else(|| {
+            Error::invalid(format!("layer {} {name}: no candidate scales", self.index))
+        })?;
+        let mut scales = trial.scales;
         Ok(GroupResult {
-            group,
-            alpha: SMOOTHQUANT_ALPHA,
+            group: trial.group,
+            alpha: alpha(k),
             loss,
-            losses: vec![loss],
-            scales: s,
+            losses,
+            scales: scales.swap_remove(k),
         })
     }
 }
@@ -583,6 +497,7 @@ impl<'a, B: Search> LayerSearch<'a, B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
+    use crate::calib::features::{layer_outputs, max_abs, mean_abs};
     use crate::calib::run::load_host_layers;
     use crate::config::VlmConfig;
     use crate::model::decoder::HostLinear;
@@ -628,7 +543,12 @@ mod tests {
         (xs, masks)
     }
 
-    fn features(spec: &DecoderSpec, l: &HostLayer, xs: &[Tensor]) -> LayerFeatures<Cpu> {
+    /// The features, statistics and outputs of layer `l` on `xs`.
+    fn features(
+        spec: &DecoderSpec,
+        l: &HostLayer,
+        xs: &[Tensor],
+    ) -> (LayerFeatures<Cpu>, GroupStats, Vec<Tensor>) {
         let masks: Vec<TokenMasks> = xs
             .iter()
             .map(|x| TokenMasks {
@@ -637,7 +557,10 @@ mod tests {
                 mrope: None,
             })
             .collect();
-        layer_features(&Cpu, spec, &l.upload(&Cpu).unwrap(), xs, &masks).unwrap()
+        let layer = l.upload(&Cpu).unwrap();
+        let (f, stats) = layer_features(&Cpu, spec, &layer, xs, &masks).unwrap();
+        let out = layer_outputs(&Cpu, spec, &layer, xs, &masks).unwrap();
+        (f, stats, out)
     }
 
     /// Folding any scales into any group leaves the FP layer's outputs as
@@ -646,7 +569,7 @@ mod tests {
     fn folding_scales_keeps_the_fp_output() {
         let (spec, mut layer) = fixture();
         let (xs, _) = inputs(layer.input_layernorm.numel());
-        let before = features(&spec, &layer, &xs);
+        let (before, _, before_out) = features(&spec, &layer, &xs);
         let mut rng = StdRng::seed_from_u64(3);
         for group in Group::ALL {
             let d = before.inputs(group)[0].cols();
@@ -659,7 +582,7 @@ mod tests {
             }
             group.fold(&mut layer, &s).unwrap();
         }
-        let after = features(&spec, &layer, &xs);
+        let (after, _, after_out) = features(&spec, &layer, &xs);
         const FOLD_RTOL: f32 = 1e-5;
         let check = |what: &str, xs: &[Tensor], ys: &[Tensor]| {
             for (a, b) in xs.iter().zip(ys) {
@@ -672,7 +595,7 @@ mod tests {
                 assert!(diff <= FOLD_RTOL * scale, "{what}: {diff} vs {scale}");
             }
         };
-        check("layer output", &before.out, &after.out);
+        check("layer output", &before_out, &after_out);
         // The attention and MLP outputs too (the inputs of the scaled
         // linears are divided by s: not compared).
         check("attention output", &before.attn_y, &after.attn_y);
@@ -717,8 +640,8 @@ mod tests {
         let be = Cpu;
         let (spec, layer) = fixture();
         let (xs, masks) = inputs(layer.input_layernorm.numel());
-        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks).unwrap();
-        let f = &search.features;
+        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, usize::MAX).unwrap();
+        let (f, _, _) = features(&spec, &layer, &xs);
         let s = grid_scales(&mean_abs(f.inputs(Group::MlpOut)), 0.0);
         assert!(s.iter().all(|&v| v == 1.0));
         let set = SearchSettings {
@@ -729,8 +652,9 @@ mod tests {
             loss: LossKind::Mae,
         };
         let r = search
-            .search(Group::MlpOut, set, Weighting::Plain, || {})
-            .unwrap();
+            .search(&[(Group::MlpOut, Weighting::Plain)], set, || {})
+            .unwrap()
+            .remove(0);
         // RTN by hand: fake-quantize down_proj, run it, mean |diff|.
         let w = &layer.mlp.down.w;
         let wq = pseudo::fake_quantize(&w.data, w.shape[0], w.shape[1], 3, 128).unwrap();
@@ -760,9 +684,9 @@ mod tests {
     fn feature_stats_follow_the_group_inputs() {
         let (spec, layer) = fixture();
         let (xs, _) = inputs(layer.input_layernorm.numel());
-        let f = features(&spec, &layer, &xs);
+        let (f, stats, _) = features(&spec, &layer, &xs);
         for group in Group::ALL {
-            let st = f.stats(group);
+            let st = &stats[slot(group)];
             assert_eq!(st.mean(), mean_abs(f.inputs(group)), "{group:?}");
             assert_eq!(st.max(), max_abs(f.inputs(group)), "{group:?}");
             assert_eq!(f.inputs(group).len(), xs.len(), "{group:?}");
@@ -807,8 +731,8 @@ mod tests {
         let be = Cpu;
         let (spec, layer) = fixture();
         let (xs, masks) = inputs(layer.input_layernorm.numel());
-        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks).unwrap();
-        let s = grid_scales(&mean_abs(search.features.inputs(Group::AttnIn)), 0.5);
+        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, usize::MAX).unwrap();
+        let s = grid_scales(&search.stats(Group::AttnIn).mean(), 0.5);
         let max = s.iter().copied().fold(f32::MIN, f32::max);
         let min = s.iter().copied().fold(f32::MAX, f32::min);
         assert!((max * min - 1.0).abs() < 1e-4);
@@ -825,14 +749,62 @@ mod tests {
             };
             let r = search
                 .search(
-                    Group::AttnIn,
+                    &[(Group::AttnIn, Weighting::Modality { ratio: 0.3 })],
                     set,
-                    Weighting::Modality { ratio: 0.3 },
                     || {},
                 )
-                .unwrap();
+                .unwrap()
+                .remove(0);
             assert!(r.loss <= r.losses[0], "{quant:?}: {r:?}");
             assert_eq!(r.loss, r.losses.iter().copied().fold(f64::MAX, f64::min));
+        }
+    }
+
+    /// Features made one chunk of samples at a time give the very same
+    /// losses and scales as all samples' features at once (the error sums
+    /// are added in the same order), for the grid search and SmoothQuant.
+    #[test]
+    fn chunked_features_give_the_same_search() {
+        let be = Cpu;
+        let (spec, layer) = fixture();
+        let (mut xs, mut masks) = inputs(layer.input_layernorm.numel());
+        // A third sample, so that a budget of 25 tokens makes two chunks
+        // of unequal size (13 + 9, then 7).
+        let mut rng = StdRng::seed_from_u64(19);
+        xs.push(random(&mut rng, 7, layer.input_layernorm.numel(), 0.5));
+        masks.push(TokenMasks {
+            vision: (0..7).map(|t| t < 3).collect(),
+            caption: (0..7).map(|t| t >= 4).collect(),
+            mrope: None,
+        });
+        let groups = [
+            (Group::AttnIn, Weighting::Modality { ratio: 0.3 }),
+            (Group::MlpIn, Weighting::Plain),
+            (Group::MlpOut, Weighting::Modality { ratio: 2.0 }),
+        ];
+        let set = SearchSettings {
+            quant: QuantKind::Weight {
+                bits: 3,
+                group_size: 128,
+            },
+            loss: LossKind::Mae,
+        };
+        let run = |chunk_tokens: usize| {
+            let s = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, chunk_tokens).unwrap();
+            let mut points = 0;
+            let grid = s.search(&groups, set, || points += 1).unwrap();
+            let sq = s
+                .smoothquant(&[Group::AttnIn, Group::MlpOut], LossKind::Mse, || {})
+                .unwrap();
+            (s.chunk_count(), points, grid, sq)
+        };
+        let (n1, p1, grid1, sq1) = run(usize::MAX);
+        for budget in [25, 1] {
+            let (n, p, grid, sq) = run(budget);
+            assert_eq!((n1, n), (1, if budget == 1 { 3 } else { 2 }));
+            assert_eq!((p1, p), (groups.len() * GRID, groups.len() * GRID * n));
+            assert_eq!(grid, grid1, "chunks of {budget} tokens");
+            assert_eq!(sq, sq1, "chunks of {budget} tokens");
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn calib_options(
         backend: mbq::backend::BackendKind::Cpu,
         resume: false,
         stop_after_layer: None,
+        search_chunk_tokens: 8192,
     }
 }
 
