@@ -1004,15 +1004,18 @@ fn quantize(o: mbq::calib::QuantizeOptions) -> anyhow::Result<()> {
             tokens,
             chunks,
         } => {
-            let what = if chunks > 1 {
-                format!(
+            // With the samples in chunks a unit is a grid point on a chunk.
+            let (what, unit) = if chunks > 1 {
+                let what = format!(
                     "layer {}/{layers} scale search ({chunks} chunks)",
                     layer + 1
-                )
+                );
+                (what, "grid points x chunks")
             } else {
-                format!("layer {}/{layers} scale search", layer + 1)
+                let what = format!("layer {}/{layers} scale search", layer + 1);
+                (what, "grid points")
             };
-            bar.stage(&what, total, "grid points");
+            bar.stage(&what, total, unit);
             bar.tokens_per_unit(tokens);
             bar.set(done);
         }

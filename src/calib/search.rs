@@ -2,13 +2,14 @@
 //! scales (docs/MBQ.md), on any backend with the [`Search`] ops: the
 //! layer's f32 weights stay on the host ([`HostLayer`], where the chosen
 //! scales are folded in) and are uploaded once; the layer runs on the
-//! backend through the model's own forward ([`DecoderLayer::forward`] with
-//! a tap that keeps each group's input and output there). A grid point
-//! sends `s` (one value an input channel): the device makes each linear's
-//! fake-quantized weight from the uploaded one ([`Search::fake_quant`], the
-//! reference's codes exactly), runs the same module forwards
-//! ([`Group::forward`]) and reduces each sample's error there
-//! ([`Search::loss_terms`]); three numbers come back per grid point. The
+//! backend through the model's own forward with a tap that keeps each
+//! group's input and output there (`features.rs`), a chunk of samples at a
+//! time. A grid point sends `s` (one value an input channel): the device
+//! makes each linear's fake-quantized weight from the uploaded one
+//! ([`Search::fake_quant`], the reference's codes exactly), runs the same
+//! module forwards ([`Group::forward`]) and reduces each sample's error
+//! there ([`Search::loss_terms`]), adding it to the grid point's running
+//! sums over the chunks; three numbers come back per grid point. The
 //! backends differ only by f32 summation order and the odd INT8
 //! activation that this moves across a rounding boundary
 //! (tests/calibrate_backends.rs).
