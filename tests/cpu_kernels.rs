@@ -17,12 +17,10 @@ use rand::{Rng, SeedableRng};
 const REL: f32 = 2e-6;
 
 /// Whether `isa` computes these rows with int8 activations (the integer
-/// kernels: packed rows of the layouts `q8::layout` accepts, a few rows).
+/// kernels: packed rows of the layouts `Isa::int8_layout` accepts, a few rows).
 fn int8_activations(isa: Isa, w: &CpuWeight, rows: usize) -> bool {
     match w {
-        CpuWeight::Packed(p) => {
-            isa == Isa::Avx512Vnni && rows < GEMM_ROWS && q8::layout(p.bits, p.group_size)
-        }
+        CpuWeight::Packed(p) => rows < GEMM_ROWS && isa.int8_layout(p.bits, p.group_size),
         _ => false,
     }
 }
@@ -186,11 +184,20 @@ fn dense_stored_weights_match_the_reference() {
 /// activations with an outlier channel, where a block's step is coarse.
 #[test]
 fn int8_activations_stay_within_half_a_step_of_the_f32_product() {
-    let Some(isa) = Isa::available().into_iter().find(|&i| i == Isa::Avx512Vnni) else {
-        eprintln!("no AVX-512 VNNI on this CPU: the int8 kernels are not built for it");
+    let int8: Vec<Isa> = Isa::available()
+        .into_iter()
+        .filter(|i| i.int8_layout(4, 128))
+        .collect();
+    if int8.is_empty() {
+        eprintln!("no AVX2 or AVX-512 VNNI on this CPU: no int8 kernels to check");
         return;
-    };
-    for (bits, group) in [(3u32, 128usize), (4, 128), (8, 64), (8, 128)] {
+    }
+    for (isa, bits, group) in int8.into_iter().flat_map(|isa| {
+        [(3u32, 128usize), (4, 128), (8, 64), (8, 128)]
+            .into_iter()
+            .filter(move |&(b, g)| isa.int8_layout(b, g))
+            .map(move |(b, g)| (isa, b, g))
+    }) {
         let (out, inp) = (21, 128 * 5);
         let w = CpuWeight::Packed(packed(bits as u64 + 40, out, inp, bits, group));
         let mut rng = StdRng::seed_from_u64(bits as u64);
@@ -215,14 +222,19 @@ fn int8_activations_stay_within_half_a_step_of_the_f32_product() {
             let err = (got[o] - want[o]).abs();
             assert!(
                 err <= bound * 1.0001 + REL * mag[o],
-                "W{bits} g{group} output {o}: {} vs f32 {} (bound {bound})",
+                "{} W{bits} g{group} output {o}: {} vs f32 {} (bound {bound})",
+                isa.name(),
                 got[o],
                 want[o]
             );
             worst = worst.max(err / bound);
         }
         // The rounding is real: the outputs are not the f32 ones.
-        assert!(worst > 0.0, "W{bits}: int8 activations gave the f32 result");
+        assert!(
+            worst > 0.0,
+            "{} W{bits}: int8 activations gave the f32 result",
+            isa.name()
+        );
     }
 }
 
@@ -236,6 +248,7 @@ fn the_simd_kernels_run_where_the_cpu_has_them() {
         && is_x86_feature_detected!("f16c")
     {
         assert!(Isa::available().contains(&Isa::Avx2));
+        assert!(Isa::available().contains(&Isa::Avx2Int8));
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bitalg") {

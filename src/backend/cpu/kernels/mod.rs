@@ -45,6 +45,11 @@ pub enum Isa {
     /// W3's high bit plane added under a mask; f16 / bf16 rows four at a
     /// time.
     Avx512,
+    /// AVX2 + FMA + F16C with the activations of packed W3 / W4 g128 rows
+    /// rounded to int8 blocks (`q8.rs`) and integer dot products
+    /// (`avx2_int8.rs`: `vpmaddubsw`, as llama.cpp's AVX2 path); everything
+    /// else as [`Isa::Avx2`]. Chosen only after [`set_int8_activations`].
+    Avx2Int8,
     /// AVX-512 with VNNI, BW, VL and BITALG: packed rows as integer dot
     /// products with the activations rounded to int8 blocks (`q8.rs`), as
     /// llama.cpp does; everything else as [`Isa::Avx512`].
@@ -61,6 +66,7 @@ impl Isa {
     pub fn detect() -> Isa {
         match Isa::best() {
             Isa::Avx512Vnni if !INT8_ACTIVATIONS.load(Ordering::Relaxed) => Isa::Avx512,
+            Isa::Avx2Int8 if !INT8_ACTIVATIONS.load(Ordering::Relaxed) => Isa::Avx2,
             isa => isa,
         }
     }
@@ -90,6 +96,7 @@ impl Isa {
             && is_x86_feature_detected!("f16c")
         {
             v.push(Isa::Avx2);
+            v.push(Isa::Avx2Int8);
             if is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
                 if is_x86_feature_detected!("avx512bw")
@@ -108,8 +115,22 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma+f16c",
+            Isa::Avx2Int8 => "avx2+fma+f16c (int8 activations)",
             Isa::Avx512 => "avx512f",
             Isa::Avx512Vnni => "avx512-vnni (int8 activations)",
+        }
+    }
+}
+
+impl Isa {
+    /// Whether this instruction set computes packed rows of this layout
+    /// with int8 activations (the integer kernels).
+    pub fn int8_layout(self, bits: u32, group_size: usize) -> bool {
+        match self {
+            Isa::Avx512Vnni => q8::layout(bits, group_size),
+            // `vpmaddubsw` would saturate on W8's codes.
+            Isa::Avx2Int8 => matches!((bits, group_size), (3, 128) | (4, 128)),
+            _ => false,
         }
     }
 }
@@ -163,7 +184,7 @@ fn avx512_layout(bits: u32, group_size: usize, inp: usize) -> bool {
 /// per group (for the zero points).
 pub struct PackedInput {
     isa: Isa,
-    /// The row as int8 blocks (`Isa::Avx512Vnni` only).
+    /// The row as int8 blocks (where [`Isa::int8_layout`]).
     q8: Option<q8::Q8Row>,
     /// The activations in the kernel's order (the row as is for scalar).
     x: Vec<f32>,
@@ -176,7 +197,7 @@ pub struct PackedInput {
 impl PackedInput {
     pub fn new(isa: Isa, w: &PackedLinear, x: &[f32]) -> PackedInput {
         let g = w.group_size;
-        if isa == Isa::Avx512Vnni && q8::layout(w.bits, g) {
+        if isa.int8_layout(w.bits, g) {
             let q8 = q8::Q8Row::new(w.bits, g, x);
             return PackedInput {
                 isa,
@@ -189,7 +210,11 @@ impl PackedInput {
         let sums = x.chunks_exact(g).map(|c| c.iter().sum()).collect();
         let isa = match isa {
             Isa::Avx512 | Isa::Avx512Vnni if avx512_layout(w.bits, g, w.inp) => Isa::Avx512,
-            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2 if simd_layout(w.bits, g, w.inp) => Isa::Avx2,
+            Isa::Avx512 | Isa::Avx512Vnni | Isa::Avx2 | Isa::Avx2Int8
+                if simd_layout(w.bits, g, w.inp) =>
+            {
+                Isa::Avx2
+            }
             _ => Isa::Scalar,
         };
         let (xr, natural) = match isa {
@@ -280,21 +305,33 @@ pub fn packed_rows(
         while i < n {
             let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
             let sz = &scratch[i * groups * 2..];
-            // SAFETY: `q8` is only made under `Isa::Avx512Vnni` (AVX-512F,
-            // BW, VL, VNNI, BITALG, AVX2, FMA, F16C) for a layout
-            // `q8::layout` accepts; rows i..i + 4 (or i) lie inside the
-            // weight.
+            // SAFETY: `q8` is only made for a layout `Isa::int8_layout`
+            // accepts, under `Isa::Avx512Vnni` (AVX-512F, BW, VL, VNNI,
+            // BITALG, AVX2, FMA, F16C) or `Isa::Avx2Int8` (AVX2, FMA,
+            // F16C); rows i..i + 4 (or i) lie inside the weight.
+            let (q, d) = (&q8.q, &q8.lane_d);
+            let vnni = xin.isa == Isa::Avx512Vnni;
             if i + 4 <= n {
-                let d =
-                    unsafe { vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, &q8.q, &q8.lane_d) };
-                for (k, d) in d.into_iter().enumerate() {
-                    y[i + k] = d - zero_term(i + k);
+                let r = unsafe {
+                    if vnni {
+                        vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, q, d)
+                    } else {
+                        avx2_int8::rows::<4>(wp, row_words, sz, w.bits, q, d)
+                    }
+                };
+                for (k, r) in r.into_iter().enumerate() {
+                    y[i + k] = r - zero_term(i + k);
                 }
                 i += 4;
             } else {
-                let [d] =
-                    unsafe { vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, &q8.q, &q8.lane_d) };
-                y[i] = d - zero_term(i);
+                let [r] = unsafe {
+                    if vnni {
+                        vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, q, d)
+                    } else {
+                        avx2_int8::rows::<1>(wp, row_words, sz, w.bits, q, d)
+                    }
+                };
+                y[i] = r - zero_term(i);
                 i += 1;
             }
         }
@@ -502,7 +539,7 @@ fn half_rows<T: Copy>(
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => {
+        Isa::Avx2 | Isa::Avx2Int8 | Isa::Avx512 | Isa::Avx512Vnni => {
             for (i, y) in y.iter_mut().enumerate() {
                 *y = unsafe {
                     match kind {
@@ -526,6 +563,9 @@ fn half_rows<T: Copy>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // rows index several arrays at once
+mod avx2_int8;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // rows index several arrays at once
 mod avx512;
