@@ -36,13 +36,12 @@ pub unsafe fn w4_rows<const R: usize>(
             let xl = _mm256_loadu_si256(qp.add(g * 128 + 32 * h) as *const __m256i);
             let xh = _mm256_loadu_si256(qp.add(g * 128 + 64 + 32 * h) as *const __m256i);
             for r in 0..R {
-                let v = _mm256_loadu_si256(wp.add(r * row_words + g * 16 + 8 * h) as *const __m256i);
+                let v =
+                    _mm256_loadu_si256(wp.add(r * row_words + g * 16 + 8 * h) as *const __m256i);
                 let lo = _mm256_and_si256(v, nib);
                 let hi = _mm256_and_si256(_mm256_srli_epi32::<4>(v), nib);
-                let pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_maddubs_epi16(hi, xh),
-                );
+                let pairs =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
                 let sums = _mm256_madd_epi16(pairs, ones);
                 let s = _mm256_mul_ps(dv, _mm256_set1_ps(sz[r * 2 * groups + 2 * g]));
                 total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, total[r]);

@@ -12,8 +12,9 @@
 //!
 //! The runtime (not the library's default) may also round a packed row's
 //! activations to int8 blocks (`q8.rs`) and take integer dot products
-//! (`vnni.rs`, AVX-512 VNNI): what llama.cpp does, three to four times
-//! fewer instructions a weight; tested against the plain reference
+//! (`vnni.rs`, AVX-512 VNNI; `avx2_int8.rs`, AVX2 `vpmaddubsw` for W3 /
+//! W4 g128): what llama.cpp does, three to four times fewer instructions
+//! a weight than the f32 kernels; tested against the plain reference
 //! applied to the rounded activations, and the rounding against its
 //! half-a-step bound.
 //!

@@ -1,4 +1,5 @@
-//! Activations as int8 for the integer kernels of `vnni.rs`: a row is cut
+//! Activations as int8 for the integer kernels of `vnni.rs` and
+//! `avx2_int8.rs` (one layout for both): a row is cut
 //! into blocks of [`BLOCK`] values, each stored as `round(x / d)` in
 //! -127..=127 with its own f32 step `d = max |x| / 127` (llama.cpp's Q8_0
 //! blocks). The products of codes and int8 activations are then exact
