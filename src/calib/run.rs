@@ -619,10 +619,10 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
         } else {
             GRID
         };
-        let total = groups.len() * per_group * search.chunk_count();
+        let chunks = search.chunk_count();
+        let total = groups.len() * per_group * chunks;
         let progress = &mut *self.progress;
         let mut done = 0;
-        let chunks = search.chunk_count();
         let tokens = self.masks.iter().map(|m| m.caption.len()).sum::<usize>() / chunks.max(1);
         progress(CalibProgress::Layer {
             layer: i,
