@@ -622,18 +622,8 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
         let chunks = search.chunk_count();
         let total = groups.len() * per_group * chunks;
         let progress = &mut *self.progress;
-        let mut done = 0;
         let tokens = self.masks.iter().map(|m| m.caption.len()).sum::<usize>() / chunks.max(1);
-        progress(CalibProgress::Layer {
-            layer: i,
-            layers,
-            done,
-            total,
-            tokens,
-            chunks,
-        });
-        let tick = || {
-            done += 1;
+        let mut report = |done: usize| {
             progress(CalibProgress::Layer {
                 layer: i,
                 layers,
@@ -642,6 +632,12 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
                 tokens,
                 chunks,
             })
+        };
+        report(0);
+        let mut done = 0;
+        let tick = || {
+            done += 1;
+            report(done)
         };
         let results = if method.scales() == Scales::Fixed {
             search.smoothquant(&groups, self.o.loss, tick)?

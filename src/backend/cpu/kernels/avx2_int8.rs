@@ -11,6 +11,8 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::hsum;
+
 /// `R` rows of W4 g128 (sixteen words a group). Row `r`'s words start at
 /// `wp + r * row_words`, its (scale, zero) pairs at `sz[r * 2 * groups..]`;
 /// `q` and `lane_d` are `Q8Row`'s.
@@ -137,15 +139,7 @@ pub unsafe fn w3_rows<const R: usize>(
     out
 }
 
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
-    _mm_cvtss_f32(h)
-}
-
-/// `R` rows of a layout [`layout`] accepts.
+/// `R` rows of a layout `Isa::Avx2Int8` takes (W3 or W4 at group 128).
 #[inline(always)]
 pub unsafe fn rows<const R: usize>(
     wp: *const u32,
