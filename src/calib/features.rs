@@ -183,55 +183,53 @@ fn run_layer<B: Backend>(
     rope: RopePos<'_>,
     tap: &mut impl Tap<B>,
 ) -> Result<B::Tensor> {
-    let mut cache = be.new_cache(1, spec.kv_dim(), be.dims(x).0)?;
-    let kv = Kv {
-        cache: &mut cache,
-        layer: 0,
-        pos0: 0,
-        rope,
-    };
-    layer.forward(spec, be, x, kv, tap)
+    Kv::whole_sample(be, spec, be.dims(x).0, rope, |kv| {
+        layer.forward(spec, be, x, kv, tap)
+    })
+}
+
+impl<B: Backend> LayerFeatures<B> {
+    fn empty() -> LayerFeatures<B> {
+        LayerFeatures {
+            inputs: Default::default(),
+            attn_y: vec![],
+            mlp_y: vec![],
+        }
+    }
 }
 
 /// The FP forward of a layer on the samples `xs` (on the backend; their
-/// tokens `masks`), keeping the features and, with `with_stats`, the |x|
-/// statistics (which come to the host once, `[3, cols]` a group).
+/// tokens `masks`), keeping the features in `f` and adding the |x|
+/// statistics into `stats`, each where given.
 fn record<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
     xs: &[B::Tensor],
     masks: &[TokenMasks],
-    keep: bool,
-    with_stats: bool,
-) -> Result<(Option<LayerFeatures<B>>, Option<GroupStats>)> {
-    let mut f = keep.then(|| LayerFeatures {
-        inputs: Default::default(),
-        attn_y: vec![],
-        mlp_y: vec![],
-    });
-    let mut stats: Option<DeviceStats<B>> = with_stats.then(Default::default);
+    mut f: Option<&mut LayerFeatures<B>>,
+    mut stats: Option<&mut DeviceStats<B>>,
+) -> Result<()> {
     for (x, m) in xs.iter().zip(masks) {
         let mut tap = Record {
             be,
-            f: f.as_mut(),
-            stats: stats.as_mut(),
+            f: f.as_deref_mut(),
+            stats: stats.as_deref_mut(),
         };
         run_layer(be, spec, layer, x, m.rope(), &mut tap)?;
     }
-    let stats = match stats {
-        None => None,
-        Some(dev) => {
-            let mut host: GroupStats = Default::default();
-            for (k, (acc, rows)) in dev.into_iter().enumerate() {
-                if let Some(t) = acc {
-                    host[k] = ColStats::from_device(&be.download(&t)?, rows)?;
-                }
-            }
-            Some(host)
+    Ok(())
+}
+
+/// The device statistics brought to the host (`[3, cols]` a group, once).
+fn download_stats<B: Search>(be: &B, dev: DeviceStats<B>) -> Result<GroupStats> {
+    let mut host: GroupStats = Default::default();
+    for (k, (acc, rows)) in dev.into_iter().enumerate() {
+        if let Some(t) = acc {
+            host[k] = ColStats::from_device(&be.download(&t)?, rows)?;
         }
-    };
-    Ok((f, stats))
+    }
+    Ok(host)
 }
 
 /// The features of the samples `xs` and their |x| statistics.
@@ -242,10 +240,10 @@ pub fn layer_features<B: Search>(
     xs: &[B::Tensor],
     masks: &[TokenMasks],
 ) -> Result<(LayerFeatures<B>, GroupStats)> {
-    match record(be, spec, layer, xs, masks, true, true)? {
-        (Some(f), Some(s)) => Ok((f, s)),
-        _ => unreachable!("record keeps what it is asked to"),
-    }
+    let mut f = LayerFeatures::empty();
+    let mut stats = DeviceStats::<B>::default();
+    record(be, spec, layer, xs, masks, Some(&mut f), Some(&mut stats))?;
+    Ok((f, download_stats(be, stats)?))
 }
 
 /// The features of the samples `xs` (a chunk), without statistics.
@@ -256,10 +254,9 @@ pub fn chunk_features<B: Search>(
     xs: &[B::Tensor],
     masks: &[TokenMasks],
 ) -> Result<LayerFeatures<B>> {
-    match record(be, spec, layer, xs, masks, true, false)? {
-        (Some(f), _) => Ok(f),
-        _ => unreachable!("record keeps what it is asked to"),
-    }
+    let mut f = LayerFeatures::empty();
+    record(be, spec, layer, xs, masks, Some(&mut f), None)?;
+    Ok(f)
 }
 
 /// The |x| statistics of the samples `xs`, keeping no features.
@@ -270,10 +267,9 @@ pub fn layer_stats<B: Search>(
     xs: &[B::Tensor],
     masks: &[TokenMasks],
 ) -> Result<GroupStats> {
-    match record(be, spec, layer, xs, masks, false, true)? {
-        (_, Some(s)) => Ok(s),
-        _ => unreachable!("record keeps what it is asked to"),
-    }
+    let mut stats = DeviceStats::<B>::default();
+    record(be, spec, layer, xs, masks, None, Some(&mut stats))?;
+    download_stats(be, stats)
 }
 
 /// The layer's outputs on every sample (the next layer's inputs).

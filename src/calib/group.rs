@@ -144,14 +144,9 @@ impl Group {
                     v: &q[2],
                     o: &fp.attn.o,
                 };
-                let mut cache = be.new_cache(1, spec.kv_dim(), be.dims(x).0)?;
-                let kv = Kv {
-                    cache: &mut cache,
-                    layer: 0,
-                    pos0: 0,
-                    rope,
-                };
-                attn.forward(spec, be, x, kv, &mut NoTap)
+                Kv::whole_sample(be, spec, be.dims(x).0, rope, |kv| {
+                    attn.forward(spec, be, x, kv, &mut NoTap)
+                })
             }
             Group::MlpIn => {
                 let mlp = Mlp {

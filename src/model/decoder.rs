@@ -164,6 +164,27 @@ pub struct Kv<'a, B: Backend> {
     pub rope: RopePos<'a>,
 }
 
+impl<B: Backend> Kv<'_, B> {
+    /// Runs `f` over a fresh one-layer cache of exactly `n` positions: a
+    /// sample seen whole from position 0, as calibration runs one layer
+    /// at a time.
+    pub fn whole_sample<R>(
+        be: &B,
+        spec: &DecoderSpec,
+        n: usize,
+        rope: RopePos<'_>,
+        f: impl FnOnce(Kv<'_, B>) -> Result<R>,
+    ) -> Result<R> {
+        let mut cache = be.new_cache(1, spec.kv_dim(), n)?;
+        f(Kv {
+            cache: &mut cache,
+            layer: 0,
+            pos0: 0,
+            rope,
+        })
+    }
+}
+
 /// One sequence of a batch: its rows of the batch's input are at positions
 /// `pos0..pos0 + rows` of its own `cache`.
 pub struct SeqKv<'a, B: Backend> {
