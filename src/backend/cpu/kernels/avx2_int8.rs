@@ -73,26 +73,28 @@ const W3_HIGH_BYTE: [u8; 32] = {
     sel
 };
 
-/// The bit of that byte for vector `j`: `(4b + j) % 8`.
-const W3_HIGH_BIT: [[u8; 32]; 4] = {
-    let mut bit = [[0u8; 32]; 4];
-    let mut j = 0;
-    while j < 4 {
-        let mut p = 0;
-        while p < 32 {
-            bit[j][p] = 1 << ((4 * (p % 4) + j) % 8);
-            p += 1;
+/// Bytes whose high bit sits in the upper nibble of their plane byte
+/// (`b` odd: bit `4 + j` for vector `j`), marked for `vpblendvb`.
+const W3_UPPER_NIBBLE: [u8; 32] = {
+    let mut m = [0u8; 32];
+    let mut p = 0;
+    while p < 32 {
+        if p % 2 == 1 {
+            m[p] = 0x80;
         }
-        j += 1;
+        p += 1;
     }
-    bit
+    m
 };
 
 /// `R` rows of W3 g128 (twelve words a group: eight low-plane words of
 /// sixteen 2-bit codes, four high-plane words of one bit a code). For
 /// shift `j`, byte `b` of low word `w` gives code `16w + 4b + j`'s low
-/// bits; its high bit is picked out of the plane by a byte shuffle and a
-/// bit test, and 4 added under it.
+/// bits. Its high bit is bit `(4b + j) % 8` of plane byte `2w + b / 2`:
+/// a byte shuffle brings that byte to each position, and the upper nibble
+/// of odd `b` is moved down, so that bit `j` of every byte is vector
+/// `j`'s high bit; a shift puts it at bit 2 (worth 4), where it is or-ed
+/// into the low bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn w3_rows<const R: usize>(
     wp: *const u32,
@@ -107,7 +109,7 @@ pub unsafe fn w3_rows<const R: usize>(
     let four = _mm256_set1_epi8(4);
     let ones = _mm256_set1_epi16(1);
     let sel = _mm256_loadu_si256(W3_HIGH_BYTE.as_ptr() as *const __m256i);
-    let bit = W3_HIGH_BIT.map(|b| _mm256_loadu_si256(b.as_ptr() as *const __m256i));
+    let upper = _mm256_loadu_si256(W3_UPPER_NIBBLE.as_ptr() as *const __m256i);
     let mut total = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let dv = _mm256_loadu_ps(dp.add(g * 8));
@@ -118,15 +120,38 @@ pub unsafe fn w3_rows<const R: usize>(
             let lo = _mm256_loadu_si256(row as *const __m256i);
             let plane = _mm256_broadcastsi128_si256(_mm_loadu_si128(row.add(8) as *const __m128i));
             let hb = _mm256_shuffle_epi8(plane, sel);
-            let mut pairs = _mm256_setzero_si256();
-            for j in 0..4 {
-                let low =
-                    _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_set1_epi32(2 * j as i32)), m3);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit[j]), bit[j]);
-                let c = _mm256_or_si256(low, _mm256_and_si256(set, four));
-                // Codes <= 7: four vectors' pairs stay within i16.
-                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c, x[j]));
-            }
+            // Odd bytes are the high byte of their 16-bit lane: shifting
+            // the lane by 4 moves their upper nibble down cleanly. The
+            // shifts below are 16-bit too; only bit 2 of each byte is kept,
+            // and it comes from the byte's own bit `j`.
+            let h = _mm256_blendv_epi8(hb, _mm256_srli_epi16::<4>(hb), upper);
+            let c0 = _mm256_or_si256(
+                _mm256_and_si256(lo, m3),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(h), four),
+            );
+            let c1 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi32::<2>(lo), m3),
+                _mm256_and_si256(_mm256_add_epi8(h, h), four),
+            );
+            let c2 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi32::<4>(lo), m3),
+                _mm256_and_si256(h, four),
+            );
+            let c3 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi32::<6>(lo), m3),
+                _mm256_and_si256(_mm256_srli_epi16::<1>(h), four),
+            );
+            // Codes <= 7: four vectors' pairs stay within i16.
+            let pairs = _mm256_add_epi16(
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c0, x[0]),
+                    _mm256_maddubs_epi16(c1, x[1]),
+                ),
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c2, x[2]),
+                    _mm256_maddubs_epi16(c3, x[3]),
+                ),
+            );
             let sums = _mm256_madd_epi16(pairs, ones);
             let s = _mm256_mul_ps(dv, _mm256_set1_ps(sz[r * 2 * groups + 2 * g]));
             total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, total[r]);

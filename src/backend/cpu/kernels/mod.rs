@@ -275,8 +275,9 @@ fn reorder_w3_pairs(x: &[f32]) -> Vec<f32> {
 }
 
 /// Rows `o0..o0 + y.len()` of a packed weight times the prepared
-/// activations, into `y`; `scratch` takes the rows' scales and zeros as
-/// f32 (converted at once for all the rows, not one f16 at a time).
+/// activations, into `y`; `scratch` takes the scales and zeros of the
+/// rows a kernel call reads as f32 (converted at once for those rows, so
+/// they stay in L1 next to the codes, not one f16 at a time).
 pub fn packed_rows(
     w: &PackedLinear,
     o0: usize,
@@ -288,24 +289,22 @@ pub fn packed_rows(
     let groups = w.groups();
     let wpg = words_per_group(w.bits, w.group_size);
     let n = y.len();
-    scratch.resize(n * groups * 2, 0.0);
-    w.scales_zeros[o0 * groups * 2..(o0 + n) * groups * 2].convert_to_f32_slice(scratch);
     let row_words = groups * wpg;
-    // The zero points of row i: - sum_g s_g z_g sum(x_g).
-    let zero_term = |i: usize| -> f32 {
-        let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
-        sz.chunks_exact(2)
-            .zip(&xin.sums)
-            .map(|(p, s)| p[0] * p[1] * s)
-            .sum()
+    let per_row = groups * 2;
+    scratch.resize(4 * per_row, 0.0);
+    // Rows i..i + k's (scale, zero) pairs as f32, at the start of `scratch`.
+    let convert = |i: usize, k: usize, scratch: &mut Vec<f32>| {
+        let src = &w.scales_zeros[(o0 + i) * per_row..(o0 + i + k) * per_row];
+        src.convert_to_f32_slice(&mut scratch[..k * per_row]);
     };
+    let zero =
+        |r: usize, scratch: &[f32]| zero_term(&scratch[r * per_row..(r + 1) * per_row], &xin.sums);
     let mut i = 0;
     #[cfg(target_arch = "x86_64")]
     if let Some(q8) = &xin.q8 {
         // Four rows at a time, then one.
         while i < n {
             let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
-            let sz = &scratch[i * groups * 2..];
             // SAFETY: `q8` is only made for a layout `Isa::int8_layout`
             // accepts, under `Isa::Avx512Vnni` (AVX-512F, BW, VL, VNNI,
             // BITALG, AVX2, FMA, F16C) or `Isa::Avx2Int8` (AVX2, FMA,
@@ -313,6 +312,8 @@ pub fn packed_rows(
             let (q, d) = (&q8.q, &q8.lane_d);
             let vnni = xin.isa == Isa::Avx512Vnni;
             if i + 4 <= n {
+                convert(i, 4, scratch);
+                let sz = &scratch[..];
                 let r = unsafe {
                     if vnni {
                         vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, q, d)
@@ -321,10 +322,12 @@ pub fn packed_rows(
                     }
                 };
                 for (k, r) in r.into_iter().enumerate() {
-                    y[i + k] = r - zero_term(i + k);
+                    y[i + k] = r - zero(k, scratch);
                 }
                 i += 4;
             } else {
+                convert(i, 1, scratch);
+                let sz = &scratch[..];
                 let [r] = unsafe {
                     if vnni {
                         vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, q, d)
@@ -332,7 +335,7 @@ pub fn packed_rows(
                         avx2_int8::rows::<1>(wp, row_words, sz, w.bits, q, d)
                     }
                 };
-                y[i] = r - zero_term(i);
+                y[i] = r - zero(0, scratch);
                 i += 1;
             }
         }
@@ -342,33 +345,37 @@ pub fn packed_rows(
         // Four rows at a time (W4, W8), then one.
         while i < n {
             let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
-            let sz = &scratch[i * groups * 2..];
             // SAFETY: `Isa::Avx512` only when the CPU has AVX-512F (and AVX2,
             // FMA, F16C); the layout was checked by `avx512_layout`; rows
             // i..i + 4 (or i) lie inside the weight.
             // W3 keeps one row a step: four rows' high-plane masks and low
             // planes measured slower on short rows (3,584 inputs) here.
             if i + 4 <= n && w.bits != 3 {
+                convert(i, 4, scratch);
+                let sz = &scratch[..];
                 let d = unsafe {
                     avx512::rows::<4>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
                 };
                 for (k, d) in d.into_iter().enumerate() {
-                    y[i + k] = d - zero_term(i + k);
+                    y[i + k] = d - zero(k, scratch);
                 }
                 i += 4;
             } else {
+                convert(i, 1, scratch);
+                let sz = &scratch[..];
                 let [d] = unsafe {
                     avx512::rows::<1>(wp, row_words, sz, w.bits, wpg, &xin.x, &xin.natural)
                 };
-                y[i] = d - zero_term(i);
+                y[i] = d - zero(0, scratch);
                 i += 1;
             }
         }
     }
-    for i in i..n {
+    for (i, yi) in y.iter_mut().enumerate().skip(i) {
         let r = o0 + i;
         let words = &w.qweight[r * row_words..(r + 1) * row_words];
-        let sz = &scratch[i * groups * 2..(i + 1) * groups * 2];
+        convert(i, 1, scratch);
+        let sz = &scratch[..per_row];
         let codes_dot = match xin.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
@@ -376,8 +383,29 @@ pub fn packed_rows(
             Isa::Avx2 => unsafe { avx2::packed_row(words, sz, w.bits, wpg, &xin.x) },
             _ => packed_row_scalar(words, sz, w.bits, w.group_size, &xin.x),
         };
-        y[i] = codes_dot - zero_term(i);
+        *yi = codes_dot - zero(0, scratch);
     }
+}
+
+/// A row's zero points, `sum_g s_g z_g sum(x_g)` over its (scale, zero)
+/// pairs `sz` and the activations' group sums: eight partial sums, so
+/// that the adds do not wait on each other (and vectorise).
+fn zero_term(sz: &[f32], sums: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut pairs = sz.chunks_exact(16);
+    let mut xs = sums.chunks_exact(8);
+    for (p, s) in (&mut pairs).zip(&mut xs) {
+        for l in 0..8 {
+            acc[l] += p[2 * l] * p[2 * l + 1] * s[l];
+        }
+    }
+    let tail: f32 = pairs
+        .remainder()
+        .chunks_exact(2)
+        .zip(xs.remainder())
+        .map(|(p, s)| p[0] * p[1] * s)
+        .sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether [`dequant_row`] writes rows in the eight-lane order of the
