@@ -6,6 +6,11 @@
 // grid-stride loops, no shared memory; outputs never alias inputs):
 //   f16_to_f32(const unsigned short *src, float *dst, long long n)
 //       dst[i] = (float)src[i] (IEEE half bits), i < n.
+//   f32_to_f16(const float *src, unsigned short *dst, long long n)
+//       dst[i] = the half bits of src[i] rounded to nearest even, f16
+//       subnormals kept, saturating at +-65504 (f16's largest finite
+//       value), NaN stays NaN, i < n (the scale search's activations kept
+//       in f16: Search::to_half).
 //   embedding_f16(const unsigned short *table, const unsigned int *ids,
 //                 float *y, int n, int dim)
 //       table: [vocab, dim] f16 bits; ids: [n], each < vocab (checked on the
@@ -42,6 +47,22 @@ extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         dst[i] = f16_to_f32_bits(src[i]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(CONVERT_THREADS)
+    f32_to_f16(const float *src, unsigned short *dst, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        float v = src[i];
+        if (v == v) v = fminf(fmaxf(v, -65504.0f), 65504.0f);
+#ifdef MBQ_HOST_EMULATION
+        dst[i] = mbq_host_f32_to_f16(v);
+#else
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        dst[i] = h;
+#endif
     }
 }
 

@@ -12,8 +12,7 @@ mod common;
 #[cfg(feature = "cuda")]
 mod cuda_common;
 
-use std::path::Path;
-
+use common::reports::{compare, report, Agreement};
 use common::{calib_options, scratch};
 use mbq::backend::BackendKind;
 use mbq::calib::{quantize_model, CalibProgress, Method, QuantizeOptions};
@@ -35,80 +34,6 @@ const LOSS_RTOL: f64 = 1e-2;
 /// is this much (relative) below its runner-up.
 const ALPHA_MARGIN: f64 = 1e-4;
 const N_SAMPLES: usize = 6;
-
-fn report(dir: &Path) -> Value {
-    let text = std::fs::read_to_string(dir.join("calibration_report.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / a.abs().max(1e-30)
-}
-
-/// Compares the device's report with the CPU's; returns the largest
-/// relative loss difference, the number of grid points over 1e-5 and of
-/// all grid points.
-fn compare(name: &str, cpu: &Value, dev: &Value) -> (f64, usize, usize) {
-    let (lc, ld) = (
-        cpu["layers"].as_array().unwrap(),
-        dev["layers"].as_array().unwrap(),
-    );
-    assert_eq!(lc.len(), ld.len(), "{name}: layers");
-    let mut worst = 0f64;
-    let (mut over, mut points) = (0, 0);
-    for (a, b) in lc.iter().zip(ld) {
-        let i = &a["index"];
-        for k in ["attn", "mlp"] {
-            if let (Some(x), Some(y)) = (a["ratio"][k].as_f64(), b["ratio"][k].as_f64()) {
-                assert!(
-                    rel(x, y) <= RATIO_RTOL,
-                    "{name} layer {i} ratio {k}: {x} vs {y}"
-                );
-            }
-        }
-        let (gc, gd) = (
-            a["groups"].as_array().unwrap(),
-            b["groups"].as_array().unwrap(),
-        );
-        assert_eq!(gc.len(), gd.len(), "{name} layer {i}: groups");
-        for (g, h) in gc.iter().zip(gd) {
-            let group = g["name"].as_str().unwrap();
-            assert_eq!(group, h["name"].as_str().unwrap());
-            let lossc: Vec<f64> = g["losses"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            let lossd: Vec<f64> = h["losses"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            assert_eq!(lossc.len(), lossd.len());
-            for (k, (x, y)) in lossc.iter().zip(&lossd).enumerate() {
-                worst = worst.max(rel(*x, *y));
-                over += usize::from(rel(*x, *y) > 1e-5);
-                points += 1;
-                assert!(
-                    rel(*x, *y) <= LOSS_RTOL,
-                    "{name} layer {i} {group} grid point {k}: loss {x} (cpu) vs {y}"
-                );
-            }
-            let mut sorted = lossc.clone();
-            sorted.sort_by(f64::total_cmp);
-            let clear = sorted.len() < 2 || sorted[1] - sorted[0] > ALPHA_MARGIN * sorted[0];
-            if clear {
-                assert_eq!(
-                    g["alpha"], h["alpha"],
-                    "{name} layer {i} {group}: alpha (cpu losses {lossc:?}, device {lossd:?})"
-                );
-            }
-        }
-    }
-    (worst, over, points)
-}
 
 /// Runs every case on the CPU and on `backend`, and compares.
 fn search_matches_cpu(backend: BackendKind, label: &str) {
@@ -173,7 +98,16 @@ fn search_matches_cpu(backend: BackendKind, label: &str) {
             );
             assert!(d["seconds"].as_f64().unwrap() > 0.0, "{name} {s}: {d}");
         }
-        let (worst, over, points) = compare(&name, &cpu, &dev);
+        // The default keeps the activations in f16 for this f16 model, on
+        // both sides.
+        assert_eq!(cpu["feature_dtype"], "f16", "{name}");
+        assert_eq!(dev["feature_dtype"], "f16", "{name}");
+        let agree = Agreement {
+            ratio_rtol: RATIO_RTOL,
+            loss_rtol: LOSS_RTOL,
+            alpha_margin: ALPHA_MARGIN,
+        };
+        let (worst, over, points) = compare(&name, &cpu, &dev, agree);
         eprintln!(
             "{name}: {label} vs cpu: largest relative loss difference {worst:.2e}; \
              {over} of {points} grid points over 1e-5"

@@ -172,6 +172,13 @@ fn abs_terms_match_cpu() {
 }
 
 #[test]
+fn half_matches_cpu() {
+    if let Some(p) = one("half_matches_cpu") {
+        backend_ops::half_matches_cpu(&p);
+    }
+}
+
+#[test]
 fn timing_with_events() {
     let Some(g) = cuda("timing_with_events") else {
         return;

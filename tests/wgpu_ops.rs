@@ -279,3 +279,8 @@ fn abs_col_stats_matches_cpu() {
 fn abs_terms_match_cpu() {
     backend_ops::abs_terms_match_cpu(&both());
 }
+
+#[test]
+fn half_matches_cpu() {
+    backend_ops::half_matches_cpu(&both());
+}

@@ -57,6 +57,7 @@ pub const SOURCES: &[KernelSource] = &[
         src: include_str!("../../kernels/convert.cu"),
         entries: &[
             "f16_to_f32",
+            "f32_to_f16",
             "embedding_f16",
             "embedding_f32",
             "dequant_packed_f32",

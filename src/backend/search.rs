@@ -6,10 +6,18 @@
 //! per-input-channel mean and max of |x| the search's scales are made from,
 //! accumulated sample after sample) and `abs_terms` (the sensitivity pass's
 //! masked sums of |x|), so neither downloads the activations.
-//! The CPU functions are the reference (`quant::pseudo::fake_quant_scaled`
-//! and the sums below); wgpu (`shaders/fake_quant.wgsl`, `loss.wgsl`,
-//! `stats.wgsl`) and CUDA (`kernels/search.cu`) are tested against them by
-//! the op harness (`verify/ops/search.rs`).
+//! And the search keeps its largest items (the samples' layer inputs and
+//! the features) in f16 where the model is f16 (`to_half`, `half_to_f32`:
+//! half the memory; the f32 copy of one sample exists only while it is
+//! used).
+//! The CPU functions are the reference (`quant::pseudo::fake_quant_scaled`,
+//! the sums below, `half`'s round-to-nearest-even conversion); wgpu
+//! (`shaders/fake_quant.wgsl`, `loss.wgsl`, `stats.wgsl`, `half.wgsl`) and
+//! CUDA (`kernels/search.cu`, `convert.cu`) are tested against them by the
+//! op harness (`verify/ops/search.rs`).
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::cpu::{Cpu, CpuWeight};
 use super::Backend;
@@ -39,6 +47,20 @@ impl Distance {
 /// The search's device ops. Shapes are checked here (the provided
 /// methods) before a backend's `*_unchecked` implementation sees them.
 pub trait Search: Backend {
+    /// An activation matrix held as f16 values (what [`Search::to_half`]
+    /// makes).
+    type Half;
+
+    /// `x` rounded to f16: to nearest even (`half::f16::from_f32`, f16
+    /// subnormals kept), saturating at f16's largest finite value, ±65504
+    /// (a value an f16 model's own forward would have overflowed, kept
+    /// finite so that one outlier cannot make every loss NaN); NaN stays
+    /// NaN.
+    fn to_half(&self, x: &Self::Tensor) -> Result<Self::Half>;
+
+    /// The values of `h` as f32 (exact).
+    fn half_to_f32(&self, h: &Self::Half) -> Result<Self::Tensor>;
+
     /// The effective weight of a dense `[out, in]` weight `w` (as
     /// [`Backend::weight`] or [`Backend::stored_weight`] made it) with its
     /// input channels scaled by `s` (`in` values), fake-quantized as `q`
@@ -163,7 +185,43 @@ pub fn row_errors(want: &[f32], got: &[f32], cols: usize, dist: Distance) -> Vec
         .collect()
 }
 
+/// f16's largest finite value, where [`Search::to_half`] saturates.
+pub const F16_MAX: f32 = 65504.0;
+
+/// A `[rows, cols]` matrix of f16 values on the CPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuHalf {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f16>,
+}
+
 impl Search for Cpu {
+    type Half = CpuHalf;
+
+    fn to_half(&self, x: &Tensor) -> Result<CpuHalf> {
+        let mut data = vec![f16::ZERO; x.data.len()];
+        let mut clamped = [0.0f32; 1024];
+        for (src, dst) in x.data.chunks(1024).zip(data.chunks_mut(1024)) {
+            let c = &mut clamped[..src.len()];
+            c.iter_mut()
+                .zip(src)
+                .for_each(|(c, &v)| *c = v.clamp(-F16_MAX, F16_MAX));
+            dst.convert_from_f32_slice(c);
+        }
+        Ok(CpuHalf {
+            rows: x.rows(),
+            cols: x.cols(),
+            data,
+        })
+    }
+
+    fn half_to_f32(&self, h: &CpuHalf) -> Result<Tensor> {
+        let mut data = vec![0.0f32; h.data.len()];
+        h.data.convert_to_f32_slice(&mut data);
+        Tensor::new(vec![h.rows, h.cols], data)
+    }
+
     fn fake_quant_unchecked(&self, w: &CpuWeight, s: &Tensor, q: FakeQuant) -> Result<CpuWeight> {
         let (out, inp) = w.shape();
         let dense = w.to_dense();

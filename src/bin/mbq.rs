@@ -78,6 +78,12 @@ enum Cmd {
         /// 150 KB a token); the result is the same.
         #[arg(long, default_value_t = 8192)]
         search_chunk_tokens: usize,
+        /// How calibration keeps the samples' layer inputs and the search's
+        /// features between steps: auto (f16 when the language model is
+        /// stored in f16, as its own forward would keep them; else f32),
+        /// f16 (half the memory) or f32.
+        #[arg(long, value_enum, default_value_t = mbq::calib::kept::FeatureDtype::Auto)]
+        feature_dtype: mbq::calib::kept::FeatureDtype,
         /// Testing aid: stop after this layer's checkpoint, as a kill would.
         #[arg(long, hide = true)]
         stop_after_layer: Option<usize>,
@@ -379,6 +385,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             backend,
             resume,
             search_chunk_tokens,
+            feature_dtype,
             stop_after_layer,
             model,
             out,
@@ -405,6 +412,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_layer,
             search_chunk_tokens,
+            feature_dtype,
         }),
         Cmd::Export { format, model, out } => export(format, &model, &out),
         Cmd::Verify {

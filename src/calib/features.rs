@@ -4,9 +4,11 @@
 //! on the backend by the model's own forward with a tap.
 //!
 //! Features are made a chunk of samples at a time ([`chunks`]): at 7B one
-//! token's features are about 150 KB in f32 (three hidden-size inputs, the
-//! intermediate-size input of down_proj, two hidden-size outputs), so 128
-//! samples of ~2,300 tokens would need ~44 GB at once. The statistics need
+//! token's features are about 150 KB in f32, 75 KB in f16 (three
+//! hidden-size inputs, the intermediate-size input of down_proj, two
+//! hidden-size outputs), so 128 samples of ~2,300 tokens would need ~44 GB
+//! (f32) at once. They, and the samples' layer inputs, are kept as
+//! [`Kept`] says (f16 where the model is f16). The statistics need
 //! every sample before the first grid point, so with more than one chunk a
 //! first pass over all samples keeps statistics only
 //! ([`layer_stats`]), and each chunk's features are made again when the
@@ -15,6 +17,7 @@
 use std::ops::Range;
 
 use super::group::Group;
+use super::kept::{KeepDtype, Kept};
 use super::search::TokenMasks;
 use crate::backend::{Backend, Search};
 use crate::error::{Error, Result};
@@ -105,23 +108,31 @@ pub fn slot(g: Group) -> usize {
 }
 
 /// The search's features of a run of samples.
-pub struct LayerFeatures<B: Backend> {
+pub struct LayerFeatures<B: Search> {
     /// Each group's input, per sample, on the backend (in [`Group::ALL`] order).
-    pub inputs: [Vec<B::Tensor>; 4],
+    pub inputs: [Vec<Kept<B>>; 4],
     /// FP outputs of the self-attention (= o_proj) and the MLP (= down_proj),
     /// on the backend.
-    pub attn_y: Vec<B::Tensor>,
-    pub mlp_y: Vec<B::Tensor>,
+    pub attn_y: Vec<Kept<B>>,
+    pub mlp_y: Vec<Kept<B>>,
 }
 
-impl<B: Backend> LayerFeatures<B> {
+impl<B: Search> LayerFeatures<B> {
+    fn empty() -> LayerFeatures<B> {
+        LayerFeatures {
+            inputs: Default::default(),
+            attn_y: vec![],
+            mlp_y: vec![],
+        }
+    }
+
     /// The group's input features.
-    pub fn inputs(&self, g: Group) -> &[B::Tensor] {
+    pub fn inputs(&self, g: Group) -> &[Kept<B>] {
         &self.inputs[slot(g)]
     }
 
     /// The FP outputs the group's loss compares with.
-    pub fn outputs(&self, g: Group) -> &[B::Tensor] {
+    pub fn outputs(&self, g: Group) -> &[Kept<B>] {
         if g.is_attention() {
             &self.attn_y
         } else {
@@ -134,25 +145,28 @@ impl<B: Backend> LayerFeatures<B> {
 /// their row counts.
 type DeviceStats<B> = [(Option<<B as Backend>::Tensor>, usize); 4];
 
-/// The tap of the search's FP forward: keeps the features (when `f` is
-/// given) and adds each group input into the statistics (when `stats` is).
-struct Record<'a, B: Backend> {
+/// The tap of the search's FP forward: keeps the features as `dtype` (when
+/// `f` is given) and adds each group input into the statistics (when
+/// `stats` is; from the f32 values).
+struct Record<'a, B: Search> {
     be: &'a B,
+    dtype: KeepDtype,
     f: Option<&'a mut LayerFeatures<B>>,
     stats: Option<&'a mut DeviceStats<B>>,
 }
 
 impl<B: Search> Tap<B> for Record<'_, B> {
     fn keep(&mut self, site: Site, t: B::Tensor) -> Result<()> {
+        let (be, dtype) = (self.be, self.dtype);
         match site {
             Site::AttnOut => {
                 if let Some(f) = self.f.as_deref_mut() {
-                    f.attn_y.push(t)
+                    f.attn_y.push(Kept::new(be, t, dtype)?)
                 }
             }
             Site::MlpOut => {
                 if let Some(f) = self.f.as_deref_mut() {
-                    f.mlp_y.push(t)
+                    f.mlp_y.push(Kept::new(be, t, dtype)?)
                 }
             }
             _ => {
@@ -164,7 +178,7 @@ impl<B: Search> Tap<B> for Record<'_, B> {
                         *rows += self.be.dims(&t).0;
                     }
                     if let Some(f) = self.f.as_deref_mut() {
-                        f.inputs[k].push(t);
+                        f.inputs[k].push(Kept::new(be, t, dtype)?);
                     }
                 }
             }
@@ -188,24 +202,14 @@ fn run_layer<B: Backend>(
     })
 }
 
-impl<B: Backend> LayerFeatures<B> {
-    fn empty() -> LayerFeatures<B> {
-        LayerFeatures {
-            inputs: Default::default(),
-            attn_y: vec![],
-            mlp_y: vec![],
-        }
-    }
-}
-
 /// The FP forward of a layer on the samples `xs` (on the backend; their
-/// tokens `masks`), keeping the features in `f` and adding the |x|
-/// statistics into `stats`, each where given.
+/// tokens `masks`), keeping the features in `f` (as `xs` are kept) and
+/// adding the |x| statistics into `stats`, each where given.
 fn record<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     masks: &[TokenMasks],
     mut f: Option<&mut LayerFeatures<B>>,
     mut stats: Option<&mut DeviceStats<B>>,
@@ -213,10 +217,11 @@ fn record<B: Search>(
     for (x, m) in xs.iter().zip(masks) {
         let mut tap = Record {
             be,
+            dtype: x.dtype(),
             f: f.as_deref_mut(),
             stats: stats.as_deref_mut(),
         };
-        run_layer(be, spec, layer, x, m.rope(), &mut tap)?;
+        run_layer(be, spec, layer, &*x.get(be)?, m.rope(), &mut tap)?;
     }
     Ok(())
 }
@@ -237,7 +242,7 @@ pub fn layer_features<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     masks: &[TokenMasks],
 ) -> Result<(LayerFeatures<B>, GroupStats)> {
     let mut f = LayerFeatures::empty();
@@ -251,7 +256,7 @@ pub fn chunk_features<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     masks: &[TokenMasks],
 ) -> Result<LayerFeatures<B>> {
     let mut f = LayerFeatures::empty();
@@ -264,7 +269,7 @@ pub fn layer_stats<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     masks: &[TokenMasks],
 ) -> Result<GroupStats> {
     let mut stats = DeviceStats::<B>::default();
@@ -272,17 +277,21 @@ pub fn layer_stats<B: Search>(
     download_stats(be, stats)
 }
 
-/// The layer's outputs on every sample (the next layer's inputs).
-pub fn layer_outputs<B: Backend>(
+/// The layer's outputs on every sample (the next layer's inputs), kept as
+/// the inputs are.
+pub fn layer_outputs<B: Search>(
     be: &B,
     spec: &DecoderSpec,
     layer: &Layer<B>,
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     masks: &[TokenMasks],
-) -> Result<Vec<B::Tensor>> {
+) -> Result<Vec<Kept<B>>> {
     xs.iter()
         .zip(masks)
-        .map(|(x, m)| run_layer(be, spec, layer, x, m.rope(), &mut NoTap))
+        .map(|(x, m)| {
+            let y = run_layer(be, spec, layer, &*x.get(be)?, m.rope(), &mut NoTap)?;
+            Kept::new(be, y, x.dtype())
+        })
         .collect()
 }
 

@@ -2,13 +2,15 @@
 //! the one model definition (`model/`): the vocabulary ([`method`],
 //! [`group`]), the checked options ([`plan`]), the calibration set
 //! ([`data`]), the sensitivity pass ([`sensitivity`]), the scale search
-//! ([`search`], on the FP features of [`features`]), its checkpoint ([`checkpoint`]), the stages that run
-//! them ([`run`]) and the report ([`report`], drawn by [`report_svg`]).
+//! ([`search`], on the FP features of [`features`], kept as [`kept`]
+//! says), its checkpoint ([`checkpoint`]), the stages that run them
+//! ([`run`]) and the report ([`report`], drawn by [`report_svg`]).
 
 pub mod checkpoint;
 pub mod data;
 pub mod features;
 pub mod group;
+pub mod kept;
 pub mod method;
 pub mod plan;
 pub mod report;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use super::kept::FeatureDtype;
 use super::method::{LossKind, Method, QuantKind};
 use super::search::GRID;
 use crate::backend::BackendKind;
@@ -40,6 +41,10 @@ pub struct QuantizeOptions {
     /// memory (at 7B about 150 KB a token in f32); the result does not
     /// depend on it.
     pub search_chunk_tokens: usize,
+    /// How the samples' layer inputs and the search's features are kept
+    /// between steps (f16 halves their memory; `auto`: f16 for an f16
+    /// model).
+    pub feature_dtype: FeatureDtype,
 }
 
 /// The checked options.

@@ -23,6 +23,7 @@ use super::checkpoint::{self, State};
 use super::data::{embed_sample, load_calib_set, CalibItemError, CalibSample};
 use super::features::layer_outputs;
 use super::group::HostLayer;
+use super::kept::{KeepDtype, Kept};
 use super::method::{QuantKind, Scales};
 use super::plan::{settings, Plan, QuantizeOptions};
 use super::report::{CalibReport, GroupReport, LayerReport, Ratio};
@@ -186,16 +187,21 @@ pub fn quantize_model(
 }
 
 /// Every sample's decoder input (image features in place of its image
-/// tokens), on the backend.
-fn embed_all<B: Backend>(
+/// tokens), on the backend, kept as `dtype`.
+fn embed_all<B: SearchOps>(
     be: &B,
     vlm: &Vlm<B>,
     set: &CalibSet,
+    dtype: KeepDtype,
     progress: &mut impl FnMut(CalibProgress<'_>),
-) -> Result<Vec<B::Tensor>> {
+) -> Result<Vec<Kept<B>>> {
     let mut xs = Vec::with_capacity(set.samples.len());
     for (k, s) in set.samples.iter().enumerate() {
-        xs.push(embed_sample(be, vlm, &set.img_cfg, s)?);
+        xs.push(Kept::new(
+            be,
+            embed_sample(be, vlm, &set.img_cfg, s)?,
+            dtype,
+        )?);
         progress(CalibProgress::Loading {
             done: k + 1,
             total: set.samples.len(),
@@ -248,7 +254,9 @@ impl<P: FnMut(CalibProgress<'_>)> BackendJob for CalibJob<'_, P> {
         // Stage 2: the calibration set, embedded by the VLM.
         let vlm = Vlm::<B>::load(be, &o.model)?;
         let set = calibration_set(o, &vlm, calib, progress)?;
-        let settings = settings(o, set.samples.len(), calib, backend);
+        let keep = o.feature_dtype.resolve(text_is_f16(weights, prefixes));
+        let mut settings = settings(o, set.samples.len(), calib, backend);
+        settings.insert("feature_dtype".into(), json!(keep.name()));
         let sample_ids: Vec<String> = set.samples.iter().map(|s| s.id.clone()).collect();
         let mut state = open_state(
             o,
@@ -259,7 +267,7 @@ impl<P: FnMut(CalibProgress<'_>)> BackendJob for CalibJob<'_, P> {
             progress,
         )?;
         let t0 = Instant::now();
-        let xs = embed_all(be, &vlm, &set, progress)?;
+        let xs = embed_all(be, &vlm, &set, keep, progress)?;
         state.record_stage("embed", &dev, t0.elapsed().as_secs_f64());
         let masks: Vec<TokenMasks> = set
             .samples
@@ -417,13 +425,25 @@ pub fn load_host_layers(
         .collect()
 }
 
+/// Whether the language model's weights are stored in f16 (its first
+/// layer's q_proj; then the calibration keeps activations in f16 under
+/// `--feature-dtype auto`).
+fn text_is_f16(weights: &WeightFiles, prefixes: &Prefixes) -> bool {
+    let name = weights
+        .pp(&prefixes.text)
+        .name("layers.0.self_attn.q_proj.weight");
+    weights
+        .raw(&name)
+        .is_ok_and(|(d, _, _)| d == safetensors::Dtype::F16)
+}
+
 /// Mean |grad| per layer, averaged over samples. Vision means average over
 /// the samples that have vision tokens.
 fn sensitivity<B: Grad + SearchOps>(
     be: &B,
     text: &TextModel<B>,
     samples: &[CalibSample],
-    xs: &[B::Tensor],
+    xs: &[Kept<B>],
     progress: &mut impl FnMut(CalibProgress<'_>),
 ) -> Result<Vec<LayerGrad>> {
     let mut sum = vec![LayerGrad::default(); text.layers.len()];
@@ -445,7 +465,7 @@ fn sensitivity<B: Grad + SearchOps>(
         let r = sample_sensitivity(
             be,
             text,
-            x,
+            &*x.get(be)?,
             &s.ids,
             &s.vision,
             &s.caption,
@@ -564,7 +584,7 @@ struct Search<'a, P: FnMut(CalibProgress<'_>)> {
 impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
     /// Searches layer after layer from the decoder inputs `xs` (on the
     /// backend), checkpointing each; finished layers are restored instead.
-    fn run<B: SearchOps>(&mut self, be: &B, mut xs: Vec<B::Tensor>) -> Result<()> {
+    fn run<B: SearchOps>(&mut self, be: &B, mut xs: Vec<Kept<B>>) -> Result<()> {
         let layers = self.text.num_hidden_layers;
         for i in 0..layers {
             let mut host =
@@ -601,7 +621,7 @@ impl<P: FnMut(CalibProgress<'_>)> Search<'_, P> {
         be: &B,
         i: usize,
         layer: &mut HostLayer,
-        xs: &[B::Tensor],
+        xs: &[Kept<B>],
     ) -> Result<LayerReport> {
         let method = self.o.method;
         let layers = self.text.num_hidden_layers;

@@ -32,6 +32,7 @@ use super::features::{
     self, chunk_features, layer_features, layer_stats, slot, ColStats, GroupStats, LayerFeatures,
 };
 use super::group::{Group, HostLayer};
+use super::kept::Kept;
 use super::method::{LossKind, QuantKind, Weighting};
 use crate::backend::{Backend, Distance, Search};
 use crate::error::{Error, Result};
@@ -234,14 +235,14 @@ pub struct Trial {
 /// ([`features::chunks`]): with one chunk once, and kept; with more, again
 /// for each chunk of each evaluation, so that no step holds more than one
 /// chunk's features.
-pub struct LayerSearch<'a, B: Backend> {
+pub struct LayerSearch<'a, B: Search> {
     /// The layer's index (for messages).
     pub index: usize,
     pub be: &'a B,
     pub spec: &'a DecoderSpec,
     pub host: &'a HostLayer,
     pub fp: Layer<B>,
-    xs: &'a [B::Tensor],
+    xs: &'a [Kept<B>],
     pub masks: &'a [TokenMasks],
     /// Each sample's masks on the device, `[rows, 2]` (caption, vision).
     mask_t: Vec<B::Tensor>,
@@ -259,7 +260,7 @@ impl<'a, B: Search> LayerSearch<'a, B> {
         be: &'a B,
         spec: &'a DecoderSpec,
         host: &'a HostLayer,
-        xs: &'a [B::Tensor],
+        xs: &'a [Kept<B>],
         masks: &'a [TokenMasks],
         chunk_tokens: usize,
     ) -> Result<Self> {
@@ -350,7 +351,6 @@ impl<'a, B: Search> LayerSearch<'a, B> {
                     LossKind::Mse => Distance::Squared,
                 };
                 let want = f.outputs(group);
-                *cols = want.first().map_or(*cols, |y| be.dims(y).1);
                 for (s, total) in trial.scales.iter().zip(acc.iter_mut()) {
                     let s_dev = be.upload(&Tensor::new(vec![1, s.len()], s.to_vec())?)?;
                     let q = group
@@ -361,8 +361,9 @@ impl<'a, B: Search> LayerSearch<'a, B> {
                     for (k, x) in f.inputs(group).iter().enumerate() {
                         let n = chunk.start + k;
                         let rope = self.masks[n].rope();
-                        let y = group.forward(self.spec, be, &self.fp, &q, x, rope)?;
-                        let t = be.loss_terms(&want[k], &y, &self.mask_t[n], dist)?;
+                        let y = group.forward(self.spec, be, &self.fp, &q, &*x.get(be)?, rope)?;
+                        *cols = be.dims(&y).1;
+                        let t = be.loss_terms(&*want[k].get(be)?, &y, &self.mask_t[n], dist)?;
                         *total = Some(match total.take() {
                             None => t,
                             Some(a) => be.add(&a, &t)?,
@@ -499,6 +500,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
     use crate::calib::features::{layer_outputs, max_abs, mean_abs};
+    use crate::calib::kept::KeepDtype;
     use crate::calib::run::load_host_layers;
     use crate::config::VlmConfig;
     use crate::model::decoder::HostLinear;
@@ -544,6 +546,16 @@ mod tests {
         (xs, masks)
     }
 
+    /// `xs` kept as f32 (exactly as they are).
+    fn kept(xs: &[Tensor]) -> Vec<Kept<Cpu>> {
+        Kept::all(&Cpu, xs.to_vec(), KeepDtype::F32).unwrap()
+    }
+
+    /// Kept values as f32 tensors.
+    fn host(ks: &[Kept<Cpu>]) -> Vec<Tensor> {
+        ks.iter().map(|k| k.get(&Cpu).unwrap().clone()).collect()
+    }
+
     /// The features, statistics and outputs of layer `l` on `xs`.
     fn features(
         spec: &DecoderSpec,
@@ -559,9 +571,9 @@ mod tests {
             })
             .collect();
         let layer = l.upload(&Cpu).unwrap();
-        let (f, stats) = layer_features(&Cpu, spec, &layer, xs, &masks).unwrap();
-        let out = layer_outputs(&Cpu, spec, &layer, xs, &masks).unwrap();
-        (f, stats, out)
+        let (f, stats) = layer_features(&Cpu, spec, &layer, &kept(xs), &masks).unwrap();
+        let out = layer_outputs(&Cpu, spec, &layer, &kept(xs), &masks).unwrap();
+        (f, stats, host(&out))
     }
 
     /// Folding any scales into any group leaves the FP layer's outputs as
@@ -573,7 +585,7 @@ mod tests {
         let (before, _, before_out) = features(&spec, &layer, &xs);
         let mut rng = StdRng::seed_from_u64(3);
         for group in Group::ALL {
-            let d = before.inputs(group)[0].cols();
+            let d = host(before.inputs(group))[0].cols();
             let s: Vec<f32> = (0..d).map(|_| 0.25 + 3.0 * rng.random::<f32>()).collect();
             if group == Group::AttnOut {
                 // GQA fixture: v has fewer rows than o has columns; the fold
@@ -599,8 +611,12 @@ mod tests {
         check("layer output", &before_out, &after_out);
         // The attention and MLP outputs too (the inputs of the scaled
         // linears are divided by s: not compared).
-        check("attention output", &before.attn_y, &after.attn_y);
-        check("mlp output", &before.mlp_y, &after.mlp_y);
+        check(
+            "attention output",
+            &host(&before.attn_y),
+            &host(&after.attn_y),
+        );
+        check("mlp output", &host(&before.mlp_y), &host(&after.mlp_y));
     }
 
     /// The attn_out fold (v rows / s, o columns * s) on a layer without
@@ -641,9 +657,10 @@ mod tests {
         let be = Cpu;
         let (spec, layer) = fixture();
         let (xs, masks) = inputs(layer.input_layernorm.numel());
-        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, usize::MAX).unwrap();
+        let xk = kept(&xs);
+        let search = LayerSearch::new(0, &be, &spec, &layer, &xk, &masks, usize::MAX).unwrap();
         let (f, _, _) = features(&spec, &layer, &xs);
-        let s = grid_scales(&mean_abs(f.inputs(Group::MlpOut)), 0.0);
+        let s = grid_scales(&mean_abs(&host(f.inputs(Group::MlpOut))), 0.0);
         assert!(s.iter().all(|&v| v == 1.0));
         let set = SearchSettings {
             quant: QuantKind::Weight {
@@ -663,7 +680,7 @@ mod tests {
             .weight(&Tensor::new(w.shape.clone(), wq).unwrap())
             .unwrap();
         let (mut sum, mut n) = (0f64, 0usize);
-        for (g, y) in f.inputs(Group::MlpOut).iter().zip(&f.mlp_y) {
+        for (g, y) in host(f.inputs(Group::MlpOut)).iter().zip(&host(&f.mlp_y)) {
             let yq = be.linear(g, &wq, None).unwrap();
             for (a, b) in y.data.iter().zip(&yq.data) {
                 sum += (*a as f64 - *b as f64).abs();
@@ -688,8 +705,8 @@ mod tests {
         let (f, stats, _) = features(&spec, &layer, &xs);
         for group in Group::ALL {
             let st = &stats[slot(group)];
-            assert_eq!(st.mean(), mean_abs(f.inputs(group)), "{group:?}");
-            assert_eq!(st.max(), max_abs(f.inputs(group)), "{group:?}");
+            assert_eq!(st.mean(), mean_abs(&host(f.inputs(group))), "{group:?}");
+            assert_eq!(st.max(), max_abs(&host(f.inputs(group))), "{group:?}");
             assert_eq!(f.inputs(group).len(), xs.len(), "{group:?}");
         }
     }
@@ -732,7 +749,8 @@ mod tests {
         let be = Cpu;
         let (spec, layer) = fixture();
         let (xs, masks) = inputs(layer.input_layernorm.numel());
-        let search = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, usize::MAX).unwrap();
+        let xk = kept(&xs);
+        let search = LayerSearch::new(0, &be, &spec, &layer, &xk, &masks, usize::MAX).unwrap();
         let s = grid_scales(&search.stats(Group::AttnIn).mean(), 0.5);
         let max = s.iter().copied().fold(f32::MIN, f32::max);
         let min = s.iter().copied().fold(f32::MAX, f32::min);
@@ -790,8 +808,9 @@ mod tests {
             },
             loss: LossKind::Mae,
         };
-        let run = |chunk_tokens: usize| {
-            let s = LayerSearch::new(0, &be, &spec, &layer, &xs, &masks, chunk_tokens).unwrap();
+        let run = |chunk_tokens: usize, dtype: KeepDtype| {
+            let xk = Kept::all(&be, xs.clone(), dtype).unwrap();
+            let s = LayerSearch::new(0, &be, &spec, &layer, &xk, &masks, chunk_tokens).unwrap();
             let mut points = 0;
             let grid = s.search(&groups, set, || points += 1).unwrap();
             let sq = s
@@ -799,13 +818,58 @@ mod tests {
                 .unwrap();
             (s.chunk_count(), points, grid, sq)
         };
-        let (n1, p1, grid1, sq1) = run(usize::MAX);
-        for budget in [25, 1] {
-            let (n, p, grid, sq) = run(budget);
-            assert_eq!((n1, n), (1, if budget == 1 { 3 } else { 2 }));
-            assert_eq!((p1, p), (groups.len() * GRID, groups.len() * GRID * n));
-            assert_eq!(grid, grid1, "chunks of {budget} tokens");
-            assert_eq!(sq, sq1, "chunks of {budget} tokens");
+        for dtype in [KeepDtype::F32, KeepDtype::F16] {
+            let (n1, p1, grid1, sq1) = run(usize::MAX, dtype);
+            for budget in [25, 1] {
+                let (n, p, grid, sq) = run(budget, dtype);
+                assert_eq!((n1, n), (1, if budget == 1 { 3 } else { 2 }));
+                assert_eq!((p1, p), (groups.len() * GRID, groups.len() * GRID * n));
+                assert_eq!(grid, grid1, "{dtype:?}, chunks of {budget} tokens");
+                assert_eq!(sq, sq1, "{dtype:?}, chunks of {budget} tokens");
+            }
         }
+    }
+
+    /// Features and layer inputs kept in f16 change the losses by about
+    /// f16's rounding of the activations (2^-11 relative), not more.
+    #[test]
+    fn f16_kept_features_give_nearly_the_f32_losses() {
+        let be = Cpu;
+        let (spec, layer) = fixture();
+        let (xs, masks) = inputs(layer.input_layernorm.numel());
+        let set = SearchSettings {
+            quant: QuantKind::Weight {
+                bits: 3,
+                group_size: 128,
+            },
+            loss: LossKind::Mae,
+        };
+        let groups = [
+            (Group::AttnIn, Weighting::Modality { ratio: 0.3 }),
+            (Group::MlpOut, Weighting::Plain),
+        ];
+        let run = |dtype| {
+            let xk = Kept::all(&be, xs.clone(), dtype).unwrap();
+            let s = LayerSearch::new(0, &be, &spec, &layer, &xk, &masks, usize::MAX).unwrap();
+            s.search(&groups, set, || {}).unwrap()
+        };
+        let (a, b) = (run(KeepDtype::F32), run(KeepDtype::F16));
+        // The fixture's activations are O(1): f16 keeps them to ~5e-4.
+        const F16_LOSS_RTOL: f64 = 1e-2;
+        let mut differs = false;
+        for (a, b) in a.iter().zip(&b) {
+            for (x, y) in a.losses.iter().zip(&b.losses) {
+                assert!(
+                    (x - y).abs() <= F16_LOSS_RTOL * x,
+                    "{:?}: {x} vs {y}",
+                    a.group
+                );
+                differs |= x != y;
+            }
+        }
+        assert!(
+            differs,
+            "f16 features changed no loss: were they kept in f16?"
+        );
     }
 }

@@ -199,3 +199,9 @@ pub fn abs_col_stats_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
 pub fn abs_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::abs_terms_match_cpu(c, paths))
 }
+
+/// The f16 conversion of kept activations (to_half, half_to_f32) against
+/// the CPU, bit for bit.
+pub fn half_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
+    checked(|c| ops::half_matches_cpu(c, paths))
+}

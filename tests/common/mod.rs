@@ -2,6 +2,8 @@
 //! made by tests/fixtures/make_fixtures.py (HF transformers on the CPU).
 #![allow(dead_code)]
 
+pub mod reports;
+
 use std::path::{Path, PathBuf};
 
 use mbq::tensor::Tensor;
@@ -47,6 +49,7 @@ pub fn calib_options(
         resume: false,
         stop_after_layer: None,
         search_chunk_tokens: 8192,
+        feature_dtype: mbq::calib::kept::FeatureDtype::Auto,
     }
 }
 

@@ -384,6 +384,38 @@ static void new_kernels() {
         launch(1, 256, [&] { conv::f16_to_f32(t16.data(), e.data(), (long long)t16.size()); });
         std::vector<double> we(t32.begin(), t32.end()), se(t32.size(), 0.0);
         check_tol("f16_to_f32", e, we, se, 0.0);
+        // f32 -> f16 against the nearest half found by search (ties to the
+        // even code, saturating at 65504): normals and subnormals over the
+        // whole range, exact ties, overflow, the tiniest values.
+        std::vector<float> xs;
+        for (int i = 0; i < 600; i++) xs.push_back(rf() * std::ldexp(1.0f, (int)(rnd() % 44) - 28));
+        for (unsigned h : {0x0001u, 0x03ffu, 0x0400u, 0x3c00u, 0x3c01u, 0x7bfeu}) {
+            float mid = (mbq_host_f16(h) + mbq_host_f16(h + 1)) / 2;  // exact in f32
+            xs.push_back(mid);
+            xs.push_back(-mid);
+        }
+        for (float v : {65504.0f, 65519.0f, 65520.0f, -1e6f, -INFINITY, std::ldexp(1.0f, -25),
+                        std::ldexp(1.5f, -25), std::ldexp(1.0f, -26), 0.0f})
+            xs.push_back(v);
+        std::vector<unsigned short> hs(xs.size());
+        launch(2, 256, [&] { conv::f32_to_f16(xs.data(), hs.data(), (long long)xs.size()); });
+        std::vector<float> got(xs.size());
+        std::vector<double> wh(xs.size()), sh(xs.size(), 0.0);
+        for (size_t i = 0; i < xs.size(); i++) {
+            float a = std::fabs(xs[i]);
+            unsigned best = 0x7bff;
+            if (a < 65504.0f) {
+                double be = 1e300;
+                for (unsigned h = 0; h < 0x7c00; h++) {
+                    double d = std::fabs((double)mbq_host_f16(h) - a);
+                    if (d < be || (d == be && (h & 1) == 0)) be = d, best = h;
+                }
+            }
+            float w = mbq_host_f16(best);
+            wh[i] = xs[i] < 0 ? -w : w;
+            got[i] = mbq_host_f16(hs[i]);
+        }
+        check_tol("f32_to_f16", got, wh, sh, 0.0);
     }
     for (int bits : {3, 4, 8})
         for (int group : {32, 64, 128}) {

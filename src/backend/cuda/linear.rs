@@ -145,7 +145,7 @@ impl Cuda {
     }
 
     /// An f16 weight of `n` values as f32.
-    fn expand_f16(&self, w: &CudaSlice<u16>, n: usize) -> Result<CudaSlice<f32>> {
+    pub(crate) fn expand_f16(&self, w: &CudaSlice<u16>, n: usize) -> Result<CudaSlice<f32>> {
         let mut dst = self.zeros(n)?;
         let f = self.function("f16_to_f32")?;
         let n_i = n as i64;

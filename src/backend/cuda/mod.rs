@@ -141,6 +141,14 @@ impl CudaTensor {
     }
 }
 
+/// An activation matrix `[rows, cols]` of f16 bits on the device
+/// (row-major, `Search::to_half`).
+pub struct CudaHalf {
+    pub(crate) data: CudaSlice<u16>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
 /// A linear weight `[out, in]` on the device.
 pub enum CudaWeight {
     /// f16 bits, row-major (every value of the host tensor was an f16).

@@ -15,10 +15,12 @@
 //! - `abs_col_stats`: one thread per column adds the rows' |x| in order to
 //!   a compensated f32 sum (hi + lo) and a max, continuing from an earlier
 //!   result when there is one.
+//! - `to_half` / `half_to_f32`: convert.cu's `f32_to_f16` (round to nearest
+//!   even) and `f16_to_f32`, one thread per value.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{grid_stride, int, per_row, Ctx, Cuda, CudaTensor, CudaWeight};
+use super::{grid_stride, int, per_row, Ctx, Cuda, CudaHalf, CudaTensor, CudaWeight};
 use crate::backend::{Distance, Search};
 use crate::error::{Error, Result};
 use crate::quant::pseudo::FakeQuant;
@@ -48,6 +50,44 @@ fn packed_input() -> Error {
 }
 
 impl Search for Cuda {
+    type Half = CudaHalf;
+
+    fn to_half(&self, x: &CudaTensor) -> Result<CudaHalf> {
+        let n = x.numel();
+        let mut data = self
+            .stream()
+            .alloc_zeros::<u16>(n.max(1))
+            .ctx("cuMemAlloc")?;
+        if n > 0 {
+            let f = self.function("f32_to_f16")?;
+            let n_i = n as i64;
+            let mut l = self.stream().launch_builder(&f);
+            l.arg(&x.data).arg(&mut data).arg(&n_i);
+            // SAFETY: convert.cu f32_to_f16: src holds at least n values
+            // (a tensor's buffer is never shorter than rows * cols), dst n.
+            unsafe { l.launch(grid_stride(n, 256)) }.ctx("f32_to_f16")?;
+        }
+        Ok(CudaHalf {
+            data,
+            rows: x.rows,
+            cols: x.cols,
+        })
+    }
+
+    fn half_to_f32(&self, h: &CudaHalf) -> Result<CudaTensor> {
+        let n = h.rows * h.cols;
+        let data = if n > 0 {
+            self.expand_f16(&h.data, n)?
+        } else {
+            self.zeros(0)?
+        };
+        Ok(CudaTensor {
+            data,
+            rows: h.rows,
+            cols: h.cols,
+        })
+    }
+
     fn fake_quant_unchecked(
         &self,
         w: &CudaWeight,

@@ -62,6 +62,7 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("loss.wgsl", include_str!("../../../shaders/loss.wgsl")),
     ("stats.wgsl", include_str!("../../../shaders/stats.wgsl")),
+    ("half.wgsl", include_str!("../../../shaders/half.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

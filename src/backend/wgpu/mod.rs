@@ -78,6 +78,15 @@ impl WgpuTensor {
     }
 }
 
+/// An activation matrix `[rows, cols]` of f16 values on the device, two
+/// to a word (value `2i` in the low half of word `i`), row after row with no
+/// padding (`Search::to_half`).
+pub struct WgpuHalf {
+    mem: encode::Pooled,
+    rows: usize,
+    cols: usize,
+}
+
 /// The KV cache of one sequence: per layer, `[capacity, kv_dim]` keys and
 /// values resident on the device.
 pub struct WgpuCache {

@@ -4,9 +4,11 @@
 //! sample's output error to three values (and, with flag GOT off, a
 //! sample's |x| to `abs_terms`'s three sums). `stats.wgsl` adds a sample's
 //! per-column |x| sums (compensated) and maxima to the running statistics.
+//! `half.wgsl` rounds an activation to f16 (two values a word) and expands
+//! it back.
 
 use super::linear::{rows_per_chunk, DenseChunk, DenseParts};
-use super::{err, u32_of, Wgpu, WgpuTensor, WgpuWeight, WG};
+use super::{err, u32_of, Wgpu, WgpuHalf, WgpuTensor, WgpuWeight, WG};
 use crate::backend::search::{Distance, Search};
 use crate::error::Result;
 use crate::quant::pseudo::FakeQuant;
@@ -16,6 +18,35 @@ use crate::quant::pseudo::FakeQuant;
 const STATS_WG: u32 = 64;
 
 impl Search for Wgpu {
+    type Half = WgpuHalf;
+
+    fn to_half(&self, x: &WgpuTensor) -> Result<WgpuHalf> {
+        let n = x.numel();
+        let words = n.div_ceil(2);
+        let h = WgpuHalf {
+            mem: self.rec.output((words.max(1) * 4) as u64)?,
+            rows: x.rows,
+            cols: x.cols,
+        };
+        let groups = u32_of("to_half", words)?.div_ceil(WG);
+        let key = self.key("half.wgsl", "to_half", WG);
+        let params = [u32_of("to_half", n)?];
+        self.rec
+            .dispatch(&key, &[(0, x.buf()), (2, h.mem.get())], 3, &params, groups)?;
+        Ok(h)
+    }
+
+    fn half_to_f32(&self, h: &WgpuHalf) -> Result<WgpuTensor> {
+        let y = self.tensor(h.rows, h.cols, "half_to_f32")?;
+        let n = h.rows * h.cols;
+        let groups = u32_of("half_to_f32", n)?.div_ceil(WG);
+        let key = self.key("half.wgsl", "half_to_f32", WG);
+        let params = [u32_of("half_to_f32", n)?];
+        self.rec
+            .dispatch(&key, &[(0, h.mem.get()), (2, y.buf())], 3, &params, groups)?;
+        Ok(y)
+    }
+
     fn fake_quant_unchecked(
         &self,
         w: &WgpuWeight,

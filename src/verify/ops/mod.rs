@@ -128,6 +128,11 @@ pub struct Tolerances {
     /// kernels on the host emulation up to 1.1e-7 (values of 1e-3..2e4, up
     /// to 1000 rows); as loss_terms, 1e-5.
     pub abs_terms: f32,
+    /// to_half then half_to_f32: the number of values whose bits differ from
+    /// the CPU's (`half`'s round to nearest even, saturating at ±65504);
+    /// every device converts with integer arithmetic or a correctly
+    /// rounding instruction, so none.
+    pub half: f32,
 }
 
 impl Tolerances {
@@ -156,6 +161,7 @@ impl Tolerances {
         loss_terms: 1e-5,
         abs_col_stats: 1e-9,
         abs_terms: 1e-5,
+        half: 0.0,
     };
 
     /// wgpu: Vulkan lets a device round a division to within 2.5 ulp, so
@@ -267,6 +273,7 @@ pub const FAMILIES: &[&str] = &[
     "loss_terms",
     "abs_col_stats",
     "abs_terms",
+    "half",
     "errors",
 ];
 
@@ -511,6 +518,7 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) -> Chec
     loss_terms_match_cpu(&mut c, paths);
     abs_col_stats_matches_cpu(&mut c, paths);
     abs_terms_match_cpu(&mut c, paths);
+    half_matches_cpu(&mut c, paths);
     if let Some((path, g)) = split {
         split_weights(&mut c, path, g, g.integer_a8());
         fake_quant_narrow_rows(&mut c, &[(path, g)]);

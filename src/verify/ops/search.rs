@@ -1,6 +1,7 @@
 //! The scale search's device ops ([`Search`]) against the CPU reference:
-//! `fake_quant` (the same codes as `quant::pseudo`), `loss_terms`, and the
-//! activation statistics `abs_col_stats` and `abs_terms`.
+//! `fake_quant` (the same codes as `quant::pseudo`), `loss_terms`, the
+//! activation statistics `abs_col_stats` and `abs_terms`, and the f16
+//! conversion of kept activations (`to_half`, `half_to_f32`).
 
 use super::{down, random, rel_err, rng, to_f16, up, Checks, Device};
 use crate::backend::cpu::Cpu;
@@ -426,5 +427,63 @@ pub fn abs_terms_match_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
                 super::is_invalid(g.abs_terms(&x, &m))
             },
         );
+    }
+}
+
+/// Values for the f16 conversion: every exponent from f16's subnormals
+/// (2^-28) to past its range (2^17, saturated), both signs, with the exact
+/// midpoints between neighbouring f16 values (ties, to even) among them.
+fn half_values(r: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|i| {
+            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            match i % 5 {
+                // The midpoint of an f16 and the next one up: (2m + 1) 2^(e-11).
+                0 => {
+                    let m = 1024 + r.random_range(0..1023i32);
+                    sign * (2 * m + 1) as f32 * 2f32.powi(r.random_range(-14..15) - 11)
+                }
+                _ => sign * r.random::<f32>() * 2f32.powi(r.random_range(-28..18)),
+            }
+        })
+        .collect()
+}
+
+/// `to_half` then `half_to_f32` on the device against the CPU's conversion,
+/// bit for bit, on shapes with an odd number of values (a half-used last
+/// word) and values over f16's whole range, ties and overflow included.
+pub fn half_matches_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let tol = B::TOL.half as f64;
+    let mut r = rng(21);
+    for (rows, cols) in [(37, 129), (1, 1), (3, 3584), (257, 65)] {
+        let x = Tensor::new(vec![rows, cols], half_values(&mut r, rows * cols))
+            .expect("rows * cols values");
+        let cpu = Cpu.to_half(&x).and_then(|h| Cpu.half_to_f32(&h));
+        for &(path, g) in paths {
+            c.measure(
+                "half",
+                format!("{path} to_half, half_to_f32 [{rows}, {cols}] (values not bit-equal)"),
+                tol,
+                || {
+                    let cpu = cpu
+                        .as_ref()
+                        .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+                    let h = g.to_half(&up(g, &x)?)?;
+                    let t = down(g, g.half_to_f32(&h))?;
+                    if t.shape != cpu.shape {
+                        return Err(crate::error::Error::invalid(format!(
+                            "shape {:?}, want {:?}",
+                            t.shape, cpu.shape
+                        )));
+                    }
+                    Ok(t.data
+                        .iter()
+                        .zip(&cpu.data)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count() as f64)
+                },
+            );
+        }
     }
 }
