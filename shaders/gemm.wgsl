@@ -4,20 +4,23 @@
 // binding are split by rows; one dispatch per chunk). W is dense (f32, or
 // f16 pairs with flag F16) or, with flag PACKED, the packed format,
 // dequantized while it is loaded into workgroup memory (packed.wgsl).
+// With flag XH, x holds f16 values two to a word (Search::linear_half: f16
+// operands, f32 sums; every product of two f16 values is exact in f32).
 //
 // Each workgroup (256 threads, 16 x 16) computes a 64 x 64 tile of y,
 // each thread a 4 x 4 block (rows ty + 16 i, columns tx + 16 j), stepping
 // through k in slices of 16 staged in workgroup memory.
 //
 // Bindings:
-//   @binding(0) x:  array<f32> [M, K]
+//   @binding(0) x:  array<f32> [M, K]; XH: array<u32>, value i in half
+//                   i % 2 of word i / 2 (no row padding)
 //   @binding(1) w:  dense: array<u32> (F16) or array<f32>, rows of `ld`
 //                   elements; PACKED: the codes `q: array<u32>`
 //   @binding(2) sz: array<u32> (scale, zero) pairs   (PACKED only)
 //   @binding(3) b:  array<f32> [out]   (flag BIAS)
 //   @binding(4) y:  array<f32> [M, out]   output (row stride `out`)
 //   @binding(5) p:  Params
-// Constants: WG (= 256). PACKED: BITS, GROUP. Flags: F16, PACKED, BIAS.
+// Constants: WG (= 256). PACKED: BITS, GROUP. Flags: F16, PACKED, BIAS, XH.
 
 #include "common.wgsl"
 
@@ -30,7 +33,11 @@ struct Params {
     out: u32,
 }
 
+#if XH
+@group(0) @binding(0) var<storage, read> x: array<u32>;
+#else
 @group(0) @binding(0) var<storage, read> x: array<f32>;
+#endif
 #if PACKED
 @group(0) @binding(1) var<storage, read> q: array<u32>;
 @group(0) @binding(2) var<storage, read> sz: array<u32>;
@@ -54,6 +61,15 @@ const TK: u32 = 16u;
 
 var<workgroup> xs: array<array<f32, BM>, TK>;
 var<workgroup> ws: array<array<f32, BN>, TK>;
+
+// Value i of x (row-major [M, K]).
+fn xv(i: u32) -> f32 {
+#if XH
+    return unpack2x16float(x[i / 2u])[i % 2u];
+#else
+    return x[i];
+#endif
+}
 
 // Weights W[n, k..k+3] (k % 4 == 0, n < N); zero past K.
 fn w4(n: u32, k: u32) -> vec4<f32> {
@@ -93,7 +109,7 @@ fn gemm(ids: Ids) {
             let k = k0 + lk + u;
             var v = 0.0;
             if m < p.m && k < p.k {
-                v = x[m * p.k + k];
+                v = xv(m * p.k + k);
             }
             xs[lk + u][lr] = v;
         }

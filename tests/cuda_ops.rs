@@ -179,6 +179,13 @@ fn half_matches_cpu() {
 }
 
 #[test]
+fn linear_half_matches_cpu() {
+    if let Some(p) = one("linear_half_matches_cpu") {
+        backend_ops::linear_half_matches_cpu(&p);
+    }
+}
+
+#[test]
 fn timing_with_events() {
     let Some(g) = cuda("timing_with_events") else {
         return;

@@ -284,3 +284,9 @@ fn abs_terms_match_cpu() {
 fn half_matches_cpu() {
     backend_ops::half_matches_cpu(&both());
 }
+
+#[test]
+fn linear_half_matches_cpu_whole_and_split() {
+    backend_ops::linear_half_matches_cpu(&both());
+    backend_ops::linear_half_matches_cpu(&[("split", gpu_split())]);
+}

@@ -246,6 +246,20 @@ impl Search for Cuda {
     fn half_to_f32(&self, _h: &Infallible) -> Result<Infallible> {
         match self.0 {}
     }
+    fn half_dims(&self, _h: &Infallible) -> (usize, usize) {
+        match self.0 {}
+    }
+    fn weight_to_half(&self, _w: &CudaWeight) -> Result<CudaWeight> {
+        match self.0 {}
+    }
+    fn linear_half_unchecked(
+        &self,
+        _x: &Infallible,
+        _w: &CudaWeight,
+        _b: Option<&Infallible>,
+    ) -> Result<Infallible> {
+        match self.0 {}
+    }
     fn fake_quant_unchecked(
         &self,
         _w: &CudaWeight,

@@ -9,7 +9,9 @@
 //! And the search keeps its largest items (the samples' layer inputs and
 //! the features) in f16 where the model is f16 (`to_half`, `half_to_f32`:
 //! half the memory; the f32 copy of one sample exists only while it is
-//! used).
+//! used), and there runs its products on f16 operands with f32 sums
+//! (`weight_to_half`, `linear_half`: cuBLAS's f16 GEMM on CUDA, f16 pairs
+//! read by `gemm.wgsl` on wgpu).
 //! The CPU functions are the reference (`quant::pseudo::fake_quant_scaled`,
 //! the sums below, `half`'s round-to-nearest-even conversion); wgpu
 //! (`shaders/fake_quant.wgsl`, `loss.wgsl`, `stats.wgsl`, `half.wgsl`) and
@@ -23,6 +25,7 @@ use super::cpu::{Cpu, CpuWeight};
 use super::Backend;
 use crate::error::{Error, Result};
 use crate::quant::pseudo::{fake_quant_scaled, FakeQuant};
+use crate::store::Store;
 use crate::tensor::Tensor;
 
 /// The error of one output element, `want - got`.
@@ -60,6 +63,57 @@ pub trait Search: Backend {
 
     /// The values of `h` as f32 (exact).
     fn half_to_f32(&self, h: &Self::Half) -> Result<Self::Tensor>;
+
+    /// The shape of `h`, `(rows, cols)`.
+    fn half_dims(&self, h: &Self::Half) -> (usize, usize);
+
+    /// A dense weight's values rounded to f16 as [`Search::to_half`] rounds
+    /// them, held as f16: the weight [`Search::linear_half`] takes (the
+    /// fake-quantized `Q(W s) / s`, which the final division by `s` takes
+    /// off f16's grid, or an f16 model's own weight, unchanged). An error
+    /// for a packed weight.
+    fn weight_to_half(&self, w: &Self::Weight) -> Result<Self::Weight>;
+
+    /// `x . w^T (+ b)` with f16 operands and f32 sums: `x` as
+    /// [`Search::to_half`] made it, `w` an f16 weight (as
+    /// [`Search::weight_to_half`] makes it; an error for any other), `b`
+    /// f32. Every product of two f16 values is exact in f32, so backends
+    /// differ only in the order of the sums: the CPU expands both to f32,
+    /// CUDA runs cuBLAS's f16 GEMM with f32 accumulation (tensor cores),
+    /// wgpu its tiled GEMM reading f16 pairs (half the bytes of f32).
+    fn linear_half(
+        &self,
+        x: &Self::Half,
+        w: &Self::Weight,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let (out, inp) = self.weight_shape(w);
+        let (rows, cols) = self.half_dims(x);
+        if cols != inp {
+            return Err(shape(
+                self,
+                "linear_half",
+                format!("input [{rows}, {cols}] for a [{out}, {inp}] weight"),
+            ));
+        }
+        if let Some(b) = b {
+            let (r, c) = self.dims(b);
+            if r * c != out {
+                return Err(shape(
+                    self,
+                    "linear_half",
+                    format!("bias of {} for {out} outputs", r * c),
+                ));
+            }
+        }
+        self.linear_half_unchecked(x, w, b)
+    }
+    fn linear_half_unchecked(
+        &self,
+        x: &Self::Half,
+        w: &Self::Weight,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
 
     /// The effective weight of a dense `[out, in]` weight `w` (as
     /// [`Backend::weight`] or [`Backend::stored_weight`] made it) with its
@@ -220,6 +274,43 @@ impl Search for Cpu {
         let mut data = vec![0.0f32; h.data.len()];
         h.data.convert_to_f32_slice(&mut data);
         Tensor::new(vec![h.rows, h.cols], data)
+    }
+
+    fn half_dims(&self, h: &CpuHalf) -> (usize, usize) {
+        (h.rows, h.cols)
+    }
+
+    fn weight_to_half(&self, w: &CpuWeight) -> Result<CpuWeight> {
+        if let CpuWeight::Packed(_) = w {
+            return Err(shape(
+                self,
+                "weight_to_half",
+                "needs a dense weight, found a packed one".into(),
+            ));
+        }
+        let (out, inp) = w.shape();
+        let h = self.to_half(&w.to_dense())?;
+        Ok(CpuWeight::F16 {
+            out,
+            inp,
+            data: Store::Owned(h.data),
+        })
+    }
+
+    fn linear_half_unchecked(
+        &self,
+        x: &CpuHalf,
+        w: &CpuWeight,
+        b: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if !matches!(w, CpuWeight::F16 { .. }) {
+            return Err(shape(
+                self,
+                "linear_half",
+                "needs an f16 weight (weight_to_half)".into(),
+            ));
+        }
+        self.linear(&self.half_to_f32(x)?, w, b)
     }
 
     fn fake_quant_unchecked(&self, w: &CpuWeight, s: &Tensor, q: FakeQuant) -> Result<CpuWeight> {

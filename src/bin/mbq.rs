@@ -79,9 +79,10 @@ enum Cmd {
         #[arg(long, default_value_t = 8192)]
         search_chunk_tokens: usize,
         /// How calibration keeps the samples' layer inputs and the search's
-        /// features between steps: auto (f16 when the language model is
-        /// stored in f16, as its own forward would keep them; else f32),
-        /// f16 (half the memory) or f32.
+        /// features between steps, and the dtype of the grid points'
+        /// products' operands (sums are f32): auto (f16 when the language
+        /// model is stored in f16, as its own forward computes; else f32),
+        /// f16 (half the memory and bytes read) or f32.
         #[arg(long, value_enum, default_value_t = mbq::calib::kept::FeatureDtype::Auto)]
         feature_dtype: mbq::calib::kept::FeatureDtype,
         /// Testing aid: stop after this layer's checkpoint, as a kill would.

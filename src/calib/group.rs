@@ -112,14 +112,14 @@ impl Group {
 
     /// The output of the group's module from the group's input `x`, with
     /// `q` (the group's linears, in [`Group::linears`] order) in place of
-    /// the layer's and the layer's own linears `fp` elsewhere: the attention
+    /// the layer's and its own linears `fp` (o_proj, down_proj) elsewhere: the attention
     /// (causal over `0..n`) for attn_in, o_proj alone for attn_out, the MLP
     /// for mlp_in, down_proj alone for mlp_out.
-    pub fn forward<B: Backend, L: LinearOp<B>, Q: LinearOp<B>>(
+    pub fn forward<B: Backend, Q: LinearOp<B>>(
         self,
         spec: &DecoderSpec,
         be: &B,
-        fp: &DecoderLayer<L, B::Tensor>,
+        fp: Fixed<'_, B>,
         q: &[Q],
         x: &B::Tensor,
         rope: RopePos<'_>,
@@ -142,7 +142,7 @@ impl Group {
                     q: &q[0] as &dyn LinearOp<B>,
                     k: &q[1],
                     v: &q[2],
-                    o: &fp.attn.o,
+                    o: fp.o,
                 };
                 Kv::whole_sample(be, spec, be.dims(x).0, rope, |kv| {
                     attn.forward(spec, be, x, kv, &mut NoTap)
@@ -152,7 +152,7 @@ impl Group {
                 let mlp = Mlp {
                     gate: &q[0] as &dyn LinearOp<B>,
                     up: &q[1],
-                    down: &fp.mlp.down,
+                    down: fp.down,
                 };
                 mlp.forward(spec, be, x, &mut NoTap)
             }
@@ -160,6 +160,21 @@ impl Group {
         }
     }
 }
+
+/// The layer's own linears that a group's module runs beside the group's:
+/// o_proj after the attention (attn_in) and down_proj after the MLP's gate
+/// and up (mlp_in).
+pub struct Fixed<'a, B: Backend> {
+    pub o: &'a dyn LinearOp<B>,
+    pub down: &'a dyn LinearOp<B>,
+}
+
+impl<B: Backend> Clone for Fixed<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Fixed<'_, B> {}
 
 fn mul_cols(l: &mut HostLinear, s: &[f32]) {
     let d = l.w.cols();

@@ -3,7 +3,8 @@
 //! model is f16 ([`KeepDtype`]): at 7B they are the largest items of the
 //! search (docs/MBQ.md), and f16 halves them. A kept value is expanded to
 //! f32 on the backend while it is used ([`Kept::get`]), one sample at a
-//! time, so the computation itself stays f32.
+//! time; with f16, the search's grid points also run their products on
+//! f16 operands with f32 sums (`qlinear.rs`).
 //!
 //! Rounding to f16 is what an f16 model's own forward does to every
 //! activation (transformers keeps them in the model's dtype); the CPU and

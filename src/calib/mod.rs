@@ -13,6 +13,7 @@ pub mod group;
 pub mod kept;
 pub mod method;
 pub mod plan;
+pub mod qlinear;
 pub mod report;
 pub mod report_svg;
 pub mod run;

@@ -7,12 +7,13 @@
 //! time. A grid point sends `s` (one value an input channel): the device
 //! makes each linear's fake-quantized weight from the uploaded one
 //! ([`Search::fake_quant`], the reference's codes exactly), runs the same
-//! module forwards ([`Group::forward`]) and reduces each sample's error
+//! module forwards ([`Group::forward`]; the products in the dtype the
+//! samples are kept in, `qlinear.rs`) and reduces each sample's error
 //! there ([`Search::loss_terms`]), adding it to the grid point's running
 //! sums over the chunks; three numbers come back per grid point. The
-//! backends differ only by f32 summation order and the odd INT8
-//! activation that this moves across a rounding boundary
-//! (tests/calibrate_backends.rs).
+//! backends differ only by f32 summation order and what this moves across
+//! a rounding boundary (the odd INT8 activation, weight code or f16
+//! operand; tests/calibrate_backends.rs).
 //!
 //! For `alpha` in `0, 0.05, ..., 0.95`: `s = mean_tokens(|X|)^alpha`,
 //! clamped to `>= 1e-4`, divided by `sqrt(max(s) min(s))`. The group's
@@ -31,15 +32,14 @@ use std::ops::Range;
 use super::features::{
     self, chunk_features, layer_features, layer_stats, slot, ColStats, GroupStats, LayerFeatures,
 };
-use super::group::{Group, HostLayer};
-use super::kept::Kept;
+use super::group::{Fixed, Group, HostLayer};
+use super::kept::{KeepDtype, Kept};
 use super::method::{LossKind, QuantKind, Weighting};
-use crate::backend::{Backend, Distance, Search};
+use super::qlinear::{FixedLinear, QLinear};
+use crate::backend::{Distance, Search};
 use crate::error::{Error, Result};
-use crate::model::decoder::{DecoderSpec, Layer, LinearOp};
+use crate::model::decoder::{DecoderSpec, Layer};
 use crate::model::rope::{rope_pos, Mrope, RopePos};
-use crate::model::Linear;
-use crate::quant::pseudo::FakeQuant;
 use crate::tensor::Tensor;
 
 /// Grid points of alpha: `k / GRID` for `k in 0..GRID`.
@@ -173,46 +173,6 @@ pub fn smoothquant_scales(x_max: &[f32], ws: &[&Tensor], alpha: f64) -> Vec<f32>
         .collect()
 }
 
-/// A linear as the search runs it, on the backend: the effective weight
-/// the device made from the layer's own, its bias, and (for W4A8) the
-/// per-channel scales the input is divided by before the per-token
-/// activation quantization.
-pub struct QLinear<'a, B: Backend> {
-    w: B::Weight,
-    b: Option<&'a B::Tensor>,
-    act_div: Option<&'a B::Tensor>,
-}
-
-impl<'a, B: Search> QLinear<'a, B> {
-    /// The quantized form of `l` with its input channels scaled by `s`
-    /// (`[1, in]` on the device).
-    pub fn new(be: &B, l: &'a Linear<B>, s: &'a B::Tensor, q: QuantKind) -> Result<Self> {
-        let (fq, act_div) = match q {
-            QuantKind::Weight { bits, group_size } => (FakeQuant::Group { bits, group_size }, None),
-            QuantKind::W4A8 => (FakeQuant::W4PerChannel, Some(s)),
-        };
-        Ok(QLinear {
-            w: be.fake_quant(&l.w, s, fq)?,
-            b: l.b.as_ref(),
-            act_div,
-        })
-    }
-}
-
-impl<B: Backend> LinearOp<B> for QLinear<'_, B> {
-    /// W4A8 divides the input by the scales and fake-quantizes it per token
-    /// on the device (`div_cols`, `quant_act_int8`), then the float product.
-    fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        match self.act_div {
-            None => be.linear(x, &self.w, self.b),
-            Some(s) => {
-                let xq = be.quant_act_int8(&be.div_cols(x, s)?)?;
-                be.linear(&xq, &self.w, self.b)
-            }
-        }
-    }
-}
-
 /// How the search quantizes and compares.
 #[derive(Clone, Copy, Debug)]
 pub struct SearchSettings {
@@ -250,6 +210,11 @@ pub struct LayerSearch<'a, B: Search> {
     chunks: Vec<Range<usize>>,
     /// The features of the only chunk, when all samples are one.
     resident: Option<LayerFeatures<B>>,
+    /// The dtype of the grid points' products: the samples' (`qlinear.rs`).
+    dtype: KeepDtype,
+    /// For f16 products, o_proj's and down_proj's weights as f16 (the
+    /// linears a module runs unquantized beside the group's).
+    half_fixed: Option<[B::Weight; 2]>,
 }
 
 impl<'a, B: Search> LayerSearch<'a, B> {
@@ -272,6 +237,14 @@ impl<'a, B: Search> LayerSearch<'a, B> {
                 masks.len()
             )));
         }
+        let dtype = xs.first().map_or(KeepDtype::F32, |k| k.dtype());
+        let half_fixed = match dtype {
+            KeepDtype::F32 => None,
+            KeepDtype::F16 => Some([
+                be.weight_to_half(&fp.attn.o.w)?,
+                be.weight_to_half(&fp.mlp.down.w)?,
+            ]),
+        };
         let chunks = features::chunks(masks, chunk_tokens);
         let (resident, stats) = if chunks.len() <= 1 {
             let (f, stats) = layer_features(be, spec, &fp, xs, masks)?;
@@ -303,6 +276,8 @@ impl<'a, B: Search> LayerSearch<'a, B> {
             stats,
             chunks,
             resident,
+            dtype,
+            half_fixed,
         })
     }
 
@@ -322,13 +297,24 @@ impl<'a, B: Search> LayerSearch<'a, B> {
     /// their error sums added on the device into the candidate's running
     /// `[1, 3]`; three numbers a candidate come back at the end.
     /// `on_point` is called after each candidate on each chunk.
-    pub fn evaluate(&self, trials: &[Trial], mut on_point: impl FnMut()) -> Result<Vec<Vec<f64>>> {
+    pub fn evaluate<'s>(
+        &'s self,
+        trials: &[Trial],
+        mut on_point: impl FnMut(),
+    ) -> Result<Vec<Vec<f64>>> {
         let be = self.be;
         let mut totals: Vec<Vec<Option<B::Tensor>>> = trials
             .iter()
             .map(|t| t.scales.iter().map(|_| None).collect())
             .collect();
         let mut cols = vec![0; trials.len()];
+        let fixed = |i: usize, own: &'s crate::model::Linear<B>| FixedLinear {
+            w: self.half_fixed.as_ref().map_or(&own.w, |h| &h[i]),
+            b: own.b.as_ref(),
+            dtype: self.dtype,
+        };
+        let (o, down) = (fixed(0, &self.fp.attn.o), fixed(1, &self.fp.mlp.down));
+        let rest = Fixed { o: &o, down: &down };
         for chunk in &self.chunks {
             let made;
             let f = match &self.resident {
@@ -356,12 +342,12 @@ impl<'a, B: Search> LayerSearch<'a, B> {
                     let q = group
                         .linears(&self.fp)
                         .into_iter()
-                        .map(|l| QLinear::new(be, l, &s_dev, set.quant))
+                        .map(|l| QLinear::new(be, l, &s_dev, set.quant, self.dtype))
                         .collect::<Result<Vec<_>>>()?;
                     for (k, x) in f.inputs(group).iter().enumerate() {
                         let n = chunk.start + k;
                         let rope = self.masks[n].rope();
-                        let y = group.forward(self.spec, be, &self.fp, &q, &*x.get(be)?, rope)?;
+                        let y = group.forward(self.spec, be, rest, &q, &*x.get(be)?, rope)?;
                         *cols = be.dims(&y).1;
                         let t = be.loss_terms(&*want[k].get(be)?, &y, &self.mask_t[n], dist)?;
                         *total = Some(match total.take() {
@@ -499,8 +485,8 @@ impl<'a, B: Search> LayerSearch<'a, B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::Cpu;
+    use crate::backend::Backend;
     use crate::calib::features::{layer_outputs, max_abs, mean_abs};
-    use crate::calib::kept::KeepDtype;
     use crate::calib::run::load_host_layers;
     use crate::config::VlmConfig;
     use crate::model::decoder::HostLinear;
@@ -854,7 +840,8 @@ mod tests {
             s.search(&groups, set, || {}).unwrap()
         };
         let (a, b) = (run(KeepDtype::F32), run(KeepDtype::F16));
-        // The fixture's activations are O(1): f16 keeps them to ~5e-4.
+        // The fixture's activations are O(1): f16 keeps them (and the
+        // products' operands) to ~5e-4.
         const F16_LOSS_RTOL: f64 = 1e-2;
         let mut differs = false;
         for (a, b) in a.iter().zip(&b) {

@@ -205,3 +205,9 @@ pub fn abs_terms_match_cpu<B: Device>(paths: &[(&str, &B)]) {
 pub fn half_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
     checked(|c| ops::half_matches_cpu(c, paths))
 }
+
+/// The search's f16 products (weight_to_half, linear_half) against the
+/// CPU's.
+pub fn linear_half_matches_cpu<B: Device>(paths: &[(&str, &B)]) {
+    checked(|c| ops::linear_half_matches_cpu(c, paths))
+}

@@ -16,12 +16,18 @@
 //!
 //! All paths compute in f32 on exact weight values, so they match the CPU
 //! reference up to f32 summation order (tests/backend_ops, `linear` tolerance).
+//!
+//! The scale search's `linear_half` (f16 activations and f16 weights, f32
+//! sums) is cuBLAS's `cublasGemmEx` on the f16 buffers with f32 output
+//! (the tensor cores), or both expanded to f32 and `gemm_f32` without it.
 
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{err, grid_stride, int, Ctx, Cuda, CudaTensor, CudaWeight, GEMV_MAX_ROWS};
+use super::{err, grid_stride, int, Ctx, Cuda, CudaHalf, CudaTensor, CudaWeight, GEMV_MAX_ROWS};
 use crate::backend::cuda_kernels::gemv_packed_entry;
 use crate::error::{Error, Result};
 
@@ -98,6 +104,92 @@ impl Cuda {
         };
         self.sgemm(x, wf, b, &mut y)?;
         Ok(y)
+    }
+
+    /// [`crate::backend::search::Search::linear_half`]: cuBLAS's GEMM on
+    /// f16 operands with f32 output and f32 accumulation
+    /// (`cublasGemmEx`, `CUBLAS_COMPUTE_32F`: the tensor cores), or, without
+    /// cuBLAS, both operands expanded to f32 (exact) and `gemm_f32`.
+    pub(crate) fn linear_half_impl(
+        &self,
+        x: &CudaHalf,
+        w: &CudaWeight,
+        b: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let CudaWeight::F16 { w, out, inp } = w else {
+            return Err(Error::invalid(
+                "cuda linear_half: needs an f16 weight (weight_to_half)",
+            ));
+        };
+        let (rows, out, inp) = (x.rows, *out, *inp);
+        let mut y = self.tensor(rows, out)?;
+        if rows == 0 || out == 0 {
+            return Ok(y);
+        }
+        match &self.blas {
+            Some(blas) if inp > 0 => {
+                let (r_i, i_i, o_i) = (int(rows, "rows")?, int(inp, "in")?, int(out, "out")?);
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                let blas = blas.lock().map_err(|_| err("cuBLAS handle poisoned"))?;
+                let stream = self.stream();
+                let (wp, _w_rec) = w.device_ptr(stream);
+                let (xp, _x_rec) = x.data.device_ptr(stream);
+                let (yp, _y_rec) = y.data.device_ptr_mut(stream);
+                // Column-major view, as `sgemm`: y^T [out, rows] = W [out, in]
+                // (read transposed) . x^T [in, rows].
+                // SAFETY: w holds out * in f16 values, x rows * in, y rows *
+                // out f32; the pointers live while the records do.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        cublasOperation_t::CUBLAS_OP_T,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        o_i,
+                        r_i,
+                        i_i,
+                        (&alpha) as *const f32 as *const _,
+                        wp as *const _,
+                        cudaDataType_t::CUDA_R_16F,
+                        i_i,
+                        xp as *const _,
+                        cudaDataType_t::CUDA_R_16F,
+                        i_i,
+                        (&beta) as *const f32 as *const _,
+                        yp as *mut _,
+                        cudaDataType_t::CUDA_R_32F,
+                        o_i,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .ctx("cublasGemmEx (f16 in, f32 out)")?;
+                drop((_w_rec, _x_rec, _y_rec));
+                if let Some(b) = b {
+                    self.add_bias_rows(&mut y, b)?;
+                }
+            }
+            _ => {
+                let xf = CudaTensor {
+                    data: self.expand_f16(&x.data, rows * inp)?,
+                    rows,
+                    cols: inp,
+                };
+                let wf = self.expand_f16(w, out * inp)?;
+                self.sgemm(&xf, &wf, b, &mut y)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// `y[r, c] += b[c]` (gemm.cu `bias_rows_f32`).
+    fn add_bias_rows(&self, y: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+        let (r_i, o_i) = (int(y.rows, "rows")?, int(y.cols, "out")?);
+        let f = self.function("bias_rows_f32")?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&mut y.data).arg(&b.data).arg(&r_i).arg(&o_i);
+        // SAFETY: gemm.cu bias_rows_f32: y [rows, out], bias [out].
+        unsafe { l.launch(grid_stride(y.rows * y.cols, 256)) }.ctx("bias_rows_f32")?;
+        Ok(())
     }
 
     /// One GEMV launch for all rows of x (1..=[`GEMV_MAXM`]): gemv_f16
@@ -220,11 +312,7 @@ impl Cuda {
                 unsafe { blas.gemm(cfg, w, &x.data, &mut y.data) }.ctx("cublasSgemm")?;
             }
             if let Some(b) = b {
-                let f = self.function("bias_rows_f32")?;
-                let mut l = self.stream().launch_builder(&f);
-                l.arg(&mut y.data).arg(&b.data).arg(&r_i).arg(&o_i);
-                // SAFETY: gemm.cu bias_rows_f32: y [rows, out], bias [out].
-                unsafe { l.launch(grid_stride(rows * out, 256)) }.ctx("bias_rows_f32")?;
+                self.add_bias_rows(y, b)?;
             }
             return Ok(());
         }

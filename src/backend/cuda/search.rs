@@ -16,7 +16,8 @@
 //!   a compensated f32 sum (hi + lo) and a max, continuing from an earlier
 //!   result when there is one.
 //! - `to_half` / `half_to_f32`: convert.cu's `f32_to_f16` (round to nearest
-//!   even) and `f16_to_f32`, one thread per value.
+//!   even) and `f16_to_f32`, one thread per value; `weight_to_half` the
+//!   same over a weight, `linear_half` the f16 GEMM of `linear.rs`.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -41,6 +42,27 @@ enum Dense<'a> {
     F16(&'a CudaSlice<u16>),
 }
 
+impl Cuda {
+    /// The first `n` values of `src` rounded to f16 (convert.cu
+    /// `f32_to_f16`: nearest even, saturating).
+    fn f32_to_f16(&self, src: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let mut data = self
+            .stream()
+            .alloc_zeros::<u16>(n.max(1))
+            .ctx("cuMemAlloc")?;
+        if n > 0 {
+            let f = self.function("f32_to_f16")?;
+            let n_i = n as i64;
+            let mut l = self.stream().launch_builder(&f);
+            l.arg(src).arg(&mut data).arg(&n_i);
+            // SAFETY: convert.cu f32_to_f16: src holds at least n values
+            // (a tensor's buffer is never shorter than rows * cols), dst n.
+            unsafe { l.launch(grid_stride(n, 256)) }.ctx("f32_to_f16")?;
+        }
+        Ok(data)
+    }
+}
+
 /// fake_quant of a packed weight: the search needs the unquantized values.
 fn packed_input() -> Error {
     Error::invalid(
@@ -53,25 +75,38 @@ impl Search for Cuda {
     type Half = CudaHalf;
 
     fn to_half(&self, x: &CudaTensor) -> Result<CudaHalf> {
-        let n = x.numel();
-        let mut data = self
-            .stream()
-            .alloc_zeros::<u16>(n.max(1))
-            .ctx("cuMemAlloc")?;
-        if n > 0 {
-            let f = self.function("f32_to_f16")?;
-            let n_i = n as i64;
-            let mut l = self.stream().launch_builder(&f);
-            l.arg(&x.data).arg(&mut data).arg(&n_i);
-            // SAFETY: convert.cu f32_to_f16: src holds at least n values
-            // (a tensor's buffer is never shorter than rows * cols), dst n.
-            unsafe { l.launch(grid_stride(n, 256)) }.ctx("f32_to_f16")?;
-        }
         Ok(CudaHalf {
-            data,
+            data: self.f32_to_f16(&x.data, x.numel())?,
             rows: x.rows,
             cols: x.cols,
         })
+    }
+
+    fn half_dims(&self, h: &CudaHalf) -> (usize, usize) {
+        (h.rows, h.cols)
+    }
+
+    fn weight_to_half(&self, w: &CudaWeight) -> Result<CudaWeight> {
+        let (out, inp) = w.shape();
+        let w = match w {
+            CudaWeight::F32 { w, .. } => self.f32_to_f16(w, out * inp)?,
+            CudaWeight::F16 { w, .. } => self.stream().clone_dtod(w).ctx("cuMemcpyDtoD")?,
+            CudaWeight::Packed { .. } => {
+                return Err(Error::invalid(
+                    "cuda weight_to_half: needs a dense weight, found a packed one",
+                ))
+            }
+        };
+        Ok(CudaWeight::F16 { w, out, inp })
+    }
+
+    fn linear_half_unchecked(
+        &self,
+        x: &CudaHalf,
+        w: &CudaWeight,
+        b: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        self.linear_half_impl(x, w, b)
     }
 
     fn half_to_f32(&self, h: &CudaHalf) -> Result<CudaTensor> {

@@ -23,7 +23,7 @@
 use half::f16;
 
 use super::kernels::KernelKey;
-use super::{err, shape_err, u32_of, Wgpu, WgpuTensor, WG};
+use super::{err, shape_err, u32_of, Wgpu, WgpuHalf, WgpuTensor, WG};
 use crate::error::Result;
 use crate::quant::format::PackedLinear;
 use crate::tensor::Tensor;
@@ -360,6 +360,59 @@ impl Wgpu {
         self.a8_dot4_runs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(y))
+    }
+
+    /// [`crate::backend::search::Search::linear_half`]: the tiled GEMM
+    /// (any number of rows) with flag XH, x read as f16 pairs and `w` a
+    /// dense f16 weight.
+    pub(super) fn linear_half_impl(
+        &self,
+        x: &WgpuHalf,
+        w: &WgpuWeight,
+        b: Option<&WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        let WgpuWeight::Dense {
+            out,
+            inp,
+            ld,
+            f16: true,
+            chunks,
+        } = w
+        else {
+            return Err(shape_err(
+                "linear_half",
+                "needs an f16 dense weight (weight_to_half)".into(),
+            ));
+        };
+        let (m, out, inp) = (x.rows, *out, *inp);
+        let y = self.tensor(m, out, "linear_half output")?;
+        if m == 0 || out == 0 {
+            return Ok(y);
+        }
+        let (k, m32) = (u32_of("linear_half", inp)?, u32_of("linear_half", m)?);
+        let (out32, ld) = (u32_of("linear_half", out)?, u32_of("linear_half", *ld)?);
+        let key = KernelKey::new("gemm.wgsl", "gemm")
+            .def("WG", GEMM_WG)
+            .def("F16", 1)
+            .def("XH", 1)
+            .def("BIAS", b.is_some() as u32);
+        for c in chunks {
+            let mut binds = vec![(0, x.mem.get()), (1, &c.buf), (4, y.buf())];
+            if let Some(b) = b {
+                binds.push((3, b.buf()));
+            }
+            let n = u32_of("linear_half", c.rows)?;
+            let o0 = u32_of("linear_half", c.row0)?;
+            let groups = m.div_ceil(GEMM_TILE) * c.rows.div_ceil(GEMM_TILE);
+            self.rec.dispatch(
+                &key,
+                &binds,
+                5,
+                &[m32, k, n, ld, o0, out32],
+                u32_of("linear_half", groups)?,
+            )?;
+        }
+        Ok(y)
     }
 
     pub(super) fn linear_impl(

@@ -5,7 +5,8 @@
 //! sample's |x| to `abs_terms`'s three sums). `stats.wgsl` adds a sample's
 //! per-column |x| sums (compensated) and maxima to the running statistics.
 //! `half.wgsl` rounds an activation to f16 (two values a word) and expands
-//! it back.
+//! it back, and rounds a weight to f16 for `linear_half` (`gemm.wgsl` with
+//! flag XH: f16 operands read as pairs, f32 sums).
 
 use super::linear::{rows_per_chunk, DenseChunk, DenseParts};
 use super::{err, u32_of, Wgpu, WgpuHalf, WgpuTensor, WgpuWeight, WG};
@@ -45,6 +46,64 @@ impl Search for Wgpu {
         self.rec
             .dispatch(&key, &[(0, h.mem.get()), (2, y.buf())], 3, &params, groups)?;
         Ok(y)
+    }
+
+    fn half_dims(&self, h: &WgpuHalf) -> (usize, usize) {
+        (h.rows, h.cols)
+    }
+
+    /// half.wgsl's `to_half` over each chunk's padded rows (`ld` is even:
+    /// a row's words never straddle two rows); an f16 weight's chunks are
+    /// shared, not copied.
+    fn weight_to_half(&self, w: &WgpuWeight) -> Result<WgpuWeight> {
+        let DenseParts {
+            out,
+            inp,
+            ld,
+            f16,
+            chunks,
+        } = w.dense_parts("weight_to_half")?;
+        let key = self.key("half.wgsl", "to_half", WG);
+        let mut halves = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let buf = if f16 {
+                c.buf.clone()
+            } else {
+                let n = c.rows * ld;
+                let label = format!(
+                    "weight_to_half [{out}, {inp}] rows {}..{}",
+                    c.row0,
+                    c.row0 + c.rows
+                );
+                let buf = self.rec.buffer((n * 2) as u64, &label)?;
+                let params = [u32_of("weight_to_half", n)?];
+                let groups = u32_of("weight_to_half", n / 2)?.div_ceil(WG);
+                self.rec
+                    .dispatch(&key, &[(0, &c.buf), (2, &buf)], 3, &params, groups)?;
+                buf
+            };
+            halves.push(DenseChunk {
+                row0: c.row0,
+                rows: c.rows,
+                buf,
+            });
+        }
+        Ok(WgpuWeight::Dense {
+            out,
+            inp,
+            ld,
+            f16: true,
+            chunks: halves,
+        })
+    }
+
+    fn linear_half_unchecked(
+        &self,
+        x: &WgpuHalf,
+        w: &WgpuWeight,
+        b: Option<&WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        self.linear_half_impl(x, w, b)
     }
 
     fn fake_quant_unchecked(

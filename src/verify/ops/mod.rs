@@ -128,6 +128,8 @@ pub struct Tolerances {
     /// kernels on the host emulation up to 1.1e-7 (values of 1e-3..2e4, up
     /// to 1000 rows); as loss_terms, 1e-5.
     pub abs_terms: f32,
+    /// (weight_to_half and linear_half, the search's f16 products, use
+    /// `linear`: the same exact products, summed in another order.)
     /// to_half then half_to_f32: the number of values whose bits differ from
     /// the CPU's (`half`'s round to nearest even, saturating at ±65504);
     /// every device converts with integer arithmetic or a correctly
@@ -274,6 +276,7 @@ pub const FAMILIES: &[&str] = &[
     "abs_col_stats",
     "abs_terms",
     "half",
+    "linear_half",
     "errors",
 ];
 
@@ -519,9 +522,11 @@ pub fn suite<B: Device>(paths: &[(&str, &B)], split: Option<(&str, &B)>) -> Chec
     abs_col_stats_matches_cpu(&mut c, paths);
     abs_terms_match_cpu(&mut c, paths);
     half_matches_cpu(&mut c, paths);
+    linear_half_matches_cpu(&mut c, paths);
     if let Some((path, g)) = split {
         split_weights(&mut c, path, g, g.integer_a8());
         fake_quant_narrow_rows(&mut c, &[(path, g)]);
+        linear_half_matches_cpu(&mut c, &[(path, g)]);
     }
     c
 }

@@ -487,3 +487,73 @@ pub fn half_matches_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
         }
     }
 }
+
+/// `weight_to_half` then `linear_half` on the device against the CPU's
+/// (both operands rounded to f16, exact products, f32 sums: only the order
+/// of the sums differs, so the `linear` tolerance): an odd number of
+/// inputs (an f16 pair of x straddling two rows), a single row (no GEMV
+/// path) and more than one GEMM tile, with and without a bias; the weight
+/// is f32 on the device first (as `fake_quant` makes it) or an f16
+/// model's own. The device's f16 weight must be stored as f16, and an f32
+/// weight must be refused.
+pub fn linear_half_matches_cpu<B: Device>(c: &mut Checks, paths: &[(&str, &B)]) {
+    let tol = B::TOL.linear as f64;
+    let cases = [
+        (37, 70, 129, true, false),
+        (1, 5, 3, false, false),
+        (130, 67, 96, true, true),
+        (9, 300, 257, false, true),
+    ];
+    for (k, &(rows, out, inp, bias, f16_model)) in cases.iter().enumerate() {
+        let mut r = rng(60 + k as u64);
+        let x = random(&mut r, rows, inp, 2.0);
+        let mut w = random(&mut r, out, inp, 0.5);
+        if f16_model {
+            w = to_f16(&w);
+        }
+        let b = random(&mut r, 1, out, 0.5);
+        let want = Cpu.weight(&w).and_then(|cw| {
+            let hw = Cpu.weight_to_half(&cw)?;
+            Cpu.linear_half(&Cpu.to_half(&x)?, &hw, bias.then_some(&b))
+        });
+        for &(path, g) in paths {
+            let case = format!(
+                "{path} weight_to_half, linear_half rows {rows} [{out}, {inp}] bias {bias} \
+                 weight {}",
+                if f16_model { "f16" } else { "f32" }
+            );
+            c.measure("linear_half", case.clone(), tol, || {
+                let want = want
+                    .as_ref()
+                    .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+                let hw = g.weight_to_half(&g.weight(&w)?)?;
+                if !B::weight_is_f16(&hw) {
+                    return Err(crate::error::Error::invalid(
+                        "weight_to_half made a weight not stored as f16",
+                    ));
+                }
+                let gb = up(g, &b)?;
+                let got = down(
+                    g,
+                    g.linear_half(&g.to_half(&up(g, &x)?)?, &hw, bias.then_some(&gb)),
+                )?;
+                super::close(&got, want)
+            });
+            if k == 0 {
+                c.expect(
+                    "linear_half",
+                    format!("{path} linear_half refuses an f32 weight"),
+                    || {
+                        let w32 = g.weight(&w).map_err(|e| e.to_string())?;
+                        let xh = g.to_half(&up(g, &x).map_err(|e| e.to_string())?);
+                        super::is_invalid(g.linear_half(
+                            &xh.map_err(|e| e.to_string())?,
+                            &w32,
+                            None,
+                        ))
+                    },
+                );
+            }
+        }
+    }
+}
