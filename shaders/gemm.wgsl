@@ -6,6 +6,9 @@
 // dequantized while it is loaded into workgroup memory (packed.wgsl).
 // With flag XH, x holds f16 values two to a word (Search::linear_half: f16
 // operands, f32 sums; every product of two f16 values is exact in f32).
+// With XH and HALF (the device has SHADER_F16; `enable f16;` is put first),
+// x and W are read as WGSL `f16` arrays, the same bytes: native 16-bit
+// loads, and f16 subnormals kept (unpack2x16float may flush them).
 //
 // Each workgroup (256 threads, 16 x 16) computes a 64 x 64 tile of y,
 // each thread a 4 x 4 block (rows ty + 16 i, columns tx + 16 j), stepping
@@ -13,14 +16,17 @@
 //
 // Bindings:
 //   @binding(0) x:  array<f32> [M, K]; XH: array<u32>, value i in half
-//                   i % 2 of word i / 2 (no row padding)
-//   @binding(1) w:  dense: array<u32> (F16) or array<f32>, rows of `ld`
-//                   elements; PACKED: the codes `q: array<u32>`
+//                   i % 2 of word i / 2 (no row padding); XH + HALF:
+//                   array<f16> [M, K]
+//   @binding(1) w:  dense: array<u32> (F16; array<f16> with HALF) or
+//                   array<f32>, rows of `ld` elements; PACKED: the codes
+//                   `q: array<u32>`
 //   @binding(2) sz: array<u32> (scale, zero) pairs   (PACKED only)
 //   @binding(3) b:  array<f32> [out]   (flag BIAS)
 //   @binding(4) y:  array<f32> [M, out]   output (row stride `out`)
 //   @binding(5) p:  Params
-// Constants: WG (= 256). PACKED: BITS, GROUP. Flags: F16, PACKED, BIAS, XH.
+// Constants: WG (= 256). PACKED: BITS, GROUP. Flags: F16, PACKED, BIAS, XH,
+// HALF (only with XH and F16).
 
 #include "common.wgsl"
 
@@ -33,20 +39,28 @@ struct Params {
     out: u32,
 }
 
+#if HALF
+@group(0) @binding(0) var<storage, read> x: array<f16>;
+#else
 #if XH
 @group(0) @binding(0) var<storage, read> x: array<u32>;
 #else
 @group(0) @binding(0) var<storage, read> x: array<f32>;
+#endif
 #endif
 #if PACKED
 @group(0) @binding(1) var<storage, read> q: array<u32>;
 @group(0) @binding(2) var<storage, read> sz: array<u32>;
 #include "packed.wgsl"
 #else
+#if HALF
+@group(0) @binding(1) var<storage, read> w: array<f16>;
+#else
 #if F16
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 #else
 @group(0) @binding(1) var<storage, read> w: array<f32>;
+#endif
 #endif
 #endif
 #if BIAS
@@ -64,10 +78,14 @@ var<workgroup> ws: array<array<f32, BN>, TK>;
 
 // Value i of x (row-major [M, K]).
 fn xv(i: u32) -> f32 {
+#if HALF
+    return f32(x[i]);
+#else
 #if XH
     return unpack2x16float(x[i / 2u])[i % 2u];
 #else
     return x[i];
+#endif
 #endif
 }
 
@@ -81,11 +99,15 @@ fn w4(n: u32, k: u32) -> vec4<f32> {
 #else
     var v = vec4<f32>(0.0);
     let e = n * p.ld + k;
+#if HALF
+    v = vec4<f32>(f32(w[e]), f32(w[e + 1u]), f32(w[e + 2u]), f32(w[e + 3u]));
+#else
 #if F16
     // ld % 8 == 0 and k % 4 == 0: both words lie inside row n's padding.
     v = vec4<f32>(unpack2x16float(w[e / 2u]), unpack2x16float(w[e / 2u + 1u]));
 #else
     v = vec4<f32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u]);
+#endif
 #endif
     return select(vec4<f32>(0.0), v, vec4<u32>(k) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k));
 #endif

@@ -285,8 +285,17 @@ fn half_matches_cpu() {
     backend_ops::half_matches_cpu(&both());
 }
 
+/// Both ways of reading f16 operands run: WGSL `f16` where the adapter
+/// has SHADER_F16 (lavapipe has), u32 pairs on the fallback instance.
 #[test]
 fn linear_half_matches_cpu_whole_and_split() {
+    let (native, has) = gpu().uses_shader_f16();
+    assert_eq!(
+        native, has,
+        "the default instance uses SHADER_F16 where the adapter has it"
+    );
+    assert!(!gpu_fallback().uses_shader_f16().0);
+    eprintln!("adapter SHADER_F16: {has}");
     backend_ops::linear_half_matches_cpu(&both());
     backend_ops::linear_half_matches_cpu(&[("split", gpu_split())]);
 }

@@ -10,8 +10,8 @@
 //! the features) in f16 where the model is f16 (`to_half`, `half_to_f32`:
 //! half the memory; the f32 copy of one sample exists only while it is
 //! used), and there runs its products on f16 operands with f32 sums
-//! (`weight_to_half`, `linear_half`: cuBLAS's f16 GEMM on CUDA, f16 pairs
-//! read by `gemm.wgsl` on wgpu).
+//! (`weight_to_half`, `linear_half`: cuBLAS's f16 GEMM on CUDA, f16
+//! operands read by `gemm.wgsl` on wgpu).
 //! The CPU functions are the reference (`quant::pseudo::fake_quant_scaled`,
 //! the sums below, `half`'s round-to-nearest-even conversion); wgpu
 //! (`shaders/fake_quant.wgsl`, `loss.wgsl`, `stats.wgsl`, `half.wgsl`) and
@@ -80,7 +80,8 @@ pub trait Search: Backend {
     /// f32. Every product of two f16 values is exact in f32, so backends
     /// differ only in the order of the sums: the CPU expands both to f32,
     /// CUDA runs cuBLAS's f16 GEMM with f32 accumulation (tensor cores),
-    /// wgpu its tiled GEMM reading f16 pairs (half the bytes of f32).
+    /// wgpu its tiled GEMM reading f16 operands (half the bytes of f32; as
+    /// WGSL `f16` where the device has SHADER_F16) and summing in f32.
     fn linear_half(
         &self,
         x: &Self::Half,

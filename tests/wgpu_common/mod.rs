@@ -46,16 +46,18 @@ pub fn gpu() -> &'static Wgpu {
     G.get_or_init(|| open(base(), "default"))
 }
 
-/// Reductions forced through workgroup memory.
+/// Reductions forced through workgroup memory, and the search's f16
+/// operands read as u32 pairs (no `SHADER_F16`).
 pub fn gpu_fallback() -> &'static Wgpu {
     static G: OnceLock<Wgpu> = OnceLock::new();
     G.get_or_init(|| {
         open(
             WgpuOptions {
                 subgroups: false,
+                shader_f16: false,
                 ..base()
             },
-            "no subgroups",
+            "no subgroups, no SHADER_F16",
         )
     })
 }

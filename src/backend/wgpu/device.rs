@@ -1,7 +1,8 @@
 //! Adapters and the device: which GPUs wgpu sees (for `mbq devices` and
 //! `--backend auto`), how one is picked (`--adapter NAME`), and the device
 //! opened on it with the adapter's own limits and the features the shaders
-//! can use (`SUBGROUP`; WGSL's `dot4I8Packed` for W4A8). Validation errors
+//! can use (`SUBGROUP`; `SHADER_F16` for the scale search's f16 products;
+//! WGSL's `dot4I8Packed` for W4A8). Validation errors
 //! that no error scope catches are collected here and reported by the next
 //! flush as `Error::Backend`.
 
@@ -32,6 +33,9 @@ pub struct WgpuOptions {
     /// WGSL language feature `packed_4x8_integer_dot_product` is there
     /// (false forces the fake-quant + float packed product fallback).
     pub dot4: bool,
+    /// Read the scale search's f16 operands as WGSL `f16` when the adapter
+    /// has `SHADER_F16` (false: as u32 pairs through `unpack2x16float`).
+    pub shader_f16: bool,
 }
 
 impl Default for WgpuOptions {
@@ -43,6 +47,7 @@ impl Default for WgpuOptions {
             max_binding: None,
             timestamps: true,
             dot4: true,
+            shader_f16: true,
         }
     }
 }
@@ -50,7 +55,7 @@ impl Default for WgpuOptions {
 impl WgpuOptions {
     /// Defaults overridden by the environment: `MBQ_WGPU_ADAPTER` (a name),
     /// `MBQ_WGPU_NO_SUBGROUP=1`, `MBQ_WGPU_MAX_BINDING` (bytes),
-    /// `MBQ_WGPU_NO_TIMESTAMPS=1`, `MBQ_WGPU_NO_DOT4=1`.
+    /// `MBQ_WGPU_NO_TIMESTAMPS=1`, `MBQ_WGPU_NO_DOT4=1`, `MBQ_WGPU_NO_F16=1`.
     pub fn from_env() -> Self {
         let mut o = WgpuOptions::default();
         if let Ok(name) = std::env::var("MBQ_WGPU_ADAPTER") {
@@ -66,6 +71,9 @@ impl WgpuOptions {
         }
         if std::env::var("MBQ_WGPU_NO_DOT4").is_ok_and(|v| v == "1") {
             o.dot4 = false;
+        }
+        if std::env::var("MBQ_WGPU_NO_F16").is_ok_and(|v| v == "1") {
+            o.shader_f16 = false;
         }
         if let Some(b) = std::env::var("MBQ_WGPU_MAX_BINDING")
             .ok()
@@ -291,6 +299,11 @@ pub struct Context {
     /// W4A8 linears use the integer `dot4I8Packed` kernels (the WGSL
     /// feature is there, a probe shader compiled, and `opts.dot4`).
     pub dot4: bool,
+    /// `SHADER_F16` is enabled: shaders with flag HALF read f16 operands as
+    /// WGSL `f16`.
+    pub shader_f16: bool,
+    /// The adapter has `SHADER_F16` (whether or not it is used).
+    pub adapter_f16: bool,
     /// Largest storage binding (bytes) a weight chunk may use.
     pub max_binding: u64,
     /// Validation errors nobody caught, drained at each flush.
@@ -312,6 +325,11 @@ impl Context {
         let timestamps = opts.timestamps && adapter.features().contains(Features::TIMESTAMP_QUERY);
         if timestamps {
             features |= Features::TIMESTAMP_QUERY;
+        }
+        let adapter_f16 = adapter.features().contains(Features::SHADER_F16);
+        let shader_f16 = opts.shader_f16 && adapter_f16;
+        if shader_f16 {
+            features |= Features::SHADER_F16;
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("mbq"),
@@ -351,6 +369,8 @@ impl Context {
             subgroups,
             timestamps,
             dot4,
+            shader_f16,
+            adapter_f16,
             max_binding,
             errors,
         })

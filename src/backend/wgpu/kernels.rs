@@ -1,6 +1,7 @@
 //! The WGSL kernels: sources embedded from `shaders/`, a small preprocessor
 //! (`#include "file"`, `#if NAME` / `#if !NAME` / `#else` / `#endif`, and
-//! constants injected from Rust as `const NAME: u32`), and the compute
+//! constants injected from Rust as `const NAME: u32`; flag HALF, for a
+//! source that uses WGSL's `f16`, also puts `enable f16;` first), and the compute
 //! pipelines cached by (file, entry, constants). Every shader module and
 //! pipeline is labelled with its key, and a shader that does not compile or
 //! validate becomes an `Error::Backend` naming it.
@@ -108,6 +109,9 @@ impl KernelKey {
 /// Expands includes and conditionals and prepends the constants.
 pub fn preprocess(file: &str, defs: &[(&'static str, u32)]) -> Result<String> {
     let mut out = String::new();
+    if defs.iter().any(|(n, v)| *n == "HALF" && *v != 0) {
+        out.push_str("enable f16;\n");
+    }
     for (n, v) in defs {
         out.push_str(&format!("const {n}: u32 = {v}u;\n"));
     }

@@ -363,8 +363,9 @@ impl Wgpu {
     }
 
     /// [`crate::backend::search::Search::linear_half`]: the tiled GEMM
-    /// (any number of rows) with flag XH, x read as f16 pairs and `w` a
-    /// dense f16 weight.
+    /// (any number of rows) with flag XH, x and `w` (a dense f16 weight)
+    /// read as WGSL `f16` where the device has `SHADER_F16` (flag HALF),
+    /// else as u32 pairs through `unpack2x16float`.
     pub(super) fn linear_half_impl(
         &self,
         x: &WgpuHalf,
@@ -395,6 +396,7 @@ impl Wgpu {
             .def("WG", GEMM_WG)
             .def("F16", 1)
             .def("XH", 1)
+            .def("HALF", self.rec.ctx.shader_f16 as u32)
             .def("BIAS", b.is_some() as u32);
         for c in chunks {
             let mut binds = vec![(0, x.mem.get()), (1, &c.buf), (4, y.buf())];

@@ -126,6 +126,13 @@ impl Wgpu {
         self.rec.ctx.dot4
     }
 
+    /// Whether the scale search's f16 products read their operands as WGSL
+    /// `f16` (the adapter has `SHADER_F16` and `WgpuOptions::shader_f16`),
+    /// and whether the adapter has it at all.
+    pub fn uses_shader_f16(&self) -> (bool, bool) {
+        (self.rec.ctx.shader_f16, self.rec.ctx.adapter_f16)
+    }
+
     /// How many W4A8 linears ran with integer dot products so far.
     pub fn dot4_linears(&self) -> usize {
         self.a8_dot4_runs.load(std::sync::atomic::Ordering::Relaxed)

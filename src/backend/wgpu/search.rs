@@ -6,7 +6,7 @@
 //! per-column |x| sums (compensated) and maxima to the running statistics.
 //! `half.wgsl` rounds an activation to f16 (two values a word) and expands
 //! it back, and rounds a weight to f16 for `linear_half` (`gemm.wgsl` with
-//! flag XH: f16 operands read as pairs, f32 sums).
+//! flag XH: f16 operands, f32 sums).
 
 use super::linear::{rows_per_chunk, DenseChunk, DenseParts};
 use super::{err, u32_of, Wgpu, WgpuHalf, WgpuTensor, WgpuWeight, WG};
