@@ -178,9 +178,11 @@ fn half_matches_cpu() {
     }
 }
 
+/// cuBLAS's f16 GEMM (cublasGemmEx, tensor cores) and, without cuBLAS,
+/// the operands expanded for gemm.cu.
 #[test]
 fn linear_half_matches_cpu() {
-    if let Some(p) = one("linear_half_matches_cpu") {
+    if let Some(p) = both("linear_half_matches_cpu") {
         backend_ops::linear_half_matches_cpu(&p);
     }
 }
