@@ -251,7 +251,9 @@ mod device {
                     } else {
                         b.arg(&null);
                     }
-                    b.arg(&mut dy).arg(&inp_i).arg(&out_i);
+                    // One token (m = 1): the kernel's last argument.
+                    let m_i = 1i32;
+                    b.arg(&mut dy).arg(&inp_i).arg(&out_i).arg(&m_i);
                     // SAFETY: argument list and sizes as documented in gemv_packed.cu.
                     unsafe { b.launch(cfg(out, 8, 128)) }.expect("launch");
                     let y = stream.clone_dtoh(&dy).expect("y back");
@@ -274,14 +276,15 @@ mod device {
             let dx = stream.clone_htod(&x).expect("x");
             let db = stream.clone_htod(&bias).expect("b");
             let mut dy = stream.alloc_zeros::<f32>(out).expect("y");
-            let (inp_i, out_i) = (inp as i32, out as i32);
+            let (inp_i, out_i, m_i) = (inp as i32, out as i32, 1i32);
             let mut b = stream.launch_builder(&f);
             b.arg(&dw)
                 .arg(&dx)
                 .arg(&db)
                 .arg(&mut dy)
                 .arg(&inp_i)
-                .arg(&out_i);
+                .arg(&out_i)
+                .arg(&m_i);
             // SAFETY: argument list and sizes as documented in gemv_f16.cu.
             unsafe { b.launch(cfg(out, 8, 128)) }.expect("launch");
             let y = stream.clone_dtoh(&dy).expect("y back");

@@ -29,6 +29,14 @@ pub const FEATURES_REL_TOL: f32 = 1e-4;
 /// Last-position prefill logits, relative to their scale (every backend):
 /// the tolerance `mbq verify` holds every step to.
 pub const LOGITS_REL_TOL: f32 = mbq::verify::LOGITS_REL_TOL as f32;
+/// Last-position prefill logits of a model with INT8 activations (W4A8),
+/// relative to their scale. A device summing in another order than the CPU
+/// moves an activation that sits at a .5 boundary of its INT8 grid by one
+/// step, which moves the logits by up to about the activation
+/// quantization's own effect (tests/w4a8.rs measures 1.4e-2 for it; an H200
+/// measured 8.3e-3 on the InternVL fixture, 3e-7 on the other two, lavapipe
+/// 3e-7 on all). The greedy ids must still be equal.
+pub const A8_LOGITS_REL_TOL: f32 = 5e-2;
 /// Tokens generated greedily per case (as many as `mbq verify` compares);
 /// they must equal the CPU's and the transformers goldens exactly.
 pub const GREEDY_TOKENS: usize = mbq::verify::TOKENS;
@@ -182,8 +190,13 @@ pub fn quantized_families_match_cpu<B: Backend>(be: &B) {
             let (_, gl, gids) = run(be, &out, image, &case.prompt);
             let (_, cl, cids) = run(&Cpu, &out, image, &case.prompt);
             let le = rel_err(&gl, &cl);
-            println!("{name}: logits rel err vs cpu {le:.2e}, ids {cids:?}");
-            assert!(le <= LOGITS_REL_TOL, "{name}: logits {le}");
+            println!("{name}: logits rel err vs cpu {le:.2e}, ids {cids:?}, {label} {gids:?}");
+            let tol = if a_bit.is_some() {
+                A8_LOGITS_REL_TOL
+            } else {
+                LOGITS_REL_TOL
+            };
+            assert!(le <= tol, "{name}: logits {le} (tolerance {tol})");
             assert_eq!(gids, cids, "{name}: {label} vs cpu greedy ids");
         }
     }
