@@ -247,3 +247,65 @@ pub unsafe fn bf16_row(w: &[u16], x: &[f32]) -> f32 {
     }
     s
 }
+
+/// `R` rows of 16-bit floats (`n` values each, row `r` at `wp + r *
+/// stride`) dotted with `x`, the first `n - n % 16` values (the caller
+/// adds the rest); `widen` turns eight of them into f32. Two accumulators
+/// a row; one load of `x` serves all `R` rows, and the `R` rows are `R`
+/// streams of loads in flight.
+#[inline(always)]
+unsafe fn half_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+    widen: impl Fn(*const u16) -> __m256,
+) -> [f32; R] {
+    let xp = x.as_ptr();
+    let mut a = [[_mm256_setzero_ps(); 2]; R];
+    let mut k = 0;
+    while k + 16 <= n {
+        let x0 = _mm256_loadu_ps(xp.add(k));
+        let x1 = _mm256_loadu_ps(xp.add(k + 8));
+        for (r, ar) in a.iter_mut().enumerate() {
+            let p = wp.add(r * stride + k);
+            ar[0] = _mm256_fmadd_ps(widen(p), x0, ar[0]);
+            ar[1] = _mm256_fmadd_ps(widen(p.add(8)), x1, ar[1]);
+        }
+        k += 16;
+    }
+    let mut out = [0.0f32; R];
+    for (o, ar) in out.iter_mut().zip(&a) {
+        *o = hsum(_mm256_add_ps(ar[0], ar[1]));
+    }
+    out
+}
+
+/// `R` f16 rows (the first `n - n % 16` values; the caller adds the rest).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f16_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+) -> [f32; R] {
+    let widen = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    half_rows::<R>(wp, stride, n, x, widen)
+}
+
+/// `R` bf16 rows (the first `n - n % 16` values; the caller adds the rest).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn bf16_rows<const R: usize>(
+    wp: *const u16,
+    stride: usize,
+    n: usize,
+    x: &[f32],
+) -> [f32; R] {
+    let widen = |p: *const u16| {
+        _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            16,
+        ))
+    };
+    half_rows::<R>(wp, stride, n, x, widen)
+}

@@ -495,9 +495,11 @@ pub fn bf16_rows(isa: Isa, data: &[bf16], inp: usize, o0: usize, x: &[f32], y: &
 
 /// From this many inputs on, f16 / bf16 rows go four at a time under
 /// AVX-512 (their f32 activations, 32 KiB and more, no longer fit L1, and
-/// one load serves four rows); shorter rows one at a time with AVX2,
-/// which measured faster on them (the 3,584-input LM head: 128 against
-/// 145-162 ms a decode step here).
+/// one load serves four rows); shorter rows one at a time with the AVX2
+/// kernel, which measured faster on them on an AVX-512 host (the
+/// 3,584-input LM head: 128 against 145-162 ms a decode step). On an
+/// AVX2-only host (Zen 3) four rows at a time measured faster at every
+/// shape of the 7B (docs/BENCHMARKS.md), so AVX2 always takes four.
 const LONG_ROW: usize = 8192;
 
 #[derive(Clone, Copy)]
@@ -534,41 +536,74 @@ fn half_rows<T: Copy>(
             .map(|(&w, &xv)| half_to_f32(w, kind) * xv)
             .sum()
     };
+    // Rows four at a time: `block(wp)` computes four rows' first `done`
+    // values, `one(wp)` one row's; `tail` adds the rest.
+    #[cfg(target_arch = "x86_64")]
+    let four_at_a_time = |y: &mut [f32],
+                          done: usize,
+                          block: &dyn Fn(*const u16) -> [f32; 4],
+                          one: &dyn Fn(*const u16) -> f32| {
+        let mut i = 0;
+        while i < y.len() {
+            let wp = row(i).as_ptr();
+            if i + 4 <= y.len() {
+                for (k, d) in block(wp).into_iter().enumerate() {
+                    y[i + k] = d + tail(i + k, done);
+                }
+                i += 4;
+            } else {
+                y[i] = one(wp) + tail(i, done);
+                i += 1;
+            }
+        }
+    };
     match isa {
+        // SAFETY (both four-row arms): the Avx512 ISAs are only detected
+        // with AVX-512F, AVX2, FMA and F16C, the Avx2 ones with AVX2, FMA
+        // and F16C; rows i..i + 4 (or i) lie inside `data` (asserted).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni if inp >= LONG_ROW => {
             let done = inp - inp % 32;
-            let mut i = 0;
-            while i < y.len() {
-                let wp = row(i).as_ptr();
-                // SAFETY: Avx512 is only detected with AVX-512F, AVX2, FMA
-                // and F16C; rows i..i + 4 (or i) lie inside `data` (asserted).
-                if i + 4 <= y.len() {
-                    let d = unsafe {
-                        match kind {
-                            Half::F16 => avx512::f16_rows::<4>(wp, inp, done, x),
-                            Half::BF16 => avx512::bf16_rows::<4>(wp, inp, done, x),
-                        }
-                    };
-                    for (k, d) in d.into_iter().enumerate() {
-                        y[i + k] = d + tail(i + k, done);
+            four_at_a_time(
+                y,
+                done,
+                &|wp| unsafe {
+                    match kind {
+                        Half::F16 => avx512::f16_rows::<4>(wp, inp, done, x),
+                        Half::BF16 => avx512::bf16_rows::<4>(wp, inp, done, x),
                     }
-                    i += 4;
-                } else {
-                    let [d] = unsafe {
-                        match kind {
-                            Half::F16 => avx512::f16_rows::<1>(wp, inp, done, x),
-                            Half::BF16 => avx512::bf16_rows::<1>(wp, inp, done, x),
-                        }
-                    };
-                    y[i] = d + tail(i, done);
-                    i += 1;
-                }
-            }
+                },
+                &|wp| unsafe {
+                    match kind {
+                        Half::F16 => avx512::f16_rows::<1>(wp, inp, done, x)[0],
+                        Half::BF16 => avx512::bf16_rows::<1>(wp, inp, done, x)[0],
+                    }
+                },
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx2Int8 => {
+            let done = inp - inp % 16;
+            four_at_a_time(
+                y,
+                done,
+                &|wp| unsafe {
+                    match kind {
+                        Half::F16 => avx2::f16_rows::<4>(wp, inp, done, x),
+                        Half::BF16 => avx2::bf16_rows::<4>(wp, inp, done, x),
+                    }
+                },
+                &|wp| unsafe {
+                    match kind {
+                        Half::F16 => avx2::f16_rows::<1>(wp, inp, done, x)[0],
+                        Half::BF16 => avx2::bf16_rows::<1>(wp, inp, done, x)[0],
+                    }
+                },
+            );
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
-        Isa::Avx2 | Isa::Avx2Int8 | Isa::Avx512 | Isa::Avx512Vnni => {
+        Isa::Avx512 | Isa::Avx512Vnni => {
             for (i, y) in y.iter_mut().enumerate() {
                 *y = unsafe {
                     match kind {
