@@ -20,6 +20,7 @@ use std::time::Instant;
 use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::backend::Backend;
 use crate::config::{Act, RopeScaling, TextConfig, TextKind};
@@ -27,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::model::decoder::{Attention, DecoderLayer, DecoderSpec, Mlp};
 use crate::model::text::TextModel;
 use crate::model::Linear;
+use crate::quant::format::PackedLinear;
 use crate::quant::pseudo::quantize_linear;
 use crate::tensor::Tensor;
 use crate::weights::StoredWeight;
@@ -93,10 +95,31 @@ pub struct GemvResult {
     pub speedup_vs_f16: f64,
 }
 
-fn random_f16_matrix(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| f16::from_f32((rng.random::<f32>() - 0.5) * 0.1).to_f32())
-        .collect()
+/// `n` values uniform in [-0.05, 0.05), rounded to f16 as a checkpoint
+/// stores them. Drawn in parallel, in chunks of 64 Ki values, each from its
+/// own SplitMix64 stream keyed by `(seed, chunk)`: the same seed gives the
+/// same matrix on any number of threads. (One `StdRng` stream took about a
+/// minute for a 7B model's embedding and head on one core.)
+fn random_f16_matrix(seed: u64, n: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+        let mut s = splitmix64(seed ^ (i as u64 + 1).wrapping_mul(GOLDEN));
+        for x in c {
+            s = s.wrapping_add(GOLDEN);
+            let u = (splitmix64(s) >> 40) as f32 / (1u32 << 24) as f32;
+            *x = f16::from_f32((u - 0.5) * 0.1).to_f32();
+        }
+    });
+    v
+}
+
+/// SplitMix64's output function (Steele, Lea and Flood 2014).
+fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn make_weight<B: Backend>(
@@ -106,17 +129,39 @@ fn make_weight<B: Backend>(
     out: usize,
     inp: usize,
 ) -> Result<B::Weight> {
-    match kind {
-        WeightKind::F16 => dense_f16(be, w, out, inp),
-        WeightKind::W3 => be.packed_weight(&quantize_linear("bench", w, out, inp, 3, 128)?),
-        WeightKind::W4 => be.packed_weight(&quantize_linear("bench", w, out, inp, 4, 128)?),
+    HostWeight::new(kind, w, out, inp)?.upload(be)
+}
+
+/// A weight made on the host once, to upload as many copies as wanted.
+enum HostWeight {
+    /// Stored as f16, as a checkpoint's (the CPU keeps it f16).
+    Dense(StoredWeight),
+    Packed(PackedLinear),
+}
+
+impl HostWeight {
+    fn new(kind: WeightKind, w: &[f32], out: usize, inp: usize) -> Result<Self> {
+        Ok(match kind {
+            WeightKind::F16 => {
+                let v = w.par_iter().map(|&x| f16::from_f32(x)).collect();
+                HostWeight::Dense(StoredWeight::f16(vec![out, inp], v)?)
+            }
+            WeightKind::W3 => HostWeight::Packed(quantize_linear("bench", w, out, inp, 3, 128)?),
+            WeightKind::W4 => HostWeight::Packed(quantize_linear("bench", w, out, inp, 4, 128)?),
+        })
+    }
+
+    fn upload<B: Backend>(&self, be: &B) -> Result<B::Weight> {
+        match self {
+            HostWeight::Dense(w) => be.stored_weight(w),
+            HostWeight::Packed(p) => be.packed_weight(p),
+        }
     }
 }
 
 /// A dense weight stored as f16, as a checkpoint's (the CPU keeps it f16).
 fn dense_f16<B: Backend>(be: &B, w: &[f32], out: usize, inp: usize) -> Result<B::Weight> {
-    let v = w.iter().map(|&x| f16::from_f32(x)).collect();
-    be.stored_weight(&StoredWeight::f16(vec![out, inp], v)?)
+    make_weight(be, WeightKind::F16, w, out, inp)
 }
 
 /// What a benchmark's times are.
@@ -167,7 +212,7 @@ pub fn bench_gemv<B: Backend>(
         return Err(Error::invalid("bench: --iters and --reps must be > 0"));
     }
     let mut rng = StdRng::seed_from_u64(1);
-    let base = random_f16_matrix(&mut rng, out * inp);
+    let base = random_f16_matrix(1, out * inp);
     let x = be.upload(&Tensor::new(
         vec![1, inp],
         (0..inp).map(|_| rng.random::<f32>() - 0.5).collect(),
@@ -180,8 +225,9 @@ pub fn bench_gemv<B: Backend>(
         };
         let bytes = (out * inp) as f64 * per;
         let copies = ((min_bytes as f64 / bytes).ceil() as usize).clamp(1, 8);
+        let host = HostWeight::new(kind, &base, out, inp)?;
         let weights: Vec<B::Weight> = (0..copies)
-            .map(|_| make_weight(be, kind, &base, out, inp))
+            .map(|_| host.upload(be))
             .collect::<Result<_>>()?;
         // Warm-up (compiles pipelines, faults pages in).
         for w in &weights {
@@ -287,13 +333,17 @@ pub fn synthetic_text_model<B: Backend>(
     kind: WeightKind,
     seed: u64,
 ) -> Result<TextModel<B>> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensor = 0u64;
     let h = cfg.hidden_size;
     let qd = cfg.num_attention_heads * cfg.head_dim;
     let kvd = cfg.num_key_value_heads * cfg.head_dim;
     let im = cfg.intermediate_size;
     let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
-        let w = random_f16_matrix(&mut rng, out * inp);
+        tensor += 1;
+        let w = random_f16_matrix(
+            splitmix64(seed ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)),
+            out * inp,
+        );
         let b = if bias {
             Some(be.upload(&Tensor::new(vec![out], vec![0.01; out])?)?)
         } else {
@@ -323,9 +373,8 @@ pub fn synthetic_text_model<B: Backend>(
             },
         });
     }
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let embed = random_f16_matrix(&mut rng, cfg.vocab_size * h);
-    let head = random_f16_matrix(&mut rng, cfg.vocab_size * h);
+    let embed = random_f16_matrix(splitmix64(seed ^ 0x5eed), cfg.vocab_size * h);
+    let head = random_f16_matrix(splitmix64(seed ^ 0x5eed5eed), cfg.vocab_size * h);
     Ok(TextModel {
         cfg: cfg.clone(),
         spec: DecoderSpec::new(cfg),

@@ -6,6 +6,7 @@
 //! fake-quantized weight.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::format::{check_shape, PackedLinear};
 use crate::error::Result;
@@ -43,14 +44,17 @@ pub fn quantize_linear(
     group_size: usize,
 ) -> Result<PackedLinear> {
     check_shape(name, inp, bits, group_size)?;
-    let mut codes = Vec::with_capacity(out * inp);
-    let mut sz = Vec::with_capacity(out * (inp / group_size) * 2);
-    for group in w.chunks_exact(group_size) {
-        let (c, s, z) = quantize_group(group, bits);
-        codes.extend_from_slice(&c);
-        sz.push(s);
-        sz.push(z);
-    }
+    // Groups are independent: quantize them in parallel, in order.
+    let mut codes = vec![0u8; w.len() / group_size * group_size];
+    let sz: Vec<f16> = codes
+        .par_chunks_exact_mut(group_size)
+        .zip(w.par_chunks_exact(group_size))
+        .flat_map_iter(|(c, group)| {
+            let (q, s, z) = quantize_group(group, bits);
+            c.copy_from_slice(&q);
+            [s, z]
+        })
+        .collect();
     PackedLinear::from_codes(name, out, inp, bits, group_size, &codes, sz)
 }
 
