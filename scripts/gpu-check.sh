@@ -21,7 +21,7 @@
 # Builds nothing. Exit status: non-zero when a test suite failed.
 #
 # Environment: DECODE_LAYERS (default 28, the whole model; fewer to save
-# time), TESTS (test binaries to run, default all eight), BENCHES (of
+# time), TESTS (test binaries to run, default all eight; empty: none), BENCHES (of
 # "gemv decode serve calib", default all), CALIB_BACKENDS (default
 # "cuda wgpu"), SUITE_TIMEOUT (seconds per test binary and for verify, default
 # 300), SKIP_BENCH=1 (tests only), CALIB=0 (no calibration), CALIB_SAMPLES
@@ -136,7 +136,7 @@ grep -E '^(verdict |[a-z]+: ids |[a-z]+ ops: FAIL|[a-z]+ ops: [0-9]+ of |verify:
 
 # MBQ_REQUIRE_CUDA=1: on this machine a CUDA test with no device FAILS
 # (tests/cuda_common) instead of printing "skipped: no CUDA device".
-for t in ${TESTS:-cuda_nvrtc cuda_ops cuda_model w4a8 wgpu_ops wgpu_model calibrate calibrate_backends}; do
+for t in ${TESTS-cuda_nvrtc cuda_ops cuda_model w4a8 wgpu_ops wgpu_model calibrate calibrate_backends}; do
   if [ -x "dist/tests/$t" ]; then
     suite "$t" "${SUITE_TIMEOUT:-300}" env MBQ_REQUIRE_CUDA=1 MBQ_RUN_BIN="$PWD/dist/mbq-run" \
       "dist/tests/$t" --test-threads 1 --nocapture

@@ -30,6 +30,7 @@ use crate::model::text::TextModel;
 use crate::model::Linear;
 use crate::quant::format::PackedLinear;
 use crate::quant::pseudo::quantize_linear;
+use crate::synth::splitmix;
 use crate::tensor::Tensor;
 use crate::weights::StoredWeight;
 
@@ -97,29 +98,28 @@ pub struct GemvResult {
 
 /// `n` values uniform in [-0.05, 0.05), rounded to f16 as a checkpoint
 /// stores them. Drawn in parallel, in chunks of 64 Ki values, each from its
-/// own SplitMix64 stream keyed by `(seed, chunk)`: the same seed gives the
-/// same matrix on any number of threads. (One `StdRng` stream took about a
-/// minute for a 7B model's embedding and head on one core.)
+/// own SplitMix64 stream keyed by `(seed, chunk)` (as `mbq synth` draws):
+/// the same seed gives the same matrix on any number of threads. (One
+/// `StdRng` stream took about a minute for a 7B model's embedding and head
+/// on one core.)
 fn random_f16_matrix(seed: u64, n: usize) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
-    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut v = vec![0f32; n];
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-        let mut s = splitmix64(seed ^ (i as u64 + 1).wrapping_mul(GOLDEN));
+        let mut s = seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut state = splitmix(&mut s);
         for x in c {
-            s = s.wrapping_add(GOLDEN);
-            let u = (splitmix64(s) >> 40) as f32 / (1u32 << 24) as f32;
+            let u = (splitmix(&mut state) >> 40) as f32 / (1u32 << 24) as f32;
             *x = f16::from_f32((u - 0.5) * 0.1).to_f32();
         }
     });
     v
 }
 
-/// SplitMix64's output function (Steele, Lea and Flood 2014).
-fn splitmix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A tensor's seed: `tensor` mixed into the model's `seed`.
+fn tensor_seed(seed: u64, tensor: u64) -> u64 {
+    let mut s = seed ^ tensor.rotate_left(17);
+    splitmix(&mut s)
 }
 
 fn make_weight<B: Backend>(
@@ -340,10 +340,7 @@ pub fn synthetic_text_model<B: Backend>(
     let im = cfg.intermediate_size;
     let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
         tensor += 1;
-        let w = random_f16_matrix(
-            splitmix64(seed ^ tensor.wrapping_mul(0xD1B5_4A32_D192_ED03)),
-            out * inp,
-        );
+        let w = random_f16_matrix(tensor_seed(seed, tensor), out * inp);
         let b = if bias {
             Some(be.upload(&Tensor::new(vec![out], vec![0.01; out])?)?)
         } else {
@@ -373,8 +370,8 @@ pub fn synthetic_text_model<B: Backend>(
             },
         });
     }
-    let embed = random_f16_matrix(splitmix64(seed ^ 0x5eed), cfg.vocab_size * h);
-    let head = random_f16_matrix(splitmix64(seed ^ 0x5eed5eed), cfg.vocab_size * h);
+    let embed = random_f16_matrix(tensor_seed(seed, 0x5eed), cfg.vocab_size * h);
+    let head = random_f16_matrix(tensor_seed(seed, 0x5eed5eed), cfg.vocab_size * h);
     Ok(TextModel {
         cfg: cfg.clone(),
         spec: DecoderSpec::new(cfg),

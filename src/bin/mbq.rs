@@ -592,11 +592,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 BenchCmd::Serve { .. } => anyhow::bail!("bench serve is run above"),
             };
             // A comma list runs each backend in turn; the tables are printed
-            // side by side at the end.
+            // side by side at the end. With more than one, each backend's own
+            // table also goes to stderr as soon as it is measured, so a run
+            // cut short (a time limit, a later backend failing) still shows
+            // what it measured.
             let info = mbq::bench::RunInfo::collect();
+            let names: Vec<&str> = backend.split(',').map(str::trim).collect();
             let mut all = Vec::new();
-            for b in backend.split(',') {
-                all.push(bench_backend(b.trim(), &what, &info)?);
+            for b in &names {
+                let out = bench_backend(b, &what, &info)?;
+                if names.len() > 1 {
+                    eprint!("{}", out.table());
+                }
+                all.push(out);
             }
             print_bench(&what, &info, all)
         }
@@ -607,6 +615,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 enum BenchOut {
     Gemv(mbq::bench::Measured<mbq::bench::GemvResult>),
     Decode(String, mbq::bench::Measured<mbq::bench::DecodeResult>),
+}
+
+impl BenchOut {
+    /// This backend's own table.
+    fn table(&self) -> String {
+        match self {
+            BenchOut::Gemv(m) => mbq::bench::gemv_table(&m.backend, &m.rows),
+            BenchOut::Decode(label, m) => mbq::bench::decode_table(&m.backend, label, &m.rows),
+        }
+    }
 }
 
 fn print_bench(

@@ -21,6 +21,7 @@ mod files;
 mod write;
 
 pub use files::{internvl_added, llama_special, qwen2vl_added, qwen_added, write_side_files};
+pub(crate) use write::splitmix;
 pub use write::{write, SynthProgress, SynthReport};
 
 use crate::error::{Error, Result};
