@@ -255,3 +255,71 @@ fn bench_gemv_reports_spread_machine_and_labels() {
     );
     assert!(min <= med && med <= max, "{r}");
 }
+
+/// `mbq bench decode --weights` runs the kinds named, in their order (a
+/// model directory's W4 made by RTN in a temporary directory); the "vs
+/// dense" ratio is against the f16 row wherever it stands, and `-` without
+/// one. A kind it does not know is an error naming the option, before any
+/// backend is opened.
+#[test]
+fn bench_decode_runs_the_weight_kinds_named() {
+    let model = fixtures().join("models/llava_qwen128");
+    let run = |weights: &str| {
+        let o = mbq()
+            .args([
+                "bench",
+                "decode",
+                "--backend",
+                "cpu",
+                "--prompt",
+                "2",
+                "--tokens",
+                "2",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .args(["--weights", weights, "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+        j["backends"][0]["decode"].as_array().unwrap().clone()
+    };
+    let rows = run("w4,f16");
+    let labels: Vec<&str> = rows
+        .iter()
+        .map(|r| r["weights"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["w4g128", "f16"]);
+    let (w4, f16) = (&rows[0], &rows[1]);
+    let want = f16["ms_per_token"].as_f64().unwrap() / w4["ms_per_token"].as_f64().unwrap();
+    assert!(
+        (w4["speedup_vs_f16"].as_f64().unwrap() - want).abs() < 1e-9,
+        "{w4}"
+    );
+    assert_eq!(f16["speedup_vs_f16"].as_f64().unwrap(), 1.0);
+
+    let rows = run("w3");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["weights"], "w3g128");
+    assert!(
+        rows[0]["speedup_vs_f16"].is_null(),
+        "no dense row: {}",
+        rows[0]
+    );
+
+    let o = mbq()
+        .args(["bench", "decode", "--backend", "cpu", "--weights", "f16,w5"])
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("--weights") && stderr.contains("\"w5\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("device-to-device copy"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -61,6 +61,23 @@ impl WeightKind {
             WeightKind::W4 => "w4g128",
         }
     }
+    /// The kinds a `--weights` list names: `f16` (or `dense`), `w3`, `w4`
+    /// (or their labels `w3g128`, `w4g128`), comma-separated, in the order
+    /// given.
+    pub fn parse_list(s: &str) -> Result<Vec<WeightKind>> {
+        let kinds = s
+            .split(',')
+            .map(|k| match k.trim() {
+                "f16" | "dense" => Ok(WeightKind::F16),
+                "w3" | "w3g128" => Ok(WeightKind::W3),
+                "w4" | "w4g128" => Ok(WeightKind::W4),
+                other => Err(Error::invalid(format!(
+                    "--weights: unknown weight kind \"{other}\" in \"{s}\"; expected f16, w3 or w4, comma-separated"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(kinds)
+    }
     /// Bytes of weight data per element (codes + f16 scale/zero per 128).
     pub fn bytes_per_weight(self) -> f64 {
         match self {
@@ -566,14 +583,15 @@ pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
         })
 }
 
-/// FP16 vs W3 vs W4 decode of a synthetic model (`layers` of its decoder
-/// layers; the full depth when `None`).
+/// Decode of a synthetic model (`layers` of its decoder layers; the full
+/// depth when `None`) in each of `kinds` (FP16 vs W3 vs W4).
 pub fn decode_synthetic<B: Backend>(
     be: &B,
     name: &str,
     layers: Option<usize>,
     prompt: usize,
     tokens: usize,
+    kinds: &[WeightKind],
     mut note: impl FnMut(&str),
 ) -> Result<Vec<DecodeResult>> {
     let mut cfg = synthetic_config(name)?;
@@ -587,7 +605,7 @@ pub fn decode_synthetic<B: Backend>(
         cfg.num_hidden_layers = l;
     }
     let mut out = Vec::new();
-    for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
+    for &kind in kinds {
         note(&format!(
             "building {name} ({} layers) in {}",
             cfg.num_hidden_layers,
@@ -596,29 +614,44 @@ pub fn decode_synthetic<B: Backend>(
         let model = synthetic_text_model(be, &cfg, kind, 7)?;
         out.push(bench_decode(be, &model, kind, prompt, tokens)?);
     }
-    let f16 = out[0].ms_per_token;
-    out.iter_mut()
-        .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
+    set_speedups(&mut out);
     Ok(out)
 }
 
-/// FP (as stored) vs RTN W3 vs W4 g128 decode of a model directory's
-/// language model; the quantized copies go to a temporary directory.
+/// Each row's ratio to the dense row's time (NaN without a dense row).
+fn set_speedups(out: &mut [DecodeResult]) {
+    let f16 = out
+        .iter()
+        .find(|r| r.kind == WeightKind::F16)
+        .map_or(f64::NAN, |r| r.ms_per_token);
+    out.iter_mut()
+        .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
+}
+
+/// Decode of a model directory's language model in each of `kinds`: FP
+/// (as stored) and RTN W3 / W4 g128, whose quantized copies go to a
+/// temporary directory.
 pub fn decode_model_dir<B: Backend>(
     be: &B,
     dir: &std::path::Path,
     prompt: usize,
     tokens: usize,
+    kinds: &[WeightKind],
     mut note: impl FnMut(&str),
 ) -> Result<Vec<DecodeResult>> {
     use crate::model::Vlm;
     let mut out = Vec::new();
-    let fp = Vlm::load(be, dir)?;
-    out.push(bench_decode(be, &fp.text, WeightKind::F16, prompt, tokens)?);
-    drop(fp);
     let tmp = std::env::temp_dir().join(format!("mbq-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    for (kind, bits) in [(WeightKind::W3, 3), (WeightKind::W4, 4)] {
+    for &kind in kinds {
+        let bits = match kind {
+            WeightKind::F16 => {
+                let fp = Vlm::load(be, dir)?;
+                out.push(bench_decode(be, &fp.text, kind, prompt, tokens)?);
+                continue;
+            }
+            WeightKind::W3 => 3,
+            WeightKind::W4 => 4,
+        };
         let qdir = tmp.join(kind.label());
         note(&format!(
             "quantizing {} to {} in {}",
@@ -626,7 +659,9 @@ pub fn decode_model_dir<B: Backend>(
             kind.label(),
             qdir.display()
         ));
-        let r = crate::quant::writer::quantize_rtn_dir(dir, &qdir, bits, 128, |_| {})
+        let r = std::fs::create_dir_all(&tmp)
+            .map_err(|e| Error::io(&tmp, e))
+            .and_then(|_| crate::quant::writer::quantize_rtn_dir(dir, &qdir, bits, 128, |_| {}))
             .and_then(|_| Vlm::load(be, &qdir))
             .and_then(|m| bench_decode(be, &m.text, kind, prompt, tokens));
         let _ = std::fs::remove_dir_all(&qdir);
@@ -636,8 +671,6 @@ pub fn decode_model_dir<B: Backend>(
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    let f16 = out[0].ms_per_token;
-    out.iter_mut()
-        .for_each(|r| r.speedup_vs_f16 = f16 / r.ms_per_token);
+    set_speedups(&mut out);
     Ok(out)
 }

@@ -40,6 +40,15 @@ pub fn timing_of<'a>(mut t: impl Iterator<Item = &'a str>) -> &'a str {
     }
 }
 
+/// A "vs dense" ratio; "-" where no dense row was run to compare with.
+fn ratio(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.2}x")
+    } else {
+        "-".to_string()
+    }
+}
+
 /// The decode table for one backend, as text.
 pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String {
     let timing = timing_of(rows.iter().map(|r| r.timing));
@@ -52,7 +61,7 @@ pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String
             .device_ms_per_token
             .map_or("-".to_string(), |d| format!("{d:.2}"));
         s += &format!(
-            "{:>7} {:>7} {:>8} {:>12.2} {:>26} {:>9.2} {:>7.2}x {:>14}\n",
+            "{:>7} {:>7} {:>8} {:>12.2} {:>26} {:>9.2} {:>8} {:>14}\n",
             r.weights,
             r.layers,
             r.tokens,
@@ -62,7 +71,7 @@ pub fn decode_table(backend: &str, model: &str, rows: &[DecodeResult]) -> String
                 r.min_ms_per_token, r.median_ms_per_token, r.max_ms_per_token
             ),
             r.tok_s,
-            r.speedup_vs_f16,
+            ratio(r.speedup_vs_f16),
             device
         );
     }
@@ -238,10 +247,10 @@ pub fn decode_side_by_side(model: &str, ms: &[Measured<DecodeResult>]) -> String
                 Some(r) => {
                     let gb_s = r.weight_bytes_per_token / (r.ms_per_token * 1e-3) / 1e9;
                     s += &format!(
-                        " | {:>8.1} {:>8.2} {:>7.2}x {:>7}",
+                        " | {:>8.1} {:>8.2} {:>8} {:>7}",
                         r.tok_s,
                         r.ms_per_token,
-                        r.speedup_vs_f16,
+                        ratio(r.speedup_vs_f16),
                         pct(gb_s, &m.copy)
                     )
                 }

@@ -326,6 +326,10 @@ enum BenchCmd {
         /// Decode steps timed.
         #[arg(long, default_value_t = 16)]
         tokens: usize,
+        /// Weight kinds, comma-separated, in this order: f16 (the model's
+        /// dense weights as stored), w3, w4 (group 128; RTN for --model).
+        #[arg(long, default_value = "f16,w3,w4")]
+        weights: String,
         #[arg(long)]
         json: bool,
     },
@@ -591,6 +595,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 BenchCmd::Serve { .. } => anyhow::bail!("bench serve is run above"),
             };
+            if let BenchCmd::Decode { weights, .. } = &what {
+                mbq::bench::WeightKind::parse_list(weights)?;
+            }
             // A comma list runs each backend in turn; the tables are printed
             // side by side at the end. With more than one, each backend's own
             // table also goes to stderr as soon as it is measured, so a run
@@ -861,17 +868,19 @@ fn bench_on<B: mbq::backend::Backend>(
             layers,
             prompt,
             tokens,
+            weights,
             ..
         } => {
             let note = |m: &str| eprintln!("{m}");
+            let kinds = bench::WeightKind::parse_list(weights)?;
             let (label, rows) = match (model, synthetic) {
                 (Some(dir), None) => (
                     dir.display().to_string(),
-                    bench::decode_model_dir(be, dir, *prompt, *tokens, note)?,
+                    bench::decode_model_dir(be, dir, *prompt, *tokens, &kinds, note)?,
                 ),
                 (None, Some(s)) => (
                     s.clone(),
-                    bench::decode_synthetic(be, s, *layers, *prompt, *tokens, note)?,
+                    bench::decode_synthetic(be, s, *layers, *prompt, *tokens, &kinds, note)?,
                 ),
                 _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
             };
