@@ -65,8 +65,7 @@ impl WeightKind {
     /// (or their labels `w3g128`, `w4g128`), comma-separated, in the order
     /// given.
     pub fn parse_list(s: &str) -> Result<Vec<WeightKind>> {
-        let kinds = s
-            .split(',')
+        s.split(',')
             .map(|k| match k.trim() {
                 "f16" | "dense" => Ok(WeightKind::F16),
                 "w3" | "w3g128" => Ok(WeightKind::W3),
@@ -75,8 +74,7 @@ impl WeightKind {
                     "--weights: unknown weight kind \"{other}\" in \"{s}\"; expected f16, w3 or w4, comma-separated"
                 ))),
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(kinds)
+            .collect()
     }
     /// Bytes of weight data per element (codes + f16 scale/zero per 128).
     pub fn bytes_per_weight(self) -> f64 {
