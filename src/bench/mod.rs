@@ -111,23 +111,29 @@ pub struct GemvResult {
     pub speedup_vs_f16: f64,
 }
 
-/// `n` values uniform in [-0.05, 0.05), rounded to f16 as a checkpoint
-/// stores them. Drawn in parallel, in chunks of 64 Ki values, each from its
-/// own SplitMix64 stream keyed by `(seed, chunk)` (as `mbq synth` draws):
-/// the same seed gives the same matrix on any number of threads. (One
-/// `StdRng` stream took about a minute for a 7B model's embedding and head
-/// on one core.)
-fn random_f16_matrix(seed: u64, n: usize) -> Vec<f32> {
+/// `n` values uniform in [-0.05, 0.05), in f16 as a checkpoint stores
+/// them. Drawn in parallel, in chunks of 64 Ki values, each from its own
+/// SplitMix64 stream keyed by `(seed, chunk)` (as `mbq synth` draws): the
+/// same seed gives the same matrix on any number of threads. (One
+/// `StdRng` stream of f32 took about a minute for a 7B model's embedding
+/// and head on one core.)
+fn random_f16_matrix(seed: u64, n: usize) -> Vec<f16> {
+    use half::slice::HalfFloatSliceExt;
     const CHUNK: usize = 1 << 16;
-    let mut v = vec![0f32; n];
-    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-        let mut s = seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let mut state = splitmix(&mut s);
-        for x in c {
-            let u = (splitmix(&mut state) >> 40) as f32 / (1u32 << 24) as f32;
-            *x = f16::from_f32((u - 0.5) * 0.1).to_f32();
-        }
-    });
+    let mut v = vec![f16::ZERO; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || vec![0f32; CHUNK],
+        |buf, (i, c)| {
+            let mut s = seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let mut state = splitmix(&mut s);
+            let buf = &mut buf[..c.len()];
+            for x in buf.iter_mut() {
+                let u = (splitmix(&mut state) >> 40) as f32 / (1u32 << 24) as f32;
+                *x = (u - 0.5) * 0.1;
+            }
+            c.convert_from_f32_slice(buf);
+        },
+    );
     v
 }
 
@@ -135,16 +141,6 @@ fn random_f16_matrix(seed: u64, n: usize) -> Vec<f32> {
 fn tensor_seed(seed: u64, tensor: u64) -> u64 {
     let mut s = seed ^ tensor.rotate_left(17);
     splitmix(&mut s)
-}
-
-fn make_weight<B: Backend>(
-    be: &B,
-    kind: WeightKind,
-    w: &[f32],
-    out: usize,
-    inp: usize,
-) -> Result<B::Weight> {
-    HostWeight::new(kind, w, out, inp)?.upload(be)
 }
 
 /// A weight made on the host once, to upload as many copies as wanted.
@@ -155,15 +151,18 @@ enum HostWeight {
 }
 
 impl HostWeight {
-    fn new(kind: WeightKind, w: &[f32], out: usize, inp: usize) -> Result<Self> {
-        Ok(match kind {
-            WeightKind::F16 => {
-                let v = w.par_iter().map(|&x| f16::from_f32(x)).collect();
-                HostWeight::Dense(StoredWeight::f16(vec![out, inp], v)?)
-            }
-            WeightKind::W3 => HostWeight::Packed(quantize_linear("bench", w, out, inp, 3, 128)?),
-            WeightKind::W4 => HostWeight::Packed(quantize_linear("bench", w, out, inp, 4, 128)?),
-        })
+    /// `w` (`[out, in]`, f16) as `kind`: kept as f16, or quantized (RTN,
+    /// group 128).
+    fn new(kind: WeightKind, w: Vec<f16>, out: usize, inp: usize) -> Result<Self> {
+        let bits = match kind {
+            WeightKind::F16 => return Ok(HostWeight::Dense(StoredWeight::f16(vec![out, inp], w)?)),
+            WeightKind::W3 => 3,
+            WeightKind::W4 => 4,
+        };
+        let w: Vec<f32> = w.par_iter().map(|x| x.to_f32()).collect();
+        Ok(HostWeight::Packed(quantize_linear(
+            "bench", &w, out, inp, bits, 128,
+        )?))
     }
 
     fn upload<B: Backend>(&self, be: &B) -> Result<B::Weight> {
@@ -172,11 +171,6 @@ impl HostWeight {
             HostWeight::Packed(p) => be.packed_weight(p),
         }
     }
-}
-
-/// A dense weight stored as f16, as a checkpoint's (the CPU keeps it f16).
-fn dense_f16<B: Backend>(be: &B, w: &[f32], out: usize, inp: usize) -> Result<B::Weight> {
-    make_weight(be, WeightKind::F16, w, out, inp)
 }
 
 /// What a benchmark's times are.
@@ -240,7 +234,7 @@ pub fn bench_gemv<B: Backend>(
         };
         let bytes = (out * inp) as f64 * per;
         let copies = ((min_bytes as f64 / bytes).ceil() as usize).clamp(1, 8);
-        let host = HostWeight::new(kind, &base, out, inp)?;
+        let host = HostWeight::new(kind, base.clone(), out, inp)?;
         let weights: Vec<B::Weight> = (0..copies)
             .map(|_| host.upload(be))
             .collect::<Result<_>>()?;
@@ -341,28 +335,48 @@ pub const SYNTHETIC_MODELS: [&str; 4] =
     ["llava-ov-7b", "llava-1.5-7b", "qwen2-vl-7b", "internvl3-8b"];
 
 /// A decoder with random weights of `cfg`'s shape, its linears in `kind`.
-/// Embeddings and lm_head stay dense (as in a quantized model).
+/// Embeddings and lm_head stay dense (as in a quantized model). The seven
+/// linears of a layer are drawn (and quantized) once on the host and
+/// uploaded for every layer: each layer has its own copy on the device
+/// (the CPU backend copies too), so a step still reads every layer's
+/// bytes, and a 28-layer 7B builds in seconds instead of minutes.
 pub fn synthetic_text_model<B: Backend>(
     be: &B,
     cfg: &TextConfig,
     kind: WeightKind,
     seed: u64,
 ) -> Result<TextModel<B>> {
-    let mut tensor = 0u64;
     let h = cfg.hidden_size;
     let qd = cfg.num_attention_heads * cfg.head_dim;
     let kvd = cfg.num_key_value_heads * cfg.head_dim;
     let im = cfg.intermediate_size;
-    let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
-        tensor += 1;
-        let w = random_f16_matrix(tensor_seed(seed, tensor), out * inp);
+    // (out, in, bias) of q, k, v, o, gate, up, down.
+    let shapes = [
+        (qd, h, cfg.qkv_bias),
+        (kvd, h, cfg.qkv_bias),
+        (kvd, h, cfg.qkv_bias),
+        (h, qd, false),
+        (im, h, false),
+        (im, h, false),
+        (h, im, false),
+    ];
+    let host = shapes
+        .iter()
+        .zip(1u64..)
+        .map(|(&(out, inp, _), t)| {
+            let w = random_f16_matrix(tensor_seed(seed, t), out * inp);
+            HostWeight::new(kind, w, out, inp)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lin = |i: usize| -> Result<Linear<B>> {
+        let (out, _, bias) = shapes[i];
         let b = if bias {
             Some(be.upload(&Tensor::new(vec![out], vec![0.01; out])?)?)
         } else {
             None
         };
         Ok(Linear {
-            w: make_weight(be, kind, &w, out, inp)?,
+            w: host[i].upload(be)?,
             b,
             act_quant: false,
         })
@@ -372,28 +386,31 @@ pub fn synthetic_text_model<B: Backend>(
         layers.push(DecoderLayer {
             input_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
             attn: Attention {
-                q: lin(qd, h, cfg.qkv_bias)?,
-                k: lin(kvd, h, cfg.qkv_bias)?,
-                v: lin(kvd, h, cfg.qkv_bias)?,
-                o: lin(h, qd, false)?,
+                q: lin(0)?,
+                k: lin(1)?,
+                v: lin(2)?,
+                o: lin(3)?,
             },
             post_attention_layernorm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
             mlp: Mlp {
-                gate: lin(im, h, false)?,
-                up: lin(im, h, false)?,
-                down: lin(h, im, false)?,
+                gate: lin(4)?,
+                up: lin(5)?,
+                down: lin(6)?,
             },
         });
     }
-    let embed = random_f16_matrix(tensor_seed(seed, 0x5eed), cfg.vocab_size * h);
-    let head = random_f16_matrix(tensor_seed(seed, 0x5eed5eed), cfg.vocab_size * h);
+    drop(host);
+    let dense = |t: u64| {
+        let w = random_f16_matrix(tensor_seed(seed, t), cfg.vocab_size * h);
+        HostWeight::new(WeightKind::F16, w, cfg.vocab_size, h)?.upload(be)
+    };
     Ok(TextModel {
         cfg: cfg.clone(),
         spec: DecoderSpec::new(cfg),
-        embed_tokens: dense_f16(be, &embed, cfg.vocab_size, h)?,
+        embed_tokens: dense(0x5eed)?,
         layers,
         norm: be.upload(&Tensor::new(vec![h], vec![1.0; h])?)?,
-        lm_head: Some(dense_f16(be, &head, cfg.vocab_size, h)?),
+        lm_head: Some(dense(0x5eed5eed)?),
     })
 }
 
