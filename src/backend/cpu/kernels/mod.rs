@@ -536,94 +536,74 @@ fn half_rows<T: Copy>(
             .map(|(&w, &xv)| half_to_f32(w, kind) * xv)
             .sum()
     };
-    // Rows four at a time: `block(wp)` computes four rows' first `done`
-    // values, `one(wp)` one row's; `tail` adds the rest.
+    // The four-row and one-row SIMD kernels of this ISA and kind, and the
+    // multiple of inputs they take (`tail` adds the rest of a row).
     #[cfg(target_arch = "x86_64")]
-    let four_at_a_time = |y: &mut [f32],
-                          done: usize,
-                          block: &dyn Fn(*const u16) -> [f32; 4],
-                          one: &dyn Fn(*const u16) -> f32| {
+    let simd: Option<(usize, HalfRows<4>, HalfRows<1>)> = match (isa, kind) {
+        (Isa::Avx512 | Isa::Avx512Vnni, Half::F16) if inp >= LONG_ROW => {
+            Some((32, avx512::f16_rows::<4>, avx512::f16_rows::<1>))
+        }
+        (Isa::Avx512 | Isa::Avx512Vnni, Half::BF16) if inp >= LONG_ROW => {
+            Some((32, avx512::bf16_rows::<4>, avx512::bf16_rows::<1>))
+        }
+        (Isa::Avx2 | Isa::Avx2Int8, Half::F16) => {
+            Some((16, avx2::f16_rows::<4>, avx2::f16_rows::<1>))
+        }
+        (Isa::Avx2 | Isa::Avx2Int8, Half::BF16) => {
+            Some((16, avx2::bf16_rows::<4>, avx2::bf16_rows::<1>))
+        }
+        // Short rows on AVX-512 hosts: one at a time (`LONG_ROW`), below.
+        _ => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some((multiple, four, one)) = simd {
+        let done = inp - inp % multiple;
         let mut i = 0;
         while i < y.len() {
             let wp = row(i).as_ptr();
+            // SAFETY: the Avx512 ISAs are only detected with AVX-512F, AVX2,
+            // FMA and F16C, the Avx2 ones with AVX2, FMA and F16C; rows
+            // i..i + 4 (or i) lie inside `data` (asserted above).
             if i + 4 <= y.len() {
-                for (k, d) in block(wp).into_iter().enumerate() {
+                let block = unsafe { four(wp, inp, done, x) };
+                for (k, d) in block.into_iter().enumerate() {
                     y[i + k] = d + tail(i + k, done);
                 }
                 i += 4;
             } else {
-                y[i] = one(wp) + tail(i, done);
+                y[i] = unsafe { one(wp, inp, done, x) }[0] + tail(i, done);
                 i += 1;
             }
         }
-    };
-    match isa {
-        // SAFETY (both four-row arms): the Avx512 ISAs are only detected
-        // with AVX-512F, AVX2, FMA and F16C, the Avx2 ones with AVX2, FMA
-        // and F16C; rows i..i + 4 (or i) lie inside `data` (asserted).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni if inp >= LONG_ROW => {
-            let done = inp - inp % 32;
-            four_at_a_time(
-                y,
-                done,
-                &|wp| unsafe {
-                    match kind {
-                        Half::F16 => avx512::f16_rows::<4>(wp, inp, done, x),
-                        Half::BF16 => avx512::bf16_rows::<4>(wp, inp, done, x),
-                    }
-                },
-                &|wp| unsafe {
-                    match kind {
-                        Half::F16 => avx512::f16_rows::<1>(wp, inp, done, x)[0],
-                        Half::BF16 => avx512::bf16_rows::<1>(wp, inp, done, x)[0],
-                    }
-                },
-            );
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx2Int8 => {
-            let done = inp - inp % 16;
-            four_at_a_time(
-                y,
-                done,
-                &|wp| unsafe {
-                    match kind {
-                        Half::F16 => avx2::f16_rows::<4>(wp, inp, done, x),
-                        Half::BF16 => avx2::bf16_rows::<4>(wp, inp, done, x),
-                    }
-                },
-                &|wp| unsafe {
-                    match kind {
-                        Half::F16 => avx2::f16_rows::<1>(wp, inp, done, x)[0],
-                        Half::BF16 => avx2::bf16_rows::<1>(wp, inp, done, x)[0],
-                    }
-                },
-            );
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: chosen only when the CPU has AVX2, FMA and F16C.
-        Isa::Avx512 | Isa::Avx512Vnni => {
-            for (i, y) in y.iter_mut().enumerate() {
-                *y = unsafe {
-                    match kind {
-                        Half::F16 => avx2::f16_row(row(i), x),
-                        Half::BF16 => avx2::bf16_row(row(i), x),
-                    }
-                };
-            }
-        }
-        _ => {
-            for (i, y) in y.iter_mut().enumerate() {
-                let mut acc = [0.0f32; 8];
-                for (k, (&w, &xv)) in row(i).iter().zip(x).enumerate() {
-                    acc[k % 8] += half_to_f32(w, kind) * xv;
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Vnni) {
+        for (i, y) in y.iter_mut().enumerate() {
+            // SAFETY: the Avx512 ISAs are only detected with AVX2, FMA and
+            // F16C.
+            *y = unsafe {
+                match kind {
+                    Half::F16 => avx2::f16_row(row(i), x),
+                    Half::BF16 => avx2::bf16_row(row(i), x),
                 }
-                *y = acc.iter().sum();
-            }
+            };
         }
+        return;
+    }
+    for (i, y) in y.iter_mut().enumerate() {
+        let mut acc = [0.0f32; 8];
+        for (k, (&w, &xv)) in row(i).iter().zip(x).enumerate() {
+            acc[k % 8] += half_to_f32(w, kind) * xv;
+        }
+        *y = acc.iter().sum();
     }
 }
+
+/// `R` rows of 16-bit floats from `wp` (row stride, values per row)
+/// dotted with `x`: the SIMD kernels of [`half_rows`].
+#[cfg(target_arch = "x86_64")]
+type HalfRows<const R: usize> = unsafe fn(*const u16, usize, usize, &[f32]) -> [f32; R];
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
