@@ -238,6 +238,34 @@ fn int8_activations_stay_within_half_a_step_of_the_f32_product() {
     }
 }
 
+/// The SIMD activation rounding gives the plain definition's bytes and
+/// steps: odd lengths (a short last block), a block of zeros, values on
+/// ties (x.5 steps: to even), and the extremes.
+#[test]
+fn int8_rounding_simd_matches_the_definition() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for len in [32usize, 96, 100, 3584 + 7] {
+        let mut x: Vec<f32> = (0..len)
+            .map(|_| (rng.random::<f32>() - 0.5) * 8.0)
+            .collect();
+        x[..32].fill(0.0);
+        if len >= 96 {
+            // amax 127: x / d is x itself, so these sit on ties.
+            for (k, v) in x[32..64].iter_mut().enumerate() {
+                *v = k as f32 - 16.5;
+            }
+            x[63] = -127.0;
+            x[64..96].iter_mut().for_each(|v| *v *= 1e-30);
+        }
+        let (q, d) = q8::quantize(&x);
+        assert_eq!(q8::quantize_fast(&x), (q.clone(), d), "length {len}");
+        if len >= 96 {
+            // Ties to even: -16.5 -> -16, -15.5 -> -16, 0.5 -> 0, 1.5 -> 2.
+            assert_eq!((q[32], q[33], q[49], q[50], q[63]), (-16, -16, 0, 2, -127));
+        }
+    }
+}
+
 /// The kernels are not all the same code: on a CPU with AVX2 the fast
 /// path must be taken (else this file tests the scalar loops twice).
 #[test]

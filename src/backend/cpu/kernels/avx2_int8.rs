@@ -33,24 +33,113 @@ unsafe fn prefetch_next<const R: usize>(wp: *const u32, row_words: usize, g: usi
     }
 }
 
-/// `R` rows of W4 g128 (sixteen words a group). Row `r`'s words start at
-/// `wp + r * row_words`, its (scale, zero) pairs at `sz[r * 2 * groups..]`;
-/// `q` and `lane_d` are `Q8Row`'s.
+/// Prefetches the (scale, zero) pairs of the next `R` rows (the `R * n`
+/// f16 after the `R * n` at `sz`, `n` a row's), one line a group from
+/// the first: [`scales`] reads them all at once at the start of the next
+/// call, where each miss would stall it.
+#[inline(always)]
+unsafe fn prefetch_scales<const R: usize>(sz: *const u16, n: usize, g: usize) {
+    if R > 1 && g * 64 < R * n * 2 {
+        let next = (sz as *const u8).wrapping_add(R * n * 2 + g * 64);
+        _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
+    }
+}
+
+/// One block of 32 activations as int8 into `q` (`q8::quantize`'s
+/// operations, in its order: the largest magnitude, `127 / amax`, the
+/// products rounded to nearest even); returns the block's step.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> f32 {
+    let p = x.as_ptr();
+    let v = [0, 1, 2, 3].map(|i| _mm256_loadu_ps(p.add(8 * i)));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+        _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+    // |v| * inv <= 127 (rounded): the saturating packs never clip.
+    let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+    let b = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    // The packs work within 128-bit lanes: dword k of `b` holds values
+    // 4m..4m + 4 for m = [0, 2, 4, 6, 1, 3, 5, 7][k]; put them in order.
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+    amax / 127.0
+}
+
+/// The (scale, zero) pairs of `R` rows, f16 (row `r`'s `2 * groups` from
+/// `sz.add(r * 2 * groups)`), as f32 into `dst` in the same layout, and
+/// each row's zero-point term `sum_g s_g z_g sum_g x̂` (`zsums`:
+/// `Q8Row::zsums`, a zero after each group's sum, so the zeros' lanes
+/// drop out): one F16C conversion for four groups.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales<const R: usize>(
+    sz: *const u16,
+    groups: usize,
+    zsums: &[f32],
+    dst: &mut [f32],
+) -> [f32; R] {
+    let n = 2 * groups;
+    assert!(zsums.len() >= n && dst.len() >= R * n);
+    // The rows' sums run side by side (one would wait on its own adds).
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut i = 0;
+    while i + 8 <= n {
+        let zs = _mm256_loadu_ps(zsums.as_ptr().add(i));
+        for r in 0..R {
+            let p = _mm256_cvtph_ps(_mm_loadu_si128(sz.add(r * n + i) as *const __m128i));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(r * n + i), p);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(p, zs), _mm256_movehdup_ps(p), acc[r]);
+        }
+        i += 8;
+    }
+    let mut zero = acc.map(|a| hsum(a));
+    for r in 0..R {
+        for i in (i..n).step_by(2) {
+            let (s, z) = (
+                f16_bits(*sz.add(r * n + i)),
+                f16_bits(*sz.add(r * n + i + 1)),
+            );
+            (dst[r * n + i], dst[r * n + i + 1]) = (s, z);
+            zero[r] += s * zsums[i] * z;
+        }
+    }
+    zero
+}
+
+fn f16_bits(v: u16) -> f32 {
+    half::f16::from_bits(v).to_f32()
+}
+
+/// `R` rows of W4 g128 (sixteen words a group), zero points included;
+/// the arguments are [`rows`]'.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn w4_rows<const R: usize>(
     wp: *const u32,
     row_words: usize,
-    sz: &[f32],
+    sz: *const u16,
+    zsums: &[f32],
+    scratch: &mut [f32],
     q: &[i8],
     lane_d: &[f32],
 ) -> [f32; R] {
     let groups = row_words / 16;
+    let zero = scales::<R>(sz, groups, zsums, scratch);
+    let (szh, sz) = (sz, &scratch[..]);
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let (qp, dp) = (q.as_ptr(), lane_d.as_ptr());
     let mut total = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         prefetch_next::<R>(wp, row_words, g, R * 64);
+        prefetch_scales::<R>(szh, 2 * groups, g);
         // Words 8h..8h + 8 of the group: their low nibbles' activations
         // are bytes 32h.. of the group's first 64, the high nibbles' the
         // same bytes of the second 64.
@@ -73,80 +162,53 @@ pub unsafe fn w4_rows<const R: usize>(
     }
     let mut out = [0.0f32; R];
     for r in 0..R {
-        out[r] = hsum(total[r]);
+        out[r] = hsum(total[r]) - zero[r];
     }
     out
 }
 
-/// For byte `4w + b` of each of the four activation vectors of a W3 group
-/// (code `16w + 4b + j` for vector `j`), the byte of the group's 16-byte
-/// high plane that holds its high bit: `(16w + 4b + j) / 8 = 2w + b / 2`
-/// (the same for every `j`; each 128-bit half of the register holds the
-/// whole plane, so the index is the byte's own).
-const W3_HIGH_BYTE: [u8; 32] = {
-    let mut sel = [0u8; 32];
-    let mut p = 0;
-    while p < 32 {
-        let (w, b) = (p / 4, p % 4);
-        sel[p] = (2 * w + b / 2) as u8;
-        p += 1;
-    }
-    sel
-};
-
-/// Bytes whose high bit sits in the upper nibble of their plane byte
-/// (`b` odd: bit `4 + j` for vector `j`), marked for `vpblendvb`.
-const W3_UPPER_NIBBLE: [u8; 32] = {
-    let mut m = [0u8; 32];
-    let mut p = 0;
-    while p < 32 {
-        if p % 2 == 1 {
-            m[p] = 0x80;
-        }
-        p += 1;
-    }
-    m
-};
-
 /// `R` rows of W3 g128 (twelve words a group: eight low-plane words of
-/// sixteen 2-bit codes, four high-plane words of one bit a code). For
-/// shift `j`, byte `b` of low word `w` gives code `16w + 4b + j`'s low
-/// bits. Its high bit is bit `(4b + j) % 8` of plane byte `2w + b / 2`:
-/// a byte shuffle brings that byte to each position, and the upper nibble
-/// of odd `b` is moved down, so that bit `j` of every byte is vector
-/// `j`'s high bit; a shift puts it at bit 2 (worth 4), where it is or-ed
-/// into the low bits.
+/// sixteen 2-bit codes, four high-plane words of one bit a code), zero
+/// points included; the arguments are [`rows`]'. For shift `j`, byte `p`
+/// of the low words (byte `b` of word `w`, `p = 4w + b`) gives code `4p +
+/// j`'s low bits; its high bit is bit `j` of the plane's nibble `p`. The
+/// sixteen plane bytes are widened to 16-bit lanes and each lane or-ed
+/// with itself shifted by four, so that byte `p` holds nibble `p` (and
+/// nothing else in its low four bits); a shift puts bit `j` at bit 2
+/// (worth 4), where it is or-ed into the low bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn w3_rows<const R: usize>(
     wp: *const u32,
     row_words: usize,
-    sz: &[f32],
+    sz: *const u16,
+    zsums: &[f32],
+    scratch: &mut [f32],
     q: &[i8],
     lane_d: &[f32],
 ) -> [f32; R] {
     let groups = row_words / 12;
+    let zero = scales::<R>(sz, groups, zsums, scratch);
+    let (szh, sz) = (sz, &scratch[..]);
     let (qp, dp) = (q.as_ptr(), lane_d.as_ptr());
     let m3 = _mm256_set1_epi8(3);
     let four = _mm256_set1_epi8(4);
     let ones = _mm256_set1_epi16(1);
-    let sel = _mm256_loadu_si256(W3_HIGH_BYTE.as_ptr() as *const __m256i);
-    let upper = _mm256_loadu_si256(W3_UPPER_NIBBLE.as_ptr() as *const __m256i);
     let mut total = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         prefetch_next::<R>(wp, row_words, g, R * 48);
+        prefetch_scales::<R>(szh, 2 * groups, g);
         let dv = _mm256_loadu_ps(dp.add(g * 8));
         let x =
             [0, 1, 2, 3].map(|j| _mm256_loadu_si256(qp.add(g * 128 + 32 * j) as *const __m256i));
         for r in 0..R {
             let row = wp.add(r * row_words + g * 12);
             let lo = _mm256_loadu_si256(row as *const __m256i);
-            let plane = _mm256_broadcastsi128_si256(_mm_loadu_si128(row.add(8) as *const __m128i));
-            let hb = _mm256_shuffle_epi8(plane, sel);
-            // Odd bytes are the high byte of their 16-bit lane: shifting
-            // the lane by 4 moves their upper nibble down cleanly. The
-            // shifts below are 16-bit too; only bit 2 of each byte is kept,
-            // and it comes from the byte's own bit `j`.
-            let h = _mm256_blendv_epi8(hb, _mm256_srli_epi16::<4>(hb), upper);
+            // Lane i: plane byte i B; B | B << 4 puts B's low nibble in the
+            // low byte's bits 0-3 and its high nibble in the high byte's.
+            // The shifts below are 16-bit too: only bit 2 of each byte is
+            // kept, and it comes from the byte's own bit `j`.
+            let pw = _mm256_cvtepu8_epi16(_mm_loadu_si128(row.add(8) as *const __m128i));
+            let h = _mm256_or_si256(pw, _mm256_slli_epi16::<4>(pw));
             let c0 = _mm256_or_si256(
                 _mm256_and_si256(lo, m3),
                 _mm256_and_si256(_mm256_slli_epi16::<2>(h), four),
@@ -181,23 +243,30 @@ pub unsafe fn w3_rows<const R: usize>(
     }
     let mut out = [0.0f32; R];
     for r in 0..R {
-        out[r] = hsum(total[r]);
+        out[r] = hsum(total[r]) - zero[r];
     }
     out
 }
 
-/// `R` rows of a layout `Isa::Avx2Int8` takes (W3 or W4 at group 128).
+/// `R` rows of a layout `Isa::Avx2Int8` takes (W3 or W4 at group 128):
+/// the products, zero points included. Row `r`'s codes start at `wp + r *
+/// row_words`, its f16 (scale, zero) pairs at `sz + r * 2 * groups`;
+/// `scratch` takes them as f32 (`R * 2 * groups` values at least);
+/// `zsums`, `q` and `lane_d` are `Q8Row`'s.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub unsafe fn rows<const R: usize>(
     wp: *const u32,
     row_words: usize,
-    sz: &[f32],
+    sz: *const u16,
+    zsums: &[f32],
+    scratch: &mut [f32],
     bits: u32,
     q: &[i8],
     lane_d: &[f32],
 ) -> [f32; R] {
     match bits {
-        3 => w3_rows::<R>(wp, row_words, sz, q, lane_d),
-        _ => w4_rows::<R>(wp, row_words, sz, q, lane_d),
+        3 => w3_rows::<R>(wp, row_words, sz, zsums, scratch, q, lane_d),
+        _ => w4_rows::<R>(wp, row_words, sz, zsums, scratch, q, lane_d),
     }
 }

@@ -304,40 +304,48 @@ pub fn packed_rows(
     if let Some(q8) = &xin.q8 {
         // Four rows at a time, then one.
         while i < n {
+            let k = if i + 4 <= n { 4 } else { 1 };
             let wp = w.qweight[(o0 + i) * row_words..].as_ptr();
-            // SAFETY: `q8` is only made for a layout `Isa::int8_layout`
-            // accepts, under `Isa::Avx512Vnni` (AVX-512F, BW, VL, VNNI,
-            // BITALG, AVX2, FMA, F16C) or `Isa::Avx2Int8` (AVX2, FMA,
-            // F16C); rows i..i + 4 (or i) lie inside the weight.
             let (q, d) = (&q8.q, &q8.lane_d);
-            let vnni = xin.isa == Isa::Avx512Vnni;
-            if i + 4 <= n {
-                convert(i, 4, scratch);
-                let sz = &scratch[..];
-                let r = unsafe {
-                    if vnni {
-                        vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, q, d)
-                    } else {
-                        avx2_int8::rows::<4>(wp, row_words, sz, w.bits, q, d)
-                    }
-                };
+            if xin.isa == Isa::Avx2Int8 {
+                // The AVX2 kernels read the f16 (scale, zero) pairs and fold
+                // the zero points themselves.
+                let szp = w.scales_zeros[(o0 + i) * per_row..(o0 + i + k) * per_row].as_ptr();
+                let (szp, zs) = (szp as *const u16, &q8.zsums[..]);
+                // SAFETY: `Isa::Avx2Int8` only with AVX2, FMA and F16C, `q8`
+                // only for a layout `Isa::int8_layout` accepts; rows i..i + k
+                // (their codes and pairs) lie inside the weight, `scratch`
+                // holds four rows' pairs.
+                if k == 4 {
+                    let r = unsafe {
+                        avx2_int8::rows::<4>(wp, row_words, szp, zs, scratch, w.bits, q, d)
+                    };
+                    y[i..i + 4].copy_from_slice(&r);
+                } else {
+                    let [r] = unsafe {
+                        avx2_int8::rows::<1>(wp, row_words, szp, zs, scratch, w.bits, q, d)
+                    };
+                    y[i] = r;
+                }
+                i += k;
+                continue;
+            }
+            // SAFETY: otherwise `q8` is only made under `Isa::Avx512Vnni`
+            // (AVX-512F, BW, VL, VNNI, BITALG, AVX2, FMA, F16C), for a layout
+            // `Isa::int8_layout` accepts; rows i..i + 4 (or i) lie inside
+            // the weight.
+            convert(i, k, scratch);
+            let sz = &scratch[..];
+            if k == 4 {
+                let r = unsafe { vnni::rows::<4>(wp, row_words, sz, w.bits, wpg, q, d) };
                 for (k, r) in r.into_iter().enumerate() {
                     y[i + k] = r - zero(k, scratch);
                 }
-                i += 4;
             } else {
-                convert(i, 1, scratch);
-                let sz = &scratch[..];
-                let [r] = unsafe {
-                    if vnni {
-                        vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, q, d)
-                    } else {
-                        avx2_int8::rows::<1>(wp, row_words, sz, w.bits, q, d)
-                    }
-                };
+                let [r] = unsafe { vnni::rows::<1>(wp, row_words, sz, w.bits, wpg, q, d) };
                 y[i] = r - zero(0, scratch);
-                i += 1;
             }
+            i += k;
         }
     }
     #[cfg(target_arch = "x86_64")]

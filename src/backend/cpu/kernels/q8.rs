@@ -2,7 +2,8 @@
 //! `avx2_int8.rs` (one layout for both): a row is cut
 //! into blocks of [`BLOCK`] values, each stored as `round(x / d)` in
 //! -127..=127 with its own f32 step `d = max |x| / 127` (llama.cpp's Q8_0
-//! blocks). The products of codes and int8 activations are then exact
+//! blocks; `round` to nearest, ties to even, as the SIMD conversion
+//! does). The products of codes and int8 activations are then exact
 //! integer sums, scaled once per block lane.
 //!
 //! The integer kernels compute exactly `sum_k w_k x̂_k`, with `x̂` the
@@ -14,20 +15,49 @@
 pub const BLOCK: usize = 32;
 
 /// A row as int8 codes and one step per block (a shorter last block when
-/// `x.len()` is not a multiple of [`BLOCK`]).
+/// `x.len()` is not a multiple of [`BLOCK`]): the plain definition.
 pub fn quantize(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
     let mut q = vec![0i8; x.len()];
-    let mut d = Vec::with_capacity(x.len().div_ceil(BLOCK));
-    for (xb, qb) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)) {
-        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let step = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (qv, &v) in qb.iter_mut().zip(xb) {
-            *qv = (v * inv).round().clamp(-127.0, 127.0) as i8;
-        }
-        d.push(step);
-    }
+    let d = x
+        .chunks(BLOCK)
+        .zip(q.chunks_mut(BLOCK))
+        .map(|(xb, qb)| quantize_block(xb, qb))
+        .collect();
     (q, d)
+}
+
+/// One block into `qb`; returns its step.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    for (qv, &v) in qb.iter_mut().zip(xb) {
+        *qv = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+/// [`quantize`] with whole blocks done by the AVX2 kernel where the CPU
+/// has it (the same operations in the same order: the same bytes, which
+/// the tests check).
+pub fn quantize_fast(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        let mut q = vec![0i8; x.len()];
+        let d = x
+            .chunks(BLOCK)
+            .zip(q.chunks_mut(BLOCK))
+            .map(|(xb, qb)| match (xb.try_into(), qb.try_into()) {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                (Ok(xb), Ok(qb)) => unsafe { super::avx2_int8::quantize_block(xb, qb) },
+                _ => quantize_block(xb, qb),
+            })
+            .collect();
+        return (q, d);
+    }
+    quantize(x)
 }
 
 /// The row the integer kernels compute with: each value rounded to its
@@ -49,6 +79,9 @@ pub struct Q8Row {
     pub lane_d: Vec<f32>,
     /// `sum_k x̂_k` over each weight group (for the zero points).
     pub sums: Vec<f32>,
+    /// `sums` with a zero after each: in step with a row's (scale, zero)
+    /// pairs, for the AVX2 kernels' zero-point term.
+    pub zsums: Vec<f32>,
 }
 
 /// Whether the integer kernels read this layout: whole groups a vector
@@ -61,8 +94,8 @@ pub fn layout(bits: u32, group_size: usize) -> bool {
 impl Q8Row {
     /// `x` quantized and reordered for `bits` (a [`layout`] it accepts).
     pub fn new(bits: u32, group_size: usize, x: &[f32]) -> Q8Row {
-        let (xq, d) = quantize(x);
-        let sums = xq
+        let (xq, d) = quantize_fast(x);
+        let sums: Vec<f32> = xq
             .chunks_exact(group_size)
             .enumerate()
             .map(|(g, qg)| {
@@ -112,6 +145,12 @@ impl Q8Row {
                 lane_d = (0..x.len() / 16).map(|w| d[w * 16 / BLOCK]).collect();
             }
         }
-        Q8Row { q, lane_d, sums }
+        let zsums = sums.iter().flat_map(|&s| [s, 0.0]).collect();
+        Q8Row {
+            q,
+            lane_d,
+            sums,
+            zsums,
+        }
     }
 }
