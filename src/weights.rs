@@ -152,6 +152,13 @@ impl WeightFiles {
         // mapped is outside what we can defend against (as in every mmap
         // loader).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        // Where the file is not in the page cache yet, read it in 2 MiB
+        // folios, mapped as 2 MiB pages: a decode step streams every weight
+        // once, and on 4 KiB pages the TLB misses cost a large part of the
+        // memory bandwidth (docs/BENCHMARKS.md). Only advice: a kernel
+        // without it maps 4 KiB pages as before.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         let bad = |msg: String| Error::Safetensors {
             path: path.clone(),
             msg,

@@ -18,6 +18,11 @@ use safetensors::tensor::Dtype;
 use crate::error::{Error, Result};
 use crate::weights::dtype_size;
 
+/// The write buffer: whole buffers written from the heap fill the page
+/// cache with 2 MiB folios (Linux with large folios), mapped as 2 MiB
+/// pages when the file is loaded.
+const WRITE_BUF: usize = 8 << 20;
+
 /// One tensor to write: name, dtype, shape, little-endian bytes.
 pub struct OutTensor<'a> {
     pub name: String,
@@ -122,7 +127,7 @@ pub fn write(
         .create_new(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut f = std::io::BufWriter::with_capacity(WRITE_BUF, file);
     let io = |e| Error::io(path, e);
     f.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
@@ -130,7 +135,17 @@ pub fn write(
     for t in tensors {
         let n = len_of[&t.name];
         match t.data {
-            Data::Bytes(b) => f.write_all(b).map_err(io)?,
+            Data::Bytes(b) => {
+                // Through the buffer, half of it at a time: every write
+                // the kernel sees is a whole buffer from the heap. A slice
+                // of a mapped file handed to one `write` is copied a page
+                // at a time once a source page faults, and its page cache
+                // stays in 4 KiB folios, which a later decode maps as 4
+                // KiB pages (slower: docs/BENCHMARKS.md).
+                for piece in b.chunks(WRITE_BUF / 2) {
+                    f.write_all(piece).map_err(io)?;
+                }
+            }
             Data::Later(make) => {
                 let b = make()?;
                 if b.len() != n {
