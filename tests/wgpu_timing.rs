@@ -100,6 +100,13 @@ fn cpu_backend_has_no_device_timer() {
     let rows = bench::bench_gemv(&cpu, 256, 128, 2, 2, 0).unwrap();
     assert!(rows.iter().all(|r| r.timing == "wall clock"));
     assert!(bench::gemv_table("cpu", &rows).contains("wall clock"));
+    // The speedup is a median of the repetitions' f16/kind ratios: 1 for
+    // f16 itself, and between the extreme ratios the spreads allow.
+    assert_eq!(rows[0].speedup_vs_f16, 1.0);
+    for r in &rows[1..] {
+        let (lo, hi) = (rows[0].min_us / r.max_us, rows[0].max_us / r.min_us);
+        assert!(lo <= r.speedup_vs_f16 && r.speedup_vs_f16 <= hi, "{r:?}");
+    }
 }
 
 /// `mbq bench gemv --backend cpu,wgpu`: both backends in one run, one

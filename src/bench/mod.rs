@@ -108,6 +108,8 @@ pub struct GemvResult {
     /// Median wall-clock time per launch.
     pub wall_us: f64,
     pub gb_s: f64,
+    /// The f16 time over this kind's, the median over the repetitions
+    /// (each times every kind in turn).
     pub speedup_vs_f16: f64,
 }
 
@@ -208,7 +210,12 @@ impl WeightKind {
     }
 }
 
-/// Times `x [1, in] . W^T` for each weight kind at one shape.
+/// Times `x [1, in] . W^T` for each weight kind at one shape. The kinds
+/// run in turn within each repetition (f16, W3, W4, then again), so that
+/// a repetition's ratios compare times taken moments apart: on a shared
+/// or throttling machine a slow spell then slows every kind of a
+/// repetition, not one kind's whole series. `speedup_vs_f16` is the
+/// median over the repetitions of the f16 time over the kind's.
 pub fn bench_gemv<B: Backend>(
     be: &B,
     inp: usize,
@@ -226,8 +233,10 @@ pub fn bench_gemv<B: Backend>(
         vec![1, inp],
         (0..inp).map(|_| rng.random::<f32>() - 0.5).collect(),
     )?)?;
-    let mut results = Vec::new();
-    for kind in [WeightKind::F16, WeightKind::W3, WeightKind::W4] {
+    const KINDS: [WeightKind; 3] = [WeightKind::F16, WeightKind::W3, WeightKind::W4];
+    // Each kind's copies (enough to rotate past `min_bytes` of cache).
+    let mut sets: Vec<(f64, Vec<B::Weight>)> = Vec::with_capacity(KINDS.len());
+    for kind in KINDS {
         let per = match kind {
             WeightKind::F16 => be.dense_weight_bytes(),
             _ => kind.bytes_per_weight(),
@@ -242,50 +251,57 @@ pub fn bench_gemv<B: Backend>(
         for w in &weights {
             be.download(&be.linear(&x, w, None)?)?;
         }
-        let mut times = Vec::with_capacity(reps);
-        let mut device = Vec::with_capacity(reps);
-        for _ in 0..reps {
+        sets.push((bytes, weights));
+    }
+    // Per kind: wall-clock and device time per launch, a sample a rep.
+    let mut times = vec![Vec::with_capacity(reps); KINDS.len()];
+    let mut device = vec![Vec::with_capacity(reps); KINDS.len()];
+    for _ in 0..reps {
+        for (k, (_, weights)) in sets.iter().enumerate() {
             let timed = be.begin_timing()?;
             let t = Instant::now();
             let mut y = None;
             for i in 0..iters {
-                y = Some(be.linear(&x, &weights[i % copies], None)?);
+                y = Some(be.linear(&x, &weights[i % weights.len()], None)?);
             }
             if let Some(y) = y {
                 be.download(&y)?;
             }
-            times.push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
+            times[k].push(t.elapsed().as_secs_f64() * 1e6 / iters as f64);
             if timed {
                 if let Some(s) = be.end_timing()? {
-                    device.push(s * 1e6 / iters as f64);
+                    device[k].push(s * 1e6 / iters as f64);
                 }
             }
         }
-        let wall_us = median(times.clone());
-        let (timing, (min_us, us, max_us)) = if device.len() == reps {
-            (GPU_TIMESTAMPS, min_median_max(device))
-        } else {
-            (WALL_CLOCK, min_median_max(times))
-        };
+    }
+    // Device time where every kind has a sample from every rep.
+    let on_device = device.iter().all(|d| d.len() == reps);
+    let samples = if on_device { &device } else { &times };
+    let mut results = Vec::new();
+    for (k, kind) in KINDS.into_iter().enumerate() {
+        let (bytes, weights) = &sets[k];
+        let ratios: Vec<f64> = (0..reps).map(|i| samples[0][i] / samples[k][i]).collect();
+        let (min_us, us, max_us) = min_median_max(samples[k].clone());
         results.push(GemvResult {
             inp,
             out,
             kind,
             weights: kind.label_on(be),
-            timing,
+            timing: if on_device {
+                GPU_TIMESTAMPS
+            } else {
+                WALL_CLOCK
+            },
             median_us: us,
             min_us,
             max_us,
-            weight_bytes: bytes,
-            rotated_bytes: bytes * copies as f64,
-            wall_us,
+            weight_bytes: *bytes,
+            rotated_bytes: bytes * weights.len() as f64,
+            wall_us: median(times[k].clone()),
             gb_s: bytes / (us * 1e-6) / 1e9,
-            speedup_vs_f16: 0.0,
+            speedup_vs_f16: median(ratios),
         });
-    }
-    let f16_us = results[0].median_us;
-    for r in results.iter_mut() {
-        r.speedup_vs_f16 = f16_us / r.median_us;
     }
     Ok(results)
 }
