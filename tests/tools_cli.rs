@@ -256,6 +256,50 @@ fn bench_gemv_reports_spread_machine_and_labels() {
     assert!(min <= med && med <= max, "{r}");
 }
 
+/// `mbq bench gemv` refuses shapes it cannot bench (not IN x OUT, a zero
+/// side, IN not a multiple of the packed kinds' group of 128) and zero
+/// `--iters` / `--reps`; `mbq bench decode` an unknown synthetic model,
+/// `--layers` outside its depth and zero `--prompt` / `--tokens`: each
+/// with an error naming the option and the value, before any backend is
+/// opened.
+#[test]
+fn bench_rejects_bad_options_before_any_backend() {
+    let cases: [(&[&str], &str); 10] = [
+        (&["gemv", "--shapes", "256x128,3584x"], "\"3584x\""),
+        (&["gemv", "--shapes", "0x128"], "zero"),
+        (&["gemv", "--shapes", "256x0"], "zero"),
+        (&["gemv", "--shapes", "100x128"], "multiple of 128"),
+        (&["gemv", "--iters", "0"], "--iters"),
+        (&["gemv", "--reps", "0"], "--reps"),
+        (&["decode", "--synthetic", "llava-9b"], "\"llava-9b\""),
+        (
+            &["decode", "--synthetic", "llava-ov-7b", "--layers", "0"],
+            "--layers 0",
+        ),
+        (
+            &["decode", "--synthetic", "llava-ov-7b", "--tokens", "0"],
+            "--tokens",
+        ),
+        (
+            &["decode", "--synthetic", "llava-ov-7b", "--prompt", "0"],
+            "--prompt",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = mbq()
+            .arg("bench")
+            .args(args)
+            .args(["--backend", "cpu"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("device-to-device copy"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 /// `mbq bench decode --weights` runs the kinds named, in their order (a
 /// model directory's W4 made by RTN in a temporary directory); the "vs
 /// dense" ratio is against the f16 row wherever it stands, and `-` without

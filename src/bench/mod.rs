@@ -599,19 +599,52 @@ pub fn bench_decode<B: Backend>(
     })
 }
 
-/// Parses "3584x3584,3584x10752" (in x out) shapes.
+/// Parses "3584x3584,3584x10752" (in x out) shapes: both sides positive,
+/// IN a multiple of 128 (the group size of the packed kinds benched).
 pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
     s.split(',')
         .map(|p| {
-            let (a, b) = p.trim().split_once('x').ok_or(())?;
-            Ok::<_, ()>((a.parse().map_err(|_| ())?, b.parse().map_err(|_| ())?))
+            let bad = |why: &str| {
+                Error::invalid(format!(
+                    "--shapes: \"{}\" {why}; expected IN x OUT pairs like 3584x3584,3584x10752",
+                    p.trim()
+                ))
+            };
+            let (a, b) = p
+                .trim()
+                .split_once('x')
+                .ok_or_else(|| bad("is not IN x OUT"))?;
+            let (inp, out): (usize, usize) = match (a.parse(), b.parse()) {
+                (Ok(i), Ok(o)) => (i, o),
+                _ => return Err(bad("is not two whole numbers")),
+            };
+            if inp == 0 || out == 0 {
+                return Err(bad("has a zero dimension"));
+            }
+            if inp % 128 != 0 {
+                return Err(bad(
+                    "has IN not a multiple of 128 (the group size of the W3/W4 weights)",
+                ));
+            }
+            Ok((inp, out))
         })
-        .collect::<std::result::Result<Vec<_>, ()>>()
-        .map_err(|_| {
-            Error::invalid(format!(
-                "--shapes: expected IN x OUT pairs like 3584x3584,3584x10752, got \"{s}\""
-            ))
-        })
+        .collect()
+}
+
+/// The decoder shape of `name` cut to its first `layers` layers (all when
+/// `None`); an error naming `--layers` outside 1..=its depth.
+pub fn synthetic_layers(name: &str, layers: Option<usize>) -> Result<TextConfig> {
+    let mut cfg = synthetic_config(name)?;
+    if let Some(l) = layers {
+        if l == 0 || l > cfg.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "--layers {l}: expected 1..={} for {name}",
+                cfg.num_hidden_layers
+            )));
+        }
+        cfg.num_hidden_layers = l;
+    }
+    Ok(cfg)
 }
 
 /// Decode of a synthetic model (`layers` of its decoder layers; the full
@@ -625,16 +658,7 @@ pub fn decode_synthetic<B: Backend>(
     kinds: &[WeightKind],
     mut note: impl FnMut(&str),
 ) -> Result<Vec<DecodeResult>> {
-    let mut cfg = synthetic_config(name)?;
-    if let Some(l) = layers {
-        if l == 0 || l > cfg.num_hidden_layers {
-            return Err(Error::invalid(format!(
-                "--layers {l}: expected 1..={} for {name}",
-                cfg.num_hidden_layers
-            )));
-        }
-        cfg.num_hidden_layers = l;
-    }
+    let cfg = synthetic_layers(name, layers)?;
     let mut out = Vec::new();
     for &kind in kinds {
         note(&format!(

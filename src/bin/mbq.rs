@@ -595,8 +595,36 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 BenchCmd::Serve { .. } => anyhow::bail!("bench serve is run above"),
             };
-            if let BenchCmd::Decode { weights, .. } = &what {
-                mbq::bench::WeightKind::parse_list(weights)?;
+            // Options checked before any backend starts.
+            match &what {
+                BenchCmd::Decode {
+                    weights,
+                    synthetic,
+                    layers,
+                    prompt,
+                    tokens,
+                    ..
+                } => {
+                    mbq::bench::WeightKind::parse_list(weights)?;
+                    if let Some(name) = synthetic {
+                        mbq::bench::synthetic_layers(name, *layers)?;
+                    }
+                    if *prompt == 0 || *tokens == 0 {
+                        anyhow::bail!("bench decode: --prompt and --tokens must be > 0");
+                    }
+                }
+                BenchCmd::Gemv {
+                    shapes,
+                    iters,
+                    reps,
+                    ..
+                } => {
+                    mbq::bench::parse_shapes(shapes)?;
+                    if *iters == 0 || *reps == 0 {
+                        anyhow::bail!("bench gemv: --iters and --reps must be > 0");
+                    }
+                }
+                BenchCmd::Serve { .. } => {}
             }
             // A comma list runs each backend in turn; the tables are printed
             // side by side at the end. With more than one, each backend's own
