@@ -259,12 +259,13 @@ fn bench_gemv_reports_spread_machine_and_labels() {
 /// `mbq bench gemv` refuses shapes it cannot bench (not IN x OUT, a zero
 /// side, IN not a multiple of the packed kinds' group of 128) and zero
 /// `--iters` / `--reps`; `mbq bench decode` an unknown synthetic model,
-/// `--layers` outside its depth and zero `--prompt` / `--tokens`: each
+/// `--layers` outside its depth (or without `--synthetic`), zero
+/// `--prompt` / `--tokens` and neither `--model` nor `--synthetic`: each
 /// with an error naming the option and the value, before any backend is
 /// opened.
 #[test]
 fn bench_rejects_bad_options_before_any_backend() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["gemv", "--shapes", "256x128,3584x"], "\"3584x\""),
         (&["gemv", "--shapes", "0x128"], "zero"),
         (&["gemv", "--shapes", "256x0"], "zero"),
@@ -284,6 +285,7 @@ fn bench_rejects_bad_options_before_any_backend() {
             &["decode", "--synthetic", "llava-ov-7b", "--prompt", "0"],
             "--prompt",
         ),
+        (&["decode"], "--model DIR or --synthetic NAME"),
     ];
     for (args, want) in cases {
         let o = mbq()
@@ -298,6 +300,21 @@ fn bench_rejects_bad_options_before_any_backend() {
         assert!(!stderr.contains("device-to-device copy"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // `--layers` cuts a synthetic model only: with `--model` it is an
+    // error, not silently ignored.
+    let o = mbq()
+        .args(["bench", "decode", "--backend", "cpu", "--layers", "2"])
+        .arg("--model")
+        .arg(fixtures().join("models/llava_qwen128"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("device-to-device copy"), "{stderr}");
+    assert!(
+        stderr.contains("--layers") && stderr.contains("--synthetic"),
+        "{stderr}"
+    );
 }
 
 /// `mbq bench decode --weights` runs the kinds named, in their order (a

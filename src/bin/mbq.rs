@@ -599,6 +599,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             match &what {
                 BenchCmd::Decode {
                     weights,
+                    model,
                     synthetic,
                     layers,
                     prompt,
@@ -606,8 +607,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     ..
                 } => {
                     mbq::bench::WeightKind::parse_list(weights)?;
-                    if let Some(name) = synthetic {
-                        mbq::bench::synthetic_layers(name, *layers)?;
+                    match (model, synthetic) {
+                        (None, Some(name)) => {
+                            mbq::bench::synthetic_layers(name, *layers)?;
+                        }
+                        (Some(_), None) if layers.is_some() => {
+                            anyhow::bail!("bench decode: --layers cuts a --synthetic model; a --model directory runs whole")
+                        }
+                        (Some(_), None) => {}
+                        _ => anyhow::bail!("bench decode: give --model DIR or --synthetic NAME"),
                     }
                     if *prompt == 0 || *tokens == 0 {
                         anyhow::bail!("bench decode: --prompt and --tokens must be > 0");
