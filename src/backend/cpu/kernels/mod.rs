@@ -199,12 +199,12 @@ impl PackedInput {
     pub fn new(isa: Isa, w: &PackedLinear, x: &[f32]) -> PackedInput {
         let g = w.group_size;
         if isa.int8_layout(w.bits, g) {
-            let q8 = q8::Q8Row::new(w.bits, g, x);
+            let mut q8 = q8::Q8Row::new(w.bits, g, x);
             return PackedInput {
                 isa,
                 x: Vec::new(),
                 natural: Vec::new(),
-                sums: q8.sums.clone(),
+                sums: std::mem::take(&mut q8.sums),
                 q8: Some(q8),
             };
         }

@@ -77,7 +77,8 @@ pub struct Q8Row {
     /// The step of each 32-bit lane's block, in lane order: one a code
     /// word (W4, W8), one a low-plane word (W3).
     pub lane_d: Vec<f32>,
-    /// `sum_k x̂_k` over each weight group (for the zero points).
+    /// `sum_k x̂_k` over each weight group (for the zero points; moved
+    /// into `PackedInput::sums`, which the VNNI path reads).
     pub sums: Vec<f32>,
     /// `sums` with a zero after each: in step with a row's (scale, zero)
     /// pairs, for the AVX2 kernels' zero-point term.
